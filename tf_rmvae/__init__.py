@@ -1,3 +1,27 @@
-"""tf-rmvae: Recursive Mixture Estimation for variational autoencoders (Keras 3 + TFP)."""
+"""tf-rmvae: Recursive Mixture Estimation for variational autoencoders (Keras 3 + TFP).
+
+Kim & Pavlovic, "Recursive Inference for Variational Autoencoders", NeurIPS 2020 (arXiv:2011.08544).
+"""
+
+from tf_rmvae import mixing, objectives
+from tf_rmvae.callbacks import ComponentSchedule
+from tf_rmvae.decoders import BernoulliDecoder, GaussianDecoder, ImageDecoder, make_decoder
+from tf_rmvae.encoders import RecursiveMixtureEncoder, make_mixture
+from tf_rmvae.models import METHODS, SCHEDULES, RecursiveMixtureVAE
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "BernoulliDecoder",
+    "ComponentSchedule",
+    "GaussianDecoder",
+    "ImageDecoder",
+    "METHODS",
+    "RecursiveMixtureEncoder",
+    "RecursiveMixtureVAE",
+    "SCHEDULES",
+    "make_decoder",
+    "make_mixture",
+    "mixing",
+    "objectives",
+]

@@ -1,0 +1,395 @@
+"""`RecursiveMixtureVAE`: a Keras model that trains a mixture encoder by Recursive Mixture Estimation (RME).
+
+Training (method "rme", schedule "stagewise": the default, the recursion that the method's name describes):
+
+1. Component 1 and the decoder train as a plain VAE (component 1's criterion is its own ELBO).
+2. Components join one at a time (`add_component()`, usually from the `ComponentSchedule` callback). A new
+   component `h_k` starts as a copy of `h_{k-1}` plus noise with proportion `eps_k = 0`, so the mixture and its
+   ELBO are unchanged when it joins.
+3. While `h_k` is the newest, each step trains it alone on the RME criterion
+   `ELBO(h_k) + lambda * KL(h_k || q_{k-1})` against the earlier mixture `q_{k-1}`, held fixed (no gradient into
+   earlier components; their parameters are restored after each optimizer step, so Adam's momentum cannot move
+   them). `train_previous=True` instead keeps training every active component on its own criterion.
+4. `eps_k` is set by a line search: every `eps_search_every` steps, the mixture ELBO of `q_k` accumulated over
+   those steps for each candidate in `eps_grid` (0 and the current value included) picks the best eps. Since eps = 0
+   reproduces `q_{k-1}`, a new component cannot lower the (batch-estimated) training ELBO.
+5. The decoder always trains on the stratified ELBO of the current mixture,
+   `sum_j w_j E_{h_j}[log p(x, z) - log q(z | x)]`, one reparameterised sample per component.
+
+Schedule "sweep" (the option): all `M` components are active from the start and every step trains each component on
+its criterion against the mixture of the components before it; the proportions are learned by gradient ascent on the
+mixture ELBO. Baselines share everything else: "vae" (one component, ELBO), "mixture" (MixVAE: all components and
+learned proportions trained jointly on the mixture ELBO) and "boosting" (as "rme" but the criterion is boosting VI's
+residual ELBO `E_h[log p(x, z) - log q_{k-1}(z)] + c * H(h)`).
+
+Note `ELBO(h) + lambda KL(h || q) = E_h[log p] - lambda E_h[log q] + (1 - lambda) H(h)`: at lambda = 1 the entropy
+of h drops out and components collapse, hence the default lambda = 0.3 (< 1).
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from tf_rmvae import mixing, objectives
+from tf_rmvae.encoders import RecursiveMixtureEncoder, make_mixture
+
+tfd = tfp.distributions
+
+METHODS = ("rme", "vae", "mixture", "boosting")
+SCHEDULES = ("stagewise", "sweep")
+RECURSIVE_METHODS = ("rme", "boosting")
+
+
+def standard_normal_log_prob(z: tf.Tensor) -> tf.Tensor:
+    """`log N(z; 0, I)` summed over the last axis: `[..., D] -> [...]`."""
+    return tf.reduce_sum(tfd.Normal(0.0, 1.0).log_prob(z), axis=-1)
+
+
+def pairwise_log_prob(loc: tf.Tensor, scale: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
+    """`log h_j(z_i)` for every pair: loc, scale `[B, M, D]`, z `[S, B, M, D]` -> `[S, B, M_i, M_j]`."""
+    components = tfd.Independent(tfd.Normal(loc[:, None], scale[:, None]), reinterpreted_batch_ndims=1)
+    return components.log_prob(z[..., None, :])
+
+
+@keras.saving.register_keras_serializable(package="tf_rmvae")
+class RecursiveMixtureVAE(keras.Model):
+    """VAE with a `RecursiveMixtureEncoder`, trained by RME or one of the baselines (see the module docstring).
+
+    Args:
+      encoder: a `RecursiveMixtureEncoder`.
+      decoder: a layer mapping `z [..., D]` to a distribution over images with event shape `[H, W, C]`
+        (e.g. `BernoulliDecoder`).
+      method: "rme" (default), "vae", "mixture" or "boosting".
+      lambda_kl: RME's KL weight lambda (default 0.3; must be >= 0; lambda = 1 collapses).
+      schedule: "stagewise" (default, the paper's recursion) or "sweep" (all components every step).
+      train_previous: stage-wise only: keep training earlier components on their criteria (default False: frozen).
+      num_samples: reparameterised samples per component per step (S).
+      eps_grid: candidate mixing proportions for the line search (stage-wise recursive methods).
+      eps_search_every: steps between line searches.
+      boosting_entropy_weight: c in boosting's residual ELBO.
+
+    Call `fit(dataset_of_images)`: batches are image tensors `[B, H, W, C]` (or `(x,)` / `(x, y)` tuples, y ignored).
+    Reported metrics: `loss` (= -mixture ELBO), `elbo`, `reconstruction`, `kl`, `criterion` (newest component's),
+    `active_components`, `weight_m` and `entropy_m` for every component slot m.
+    """
+
+    def __init__(
+        self,
+        encoder: RecursiveMixtureEncoder,
+        decoder: keras.layers.Layer,
+        method: str = "rme",
+        lambda_kl: float = 0.3,
+        schedule: str = "stagewise",
+        train_previous: bool = False,
+        num_samples: int = 1,
+        eps_grid=mixing.DEFAULT_EPS_GRID,
+        eps_search_every: int = 50,
+        boosting_entropy_weight: float = 1.0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not isinstance(encoder, RecursiveMixtureEncoder):
+            raise TypeError(f"encoder must be a RecursiveMixtureEncoder; got {type(encoder).__name__}.")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}; got {schedule!r}.")
+        if not np.isfinite(lambda_kl) or lambda_kl < 0:
+            raise ValueError(f"lambda_kl must be a finite number >= 0; got {lambda_kl}.")
+        if int(num_samples) < 1 or int(eps_search_every) < 1:
+            raise ValueError("num_samples and eps_search_every must be >= 1.")
+        if method == "vae" and encoder.max_components != 1:
+            raise ValueError(f"method='vae' needs an encoder with max_components=1; got {encoder.max_components}.")
+        eps_grid = tuple(float(e) for e in eps_grid)
+        mixing.eps_to_logit(eps_grid)  # validates the range
+        self.encoder = encoder
+        self.decoder = decoder
+        self.method = method
+        self.lambda_kl = float(lambda_kl)
+        self.schedule = schedule
+        self.train_previous = bool(train_previous)
+        self.num_samples = int(num_samples)
+        self.eps_grid = eps_grid
+        self.eps_search_every = int(eps_search_every)
+        self.boosting_entropy_weight = float(boosting_entropy_weight)
+        num_slots = encoder.max_components
+        self._trackers = {
+            name: keras.metrics.Mean(name=name)
+            for name in ("loss", "elbo", "reconstruction", "kl", "criterion", "active_components")
+        }
+        for m in range(num_slots):
+            self._trackers[f"weight_{m}"] = keras.metrics.Mean(name=f"weight_{m}")
+            self._trackers[f"entropy_{m}"] = keras.metrics.Mean(name=f"entropy_{m}")
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def recursive(self) -> bool:
+        return self.method in RECURSIVE_METHODS
+
+    @property
+    def line_search(self) -> bool:
+        return self.recursive and self.schedule == "stagewise"
+
+    @property
+    def all_components_from_start(self) -> bool:
+        return self.method == "mixture" or (self.recursive and self.schedule == "sweep")
+
+    def ensure_built(self, input_shape) -> None:
+        """Builds the model for `input_shape` (also from inside a traced train step: variables are created eagerly)."""
+        if not self.built:
+            with tf.init_scope():
+                self.build(tuple(input_shape))
+            self._build_shapes_dict = {"input_shape": tuple(input_shape)}
+
+    def build(self, input_shape):
+        input_shape = tuple(input_shape)
+        encoder = self.encoder
+        if self.all_components_from_start:
+            encoder.initial_active_components = encoder.max_components
+            encoder.learn_mixing_proportions = True
+        encoder.ensure_built(input_shape)
+        if not self.decoder.built:
+            self.decoder.build((None, encoder.latent_dim))
+            self.decoder.built = True
+        if self.all_components_from_start:
+            encoder.num_active_components.assign(encoder.max_components)
+        encoder.mixing_logits.trainable = self.all_components_from_start
+        candidates = len(self.eps_grid) + 1
+        self.eps_search_scores = self.add_weight(
+            name="eps_search_scores", shape=(candidates,), initializer="zeros", trainable=False,
+            aggregation="only_first_replica",
+        )
+        self.eps_search_steps = self.add_weight(
+            name="eps_search_steps", shape=(), dtype="int32", initializer="zeros", trainable=False,
+            aggregation="only_first_replica",
+        )
+        self._grid_logits = tf.constant(mixing.eps_to_logit(self.eps_grid))
+        self.built = True
+
+    @property
+    def metrics(self):
+        return list(self._trackers.values())
+
+    # ------------------------------------------------------------------ inference API
+    def posterior(self, x) -> tfd.MixtureSameFamily:
+        """`q(z | x)` as a `MixtureSameFamily`, batch `[B]`, event `[D]`."""
+        x = tf.convert_to_tensor(x, tf.float32)
+        self.ensure_built(x.shape)
+        return make_mixture(*self.encoder.compute_parameters(x))
+
+    def posterior_mean(self, x) -> tf.Tensor:
+        """`[B, D]` mean of the mixture posterior."""
+        x = tf.convert_to_tensor(x, tf.float32)
+        self.ensure_built(x.shape)
+        log_w, loc, _ = self.encoder.compute_parameters(x)
+        return tf.einsum("bm,bmd->bd", tf.exp(log_w), loc)
+
+    def call(self, inputs, training=False):
+        """Reconstruction: decoder mean at the posterior mean, `[B, H, W, C]`."""
+        return self.decoder(self.posterior_mean(inputs)).mean()
+
+    def generate(self, num_images: int, seed: int | None = None) -> tf.Tensor:
+        """Mean images decoded from prior samples, `[num_images, H, W, C]`."""
+        z = tf.random.stateless_normal([num_images, self.encoder.latent_dim], seed=[0, 0 if seed is None else seed])
+        return self.decoder(z).mean()
+
+    def log_importance_weights(self, x, num_samples) -> tf.Tensor:
+        """`[K, B]` `log p(x, z_k) - log q(z_k | x)` for `z_k ~ q(z | x)` (mixture samples)."""
+        q = self.posterior(x)
+        z = q.sample(num_samples)
+        log_px_z = self.decoder(z).log_prob(x[None])
+        return log_px_z + standard_normal_log_prob(z) - q.log_prob(z)
+
+    def log_likelihood(self, x, num_samples: int = 5000, chunk_size: int = 100) -> tf.Tensor:
+        """`[B]` importance-weighted estimate of `log p(x)` with K = `num_samples` mixture samples, in chunks."""
+        x = tf.convert_to_tensor(x, tf.float32)
+        return objectives.importance_weighted_log_likelihood(
+            lambda size: self.log_importance_weights(x, size), num_samples, chunk_size
+        )
+
+    def elbo(self, x, num_samples: int = 1) -> tf.Tensor:
+        """`[B]` stratified mixture ELBO with `num_samples` samples per component."""
+        return self._terms(self._unpack(x), num_samples)["elbo"]
+
+    def add_component(self) -> int:
+        """Activates the next component (eps = 0, copy initialisation) and restarts the line-search statistics."""
+        if self.all_components_from_start or self.method == "vae":
+            raise ValueError(f"method={self.method!r}, schedule={self.schedule!r} does not add components.")
+        active = self.encoder.add_component(0.0)
+        self.eps_search_scores.assign(tf.zeros_like(self.eps_search_scores))
+        self.eps_search_steps.assign(0)
+        return active
+
+    # ------------------------------------------------------------------ objectives
+    def _terms(self, x, num_samples):
+        """Per-example terms of every objective on one batch `x [B, H, W, C]`."""
+        log_w, loc, scale = self.encoder.compute_parameters(x)  # [B, M], [B, M, D], [B, M, D]
+        noise = tf.random.normal(tf.concat([[num_samples], tf.shape(loc)], 0))
+        z = loc + scale * noise  # [S, B, M, D], reparameterised sample of every component
+        components = tfd.Independent(tfd.Normal(loc, scale), reinterpreted_batch_ndims=1)  # batch [B, M]
+        log_h = pairwise_log_prob(loc, scale, z)  # [S, B, M, M]: density of h_j at samples of h_i
+        log_px_z = self.decoder(z).log_prob(x[None, :, None])  # [S, B, M]
+        log_joint = log_px_z + standard_normal_log_prob(z)
+        log_q = objectives.mixture_log_density(log_h, log_w)
+        elbo = objectives.stratified_mixture_elbo(log_joint, log_q, log_w)
+        reconstruction = objectives.weighted_sum(tf.reduce_mean(log_px_z, 0), log_w)
+        terms = dict(
+            elbo=elbo, reconstruction=reconstruction, kl=reconstruction - elbo, log_weights=log_w,
+            entropy=components.entropy(), log_joint=log_joint, log_h=log_h,
+        )
+        if self.recursive:
+            terms["criterion"] = self._criteria(z, loc, scale, log_joint, log_h, components)
+        else:
+            terms["criterion"] = objectives.elbo(log_joint, tf.linalg.diag_part(log_h))  # each component's ELBO
+        return terms
+
+    def _criteria(self, z, loc, scale, log_joint, log_h, components):
+        """`[B, M]` criterion of every component against the (fixed) mixture of the components before it."""
+        log_h_fixed = pairwise_log_prob(tf.stop_gradient(loc), tf.stop_gradient(scale), z)  # gradients reach z only
+        previous_log_w = mixing.prefix_log_weights(tf.stop_gradient(self.encoder.mixing_logits))  # [M, M]
+        log_q_previous = tf.reduce_logsumexp(log_h_fixed + previous_log_w, axis=-1)  # [S, B, M]
+        log_h_self = tf.linalg.diag_part(log_h)
+        has_previous = tf.range(self.encoder.max_components) >= 1
+        log_q_previous = tf.where(has_previous, log_q_previous, log_h_self)
+        own_elbo = objectives.elbo(log_joint, log_h_self)
+        if self.method == "rme":
+            return objectives.rme_criterion(log_joint, log_h_self, log_q_previous, self.lambda_kl)
+        residual = objectives.boosting_criterion(
+            log_joint, log_q_previous, components.entropy(), self.boosting_entropy_weight
+        )
+        return tf.where(has_previous, residual, own_elbo)
+
+    def _trained_components(self) -> tf.Tensor:
+        """`[M]` bool: which components the criterion trains this step."""
+        slot = tf.range(self.encoder.max_components)
+        active = tf.convert_to_tensor(self.encoder.num_active_components)
+        if self.schedule == "stagewise" and not self.train_previous:
+            return tf.equal(slot, active - 1)
+        return slot < active
+
+    def _newest(self, per_component: tf.Tensor) -> tf.Tensor:
+        """Picks the newest active component's column of `[B, M]`."""
+        newest = tf.convert_to_tensor(self.encoder.num_active_components) - 1
+        return tf.gather(per_component, newest, axis=-1)
+
+    # ------------------------------------------------------------------ training
+    def _unpack(self, data):
+        if isinstance(data, (tuple, list)):
+            data = data[0]
+        if isinstance(data, dict):
+            data = data["image"]
+        data = tf.cast(data, tf.float32)
+        self.ensure_built(data.shape)
+        return data
+
+    def _update_metrics(self, terms):
+        values = dict(
+            loss=-terms["elbo"], elbo=terms["elbo"], reconstruction=terms["reconstruction"], kl=terms["kl"],
+            criterion=self._newest(terms["criterion"]),
+        )
+        for name, value in values.items():
+            self._trackers[name].update_state(value)
+        self._trackers["active_components"].update_state(
+            tf.cast(tf.convert_to_tensor(self.encoder.num_active_components), tf.float32)
+        )
+        weights = tf.exp(terms["log_weights"][0])
+        entropy = tf.reduce_mean(terms["entropy"], axis=0)
+        for m in range(self.encoder.max_components):
+            self._trackers[f"weight_{m}"].update_state(weights[m])
+            self._trackers[f"entropy_{m}"].update_state(entropy[m])
+        return {name: tracker.result() for name, tracker in self._trackers.items()}
+
+    def train_step(self, data):
+        x = self._unpack(data)
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        global_batch = tf.cast(tf.shape(x)[0] * replicas, tf.float32)
+        encoder = self.encoder
+        trained = self._trained_components()
+        with tf.GradientTape(persistent=self.recursive) as tape:
+            terms = self._terms(x, self.num_samples)
+            mixture_loss = -tf.reduce_sum(terms["elbo"]) / global_batch
+            scaled_mixture_loss = self.optimizer.scale_loss(mixture_loss)
+            if self.recursive:
+                criterion = tf.where(trained, terms["criterion"], 0.0)
+                encoder_loss = -tf.reduce_sum(criterion) / global_batch
+                scaled_encoder_loss = self.optimizer.scale_loss(encoder_loss)
+        variables = self.trainable_variables
+        if self.recursive:
+            mixture_vars = self.decoder.trainable_variables + (
+                [encoder.mixing_logits] if encoder.mixing_logits.trainable else []
+            )
+            mixture_ids = {id(v) for v in mixture_vars}
+            encoder_vars = [v for v in variables if id(v) not in mixture_ids]
+            grads = dict(zip(map(id, mixture_vars), tape.gradient(scaled_mixture_loss, mixture_vars)))
+            grads.update(zip(map(id, encoder_vars), tape.gradient(scaled_encoder_loss, encoder_vars)))
+            gradients = [grads[id(v)] for v in variables]
+            del tape
+        else:
+            gradients = tape.gradient(scaled_mixture_loss, variables)
+        freeze = self.recursive and self.schedule == "stagewise" and not self.train_previous
+        if freeze:
+            component_vars = encoder.component_variables
+            backup = [tf.identity(tf.convert_to_tensor(v)) for v in component_vars]
+        self.optimizer.apply_gradients(zip(gradients, variables))
+        if freeze:
+            for variable, old in zip(component_vars, backup):
+                mask = tf.reshape(trained, [-1] + [1] * (len(variable.shape) - 1))
+                variable.assign(tf.where(mask, tf.convert_to_tensor(variable), old))
+        if self.line_search:
+            self._line_search_step(terms)
+        return self._update_metrics(terms)
+
+    def _line_search_step(self, terms):
+        """Accumulates the mixture ELBO of every candidate eps of the newest component; every
+        `eps_search_every` steps sets eps to the best candidate (the current value is a candidate)."""
+        encoder = self.encoder
+        active = tf.convert_to_tensor(encoder.num_active_components)
+        logits = tf.convert_to_tensor(encoder.mixing_logits)
+        newest = tf.equal(tf.range(encoder.max_components), active - 1)
+        current = tf.reduce_sum(tf.where(newest, logits, 0.0))
+        candidates = tf.concat([current[None], self._grid_logits], 0)
+        scores = objectives.line_search_scores(
+            tf.stop_gradient(terms["log_joint"]), tf.stop_gradient(terms["log_h"]), logits, active, candidates
+        )
+        context = tf.distribute.get_replica_context()
+        if context is not None and tf.distribute.get_strategy().num_replicas_in_sync > 1:
+            scores = context.all_reduce(tf.distribute.ReduceOp.MEAN, scores)
+        total = tf.convert_to_tensor(self.eps_search_scores) + scores
+        steps = tf.convert_to_tensor(self.eps_search_steps) + 1
+        search = (steps >= self.eps_search_every) & (active > 1)
+        best = candidates[tf.argmax(total)]
+        encoder.mixing_logits.assign(tf.where(search & newest, best, logits))
+        self.eps_search_scores.assign(tf.where(search, tf.zeros_like(total), total))
+        self.eps_search_steps.assign(tf.where(search, 0, steps))
+
+    def test_step(self, data):
+        x = self._unpack(data)
+        terms = self._terms(x, self.num_samples)
+        return self._update_metrics(terms)
+
+    # ------------------------------------------------------------------ serialization
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            encoder=keras.saving.serialize_keras_object(self.encoder),
+            decoder=keras.saving.serialize_keras_object(self.decoder),
+            method=self.method,
+            lambda_kl=self.lambda_kl,
+            schedule=self.schedule,
+            train_previous=self.train_previous,
+            num_samples=self.num_samples,
+            eps_grid=list(self.eps_grid),
+            eps_search_every=self.eps_search_every,
+            boosting_entropy_weight=self.boosting_entropy_weight,
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["encoder"] = keras.saving.deserialize_keras_object(config["encoder"])
+        config["decoder"] = keras.saving.deserialize_keras_object(config["decoder"])
+        return cls(**config)

@@ -1,0 +1,153 @@
+"""Objectives of recursive mixture estimation: pure functions of log-densities and weights.
+
+Shape conventions: `S` samples per component, `B` examples, `M` component slots, `K` importance samples.
+`log_joint[s, b, i] = log p(x_b, z_sbi)` for `z_sbi ~ h_i(z | x_b)`; `log_h[s, b, i, j] = log h_j(z_sbi | x_b)`
+(the density of component j at a sample drawn from component i); log-weights are `[B, M]` or `[M]`.
+Nothing here holds model state, so each objective can be tested against closed forms.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import tensorflow as tf
+
+from tf_rmvae import mixing
+
+
+def mixture_log_density(log_h: tf.Tensor, log_weights: tf.Tensor) -> tf.Tensor:
+    """`log q(z_i) = logsumexp_j [log w_j + log h_j(z_i)]`.
+
+    Args:
+      log_h: `[..., M_i, M_j]` component log-densities at samples from component i.
+      log_weights: log-weights broadcastable to `[..., M_j]` (e.g. `[B, M]` with `log_h` of shape `[S, B, M, M]`).
+
+    Returns:
+      `[..., M_i]` mixture log-density at each component's samples.
+    """
+    return tf.reduce_logsumexp(log_h + log_weights[..., None, :], axis=-1)
+
+
+def weighted_sum(per_component: tf.Tensor, log_weights: tf.Tensor) -> tf.Tensor:
+    """`sum_i w_i f_i` over the last axis, with exactly-zero weights contributing exactly zero (even if f is inf)."""
+    weights = tf.exp(log_weights)
+    return tf.reduce_sum(tf.where(weights > 0, weights * per_component, 0.0), axis=-1)
+
+
+def stratified_mixture_elbo(log_joint: tf.Tensor, log_q: tf.Tensor, log_weights: tf.Tensor) -> tf.Tensor:
+    """Stratified ELBO of a mixture: `sum_i w_i E_{h_i}[log p(x, z) - log q(z | x)]`.
+
+    Args:
+      log_joint: `[S, B, M]` `log p(x, z)` at each component's samples.
+      log_q: `[S, B, M]` mixture log-density at the same samples (see `mixture_log_density`).
+      log_weights: `[B, M]` mixture log-weights.
+
+    Returns:
+      `[B]` per-example ELBO.
+    """
+    per_component = tf.reduce_mean(log_joint - log_q, axis=0)
+    return weighted_sum(per_component, log_weights)
+
+
+def elbo(log_joint: tf.Tensor, log_q: tf.Tensor) -> tf.Tensor:
+    """Monte Carlo ELBO `E_q[log p(x, z) - log q(z)]` averaged over the leading sample axis: `[S, ...] -> [...]`."""
+    return tf.reduce_mean(log_joint - log_q, axis=0)
+
+
+def rme_criterion(
+    log_joint: tf.Tensor, log_h_self: tf.Tensor, log_q_previous: tf.Tensor, lambda_kl: float
+) -> tf.Tensor:
+    """RME criterion of a new component: `ELBO(h) + lambda * KL(h || q_prev)` by Monte Carlo.
+
+    `E_h[log p(x,z) - log h(z)] + lambda * E_h[log h(z) - log q_prev(z)]`, with z ~ h reparameterised. The caller
+    stops gradients into q_prev's parameters (not into z). Equal to `E_h[log p] - lambda E_h[log q_prev] +
+    (1 - lambda) H(h)`: at lambda = 1 the entropy of h drops out and h may collapse to a point.
+
+    Args:
+      log_joint, log_h_self, log_q_previous: `[S, ...]` at samples of h.
+      lambda_kl: weight of the KL term (>= 0).
+
+    Returns:
+      `[...]` criterion (to be maximised).
+    """
+    return tf.reduce_mean(
+        log_joint - log_h_self + lambda_kl * (log_h_self - log_q_previous), axis=0
+    )
+
+
+def boosting_criterion(
+    log_joint: tf.Tensor, log_q_previous: tf.Tensor, entropy: tf.Tensor, entropy_weight: float
+) -> tf.Tensor:
+    """Residual ELBO of boosting VI (Locatello et al., 2018): `E_h[log p(x,z) - log q_prev(z)] + c H(h)`.
+
+    The entropy of the new component (closed form, `[...]`) replaces RME's KL to the current mixture.
+    """
+    return tf.reduce_mean(log_joint - log_q_previous, axis=0) + entropy_weight * entropy
+
+
+def log_mean_exp(log_values: tf.Tensor, axis: int = 0) -> tf.Tensor:
+    """`log mean exp` along `axis`, stable."""
+    count = tf.cast(tf.shape(log_values)[axis], log_values.dtype)
+    return tf.reduce_logsumexp(log_values, axis=axis) - tf.math.log(count)
+
+
+def importance_weighted_log_likelihood(
+    log_importance_weights_fn: Callable[[tf.Tensor], tf.Tensor],
+    num_samples: int,
+    chunk_size: int = 100,
+) -> tf.Tensor:
+    """Importance-weighted estimate `log p(x) ~ logmeanexp_k [log p(x, z_k) - log q(z_k | x)]`, `z_k ~ q`.
+
+    Samples are drawn in chunks so `K = 5000` fits in memory: the running log-sum-exp is carried through a
+    `tf.while_loop`.
+
+    Args:
+      log_importance_weights_fn: maps a chunk size `C` (int32 scalar) to `[C, B]` log importance weights of
+        fresh samples.
+      num_samples: K >= 1.
+      chunk_size: samples per chunk.
+
+    Returns:
+      `[B]` estimate of `log p(x)` (a stochastic lower bound, tight as K grows).
+    """
+    if num_samples < 1 or chunk_size < 1:
+        raise ValueError(f"num_samples and chunk_size must be >= 1; got {num_samples}, {chunk_size}.")
+    chunk_size = min(chunk_size, num_samples)
+    first = log_importance_weights_fn(tf.constant(chunk_size, tf.int32))
+    total = tf.reduce_logsumexp(first, axis=0)
+
+    def body(done, total):
+        size = tf.minimum(chunk_size, num_samples - done)
+        chunk = log_importance_weights_fn(size)
+        total = tf.reduce_logsumexp(tf.stack([total, tf.reduce_logsumexp(chunk, axis=0)]), axis=0)
+        return done + size, total
+
+    _, total = tf.while_loop(
+        lambda done, _: done < num_samples, body, (tf.constant(chunk_size), total)
+    )
+    return total - tf.math.log(tf.cast(num_samples, total.dtype))
+
+
+def line_search_scores(
+    log_joint: tf.Tensor,
+    log_h: tf.Tensor,
+    mixing_logits: tf.Tensor,
+    num_active: tf.Tensor,
+    candidate_logits: tf.Tensor,
+) -> tf.Tensor:
+    """Mixture ELBO (batch mean) for each candidate value of the newest mixing proportion, components fixed.
+
+    All candidates share the same samples (common random numbers), so their differences have low variance.
+
+    Args:
+      log_joint: `[S, B, M]`; log_h: `[S, B, M, M]` (see module docstring).
+      mixing_logits: `[M]`; num_active: scalar k (slot k-1 is searched); candidate_logits: `[G]`.
+
+    Returns:
+      `[G]` batch-mean stratified ELBO of `q_k` under each candidate.
+    """
+    log_w = mixing.candidate_log_weights(mixing_logits, num_active, candidate_logits)  # [G, M]
+    log_w = log_w[:, None, None, :]  # [G, 1, 1, M] over [S, B, M]
+    log_q = tf.reduce_logsumexp(log_h[None] + log_w[..., None, :], axis=-1)  # [G, S, B, M]
+    per_component = tf.reduce_mean(log_joint[None] - log_q, axis=1)  # [G, B, M]
+    return tf.reduce_mean(weighted_sum(per_component, log_w[:, 0]), axis=-1)
