@@ -116,6 +116,7 @@ class RecursiveMixtureVAE(keras.Model):
         self.eps_search_every = int(eps_search_every)
         self.boosting_entropy_weight = float(boosting_entropy_weight)
         num_slots = encoder.max_components
+        self._log_likelihood_fn = None
         self._trackers = {
             name: keras.metrics.Mean(name=name)
             for name in ("loss", "elbo", "reconstruction", "kl", "criterion", "active_components")
@@ -205,7 +206,14 @@ class RecursiveMixtureVAE(keras.Model):
 
     def log_likelihood(self, x, num_samples: int = 5000, chunk_size: int = 100) -> tf.Tensor:
         """`[B]` importance-weighted estimate of `log p(x)` with K = `num_samples` mixture samples, in chunks."""
-        x = tf.convert_to_tensor(x, tf.float32)
+        x = self._unpack(x)
+        if tf.executing_eagerly():  # one compiled graph per (K, chunk) instead of eager sampling op by op
+            if self._log_likelihood_fn is None:
+                self._log_likelihood_fn = tf.function(self._log_likelihood, reduce_retracing=True)
+            return self._log_likelihood_fn(x, num_samples, chunk_size)
+        return self._log_likelihood(x, num_samples, chunk_size)
+
+    def _log_likelihood(self, x, num_samples, chunk_size):
         return objectives.importance_weighted_log_likelihood(
             lambda size: self.log_importance_weights(x, size), num_samples, chunk_size
         )

@@ -1,0 +1,61 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_rmvae import mixing
+
+
+def product_form_weights(eps, active):
+    """Reference: q_1 = h_1, q_m = (1 - eps_m) q_{m-1} + eps_m h_m, unrolled in numpy."""
+    weights = np.zeros(len(eps))
+    weights[0] = 1.0
+    for m in range(1, active):
+        weights[:m] *= 1.0 - eps[m]
+        weights[m] = eps[m]
+    return weights
+
+
+@pytest.mark.parametrize("active", [1, 2, 3, 5])
+def test_recursive_weights_match_the_product_form(active):
+    eps = np.array([0.9, 0.3, 0.5, 0.2, 0.7])
+    log_w = mixing.recursive_log_weights(mixing.eps_to_logit(eps), active).numpy()
+    weights = np.exp(log_w)
+    np.testing.assert_allclose(weights, product_form_weights(eps, active), atol=1e-6)
+    np.testing.assert_allclose(weights.sum(), 1.0, atol=1e-6)
+    assert np.all(weights[active:] == 0.0)  # exactly zero, not merely small
+
+
+def test_uniform_logits_give_uniform_prefix_mixtures():
+    logits = mixing.uniform_mixing_logits(4)
+    for active in range(1, 5):
+        weights = np.exp(mixing.recursive_log_weights(logits, active).numpy())
+        np.testing.assert_allclose(weights[:active], 1.0 / active, atol=1e-6)
+
+
+def test_prefix_weights_rows_are_earlier_mixtures():
+    logits = mixing.eps_to_logit([0.5, 0.4, 0.25, 0.6])
+    rows = np.exp(mixing.prefix_log_weights(logits).numpy())
+    assert np.all(rows[0] == 0.0)
+    for m in range(1, 4):
+        np.testing.assert_allclose(rows[m], np.exp(mixing.recursive_log_weights(logits, m).numpy()), atol=1e-7)
+
+
+def test_candidate_weights_replace_only_the_newest_proportion():
+    logits = mixing.eps_to_logit([0.5, 0.4, 0.25, 0.6])
+    candidates = mixing.eps_to_logit([0.0, 0.5, 0.9])
+    weights = np.exp(mixing.candidate_log_weights(logits, 3, candidates).numpy())
+    np.testing.assert_allclose(weights[0], product_form_weights([1, 0.4, 0.0, 0.6], 3), atol=1e-6)
+    np.testing.assert_allclose(weights[2], product_form_weights([1, 0.4, 0.9, 0.6], 3), atol=1e-6)
+
+
+def test_eps_to_logit_rejects_values_outside_the_unit_interval():
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        mixing.eps_to_logit([0.5, 1.5])
+    with pytest.raises(ValueError):
+        mixing.eps_to_logit([float("nan")])
+
+
+def test_tiny_proportions_stay_finite():
+    log_w = mixing.recursive_log_weights(mixing.eps_to_logit([1.0, 1e-8, 0.0]), 3)
+    assert np.all(np.isfinite(log_w.numpy()))
+    assert tf.reduce_sum(tf.exp(log_w)).numpy() == pytest.approx(1.0, abs=1e-6)

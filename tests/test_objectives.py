@@ -1,0 +1,73 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from tf_rmvae import objectives
+
+tfd = tfp.distributions
+
+
+def test_importance_weighted_estimate_is_exact_for_the_true_posterior():
+    # Model p(z) = N(0, 1), p(x | z) = N(z, 1): p(x) = N(0, 2), p(z | x) = N(x / 2, 1 / 2).
+    x = tf.constant([-1.0, 0.3, 2.0])
+    posterior = tfd.Normal(x / 2.0, np.float32(np.sqrt(0.5)))
+
+    def log_weights(size):
+        z = posterior.sample(size, seed=1)
+        return tfd.Normal(0.0, 1.0).log_prob(z) + tfd.Normal(z, 1.0).log_prob(x) - posterior.log_prob(z)
+
+    estimate = objectives.importance_weighted_log_likelihood(log_weights, num_samples=250, chunk_size=64)
+    np.testing.assert_allclose(estimate.numpy(), tfd.Normal(0.0, np.float32(np.sqrt(2.0))).log_prob(x).numpy(), atol=1e-4)
+
+
+def test_chunked_estimate_equals_log_mean_exp_of_all_samples():
+    values = tf.random.stateless_normal([300, 4], seed=[1, 2]) * 3.0
+    calls = []
+
+    def log_weights(size):
+        start = sum(calls)
+        calls.append(int(size))
+        return values[start:start + size]
+
+    # Eager execution: the while loop runs in Python, so chunks come in order.
+    estimate = objectives.importance_weighted_log_likelihood(log_weights, num_samples=300, chunk_size=128)
+    np.testing.assert_allclose(estimate.numpy(), objectives.log_mean_exp(values).numpy(), rtol=1e-5)
+    assert calls == [128, 128, 44]
+
+
+def test_importance_weighted_estimate_validates_sizes():
+    with pytest.raises(ValueError, match="num_samples"):
+        objectives.importance_weighted_log_likelihood(lambda size: tf.zeros([size, 1]), 0)
+
+
+def test_stratified_elbo_ignores_zero_weight_components_even_if_infinite():
+    log_joint = tf.constant([[[1.0, np.inf]]])
+    log_q = tf.constant([[[0.5, 0.0]]])
+    log_w = tf.constant([[0.0, -1e9]])
+    assert objectives.stratified_mixture_elbo(log_joint, log_q, log_w).numpy() == pytest.approx([0.5])
+
+
+def test_rme_criterion_equals_elbo_plus_lambda_kl():
+    log_joint = tf.constant([[-3.0], [-5.0]])
+    log_h = tf.constant([[-1.0], [-2.0]])
+    log_q = tf.constant([[-4.0], [-1.5]])
+    lam = 0.3
+    elbo = np.mean([-3.0 + 1.0, -5.0 + 2.0])
+    kl = np.mean([-1.0 + 4.0, -2.0 + 1.5])
+    assert objectives.rme_criterion(log_joint, log_h, log_q, lam).numpy() == pytest.approx([elbo + lam * kl])
+
+
+def test_line_search_scores_match_a_direct_mixture_elbo():
+    rng = np.random.default_rng(0)
+    log_joint = tf.constant(rng.normal(size=(2, 3, 2)), tf.float32)
+    log_h = tf.constant(rng.normal(size=(2, 3, 2, 2)), tf.float32)
+    logits = tf.constant([0.0, 0.0])
+    candidates = tf.constant([-2.0, 0.5])
+    scores = objectives.line_search_scores(log_joint, log_h, logits, 2, candidates).numpy()
+    for g, logit in enumerate([-2.0, 0.5]):
+        eps = 1 / (1 + np.exp(-logit))
+        log_w = tf.math.log(tf.constant([[1 - eps, eps]], tf.float32))
+        log_q = objectives.mixture_log_density(log_h, log_w)
+        direct = objectives.stratified_mixture_elbo(log_joint, log_q, log_w)
+        assert scores[g] == pytest.approx(float(tf.reduce_mean(direct)), rel=1e-5)
