@@ -21,6 +21,7 @@ setup(
         "keras>=3.15,<4",
         "tensorflow-probability[tf]>=0.25,<0.26",
         "tensorflow-datasets>=4.9,<5",
+        "importlib_resources>=6",  # tfds 4.9.10 imports it in download_and_prepare but does not declare it
         "absl-py>=2.0",
         "numpy>=1.26",
         "matplotlib>=3.8",
