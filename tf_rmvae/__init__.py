@@ -4,7 +4,7 @@ Kim & Pavlovic, "Recursive Inference for Variational Autoencoders", NeurIPS 2020
 """
 
 from tf_rmvae import mixing, objectives
-from tf_rmvae.callbacks import ComponentSchedule
+from tf_rmvae.callbacks import ComponentSchedule, NonFiniteInputGuard
 from tf_rmvae.decoders import BernoulliDecoder, GaussianDecoder, ImageDecoder, make_decoder
 from tf_rmvae.encoders import RecursiveMixtureEncoder, make_mixture
 from tf_rmvae.models import METHODS, SCHEDULES, RecursiveMixtureVAE
@@ -17,6 +17,7 @@ __all__ = [
     "GaussianDecoder",
     "ImageDecoder",
     "METHODS",
+    "NonFiniteInputGuard",
     "RecursiveMixtureEncoder",
     "RecursiveMixtureVAE",
     "SCHEDULES",

@@ -45,3 +45,24 @@ class ComponentSchedule(keras.callbacks.Callback):
         if self.steps_per_component is not None:
             step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
             self._advance_to(step // self.steps_per_component)
+
+
+class NonFiniteInputGuard(keras.callbacks.Callback):
+    """Stops training with an error that names the epoch and batch whose inputs held NaN/Inf values.
+
+    `RecursiveMixtureVAE` zeroes such examples and gives them zero weight (they never reach the weights) and counts
+    them in the `nonfinite_examples` metric; with `nonfinite_inputs="raise"` it also asserts in-graph, but XLA
+    (`jit_compile=True`) drops assertions, so this callback raises after the batch instead.
+    """
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        count = float((logs or {}).get("nonfinite_examples", 0.0))
+        if count > 0:
+            raise RuntimeError(
+                f"Batch {batch} of epoch {getattr(self, '_epoch', 0)} had NaN/Inf inputs "
+                f"({count:g} example(s) so far this epoch; they were skipped, the weights are intact). "
+                "Clean the data, or build the model with nonfinite_inputs='skip' and drop this callback."
+            )

@@ -146,13 +146,15 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
 
     def _component_weight(self, name: str, shape, fan_in: int, fan_out: int, offset: int, per_component: bool):
         full_shape = ((self.max_components,) if per_component else ()) + tuple(shape)
+        # aggregation="mean": stage-wise training restores frozen slices with an assign in replica context.
         return self.add_weight(
-            name=name, shape=full_shape, initializer=_uniform_init(fan_in, fan_out, self._seed(offset))
+            name=name, shape=full_shape, initializer=_uniform_init(fan_in, fan_out, self._seed(offset)),
+            aggregation="mean",
         )
 
     def _bias(self, name: str, size: int, per_component: bool):
         shape = (self.max_components, size) if per_component else (size,)
-        return self.add_weight(name=name, shape=shape, initializer="zeros")
+        return self.add_weight(name=name, shape=shape, initializer="zeros", aggregation="mean")
 
     def build(self, input_shape):
         input_shape = tuple(input_shape)
@@ -241,6 +243,10 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
             return x
         return tf.debugging.assert_all_finite(x, f"{self.name}: inputs contain NaN or Inf values.")
 
+    def _param(self, variable):
+        """A variable's value in the compute dtype (explicit: methods other than `__call__` get no autocast)."""
+        return tf.cast(tf.convert_to_tensor(variable), self.compute_dtype)
+
     def _trunk(self, x):
         """`[B, ...]` -> features `[B, M, F]` (independent trunks) or `[B, F]` (shared trunk)."""
         act = self.activation
@@ -252,7 +258,7 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
             if per:
                 h = tf.tile(h, [1, 1, 1, m])  # grouped layout: component c sees channels [c*C, (c+1)*C)
             for kernel, bias in zip(self.conv_kernels, self.conv_biases):
-                kernel = tf.convert_to_tensor(kernel)
+                kernel, bias = self._param(kernel), self._param(bias)
                 if per:  # [M, 3, 3, Cin, F] -> [3, 3, Cin, M*F]: one grouped convolution for all components
                     filters = int(kernel.shape[-1])
                     kernel = tf.reshape(tf.transpose(kernel, [1, 2, 3, 0, 4]), [3, 3, int(kernel.shape[3]), m * filters])
@@ -270,6 +276,7 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
         else:
             h = tf.reshape(h, [tf.shape(h)[0], int(np.prod(self._input_feature_shape))])
         for kernel, bias in zip(self.dense_kernels, self.dense_biases):
+            kernel, bias = self._param(kernel), self._param(bias)
             if not per:
                 h = act(tf.matmul(h, kernel) + bias)
             elif h.shape.rank == 2:
@@ -289,8 +296,8 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
         x = self._check_inputs(x)
         features = self._trunk(x)
         equation = "bf,mfd->bmd" if features.shape.rank == 2 else "bmf,mfd->bmd"
-        loc = tf.einsum(equation, features, self.loc_kernel) + self.loc_bias
-        raw_scale = tf.einsum(equation, features, self.scale_kernel) + self.scale_bias
+        loc = tf.einsum(equation, features, self._param(self.loc_kernel)) + self._param(self.loc_bias)
+        raw_scale = tf.einsum(equation, features, self._param(self.scale_kernel)) + self._param(self.scale_bias)
         # Distributions are computed in float32 even under a mixed-precision policy.
         loc = tf.cast(loc, tf.float32)
         scale = tf.nn.softplus(tf.cast(raw_scale, tf.float32)) + self.min_scale

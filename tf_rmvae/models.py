@@ -41,6 +41,7 @@ tfd = tfp.distributions
 METHODS = ("rme", "vae", "mixture", "boosting")
 SCHEDULES = ("stagewise", "sweep")
 RECURSIVE_METHODS = ("rme", "boosting")
+NONFINITE_POLICIES = ("raise", "skip")
 
 
 def standard_normal_log_prob(z: tf.Tensor) -> tf.Tensor:
@@ -70,10 +71,18 @@ class RecursiveMixtureVAE(keras.Model):
       eps_grid: candidate mixing proportions for the line search (stage-wise recursive methods).
       eps_search_every: steps between line searches.
       boosting_entropy_weight: c in boosting's residual ELBO.
+      nonfinite_inputs: what a training/evaluation batch with NaN/Inf pixels does. Either way such examples are
+        replaced by zeros and get zero weight, so they never reach the weights, and are counted in the
+        `nonfinite_examples` metric. "raise" (default) also stops with an error naming the optimizer step (in-graph;
+        XLA drops assertions, so with `jit_compile=True` add `tf_rmvae.NonFiniteInputGuard` to the callbacks, which
+        raises after the batch); "skip" only counts them.
+      noise_seed: seed of the training noise. Each step draws its reparameterisation noise statelessly from
+        `(noise_seed, optimizer.iterations)` for the whole global batch and takes this replica's slice, so a run is
+        reproducible, a resumed run repeats the same noise, and N replicas see the noise of one device.
 
     Call `fit(dataset_of_images)`: batches are image tensors `[B, H, W, C]` (or `(x,)` / `(x, y)` tuples, y ignored).
     Reported metrics: `loss` (= -mixture ELBO), `elbo`, `reconstruction`, `kl`, `criterion` (newest component's),
-    `active_components`, `weight_m` and `entropy_m` for every component slot m.
+    `active_components`, `weight_m` and `entropy_m` for every component slot m, `nonfinite_examples`.
     """
 
     def __init__(
@@ -88,6 +97,8 @@ class RecursiveMixtureVAE(keras.Model):
         eps_grid=mixing.DEFAULT_EPS_GRID,
         eps_search_every: int = 50,
         boosting_entropy_weight: float = 1.0,
+        nonfinite_inputs: str = "raise",
+        noise_seed: int = 0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -101,6 +112,8 @@ class RecursiveMixtureVAE(keras.Model):
             raise ValueError(f"lambda_kl must be a finite number >= 0; got {lambda_kl}.")
         if int(num_samples) < 1 or int(eps_search_every) < 1:
             raise ValueError("num_samples and eps_search_every must be >= 1.")
+        if nonfinite_inputs not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite_inputs must be one of {NONFINITE_POLICIES}; got {nonfinite_inputs!r}.")
         if method == "vae" and encoder.max_components != 1:
             raise ValueError(f"method='vae' needs an encoder with max_components=1; got {encoder.max_components}.")
         eps_grid = tuple(float(e) for e in eps_grid)
@@ -115,12 +128,15 @@ class RecursiveMixtureVAE(keras.Model):
         self.eps_grid = eps_grid
         self.eps_search_every = int(eps_search_every)
         self.boosting_entropy_weight = float(boosting_entropy_weight)
+        self.nonfinite_inputs = nonfinite_inputs
+        self.noise_seed = int(noise_seed)
         num_slots = encoder.max_components
         self._log_likelihood_fn = None
         self._trackers = {
             name: keras.metrics.Mean(name=name)
             for name in ("loss", "elbo", "reconstruction", "kl", "criterion", "active_components")
         }
+        self._trackers["nonfinite_examples"] = keras.metrics.Sum(name="nonfinite_examples")
         for m in range(num_slots):
             self._trackers[f"weight_{m}"] = keras.metrics.Mean(name=f"weight_{m}")
             self._trackers[f"entropy_{m}"] = keras.metrics.Mean(name=f"entropy_{m}")
@@ -156,7 +172,8 @@ class RecursiveMixtureVAE(keras.Model):
             self.decoder.build((None, encoder.latent_dim))
             self.decoder.built = True
         if self.all_components_from_start:
-            encoder.num_active_components.assign(encoder.max_components)
+            with tf.init_scope():  # build may run inside a scratch graph (Keras's symbolic build)
+                encoder.num_active_components.assign(encoder.max_components)
         encoder.mixing_logits.trainable = self.all_components_from_start
         candidates = len(self.eps_grid) + 1
         self.eps_search_scores = self.add_weight(
@@ -167,7 +184,6 @@ class RecursiveMixtureVAE(keras.Model):
             name="eps_search_steps", shape=(), dtype="int32", initializer="zeros", trainable=False,
             aggregation="only_first_replica",
         )
-        self._grid_logits = tf.constant(mixing.eps_to_logit(self.eps_grid))
         self.built = True
 
     @property
@@ -232,10 +248,12 @@ class RecursiveMixtureVAE(keras.Model):
         return active
 
     # ------------------------------------------------------------------ objectives
-    def _terms(self, x, num_samples):
-        """Per-example terms of every objective on one batch `x [B, H, W, C]`."""
+    def _terms(self, x, num_samples, noise=None):
+        """Per-example terms of every objective on one batch `x [B, H, W, C]` (noise: `[S, B, M, D]` or None)."""
+        x, example_weight = self._finite_examples(x)
         log_w, loc, scale = self.encoder.compute_parameters(x)  # [B, M], [B, M, D], [B, M, D]
-        noise = tf.random.normal(tf.concat([[num_samples], tf.shape(loc)], 0))
+        if noise is None:
+            noise = tf.random.normal(tf.concat([[num_samples], tf.shape(loc)], 0))
         z = loc + scale * noise  # [S, B, M, D], reparameterised sample of every component
         components = tfd.Independent(tfd.Normal(loc, scale), reinterpreted_batch_ndims=1)  # batch [B, M]
         log_h = pairwise_log_prob(loc, scale, z)  # [S, B, M, M]: density of h_j at samples of h_i
@@ -246,7 +264,7 @@ class RecursiveMixtureVAE(keras.Model):
         reconstruction = objectives.weighted_sum(tf.reduce_mean(log_px_z, 0), log_w)
         terms = dict(
             elbo=elbo, reconstruction=reconstruction, kl=reconstruction - elbo, log_weights=log_w,
-            entropy=components.entropy(), log_joint=log_joint, log_h=log_h,
+            entropy=components.entropy(), log_joint=log_joint, log_h=log_h, example_weight=example_weight,
         )
         if self.recursive:
             terms["criterion"] = self._criteria(z, loc, scale, log_joint, log_h, components)
@@ -293,13 +311,41 @@ class RecursiveMixtureVAE(keras.Model):
         self.ensure_built(data.shape)
         return data
 
+    def _finite_examples(self, x):
+        """Masks non-finite examples: returns `(x with them zeroed, [B] float weights)` and checks the policy."""
+        finite = tf.reduce_all(tf.math.is_finite(tf.reshape(x, [tf.shape(x)[0], -1])), axis=1)
+        if self.nonfinite_inputs == "raise":
+            optimizer = getattr(self, "optimizer", None)
+            step = optimizer.iterations if optimizer is not None else -1
+            tf.debugging.Assert(
+                tf.reduce_all(finite),
+                [f"{self.name}: the batch of optimizer step", step, "has NaN/Inf inputs in",
+                 tf.reduce_sum(tf.cast(~finite, tf.int32)), "example(s). Clean the data, or pass "
+                 "nonfinite_inputs='skip' to skip such examples."],
+            )
+        mask = tf.reshape(finite, [-1] + [1] * (x.shape.rank - 1))
+        return tf.where(mask, x, tf.zeros_like(x)), tf.cast(finite, tf.float32)
+
+    def _training_noise(self, x):
+        """`[S, B, M, D]` standard normal noise: this replica's slice of the global batch's stateless draw."""
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        context = tf.distribute.get_replica_context()
+        replica = 0 if context is None else context.replica_id_in_sync_group
+        batch = tf.shape(x)[0]
+        shape = [self.num_samples, batch * replicas, self.encoder.max_components, self.encoder.latent_dim]
+        seed = tf.stack([tf.constant(self.noise_seed, tf.int64), tf.cast(self.optimizer.iterations, tf.int64)])
+        noise = tf.random.stateless_normal(shape, seed)
+        return noise[:, replica * batch:(replica + 1) * batch]
+
     def _update_metrics(self, terms):
         values = dict(
             loss=-terms["elbo"], elbo=terms["elbo"], reconstruction=terms["reconstruction"], kl=terms["kl"],
             criterion=self._newest(terms["criterion"]),
         )
+        weight = terms["example_weight"]
         for name, value in values.items():
-            self._trackers[name].update_state(value)
+            self._trackers[name].update_state(value, sample_weight=weight)
+        self._trackers["nonfinite_examples"].update_state(tf.reduce_sum(1.0 - weight))
         self._trackers["active_components"].update_state(
             tf.cast(tf.convert_to_tensor(self.encoder.num_active_components), tf.float32)
         )
@@ -317,11 +363,12 @@ class RecursiveMixtureVAE(keras.Model):
         encoder = self.encoder
         trained = self._trained_components()
         with tf.GradientTape(persistent=self.recursive) as tape:
-            terms = self._terms(x, self.num_samples)
-            mixture_loss = -tf.reduce_sum(terms["elbo"]) / global_batch
+            terms = self._terms(x, self.num_samples, noise=self._training_noise(x))
+            weight = terms["example_weight"]  # 0 for skipped (non-finite) examples
+            mixture_loss = -tf.reduce_sum(weight * terms["elbo"]) / global_batch
             scaled_mixture_loss = self.optimizer.scale_loss(mixture_loss)
             if self.recursive:
-                criterion = tf.where(trained, terms["criterion"], 0.0)
+                criterion = tf.where(trained, terms["criterion"], 0.0) * weight[:, None]
                 encoder_loss = -tf.reduce_sum(criterion) / global_batch
                 scaled_encoder_loss = self.optimizer.scale_loss(encoder_loss)
         variables = self.trainable_variables
@@ -358,7 +405,7 @@ class RecursiveMixtureVAE(keras.Model):
         logits = tf.convert_to_tensor(encoder.mixing_logits)
         newest = tf.equal(tf.range(encoder.max_components), active - 1)
         current = tf.reduce_sum(tf.where(newest, logits, 0.0))
-        candidates = tf.concat([current[None], self._grid_logits], 0)
+        candidates = tf.concat([current[None], tf.constant(mixing.eps_to_logit(self.eps_grid))], 0)
         scores = objectives.line_search_scores(
             tf.stop_gradient(terms["log_joint"]), tf.stop_gradient(terms["log_h"]), logits, active, candidates
         )
@@ -392,6 +439,8 @@ class RecursiveMixtureVAE(keras.Model):
             eps_grid=list(self.eps_grid),
             eps_search_every=self.eps_search_every,
             boosting_entropy_weight=self.boosting_entropy_weight,
+            nonfinite_inputs=self.nonfinite_inputs,
+            noise_seed=self.noise_seed,
         )
         return config
 
