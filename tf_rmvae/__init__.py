@@ -3,7 +3,7 @@
 Kim & Pavlovic, "Recursive Inference for Variational Autoencoders", NeurIPS 2020 (arXiv:2011.08544).
 """
 
-from tf_rmvae import mixing, objectives
+from tf_rmvae import export, mixing, objectives
 from tf_rmvae.callbacks import ComponentSchedule, NonFiniteInputGuard
 from tf_rmvae.decoders import BernoulliDecoder, GaussianDecoder, ImageDecoder, make_decoder
 from tf_rmvae.encoders import RecursiveMixtureEncoder, make_mixture
@@ -22,6 +22,7 @@ __all__ = [
     "RecursiveMixtureVAE",
     "SCHEDULES",
     "make_decoder",
+    "export",
     "make_mixture",
     "mixing",
     "objectives",

@@ -1,7 +1,7 @@
 """`RecursiveMixtureEncoder`: a Keras layer that emits the recursive mixture posterior as a TFP distribution.
 
 All `max_components` component networks live in batched weights with a leading component axis `M` and run in one
-pass (einsum for dense layers, grouped convolution for conv layers): no Python loop over components at run time.
+pass (batched matmuls for dense layers, grouped convolution for conv layers): no Python loop over components at run time.
 The number of active components is a variable, so activating a component changes values, never shapes or traces.
 """
 
@@ -23,7 +23,9 @@ OUTPUT_MODES = ("distribution", "parameters")
 NEW_COMPONENT_INITS = ("copy", "random")
 
 
-def make_mixture(log_weights: tf.Tensor, loc: tf.Tensor, scale: tf.Tensor) -> tfd.MixtureSameFamily:
+def make_mixture(
+    log_weights: tf.Tensor, loc: tf.Tensor, scale: tf.Tensor, reparameterize: bool = True
+) -> tfd.MixtureSameFamily:
     """Builds the mixture posterior from tensors (the inverse of `output_mode="parameters"`).
 
     Args:
@@ -32,12 +34,13 @@ def make_mixture(log_weights: tf.Tensor, loc: tf.Tensor, scale: tf.Tensor) -> tf
 
     Returns:
       `MixtureSameFamily` with batch shape `[B]`, event shape `[D]`, `Independent(Normal)` components and
-      `reparameterize=True` (so `sample()` carries gradients into `loc`, `scale` and the weights).
+      `reparameterize=True` (so `sample()` carries gradients into `loc`, `scale` and the weights; pass False for
+      evaluation, where TFP's implicit reparameterisation gradient machinery only costs time).
     """
     return tfd.MixtureSameFamily(
         mixture_distribution=tfd.Categorical(logits=log_weights),
         components_distribution=tfd.Independent(tfd.Normal(loc=loc, scale=scale), reinterpreted_batch_ndims=1),
-        reparameterize=True,
+        reparameterize=reparameterize,
     )
 
 
@@ -248,7 +251,7 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
         return tf.cast(tf.convert_to_tensor(variable), self.compute_dtype)
 
     def _trunk(self, x):
-        """`[B, ...]` -> features `[B, M, F]` (independent trunks) or `[B, F]` (shared trunk)."""
+        """`[B, ...]` -> features `[M, B, F]` (independent trunks) or `[B, F]` (shared trunk)."""
         act = self.activation
         per = not self.shared_trunk
         m = self.max_components
@@ -267,22 +270,20 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
                 channels = int(h.shape[-1])
             batch = tf.shape(h)[0]
             height, width = int(h.shape[1]), int(h.shape[2])
-            if per:
+            if per:  # grouped channels -> component-major features [M, B, h*w*F]
                 h = tf.reshape(h, [batch, height, width, m, channels // m])
-                h = tf.transpose(h, [0, 3, 1, 2, 4])
-                h = tf.reshape(h, [batch, m, height * width * (channels // m)])
+                h = tf.transpose(h, [3, 0, 1, 2, 4])
+                h = tf.reshape(h, [m, batch, height * width * (channels // m)])
             else:
                 h = tf.reshape(h, [batch, height * width * channels])
         else:
             h = tf.reshape(h, [tf.shape(h)[0], int(np.prod(self._input_feature_shape))])
         for kernel, bias in zip(self.dense_kernels, self.dense_biases):
             kernel, bias = self._param(kernel), self._param(bias)
-            if not per:
-                h = act(tf.matmul(h, kernel) + bias)
-            elif h.shape.rank == 2:
-                h = act(tf.einsum("bi,mio->bmo", h, kernel) + bias)
+            if per:  # batched matmul: [1 or M, B, I] x [M, I, O] -> [M, B, O] (cheaper than einsum's transposes)
+                h = act(tf.matmul(h if h.shape.rank == 3 else h[None], kernel) + bias[:, None, :])
             else:
-                h = act(tf.einsum("bmi,mio->bmo", h, kernel) + bias)
+                h = act(tf.matmul(h, kernel) + bias)
         return h
 
     def mixture_log_weights(self) -> tf.Tensor:
@@ -295,9 +296,15 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
         self.ensure_built(x.shape)
         x = self._check_inputs(x)
         features = self._trunk(x)
-        equation = "bf,mfd->bmd" if features.shape.rank == 2 else "bmf,mfd->bmd"
-        loc = tf.einsum(equation, features, self._param(self.loc_kernel)) + self._param(self.loc_bias)
-        raw_scale = tf.einsum(equation, features, self._param(self.scale_kernel)) + self._param(self.scale_bias)
+        if features.shape.rank == 2:
+            features = features[None]  # shared trunk: broadcast over the M heads
+
+        def head(kernel, bias):  # [M, B, F] x [M, F, D] -> [B, M, D]
+            out = tf.matmul(features, self._param(kernel)) + self._param(bias)[:, None, :]
+            return tf.transpose(out, [1, 0, 2])
+
+        loc = head(self.loc_kernel, self.loc_bias)
+        raw_scale = head(self.scale_kernel, self.scale_bias)
         # Distributions are computed in float32 even under a mixed-precision policy.
         loc = tf.cast(loc, tf.float32)
         scale = tf.nn.softplus(tf.cast(raw_scale, tf.float32)) + self.min_scale

@@ -215,7 +215,9 @@ class RecursiveMixtureVAE(keras.Model):
 
     def log_importance_weights(self, x, num_samples) -> tf.Tensor:
         """`[K, B]` `log p(x, z_k) - log q(z_k | x)` for `z_k ~ q(z | x)` (mixture samples)."""
-        q = self.posterior(x)
+        x = tf.convert_to_tensor(x, tf.float32)
+        self.ensure_built(x.shape)
+        q = make_mixture(*self.encoder.compute_parameters(x), reparameterize=False)  # no gradients needed here
         z = q.sample(num_samples)
         log_px_z = self.decoder(z).log_prob(x[None])
         return log_px_z + standard_normal_log_prob(z) - q.log_prob(z)
@@ -335,7 +337,7 @@ class RecursiveMixtureVAE(keras.Model):
         shape = [self.num_samples, batch * replicas, self.encoder.max_components, self.encoder.latent_dim]
         seed = tf.stack([tf.constant(self.noise_seed, tf.int64), tf.cast(self.optimizer.iterations, tf.int64)])
         noise = tf.random.stateless_normal(shape, seed)
-        return noise[:, replica * batch:(replica + 1) * batch]
+        return tf.gather(noise, replica * batch + tf.range(batch), axis=1)
 
     def _update_metrics(self, terms):
         values = dict(
@@ -415,7 +417,7 @@ class RecursiveMixtureVAE(keras.Model):
         total = tf.convert_to_tensor(self.eps_search_scores) + scores
         steps = tf.convert_to_tensor(self.eps_search_steps) + 1
         search = (steps >= self.eps_search_every) & (active > 1)
-        best = candidates[tf.argmax(total)]
+        best = tf.gather(candidates, tf.argmax(total))  # gather, not slicing: XLA needs constant slice bounds
         encoder.mixing_logits.assign(tf.where(search & newest, best, logits))
         self.eps_search_scores.assign(tf.where(search, tf.zeros_like(total), total))
         self.eps_search_steps.assign(tf.where(search, 0, steps))

@@ -104,16 +104,17 @@ def importance_weighted_log_likelihood(
     Args:
       log_importance_weights_fn: maps a chunk size `C` (int32 scalar) to `[C, B]` log importance weights of
         fresh samples.
-      num_samples: K >= 1.
+      num_samples: K >= 1 (a Python int or an int32 scalar tensor, e.g. a serving input).
       chunk_size: samples per chunk.
 
     Returns:
       `[B]` estimate of `log p(x)` (a stochastic lower bound, tight as K grows).
     """
-    if num_samples < 1 or chunk_size < 1:
+    if isinstance(num_samples, int) and num_samples < 1 or isinstance(chunk_size, int) and chunk_size < 1:
         raise ValueError(f"num_samples and chunk_size must be >= 1; got {num_samples}, {chunk_size}.")
-    chunk_size = min(chunk_size, num_samples)
-    first = log_importance_weights_fn(tf.constant(chunk_size, tf.int32))
+    num_samples = tf.convert_to_tensor(num_samples, tf.int32)
+    chunk_size = tf.minimum(tf.convert_to_tensor(chunk_size, tf.int32), num_samples)
+    first = log_importance_weights_fn(chunk_size)
     total = tf.reduce_logsumexp(first, axis=0)
 
     def body(done, total):
@@ -122,9 +123,7 @@ def importance_weighted_log_likelihood(
         total = tf.reduce_logsumexp(tf.stack([total, tf.reduce_logsumexp(chunk, axis=0)]), axis=0)
         return done + size, total
 
-    _, total = tf.while_loop(
-        lambda done, _: done < num_samples, body, (tf.constant(chunk_size), total)
-    )
+    _, total = tf.while_loop(lambda done, _: done < num_samples, body, (chunk_size, total))
     return total - tf.math.log(tf.cast(num_samples, total.dtype))
 
 

@@ -1,0 +1,392 @@
+"""Side-by-side benchmark of RME against VAE, MixVAE, boosting VI and SA-VAE (issue 8).
+
+Every method gets the same data, encoder/decoder architecture, latent size, optimizer, epochs and seeds. One *cell*
+is one (method, schedule, lambda, number of components, seed); each cell trains, is evaluated on the same test
+digits (fixed binarization, so per-example differences pair), and is stored in its own directory:
+
+    <output_dir>/<run_name>_cells/<cell key>/backup/           keras BackupAndRestore (per epoch) while training
+    <output_dir>/<run_name>_cells/<cell key>/result.json       the finished row
+    <output_dir>/<run_name>_cells/<cell key>/per_example.npz   per-example test ELBO and log-likelihood
+
+A rerun with `resume=True` skips finished cells and continues unfinished ones from their last epoch. When every
+cell is done the run's rows, with paired statistics between all cells of the same seed, go to
+`<output_dir>/<run_name>.json`.
+
+    config = BenchmarkConfig(methods=("vae", "rme"), epochs=10, iwae_samples=1000, eval_examples=2000)
+    rows = run_benchmark(config)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import shutil
+import time
+from typing import Callable, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import tf_rmvae
+from tf_rmvae import data as rm_data
+from tf_rmvae import evaluation
+from tf_rmvae.semi_amortized import SemiAmortizedVAE
+
+ALL_METHODS = ("vae", "mixture", "boosting", "rme", "savae")
+SINGLE_COMPONENT_METHODS = ("vae", "savae")
+STAGEWISE_METHODS = ("rme", "boosting")
+
+
+@dataclasses.dataclass
+class BenchmarkConfig:
+    """Everything a benchmark run depends on (saved beside its results).
+
+    `epochs_per_component = 0` spreads the components over the run: `max(1, epochs // M)` epochs per stage.
+    `eval_examples = 0` / `train_examples = 0` use the full split. `lambdas` apply to "rme" only (boosting and the
+    other baselines have no lambda; their rows hold `lambda_kl = None`); `schedules` apply to "rme" and "boosting".
+    """
+
+    dataset: str = "rmvae_mnist"
+    methods: Sequence[str] = ALL_METHODS
+    lambdas: Sequence[float] = (0.1, 0.3, 0.5, 1.0)
+    num_components: Sequence[int] = (4,)
+    schedules: Sequence[str] = ("stagewise",)
+    epochs: int = 20
+    epochs_per_component: int = 0
+    seeds: Sequence[int] = (0,)
+    iwae_samples: int = 5000
+    iwae_chunk: int = 100
+    eval_examples: int = 0
+    eval_batch_size: int = 100
+    train_examples: int = 0
+    architecture: str = "dense"
+    hidden_units: Sequence[int] = (500, 500)
+    latent_dim: int = 32
+    batch_size: int = 100
+    learning_rate: float = 1e-3
+    eps_search_every: int = 50
+    savae_steps: int = 10
+    savae_lr: float = 0.05
+    savae_momentum: float = 0.5
+    savae_encoder_objective: str = "unrolled"
+    jit_compile: str | bool = "auto"
+    output_dir: str = "benchmarks/results"
+    run_name: str = "benchmark"
+    resume: bool = True
+    data_dir: str | None = None
+    verbose: int = 0
+
+    def __post_init__(self):
+        self.methods = tuple(self.methods)
+        unknown = set(self.methods) - set(ALL_METHODS)
+        if unknown or not self.methods:
+            raise ValueError(f"methods must be a non-empty subset of {ALL_METHODS}; got {self.methods}.")
+        self.lambdas = tuple(float(v) for v in self.lambdas)
+        self.num_components = tuple(int(m) for m in self.num_components)
+        self.schedules = tuple(self.schedules)
+        self.seeds = tuple(int(s) for s in self.seeds)
+        self.hidden_units = tuple(int(u) for u in self.hidden_units)
+        if min(self.num_components, default=0) < 1 or not self.seeds or not self.lambdas:
+            raise ValueError("Need num_components >= 1 and at least one seed and one lambda.")
+        if self.epochs < 1 or self.iwae_samples < 1:
+            raise ValueError("epochs and iwae_samples must be >= 1.")
+
+    def to_json(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def quick_config(**overrides) -> BenchmarkConfig:
+    """Tiny everything: a few hundred digits, tiny networks, 2 epochs, K = 20 (smoke test of the whole pipeline)."""
+    values = dict(
+        lambdas=(0.3, 1.0), num_components=(2,), epochs=2, epochs_per_component=1, iwae_samples=20, iwae_chunk=10,
+        eval_examples=64, eval_batch_size=32, train_examples=256, hidden_units=(32,), latent_dim=4, batch_size=64,
+        eps_search_every=2, savae_steps=2, run_name="quick",
+    )
+    values.update(overrides)
+    return BenchmarkConfig(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One trained model of the benchmark."""
+
+    method: str
+    num_components: int
+    lambda_kl: float | None
+    seed: int
+    schedule: str | None
+
+    @property
+    def label(self) -> str:
+        """Names the model within one seed (the keys of `paired_se_vs`)."""
+        parts = [self.method]
+        if self.method not in SINGLE_COMPONENT_METHODS:
+            parts.append(f"M{self.num_components}")
+        if self.schedule not in (None, "stagewise"):
+            parts.append(self.schedule)
+        if self.lambda_kl is not None:
+            parts.append(f"lambda{self.lambda_kl:g}")
+        return "_".join(parts)
+
+    @property
+    def key(self) -> str:
+        return f"{self.label}_seed{self.seed}"
+
+
+def cells(config: BenchmarkConfig) -> list[Cell]:
+    """All cells of a run, seed-major, in a fixed order."""
+    result = []
+    for seed in config.seeds:
+        for method in config.methods:
+            if method in SINGLE_COMPONENT_METHODS:
+                result.append(Cell(method, 1, None, seed, None))
+                continue
+            for m in config.num_components:
+                if method == "mixture":
+                    result.append(Cell(method, m, None, seed, None))
+                    continue
+                for schedule in config.schedules:
+                    lambdas = config.lambdas if method == "rme" else (None,)
+                    result.extend(Cell(method, m, lam, seed, schedule) for lam in lambdas)
+    return result
+
+
+def device_description() -> str:
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        details = tf.config.experimental.get_device_details(gpus[0])
+        return f"{len(gpus)} x GPU {details.get('device_name', gpus[0].name)}"
+    return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores visible)"
+
+
+# ---------------------------------------------------------------------- models
+def build_model(config: BenchmarkConfig, cell: Cell) -> keras.Model:
+    """The cell's model, compiled (Adam at `learning_rate`) and built for the dataset's image shape."""
+    spec = rm_data.get_dataset_spec(config.dataset)
+    components = 1 if cell.method in SINGLE_COMPONENT_METHODS else cell.num_components
+    encoder = tf_rmvae.RecursiveMixtureEncoder(
+        config.latent_dim, components, architecture=config.architecture, hidden_units=config.hidden_units,
+        seed=cell.seed,
+    )
+    decoder = tf_rmvae.make_decoder(
+        "bernoulli" if spec.binary else "gaussian", spec.image_shape, architecture=config.architecture,
+        hidden_units=tuple(reversed(config.hidden_units)),
+    )
+    if cell.method == "savae":
+        model = SemiAmortizedVAE(
+            encoder, decoder, refine_steps=config.savae_steps, refine_lr=config.savae_lr,
+            refine_momentum=config.savae_momentum, encoder_objective=config.savae_encoder_objective,
+        )
+    else:
+        kwargs = {} if cell.lambda_kl is None else {"lambda_kl": cell.lambda_kl}
+        model = tf_rmvae.RecursiveMixtureVAE(
+            encoder, decoder, method=cell.method, schedule=cell.schedule or "stagewise",
+            eps_search_every=config.eps_search_every, **kwargs,
+        )
+    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), jit_compile=config.jit_compile)
+    model.ensure_built((None, *spec.image_shape))
+    model.optimizer.build(model.trainable_variables)
+    return model
+
+
+def epochs_per_component(config: BenchmarkConfig, cell: Cell) -> int:
+    if config.epochs_per_component > 0:
+        return config.epochs_per_component
+    return max(1, config.epochs // cell.num_components)
+
+
+def _mixture_summary(model, x: np.ndarray) -> tuple[list[float], list[float]]:
+    """Final mixture weights and each component's mean entropy (nats) on `x`."""
+    if isinstance(model, SemiAmortizedVAE):
+        _, scale = model.variational_parameters(tf.constant(x[:500]))
+        entropy = tf.reduce_sum(0.5 * np.log(2 * np.pi * np.e) + tf.math.log(scale), -1)
+        return [1.0], [float(tf.reduce_mean(entropy))]
+    weights = np.exp(keras.ops.convert_to_numpy(model.encoder.mixture_log_weights()))
+    _, _, scale = model.encoder.compute_parameters(tf.constant(x[:500]))
+    entropy = tf.reduce_sum(0.5 * np.log(2 * np.pi * np.e) + tf.math.log(scale), -1)  # [B, M]
+    return [float(w) for w in weights], [float(e) for e in tf.reduce_mean(entropy, 0).numpy()]
+
+
+def _finite(value):
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+# ---------------------------------------------------------------------- one cell
+def run_cell(
+    config: BenchmarkConfig, cell: Cell, x_test: np.ndarray, x_train_eval: np.ndarray, cell_dir: str
+) -> tuple[dict, dict]:
+    """Trains and evaluates one cell; returns its row and its per-example arrays (also saved in `cell_dir`)."""
+    os.makedirs(cell_dir, exist_ok=True)
+    keras.utils.set_random_seed(cell.seed)
+    model = build_model(config, cell)
+    train = rm_data.load_dataset(
+        config.dataset, "train", config.batch_size, seed=cell.seed, take=config.train_examples or None,
+        data_dir=config.data_dir, drop_remainder=True,
+    )
+    backup_dir = os.path.join(cell_dir, "backup")
+    callbacks = []
+    if config.resume:
+        callbacks.append(keras.callbacks.BackupAndRestore(backup_dir, save_freq="epoch", delete_checkpoint=True))
+    else:
+        shutil.rmtree(backup_dir, ignore_errors=True)
+    if cell.method in STAGEWISE_METHODS and cell.schedule == "stagewise" and cell.num_components > 1:
+        callbacks.append(tf_rmvae.ComponentSchedule(epochs_per_component=epochs_per_component(config, cell)))
+    start = time.perf_counter()
+    history = model.fit(train, epochs=config.epochs, callbacks=callbacks, verbose=config.verbose)
+    train_time = time.perf_counter() - start
+    epochs_run = max(1, len(history.epoch))
+
+    test = evaluation.evaluate(
+        model, x_test, config.iwae_samples, chunk_size=config.iwae_chunk, batch_size=config.eval_batch_size,
+        seed=cell.seed,
+    )
+    train_elbo = evaluation.per_example_elbo(model, x_train_eval, batch_size=max(config.eval_batch_size, 100))
+    weights, entropies = _mixture_summary(model, x_test)
+    inference_s = evaluation.inference_time(model, x_test[:100], repeats=10)
+    row = dict(
+        dataset=config.dataset,
+        method=cell.method,
+        label=cell.label,
+        schedule=cell.schedule,
+        num_components=cell.num_components,
+        lambda_kl=cell.lambda_kl,
+        epochs=config.epochs,
+        epochs_per_component=(
+            epochs_per_component(config, cell) if cell.method in STAGEWISE_METHODS and cell.schedule == "stagewise"
+            else None
+        ),
+        seed=cell.seed,
+        iwae_samples=config.iwae_samples,
+        eval_examples=int(len(x_test)),
+        test_elbo=test["elbo_mean"],
+        test_elbo_se=test["elbo_se"],
+        test_log_likelihood=test["log_likelihood_mean"],
+        test_log_likelihood_se=test["log_likelihood_se"],
+        train_elbo=float(np.mean(train_elbo)),
+        train_test_elbo_gap=float(np.mean(train_elbo) - test["elbo_mean"]),
+        mixture_weights=weights,
+        component_entropies=entropies,
+        final_train_metrics={k: _finite(float(v[-1])) for k, v in history.history.items()} if history.epoch else {},
+        train_time_s=train_time,
+        epoch_time_s=train_time / epochs_run,
+        eval_time_s=test["eval_time_s"],
+        inference_ms_batch100=1000.0 * inference_s,
+        wall_time_s=train_time + test["eval_time_s"],
+        device=device_description(),
+        savae_steps=config.savae_steps if cell.method == "savae" else None,
+    )
+    arrays = dict(elbo=test["elbo"], log_likelihood=test["log_likelihood"])
+    np.savez(os.path.join(cell_dir, "per_example.npz"), **arrays)
+    with open(os.path.join(cell_dir, "result.json"), "w") as f:
+        json.dump(dict(fingerprint=_fingerprint(config, cell), row=row), f, indent=1)
+    return row, arrays
+
+
+def _fingerprint(config: BenchmarkConfig, cell: Cell) -> dict:
+    """What a finished cell's result depends on (a changed config retrains the cell on resume)."""
+    skip = {"methods", "lambdas", "num_components", "schedules", "seeds", "output_dir", "run_name", "resume",
+            "verbose", "eval_batch_size", "jit_compile"}
+    values = {k: v for k, v in config.to_json().items() if k not in skip}
+    values["cell"] = dataclasses.asdict(cell)
+    if cell.method != "savae":
+        values = {k: v for k, v in values.items() if not k.startswith("savae")}
+    return json.loads(json.dumps(values))
+
+
+def _load_finished(config: BenchmarkConfig, cell: Cell, cell_dir: str):
+    path = os.path.join(cell_dir, "result.json")
+    arrays_path = os.path.join(cell_dir, "per_example.npz")
+    if not (os.path.exists(path) and os.path.exists(arrays_path)):
+        return None
+    with open(path) as f:
+        stored = json.load(f)
+    if stored.get("fingerprint") != _fingerprint(config, cell):
+        return None
+    with np.load(arrays_path) as arrays:
+        return stored["row"], {k: arrays[k] for k in arrays.files}
+
+
+# ---------------------------------------------------------------------- the run
+def add_paired_statistics(rows: list[dict], per_example: list[dict]) -> None:
+    """Adds `paired_diff_vs`/`paired_se_vs` (log-likelihood) and `paired_elbo_diff_vs`/`paired_elbo_se_vs` to each
+    row, against every other row of the same seed (same test digits), keyed by the other row's label."""
+    for seed in sorted({row["seed"] for row in rows}):
+        members = [i for i, row in enumerate(rows) if row["seed"] == seed]
+        for metric, prefix in (("log_likelihood", "paired"), ("elbo", "paired_elbo")):
+            stats = evaluation.paired_comparisons({rows[i]["label"]: per_example[i][metric] for i in members})
+            for i in members:
+                others = stats[rows[i]["label"]]
+                rows[i][f"{prefix}_diff_vs"] = {label: diff for label, (diff, _) in others.items()}
+                rows[i][f"{prefix}_se_vs"] = {label: se for label, (_, se) in others.items()}
+
+
+def load_eval_data(config: BenchmarkConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The test digits (fixed binarization, identical for every method and seed) and as many training digits."""
+    x_test = rm_data.load_numpy(config.dataset, "test", take=config.eval_examples or None, seed=0,
+                                data_dir=config.data_dir)
+    x_train = rm_data.load_numpy(config.dataset, "train", take=min(len(x_test), 10000), seed=0,
+                                 data_dir=config.data_dir)
+    return x_test, x_train
+
+
+def run_benchmark(config: BenchmarkConfig, log: Callable[[str], None] = print) -> list[dict]:
+    """Trains and evaluates every cell (skipping finished ones when `resume`), writes `<run_name>.json`."""
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    start = time.perf_counter()
+    x_test, x_train_eval = load_eval_data(config)
+    cells_dir = os.path.join(config.output_dir, f"{config.run_name}_cells")
+    rows, per_example = [], []
+    for cell in cells(config):
+        cell_dir = os.path.join(cells_dir, cell.key)
+        finished = _load_finished(config, cell, cell_dir) if config.resume else None
+        if finished is None:
+            log(f"[{cell.key}] training {config.epochs} epochs")
+            row, arrays = run_cell(config, cell, x_test, x_train_eval, cell_dir)
+        else:
+            log(f"[{cell.key}] finished earlier: loaded")
+            row, arrays = finished
+        log(
+            f"[{cell.key}] test ELBO {row['test_elbo']:.2f}  log p(x) {row['test_log_likelihood']:.2f} "
+            f"+- {row['test_log_likelihood_se']:.2f} (K={row['iwae_samples']})  weights "
+            f"{np.round(row['mixture_weights'], 3).tolist()}  {row['epoch_time_s']:.1f} s/epoch"
+        )
+        rows.append(row)
+        per_example.append(arrays)
+    add_paired_statistics(rows, per_example)
+    result = dict(
+        run_name=config.run_name, config=config.to_json(), device=device_description(),
+        hardware=dict(platform=platform.platform(), cpu_count=os.cpu_count(), tensorflow=tf.__version__,
+                      keras=keras.__version__),
+        started=started, total_wall_time_s=time.perf_counter() - start, rows=rows,
+    )
+    os.makedirs(config.output_dir, exist_ok=True)
+    path = os.path.join(config.output_dir, f"{config.run_name}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    log(f"wrote {path}")
+    return rows
+
+
+def summary_table(rows: list[dict]) -> str:
+    """Markdown table of the rows (one line per cell) with paired differences against the first VAE row."""
+    reference = next((r["label"] for r in rows if r["method"] == "vae"), None)
+    lines = [
+        "| model | seed | test ELBO | test log p(x) (K) | vs vae: diff (paired s.e.) | weights | s/epoch |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        versus = ""
+        if reference and reference in r.get("paired_diff_vs", {}):
+            versus = f"{r['paired_diff_vs'][reference]:+.2f} ({r['paired_se_vs'][reference]:.2f})"
+        lines.append(
+            f"| {r['label']} | {r['seed']} | {r['test_elbo']:.2f} | {r['test_log_likelihood']:.2f} "
+            f"+- {r['test_log_likelihood_se']:.2f} ({r['iwae_samples']}) | {versus} | "
+            f"{', '.join(f'{w:.2f}' for w in r['mixture_weights'])} | {r['epoch_time_s']:.1f} |"
+        )
+    return "\n".join(lines)

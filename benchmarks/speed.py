@@ -1,0 +1,223 @@
+"""Inference and training-step speed of RME against a plain VAE and SA-VAE (issue 8), as ratios in one process.
+
+Inference for the same inputs at each batch size: (a) the mixture encoder's single batched pass (M components),
+(b) a plain VAE encoder (M = 1), (c) SA-VAE with 5, 10 and 20 refinement steps. Training: one `train_step` of
+`rme` with M = 2, 4, 8 (all M components active) relative to `vae`, at batch 100. Every number is the median of
+`repeats` calls after warm-up (outputs fetched to the host), measured both as a `tf.function` graph and with
+`jit_compile=True` (XLA). Networks are untrained: speed does not depend on the weights.
+
+    python -m benchmarks.speed                     # full measurement, writes benchmarks/results/speed.json
+    python -m benchmarks.speed --tiny              # seconds-long smoke run (tests)
+
+Targets (issue 8) for M = 4 independent component networks: batch 1: RME <= 2 x VAE encoder and SA-VAE(10) >=
+10 x RME; batch 1000: RME <= 1.25 x M x VAE encoder; training step at batch 100: RME <= 1.25 x M x VAE step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+from typing import Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import tf_rmvae
+from tf_rmvae import evaluation
+from tf_rmvae.semi_amortized import SemiAmortizedVAE
+
+IMAGE_SHAPE = (28, 28, 1)
+MODES = ("function", "jit")
+
+
+@dataclasses.dataclass
+class SpeedConfig:
+    batch_sizes: Sequence[int] = (1, 100, 1000)
+    components: Sequence[int] = (2, 4, 8)
+    target_components: int = 4
+    savae_steps: Sequence[int] = (5, 10, 20)
+    hidden_units: Sequence[int] = (500, 500)
+    latent_dim: int = 32
+    train_batch_size: int = 100
+    repeats: int = 20
+    modes: Sequence[str] = MODES
+    output: str | None = "benchmarks/results/speed.json"
+
+    @property
+    def reference_steps(self) -> int:
+        """The SA-VAE step count of the batch-1 target (10, or the middle of the measured counts)."""
+        steps = list(self.savae_steps)
+        return 10 if 10 in steps else steps[len(steps) // 2]
+
+
+def tiny_config(**overrides) -> SpeedConfig:
+    values = dict(
+        batch_sizes=(1, 16), components=(2,), target_components=2, savae_steps=(1, 2), hidden_units=(16,),
+        latent_dim=4, train_batch_size=8, repeats=3, modes=("function",), output=None,
+    )
+    values.update(overrides)
+    return SpeedConfig(**values)
+
+
+def _encoder(config: SpeedConfig, components: int) -> tf_rmvae.RecursiveMixtureEncoder:
+    encoder = tf_rmvae.RecursiveMixtureEncoder(
+        config.latent_dim, components, hidden_units=config.hidden_units, initial_active_components=components,
+        seed=0,
+    )
+    encoder.ensure_built((None, *IMAGE_SHAPE))
+    return encoder
+
+
+def _decoder(config: SpeedConfig) -> tf_rmvae.BernoulliDecoder:
+    return tf_rmvae.BernoulliDecoder(IMAGE_SHAPE, hidden_units=tuple(reversed(config.hidden_units)))
+
+
+def _images(batch: int, seed: int = 0) -> tf.Tensor:
+    rng = np.random.default_rng(seed)
+    return tf.constant((rng.random((batch, *IMAGE_SHAPE)) < 0.13).astype(np.float32))
+
+
+def inference_times(config: SpeedConfig, mode: str) -> dict[str, dict[int, float]]:
+    """`{model name: {batch size: median seconds}}` for one mode ("function" or "jit")."""
+    jit = mode == "jit"
+    vae_encoder = _encoder(config, 1)
+    rme_encoder = _encoder(config, config.target_components)
+    savae = SemiAmortizedVAE(_encoder(config, 1), _decoder(config))
+    savae.ensure_built((None, *IMAGE_SHAPE))
+    functions = {
+        "vae_encoder": tf.function(vae_encoder.compute_parameters, jit_compile=jit),
+        f"rme_encoder_M{config.target_components}": tf.function(rme_encoder.compute_parameters, jit_compile=jit),
+    }
+    for steps in config.savae_steps:
+        functions[f"savae_{steps}"] = tf.function(lambda x, k=steps: savae.refine(x, steps=k), jit_compile=jit)
+    times: dict[str, dict[int, float]] = {name: {} for name in functions}
+    for batch in config.batch_sizes:
+        x = _images(batch)
+        for name, fn in functions.items():
+            times[name][batch] = evaluation.time_function(fn, x, repeats=config.repeats)
+    return times
+
+
+def train_step_times(config: SpeedConfig, mode: str) -> dict[str, float]:
+    """`{"vae": s, "rme_M2": s, ...}`: median seconds of one training step at `train_batch_size`."""
+    jit = mode == "jit"
+    x = _images(config.train_batch_size, seed=1)
+    times = {}
+    for name, method, components in [("vae", "vae", 1)] + [(f"rme_M{m}", "rme", m) for m in config.components]:
+        keras.utils.set_random_seed(0)
+        model = tf_rmvae.RecursiveMixtureVAE(_encoder(config, components), _decoder(config), method=method)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3))
+        model.ensure_built((None, *IMAGE_SHAPE))
+        model.optimizer.build(model.trainable_variables)
+        model.encoder.num_active_components.assign(components)  # the full cost: every component active
+        step = tf.function(model.train_step, jit_compile=jit)
+        times[name] = evaluation.time_function(step, x, repeats=config.repeats)
+    return times
+
+
+def ratios_and_targets(config: SpeedConfig, inference: dict, training: dict) -> tuple[dict, list[dict]]:
+    """Ratios to the VAE and the issue's targets (value, bound, PASS/FAIL)."""
+    m = config.target_components
+    rme = f"rme_encoder_M{m}"
+    vae = "vae_encoder"
+    ratios = {}
+    for batch in config.batch_sizes:
+        ratios[f"rme_M{m}/vae_encoder@{batch}"] = inference[rme][batch] / inference[vae][batch]
+        for steps in config.savae_steps:
+            ratios[f"savae_{steps}/rme_M{m}@{batch}"] = inference[f"savae_{steps}"][batch] / inference[rme][batch]
+    for components in config.components:
+        ratios[f"train_rme_M{components}/train_vae@{config.train_batch_size}"] = (
+            training[f"rme_M{components}"] / training["vae"]
+        )
+    small, large = min(config.batch_sizes), max(config.batch_sizes)
+    targets = [
+        dict(name=f"batch {small}: RME(M={m}) <= 2 x VAE encoder", value=ratios[f"rme_M{m}/vae_encoder@{small}"],
+             bound=2.0, kind="<="),
+        dict(name=f"batch {small}: SA-VAE({config.reference_steps}) >= 10 x RME(M={m})",
+             value=ratios[f"savae_{config.reference_steps}/rme_M{m}@{small}"], bound=10.0, kind=">="),
+        dict(name=f"batch {large}: RME(M={m}) <= 1.25 x M x VAE encoder",
+             value=ratios[f"rme_M{m}/vae_encoder@{large}"], bound=1.25 * m, kind="<="),
+    ]
+    if m in config.components:
+        targets.append(dict(
+            name=f"train step batch {config.train_batch_size}: RME(M={m}) <= 1.25 x M x VAE",
+            value=ratios[f"train_rme_M{m}/train_vae@{config.train_batch_size}"], bound=1.25 * m, kind="<=",
+        ))
+    for target in targets:
+        ok = target["value"] <= target["bound"] if target["kind"] == "<=" else target["value"] >= target["bound"]
+        target["status"] = "PASS" if ok else "FAIL"
+    return ratios, targets
+
+
+def run(config: SpeedConfig, log=print) -> dict:
+    """Measures every mode, prints times, ratios and targets, writes JSON to `config.output` (if set)."""
+    result = dict(
+        config={k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()},
+        device=_device(), platform=platform.platform(), tensorflow=tf.__version__, modes={},
+    )
+    for mode in config.modes:
+        inference = inference_times(config, mode)
+        training = train_step_times(config, mode)
+        ratios, targets = ratios_and_targets(config, inference, training)
+        result["modes"][mode] = dict(
+            inference_ms={name: {str(b): 1000 * t for b, t in by_batch.items()} for name, by_batch in inference.items()},
+            train_step_ms={name: 1000 * t for name, t in training.items()}, ratios=ratios, targets=targets,
+        )
+        log(f"== {mode} ({'XLA' if mode == 'jit' else 'tf.function graph'}), {result['device']}")
+        log("inference ms (median): " + "; ".join(
+            f"{name}: " + ", ".join(f"b{b}={1000 * t:.3f}" for b, t in by_batch.items())
+            for name, by_batch in inference.items()
+        ))
+        log("train step ms (median): " + ", ".join(f"{n}={1000 * t:.2f}" for n, t in training.items()))
+        for name, value in ratios.items():
+            log(f"  ratio {name} = {value:.2f}")
+        for target in targets:
+            log(f"  [{target['status']}] {target['name']}: {target['value']:.2f} (bound {target['bound']:.2f})")
+        if config.output:  # after every mode, so a slow later mode cannot lose the earlier one
+            os.makedirs(os.path.dirname(config.output) or ".", exist_ok=True)
+            with open(config.output, "w") as f:
+                json.dump(result, f, indent=1)
+            log(f"wrote {config.output}")
+    return result
+
+
+def _device() -> str:
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        return "GPU " + tf.config.experimental.get_device_details(gpus[0]).get("device_name", gpus[0].name)
+    return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores visible)"
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="seconds-long smoke run (small networks, few repeats)")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--batch_sizes", default=None, help="comma-separated, e.g. 1,100,1000")
+    parser.add_argument("--components", default=None, help="comma-separated M of the training-step measurement")
+    parser.add_argument("--hidden_units", default=None, help="comma-separated encoder/decoder widths")
+    parser.add_argument("--modes", default=None, help="function,jit")
+    parser.add_argument("--output", default=None, help="JSON path ('' to write nothing)")
+    args = parser.parse_args(argv)
+    config = tiny_config() if args.tiny else SpeedConfig()
+    ints = lambda text: tuple(int(v) for v in text.split(","))
+    if args.repeats is not None:
+        config.repeats = args.repeats
+    if args.batch_sizes:
+        config.batch_sizes = ints(args.batch_sizes)
+    if args.components:
+        config.components = ints(args.components)
+    if args.hidden_units:
+        config.hidden_units = ints(args.hidden_units)
+    if args.modes:
+        config.modes = tuple(args.modes.split(","))
+    if args.output is not None:
+        config.output = args.output or None
+    return run(config)
+
+
+if __name__ == "__main__":
+    main()

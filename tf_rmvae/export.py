@@ -1,0 +1,342 @@
+"""Export a trained `RecursiveMixtureVAE` as a versioned SavedModel for TensorFlow Serving.
+
+`export_model(model, base_dir, name)` writes `base_dir/name/VERSION/` (the layout `tensorflow_model_server
+--model_base_path=base_dir/name` polls: integer version directories, the largest one served) through
+`keras.export.ExportArchive`, with these signatures (batch dimension `None` everywhere; `H, W, C` the model's image
+shape, `M` its component slots, `D` its latent size):
+
+| signature                     | inputs                                          | outputs                                   |
+|-------------------------------|-------------------------------------------------|-------------------------------------------|
+| `serving_default`, `encode`   | `images` float32 `[B, H, W, C]` in [0, 1]        | `mixture_weights` `[B, M]`, `loc` `[B, M, D]`, `scale` `[B, M, D]`, `posterior_mean` `[B, D]` |
+| `reconstruct`                 | `images`                                        | `reconstruction` `[B, H, W, C]` (decoder mean at the posterior mean) |
+| `log_likelihood`              | `images`, `num_samples` int32 scalar             | `log_likelihood` `[B]` (importance-weighted estimate, K = num_samples) |
+| `generate`                    | `z` float32 `[B, D]`                             | `images` `[B, H, W, C]` (decoder mean)     |
+| `sample`                      | `num_images` int32 scalar, `seed` int32 scalar   | `images` `[num_images, H, W, C]` (same as `model.generate(num_images, seed)`) |
+
+`export_encoder(model, base_dir, name)` writes `base_dir/name_encoder/VERSION/` with `encode` (= `serving_default`)
+only and the encoder's variables only.
+
+Inactive component slots have `mixture_weights` 0 (their `loc`/`scale` are meaningless).
+
+Input checks at the serving boundary: a wrong shape or dtype is refused by the signature itself (TF Serving answers
+400 INVALID_ARGUMENT; a loaded signature raises `TypeError`/`ValueError`). Values are checked, not clipped: NaN or
+Inf pixels fail with "images contain NaN or Inf values", pixels outside [0, 1] with "images must lie in [0, 1]"
+(`InvalidArgumentError`). Clipping was rejected because the usual mistake, sending raw 0..255 pixels, would then be
+answered with plausible-looking but meaningless posteriors. `num_samples` must lie in [1, `max_num_samples`] and
+`num_images` in [1, `max_num_images`], so one request cannot exhaust the server's memory.
+
+Each version directory also holds `assets.extra/rmvae_metadata.json` (model config, image shape, latent size,
+method, active components and mixing weights at export, signatures, training metrics if given, versions of the
+libraries). TF Serving ignores `assets.extra/` apart from its warm-up file; `read_metadata(version_dir)` reads it.
+
+Versions are written atomically: the SavedModel is written to a hidden temporary directory beside the version
+directories and renamed into place, so a crash never leaves a half-written version for the server to load.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import json
+import os
+import shutil
+import tempfile
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+METADATA_DIR = "assets.extra"
+METADATA_FILE = "rmvae_metadata.json"
+METADATA_FORMAT = "tf_rmvae.export/1"
+ENCODER_SUFFIX = "_encoder"
+IMAGE_RANGE_MESSAGE = "images must lie in [0, 1] (pixel intensities divided by 255)"
+
+
+# ---------------------------------------------------------------------------------------------- version directories
+def existing_versions(model_dir: str) -> list[int]:
+    """Sorted integer version directories in `model_dir` (empty if it does not exist)."""
+    if not os.path.isdir(model_dir):
+        return []
+    return sorted(
+        int(entry) for entry in os.listdir(model_dir) if entry.isdigit() and os.path.isdir(os.path.join(model_dir, entry))
+    )
+
+
+def next_version(model_dir: str) -> int:
+    """1 + the largest existing integer version in `model_dir` (1 if there is none)."""
+    versions = existing_versions(model_dir)
+    return versions[-1] + 1 if versions else 1
+
+
+def read_metadata(version_dir: str) -> dict:
+    """The metadata JSON written beside an exported SavedModel."""
+    with open(os.path.join(version_dir, METADATA_DIR, METADATA_FILE), encoding="utf-8") as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------------------------------------- serving functions
+def _checked_images(images: tf.Tensor, image_shape) -> tf.Tensor:
+    """Run-time shape check, NaN/Inf check, then the [0, 1] range check (in that order: NaN gets the NaN message).
+
+    The shape is checked at run time (`EnsureShape`) because a signature called through `loaded.signatures[...]`
+    or by TF Serving checks only the dtype, not the shape, of its inputs.
+    """
+    images = tf.ensure_shape(images, (None, *image_shape))
+    images = tf.debugging.assert_all_finite(images, "images contain NaN or Inf values")
+    in_range = tf.reduce_all((images >= 0.0) & (images <= 1.0))
+    check = tf.debugging.Assert(in_range, [IMAGE_RANGE_MESSAGE, tf.reduce_min(images), tf.reduce_max(images)])
+    with tf.control_dependencies([check]):
+        return tf.identity(images)
+
+
+def _checked_count(value: tf.Tensor, low: int, high: int, name: str) -> tf.Tensor:
+    check = tf.debugging.Assert(
+        (value >= low) & (value <= high), [f"{name} must lie in [{low}, {high}]; got", value]
+    )
+    with tf.control_dependencies([check]):
+        return tf.identity(value)
+
+
+def _encode_outputs(encoder, images: tf.Tensor, image_shape) -> dict:
+    log_weights, loc, scale = encoder.compute_parameters(_checked_images(images, image_shape))
+    weights = tf.exp(log_weights)
+    return {
+        "mixture_weights": weights,
+        "loc": loc,
+        "scale": scale,
+        "posterior_mean": tf.einsum("bm,bmd->bd", weights, loc),
+    }
+
+
+def _log_likelihood(model, images: tf.Tensor, num_samples: tf.Tensor, chunk_size: int) -> tf.Tensor:
+    """`[B]` `logmeanexp_k log w_k` over K = `num_samples` (a tensor) mixture samples, drawn in chunks.
+
+    A graph-only twin of `objectives.importance_weighted_log_likelihood`, which needs a Python int K.
+    """
+    batch = tf.shape(images)[0]
+
+    def body(done, total):
+        size = tf.minimum(chunk_size, num_samples - done)
+        chunk = tf.reduce_logsumexp(model.log_importance_weights(images, size), axis=0)
+        return done + size, tf.reduce_logsumexp(tf.stack([total, chunk]), axis=0)
+
+    start = (tf.constant(0, tf.int32), tf.fill([batch], tf.constant(-np.inf, tf.float32)))
+    _, total = tf.while_loop(lambda done, _: done < num_samples, body, start)
+    return total - tf.math.log(tf.cast(num_samples, tf.float32))
+
+
+def _image_spec(image_shape) -> tf.TensorSpec:
+    return tf.TensorSpec((None, *image_shape), tf.float32, name="images")
+
+
+def _add_encode(archive, encoder, image_shape) -> dict:
+    def encode(images):
+        return _encode_outputs(encoder, images, image_shape)
+
+    return {"encode": archive.add_endpoint("encode", encode, input_signature=[_image_spec(image_shape)])}
+
+
+def _add_full_endpoints(archive, model, image_shape, latent_dim, chunk_size, max_num_samples, max_num_images) -> dict:
+    images_spec = _image_spec(image_shape)
+    scalar = lambda name: tf.TensorSpec((), tf.int32, name=name)
+
+    def reconstruct(images):
+        return {"reconstruction": model.decoder(_encode_outputs(model.encoder, images, image_shape)["posterior_mean"]).mean()}
+
+    def log_likelihood(images, num_samples):
+        num_samples = _checked_count(num_samples, 1, max_num_samples, "num_samples")
+        return {"log_likelihood": _log_likelihood(model, _checked_images(images, image_shape), num_samples, chunk_size)}
+
+    def generate(z):
+        z = tf.debugging.assert_all_finite(tf.ensure_shape(z, (None, latent_dim)), "z contains NaN or Inf values")
+        return {"images": model.decoder(z).mean()}
+
+    def sample(num_images, seed):
+        num_images = _checked_count(num_images, 1, max_num_images, "num_images")
+        z = tf.random.stateless_normal(tf.stack([num_images, latent_dim]), seed=tf.stack([0, seed]))
+        return {"images": model.decoder(z).mean()}
+
+    endpoints = {
+        "reconstruct": (reconstruct, [images_spec]),
+        "log_likelihood": (log_likelihood, [images_spec, scalar("num_samples")]),
+        "generate": (generate, [tf.TensorSpec((None, latent_dim), tf.float32, name="z")]),
+        "sample": (sample, [scalar("num_images"), scalar("seed")]),
+    }
+    return {key: archive.add_endpoint(key, fn, input_signature=spec) for key, (fn, spec) in endpoints.items()}
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.generic, np.ndarray)):
+        return _json_safe(value.tolist())
+    if isinstance(value, float) and not np.isfinite(value):
+        return str(value)  # strict JSON has no NaN / Infinity
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def _signature_table(endpoints: dict) -> dict:
+    """`{signature: {"inputs": {name: {dtype, shape}}, "outputs": {...}}}` with -1 for unknown sizes."""
+    table = {}
+    for name, fn in endpoints.items():
+        concrete = fn.get_concrete_function()
+        inputs = {
+            spec.name: {"dtype": spec.dtype.name, "shape": [-1 if d is None else d for d in spec.shape.as_list()]}
+            for spec in concrete.structured_input_signature[0]
+        }
+        outputs = {
+            key: {"dtype": spec.dtype.name, "shape": [-1 if d is None else d for d in spec.shape.as_list()]}
+            for key, spec in concrete.structured_outputs.items()
+        }
+        table[name] = {"inputs": inputs, "outputs": outputs}
+    return table
+
+
+def _metadata(model, kind, name, version, image_shape, signatures, metrics, limits) -> dict:
+    import tf_rmvae  # the package imports this module's siblings; imported here to avoid an import cycle
+
+    encoder = model.encoder
+    weights = np.exp(keras.ops.convert_to_numpy(encoder.mixture_log_weights()))
+    signatures = dict(signatures)
+    signatures["serving_default"] = signatures["encode"]
+    return _json_safe({
+        "format": METADATA_FORMAT,
+        "kind": kind,
+        "name": name,
+        "version": version,
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "image_shape": list(image_shape),
+        "latent_dim": encoder.latent_dim,
+        "max_components": encoder.max_components,
+        "active_components": int(keras.ops.convert_to_numpy(encoder.num_active_components)),
+        "mixing_weights": [round(float(w), 6) for w in weights],
+        "method": model.method,
+        "decoder": type(model.decoder).__name__,
+        "input": {
+            "name": "images", "dtype": "float32", "range": [0.0, 1.0],
+            "out_of_range": "error (InvalidArgumentError), not clipped", "nan": "error (InvalidArgumentError)",
+        },
+        "limits": limits,
+        "signatures": {key: signatures[key] for key in sorted(signatures)},
+        "metrics": metrics or {},
+        "model_config": model.get_config() if kind == "full" else encoder.get_config(),
+        "versions": {"tf_rmvae": tf_rmvae.__version__, "tensorflow": tf.__version__, "keras": keras.__version__},
+    })
+
+
+def _write_version(model_dir: str, version: int | None, write) -> str:
+    """Runs `write(tmp_dir, version)` into a hidden temporary directory, then renames it to `model_dir/version`."""
+    explicit = version is not None
+    if explicit and (isinstance(version, bool) or int(version) != version or version < 0):
+        raise ValueError(f"version must be a non-negative integer; got {version!r}.")
+    os.makedirs(model_dir, exist_ok=True)
+    for _ in range(100):
+        number = int(version) if explicit else next_version(model_dir)
+        final = os.path.join(model_dir, str(number))
+        if os.path.exists(final):
+            if explicit:
+                raise FileExistsError(f"{final} already exists; versions are never overwritten.")
+            continue
+        tmp = tempfile.mkdtemp(prefix=f".tmp-{number}-", dir=model_dir)  # not an integer: TF Serving ignores it
+        try:
+            write(tmp, number)
+            try:
+                os.rename(tmp, final)  # atomic; fails if `final` appeared meanwhile with content
+            except OSError as err:
+                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                if explicit:
+                    raise FileExistsError(f"{final} already exists; versions are never overwritten.") from err
+                continue  # another exporter claimed this version first: take the next one
+        finally:
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+        return final
+    raise RuntimeError(f"Could not claim a new version directory in {model_dir}.")
+
+
+def _export(model, model_dir, name, version, kind, metrics, chunk_size, max_num_samples, max_num_images) -> str:
+    if not name or os.sep in name or name.startswith("."):
+        raise ValueError(f"name must be a plain directory name; got {name!r}.")
+    if not model.built or not model.encoder.built:
+        raise ValueError("Build (train) the model before exporting it: its variables do not exist yet.")
+    image_shape = tuple(int(d) for d in model.decoder.image_shape)
+    latent_dim = model.encoder.latent_dim
+    if chunk_size < 1 or max_num_samples < 1 or max_num_images < 1:
+        raise ValueError("chunk_size, max_num_samples and max_num_images must be >= 1.")
+    archive = keras.export.ExportArchive()
+    if kind == "full":
+        archive.track(model)
+        endpoints = _add_encode(archive, model.encoder, image_shape)  # the first endpoint is also "serving_default"
+        endpoints.update(
+            _add_full_endpoints(archive, model, image_shape, latent_dim, chunk_size, max_num_samples, max_num_images)
+        )
+        limits = {"max_num_samples": max_num_samples, "max_num_images": max_num_images, "chunk_size": chunk_size}
+    else:
+        archive.track(model.encoder)
+        endpoints = _add_encode(archive, model.encoder, image_shape)
+        limits = {}
+    signatures = _signature_table(endpoints)
+
+    def write(tmp, number):
+        archive.write_out(tmp, verbose=False)
+        meta = _metadata(model, kind, name, number, image_shape, signatures, metrics, limits)
+        os.makedirs(os.path.join(tmp, METADATA_DIR), exist_ok=True)
+        with open(os.path.join(tmp, METADATA_DIR, METADATA_FILE), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+
+    return _write_version(model_dir, version, write)
+
+
+def export_model(
+    model,
+    base_dir: str,
+    name: str,
+    version: int | None = None,
+    *,
+    metrics: dict | None = None,
+    chunk_size: int = 100,
+    max_num_samples: int = 100_000,
+    max_num_images: int = 10_000,
+) -> str:
+    """Exports a built `RecursiveMixtureVAE` to `base_dir/name/VERSION/` with every serving signature.
+
+    Args:
+      model: a built (trained) `RecursiveMixtureVAE`.
+      base_dir: directory holding one directory per model name.
+      name: model name (the `--model_name` TF Serving is started with).
+      version: integer version; default: 1 + the largest existing version. An existing version is never
+        overwritten (`FileExistsError`).
+      metrics: optional training/evaluation metrics (JSON-serialisable dict) stored in the metadata.
+      chunk_size: importance samples drawn per step of the `log_likelihood` signature.
+      max_num_samples, max_num_images: largest `num_samples` / `num_images` a request may ask for.
+
+    Returns:
+      The path of the written version directory.
+
+    Example:
+
+        path = export_model(model, "saved_models", "rmvae_mnist")      # saved_models/rmvae_mnist/1
+        served = tf.saved_model.load(path)
+        out = served.signatures["serving_default"](images=tf.zeros([2, 28, 28, 1]))
+        out["posterior_mean"]                                           # [2, D]
+    """
+    return _export(
+        model, os.path.join(os.fspath(base_dir), name), name, version, "full", metrics, int(chunk_size),
+        int(max_num_samples), int(max_num_images),
+    )
+
+
+def export_encoder(model, base_dir: str, name: str, version: int | None = None, *, metrics: dict | None = None) -> str:
+    """Exports only the encoder of `model` to `base_dir/NAME_encoder/VERSION/` (`encode` = `serving_default`).
+
+    Same versioning and atomicity as `export_model`; returns the version directory.
+    """
+    name = name + ENCODER_SUFFIX
+    return _export(model, os.path.join(os.fspath(base_dir), name), name, version, "encoder", metrics, 1, 1, 1)
