@@ -109,23 +109,6 @@ def _encode_outputs(encoder, images: tf.Tensor, image_shape) -> dict:
     }
 
 
-def _log_likelihood(model, images: tf.Tensor, num_samples: tf.Tensor, chunk_size: int) -> tf.Tensor:
-    """`[B]` `logmeanexp_k log w_k` over K = `num_samples` (a tensor) mixture samples, drawn in chunks.
-
-    A graph-only twin of `objectives.importance_weighted_log_likelihood`, which needs a Python int K.
-    """
-    batch = tf.shape(images)[0]
-
-    def body(done, total):
-        size = tf.minimum(chunk_size, num_samples - done)
-        chunk = tf.reduce_logsumexp(model.log_importance_weights(images, size), axis=0)
-        return done + size, tf.reduce_logsumexp(tf.stack([total, chunk]), axis=0)
-
-    start = (tf.constant(0, tf.int32), tf.fill([batch], tf.constant(-np.inf, tf.float32)))
-    _, total = tf.while_loop(lambda done, _: done < num_samples, body, start)
-    return total - tf.math.log(tf.cast(num_samples, tf.float32))
-
-
 def _image_spec(image_shape) -> tf.TensorSpec:
     return tf.TensorSpec((None, *image_shape), tf.float32, name="images")
 
@@ -146,7 +129,8 @@ def _add_full_endpoints(archive, model, image_shape, latent_dim, chunk_size, max
 
     def log_likelihood(images, num_samples):
         num_samples = _checked_count(num_samples, 1, max_num_samples, "num_samples")
-        return {"log_likelihood": _log_likelihood(model, _checked_images(images, image_shape), num_samples, chunk_size)}
+        images = _checked_images(images, image_shape)
+        return {"log_likelihood": model.log_likelihood(images, num_samples, chunk_size)}
 
     def generate(z):
         z = tf.debugging.assert_all_finite(tf.ensure_shape(z, (None, latent_dim)), "z contains NaN or Inf values")

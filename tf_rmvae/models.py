@@ -65,6 +65,9 @@ class RecursiveMixtureVAE(keras.Model):
         (e.g. `BernoulliDecoder`).
       method: "rme" (default), "vae", "mixture" or "boosting".
       lambda_kl: RME's KL weight lambda (default 0.3; must be >= 0; lambda = 1 collapses).
+      max_log_ratio: cap of each sample's `log h - log q_prev` in the RME criterion's KL term (None: uncapped).
+        The uncapped KL reward is unbounded above and lets a new component run off where the decoder is untrained
+        (see `objectives.rme_criterion`).
       schedule: "stagewise" (default, the paper's recursion) or "sweep" (all components every step).
       train_previous: stage-wise only: keep training earlier components on their criteria (default False: frozen).
       num_samples: reparameterised samples per component per step (S).
@@ -91,6 +94,7 @@ class RecursiveMixtureVAE(keras.Model):
         decoder: keras.layers.Layer,
         method: str = "rme",
         lambda_kl: float = 0.3,
+        max_log_ratio: float | None = None,
         schedule: str = "stagewise",
         train_previous: bool = False,
         num_samples: int = 1,
@@ -122,6 +126,7 @@ class RecursiveMixtureVAE(keras.Model):
         self.decoder = decoder
         self.method = method
         self.lambda_kl = float(lambda_kl)
+        self.max_log_ratio = None if max_log_ratio is None else float(max_log_ratio)
         self.schedule = schedule
         self.train_previous = bool(train_previous)
         self.num_samples = int(num_samples)
@@ -284,7 +289,9 @@ class RecursiveMixtureVAE(keras.Model):
         log_q_previous = tf.where(has_previous, log_q_previous, log_h_self)
         own_elbo = objectives.elbo(log_joint, log_h_self)
         if self.method == "rme":
-            return objectives.rme_criterion(log_joint, log_h_self, log_q_previous, self.lambda_kl)
+            return objectives.rme_criterion(
+                log_joint, log_h_self, log_q_previous, self.lambda_kl, self.max_log_ratio
+            )
         residual = objectives.boosting_criterion(
             log_joint, log_q_previous, components.entropy(), self.boosting_entropy_weight
         )
@@ -435,6 +442,7 @@ class RecursiveMixtureVAE(keras.Model):
             decoder=keras.saving.serialize_keras_object(self.decoder),
             method=self.method,
             lambda_kl=self.lambda_kl,
+            max_log_ratio=self.max_log_ratio,
             schedule=self.schedule,
             train_previous=self.train_previous,
             num_samples=self.num_samples,

@@ -55,7 +55,11 @@ def elbo(log_joint: tf.Tensor, log_q: tf.Tensor) -> tf.Tensor:
 
 
 def rme_criterion(
-    log_joint: tf.Tensor, log_h_self: tf.Tensor, log_q_previous: tf.Tensor, lambda_kl: float
+    log_joint: tf.Tensor,
+    log_h_self: tf.Tensor,
+    log_q_previous: tf.Tensor,
+    lambda_kl: float,
+    max_log_ratio: float | None = None,
 ) -> tf.Tensor:
     """RME criterion of a new component: `ELBO(h) + lambda * KL(h || q_prev)` by Monte Carlo.
 
@@ -63,16 +67,22 @@ def rme_criterion(
     stops gradients into q_prev's parameters (not into z). Equal to `E_h[log p] - lambda E_h[log q_prev] +
     (1 - lambda) H(h)`: at lambda = 1 the entropy of h drops out and h may collapse to a point.
 
+    The KL reward is unbounded: along a latent direction where q_prev has variance `s^2 < lambda` and the decoder
+    does not bind z, `log p(x, z) - lambda log q_prev(z)` grows like `(lambda / s^2 - 1) z^2 / 2`, so h runs off to
+    infinity. `max_log_ratio` caps each sample's `log h(z) - log q_prev(z)` (no reward, and no gradient, beyond it).
+
     Args:
       log_joint, log_h_self, log_q_previous: `[S, ...]` at samples of h.
       lambda_kl: weight of the KL term (>= 0).
+      max_log_ratio: cap of the per-sample log-ratio in the KL term, or None for the plain criterion.
 
     Returns:
       `[...]` criterion (to be maximised).
     """
-    return tf.reduce_mean(
-        log_joint - log_h_self + lambda_kl * (log_h_self - log_q_previous), axis=0
-    )
+    log_ratio = log_h_self - log_q_previous
+    if max_log_ratio is not None:
+        log_ratio = tf.minimum(log_ratio, max_log_ratio)
+    return tf.reduce_mean(log_joint - log_h_self + lambda_kl * log_ratio, axis=0)
 
 
 def boosting_criterion(
