@@ -25,6 +25,7 @@ setup(
         "absl-py>=2.0",
         "numpy>=1.26",
         "matplotlib>=3.8",
+        "tensorboard>=2.21,<2.22",
     ],
     extras_require={
         "dev": ["pytest>=8", "hypothesis>=6", "ruff>=0.5"],

@@ -1,0 +1,186 @@
+"""The training program end to end (`python -m trainers.train` in subprocesses): outputs, resumption after kill -9,
+refusal of a mismatched run directory, flag validation. Tiny settings keep the whole file short."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tf_rmvae.config import ConfigError, RunConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = [
+    "--hidden_units=32", "--latent_dim=8", "--num_components=3", "--epochs_per_component=1", "--batch_size=64",
+    "--train_examples=512", "--eval_examples=128", "--iwae_samples=8", "--verbose=2",
+]
+STEPS_PER_EPOCH = 512 // 64
+
+
+def _command(model_dir, *extra):
+    return [sys.executable, "-m", "trainers.train", f"--model_dir={model_dir}", *TINY, *extra]
+
+
+def _env():
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+
+
+def _run(command, timeout=240):
+    return subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _history(model_dir):
+    with open(os.path.join(model_dir, "history.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _metrics(model_dir):
+    with open(os.path.join(model_dir, "metrics.json")) as f:
+        return json.load(f)
+
+
+def test_run_writes_config_metrics_figures_checkpoints_and_export_and_a_rerun_does_not_retrain(tmp_path):
+    model_dir, export_dir = tmp_path / "run", tmp_path / "exports"
+    command = _command(model_dir, "--epochs=2", f"--export_dir={export_dir}", "--export_name=tiny")
+    result = _run(command)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    for name in ("config.json", "metrics.json", "history.csv", "reconstructions.png", "samples.png",
+                 "mixture_weights.png"):
+        assert (model_dir / name).is_file(), name
+    assert RunConfig.load(model_dir / "config.json").latent_dim == 8
+    assert sorted(os.listdir(model_dir / "checkpoints")) == ["epoch_001.weights.h5", "epoch_002.weights.h5"]
+    assert os.listdir(model_dir / "logs" / "train")  # TensorBoard event file
+    metrics = _metrics(model_dir)
+    test = metrics["test"]
+    assert metrics["completed"] and metrics["epochs_completed"] == 2
+    assert metrics["optimizer_iterations"] == 2 * STEPS_PER_EPOCH
+    for key in ("elbo_mean", "elbo_se", "log_likelihood_mean", "log_likelihood_se"):
+        assert math.isfinite(test[key]), key
+    assert test["examples"] == 128 and test["iwae_samples"] == 8
+    assert -784 * math.log(2) - 50 < test["elbo_mean"] <= test["log_likelihood_mean"] + 5 < 0
+    assert len(test["mixture_weights"]) == 3 and math.isclose(sum(test["mixture_weights"]), 1.0, rel_tol=1e-5)
+    assert test["active_components"] == 2 and test["component_entropy"][2] is None
+    assert [row["epoch"] for row in metrics["history"]] == [0, 1] and metrics["wall_time_s"] > 0
+    assert (export_dir / "tiny" / "1" / "saved_model.pb").is_file()
+    assert metrics["exports"]["model"] == str(export_dir / "tiny" / "1")
+
+    rerun = _run(command)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "already finished" in rerun.stdout
+    assert len(_history(model_dir)) == 2
+    assert sorted(os.listdir(export_dir / "tiny")) == ["1"]  # nothing trained or exported again
+
+
+def test_killed_run_resumes_from_last_completed_epoch_with_its_stage_and_optimizer_state(tmp_path):
+    model_dir = tmp_path / "run"
+    # 8 batches x 0.4 s: an epoch takes over 3 s, so the kill lands inside an epoch.
+    command = _command(model_dir, "--epochs=4", "--export_dir=", "--debug_batch_sleep=0.4")
+    metadata = model_dir / "backup" / "training_metadata.json"
+    process = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while not (metadata.exists() and json.loads(metadata.read_text())["epoch"] >= 1):
+            assert process.poll() is None, "the run ended before its first epoch was saved"
+            assert time.monotonic() < deadline, "no epoch saved in time"
+            time.sleep(0.1)
+        time.sleep(1.5)  # well inside the next epoch
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    saved = json.loads(metadata.read_text())["epoch"]
+    assert 1 <= saved < 4
+    assert not (model_dir / "metrics.json").exists()
+
+    result = _run(command)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = _history(model_dir)
+    assert [int(row["epoch"]) for row in rows] == [0, 1, 2, 3]  # every epoch exactly once
+    assert [float(row["active_components"]) for row in rows] == [1.0, 2.0, 3.0, 3.0]  # the stage-wise schedule
+    metrics = _metrics(model_dir)
+    assert metrics["resumed_from_epoch"] == saved and metrics["epochs_completed"] == 4
+    # Adam's step counter continued from the saved state instead of restarting at 0.
+    assert metrics["optimizer_iterations"] == 4 * STEPS_PER_EPOCH
+    assert metrics["test"]["active_components"] == 3
+    assert math.isfinite(metrics["test"]["log_likelihood_mean"])
+
+
+def test_rerun_with_different_settings_in_the_same_model_dir_fails_clearly(tmp_path):
+    model_dir = tmp_path / "run"
+    model_dir.mkdir()
+    RunConfig(model_dir=str(model_dir), latent_dim=8, hidden_units=(32,), num_components=3,
+              epochs_per_component=1, batch_size=64, train_examples=512).save(model_dir / "config.json")
+    result = _run(_command(model_dir, "--latent_dim=16", "--epochs=1", "--export_dir="))
+    assert result.returncode == 2
+    assert "different settings" in result.stderr and "--latent_dim: saved 8, now 16" in result.stderr
+    assert not (model_dir / "history.csv").exists()
+
+
+def test_vae_with_several_components_is_refused_by_the_program(tmp_path):
+    result = _run([sys.executable, "-m", "trainers.train", f"--model_dir={tmp_path}", "--method=vae",
+                   "--num_components=3"])
+    assert result.returncode == 2
+    assert "--method=vae" in result.stderr and "--num_components=1" in result.stderr
+
+
+def test_flags_make_the_run_config_and_vae_defaults_to_one_component():
+    from absl import flags
+
+    from trainers import train as program
+
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["train", "--model_dir=/tmp/x", "--method=vae", "--hidden_units=64,32", "--epochs=3"])
+    try:
+        config = program.config_from_flags()
+    finally:
+        flags.FLAGS.unparse_flags()
+    assert config.method == "vae" and config.num_components == 1
+    assert config.hidden_units == (64, 32) and config.epochs == 3 and config.model_dir == "/tmp/x"
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(method="vae", num_components=2), "--num_components=1"),
+        (dict(model_dir=""), "--model_dir is required"),
+        (dict(epochs=0), "--epochs"),
+        (dict(lambda_kl=-1.0), "--lambda_kl"),
+        (dict(hidden_units=()), "--hidden_units"),
+        (dict(architecture="conv", conv_filters=(8,)), "--conv_filters"),
+        (dict(method="nope"), "--method"),
+        (dict(iwae_samples=0), "--iwae_samples"),
+    ],
+)
+def test_invalid_settings_name_the_flag(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig(model_dir="/tmp/x").replace(**changes).validate()
+
+
+def test_config_round_trips_through_json_and_ignores_resumable_fields_when_comparing(tmp_path):
+    config = RunConfig(model_dir="a", hidden_units=(64, 32), method="mixture")
+    config.save(tmp_path / "config.json")
+    loaded = RunConfig.load(tmp_path / "config.json")
+    assert loaded == config
+    assert loaded.mismatches(config.replace(epochs=50, iwae_samples=5000, export_dir="", model_dir="b")) == {}
+    assert loaded.mismatches(config.replace(learning_rate=0.01)) == {"learning_rate": (0.001, 0.01)}
+    assert config.replace(method="rme", epochs_per_component=2).active_components_at(5) == 3
+
+
+def test_history_keeps_only_the_rows_of_saved_epochs(tmp_path):
+    from tf_rmvae.training import read_history, truncate_history
+
+    path = tmp_path / "history.csv"
+    path.write_text("epoch,loss,val_loss\n0,3.5,NA\n1,2.5,NA\n2,1.5,NA\n")
+    truncate_history(str(path), 2)  # the run was killed after epoch 2's row but before its state was saved
+    assert read_history(str(path)) == [{"epoch": 0, "loss": 3.5}, {"epoch": 1, "loss": 2.5}]
+    truncate_history(str(path), 0)
+    assert path.read_text() == ""

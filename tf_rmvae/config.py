@@ -1,0 +1,176 @@
+"""`RunConfig`: every setting of one training run, validated, saved as `config.json` beside the run.
+
+    config = RunConfig(method="rme", num_components=4, epochs=10)
+    config.save("runs/quick/config.json")
+    RunConfig.load("runs/quick/config.json") == config          # True
+    config.mismatches(other)                                     # settings that would change the trained model
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from tf_rmvae.encoders import ARCHITECTURES
+from tf_rmvae.models import METHODS, SCHEDULES
+
+DECODERS = ("auto", "bernoulli", "gaussian")
+
+# Fields that may change between an interrupted run and its resumption without changing what the completed epochs
+# trained: how long to train (more epochs extend a run), how to report, evaluate and export. Every other field must
+# match the run's saved `config.json`.
+RESUMABLE_FIELDS = frozenset({
+    "epochs", "verbose", "iwae_samples", "eval_examples", "eval_chunk_size", "jit_compile", "export_dir",
+    "export_name", "export_encoder", "keep_checkpoints", "model_dir", "data_dir", "debug_batch_sleep",
+})
+
+
+class ConfigError(ValueError):
+    """An invalid setting, or a setting that contradicts the run already in `model_dir`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Settings of one training run (flags of `trainers/train.py` have the same names).
+
+    Data: `dataset`, `data_dir`, `train_examples` (0 = the whole training split), `batch_size`.
+    Model: `method` ("rme", "vae", "mixture", "boosting"), `num_components` (M; 1 for "vae"), `latent_dim`,
+      `architecture` ("dense"|"conv"), `hidden_units`, `conv_filters`, `decoder` ("auto": Bernoulli for binary
+      datasets, Gaussian otherwise), `lambda_kl`, `schedule` ("stagewise"|"sweep"), `eps_search_every`.
+    Training: `epochs`, `epochs_per_component` (stage-wise recursive methods: epochs per stage), `learning_rate`,
+      `seed`, `jit_compile`, `verbose` (Keras progress: 0 silent, 1 bar, 2 one line per epoch).
+    Evaluation: `eval_examples` (0 = the whole test split), `iwae_samples` (K of the IWAE bound), `eval_chunk_size`.
+    Output: `model_dir`, `export_dir` ("" disables export), `export_name` ("" = `<dataset>_<method>`),
+      `export_encoder`, `keep_checkpoints` (per-epoch checkpoints kept; 0 keeps all).
+    `debug_batch_sleep`: seconds slept after every training batch (tests use it to interrupt runs mid-epoch).
+    """
+
+    dataset: str = "rmvae_mnist"
+    data_dir: str = ""
+    train_examples: int = 0
+    batch_size: int = 100
+    method: str = "rme"
+    num_components: int = 4
+    latent_dim: int = 32
+    architecture: str = "dense"
+    hidden_units: tuple[int, ...] = (200, 200)
+    conv_filters: tuple[int, ...] = (32, 64)
+    decoder: str = "auto"
+    lambda_kl: float = 0.3
+    schedule: str = "stagewise"
+    eps_search_every: int = 50
+    epochs: int = 10
+    epochs_per_component: int = 2
+    learning_rate: float = 1e-3
+    seed: int = 0
+    jit_compile: bool = False
+    verbose: int = 1
+    eval_examples: int = 1000
+    iwae_samples: int = 100
+    eval_chunk_size: int = 100
+    model_dir: str = ""
+    export_dir: str = "saved_models"
+    export_name: str = ""
+    export_encoder: bool = False
+    keep_checkpoints: int = 3
+    debug_batch_sleep: float = 0.0
+
+    def __post_init__(self):
+        # Lists (from JSON or flags) become tuples so configs compare and hash by value.
+        object.__setattr__(self, "hidden_units", tuple(int(u) for u in self.hidden_units))
+        object.__setattr__(self, "conv_filters", tuple(int(f) for f in self.conv_filters))
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> RunConfig:
+        """Raises `ConfigError` with a message naming the flag if any setting is invalid; returns `self`."""
+        def check(condition: bool, message: str):
+            if not condition:
+                raise ConfigError(message)
+
+        check(self.method in METHODS, f"--method must be one of {', '.join(METHODS)}; got {self.method!r}.")
+        check(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}.")
+        check(self.architecture in ARCHITECTURES,
+              f"--architecture must be one of {', '.join(ARCHITECTURES)}; got {self.architecture!r}.")
+        check(self.decoder in DECODERS, f"--decoder must be one of {', '.join(DECODERS)}; got {self.decoder!r}.")
+        check(self.num_components >= 1, f"--num_components must be >= 1; got {self.num_components}.")
+        check(self.method != "vae" or self.num_components == 1,
+              f"--method=vae trains a single-component encoder: use --num_components=1 (got {self.num_components}), "
+              "or --method=rme/mixture/boosting for a mixture encoder.")
+        check(self.latent_dim >= 1, f"--latent_dim must be >= 1; got {self.latent_dim}.")
+        check(len(self.hidden_units) >= 1 and min(self.hidden_units) >= 1,
+              f"--hidden_units must be a comma-separated list of positive widths; got {self.hidden_units}.")
+        check(self.architecture != "conv" or (len(self.conv_filters) == 2 and min(self.conv_filters) >= 1),
+              f"--conv_filters must be two positive filter counts (encoder order; the decoder mirrors them); "
+              f"got {self.conv_filters}.")
+        check(self.lambda_kl >= 0 and self.lambda_kl == self.lambda_kl,
+              f"--lambda_kl must be a number >= 0; got {self.lambda_kl}.")
+        check(self.epochs >= 1, f"--epochs must be >= 1; got {self.epochs}.")
+        check(self.epochs_per_component >= 1, f"--epochs_per_component must be >= 1; got {self.epochs_per_component}.")
+        check(self.eps_search_every >= 1, f"--eps_search_every must be >= 1; got {self.eps_search_every}.")
+        check(self.batch_size >= 1, f"--batch_size must be >= 1; got {self.batch_size}.")
+        check(self.learning_rate > 0, f"--learning_rate must be > 0; got {self.learning_rate}.")
+        check(self.train_examples >= 0, f"--train_examples must be >= 0 (0 = all); got {self.train_examples}.")
+        check(self.eval_examples >= 0, f"--eval_examples must be >= 0 (0 = all); got {self.eval_examples}.")
+        check(self.iwae_samples >= 1, f"--iwae_samples must be >= 1; got {self.iwae_samples}.")
+        check(self.eval_chunk_size >= 1, f"--eval_chunk_size must be >= 1; got {self.eval_chunk_size}.")
+        check(self.verbose in (0, 1, 2), f"--verbose must be 0, 1 or 2; got {self.verbose}.")
+        check(self.keep_checkpoints >= 0, f"--keep_checkpoints must be >= 0; got {self.keep_checkpoints}.")
+        check(self.debug_batch_sleep >= 0, f"--debug_batch_sleep must be >= 0; got {self.debug_batch_sleep}.")
+        check(bool(self.model_dir), "--model_dir is required (the directory for checkpoints, logs and metrics).")
+        return self
+
+    @property
+    def adds_components(self) -> bool:
+        """Whether components join one at a time during training (stage-wise recursive methods)."""
+        return self.method in ("rme", "boosting") and self.schedule == "stagewise" and self.num_components > 1
+
+    def active_components_at(self, epoch: int) -> int:
+        """Active components during 0-based `epoch` (the `ComponentSchedule` rule for stage-wise methods)."""
+        if self.adds_components:
+            return min(self.num_components, 1 + epoch // self.epochs_per_component)
+        return 1 if self.method == "vae" else self.num_components
+
+    @property
+    def resolved_export_name(self) -> str:
+        return self.export_name or f"{self.dataset}_{self.method}"
+
+    # ------------------------------------------------------------------ comparison and JSON
+    def mismatches(self, other: RunConfig) -> dict[str, tuple[Any, Any]]:
+        """`{field: (self's value, other's value)}` for fields that differ and are not in `RESUMABLE_FIELDS`."""
+        return {
+            f.name: (getattr(self, f.name), getattr(other, f.name))
+            for f in dataclasses.fields(self)
+            if f.name not in RESUMABLE_FIELDS and getattr(self, f.name) != getattr(other, f.name)
+        }
+
+    def replace(self, **changes) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        """Builds a config from a dict; unknown keys raise `ConfigError` (a config from another version)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(f"Unknown RunConfig fields {unknown}.")
+        return cls(**values)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the config as JSON (atomically: a temporary file renamed into place)."""
+        path = os.fspath(path)
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> RunConfig:
+        with open(os.fspath(path), encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))

@@ -1,0 +1,120 @@
+"""Trains a Recursive Mixture Estimation VAE (or a baseline) and writes its run directory; resumable.
+
+    python -m trainers.train --model_dir runs/quick                     # quick default: MNIST, RME, 4 components
+    python -m trainers.train --model_dir runs/vae --method vae          # baseline VAE (1 component)
+    rmvae-train --model_dir runs/conv --architecture conv --epochs 20   # console script (setup.py)
+
+Rerun the same command after an interruption to resume it; rerunning a finished run only reports its metrics.
+See `tf_rmvae.training` for the layout of `--model_dir`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+from tf_rmvae.config import ConfigError, RunConfig
+from tf_rmvae.encoders import ARCHITECTURES
+from tf_rmvae.models import METHODS, SCHEDULES
+
+_DEFAULTS = RunConfig()
+
+flags.DEFINE_string("dataset", _DEFAULTS.dataset, "Dataset name (tf_rmvae.data.SUPPORTED_DATASETS).")
+flags.DEFINE_string("data_dir", _DEFAULTS.data_dir, "tfds data directory ('' = tfds default).")
+flags.DEFINE_integer("train_examples", _DEFAULTS.train_examples, "Use the first N training examples (0 = all).")
+flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size, "Training batch size.")
+flags.DEFINE_enum("method", _DEFAULTS.method, list(METHODS),
+                  "rme: Recursive Mixture Estimation; vae: single Gaussian; mixture: jointly trained mixture; "
+                  "boosting: boosting VI.")
+flags.DEFINE_integer("num_components", _DEFAULTS.num_components,
+                     "Mixture components M (default 1 for --method=vae, which allows only 1).")
+flags.DEFINE_float("lambda_kl", _DEFAULTS.lambda_kl, "RME's KL weight lambda (>= 0; 1 collapses components).")
+flags.DEFINE_integer("latent_dim", _DEFAULTS.latent_dim, "Latent dimension D.")
+flags.DEFINE_enum("architecture", _DEFAULTS.architecture, list(ARCHITECTURES), "Encoder and decoder networks.")
+flags.DEFINE_list("hidden_units", [str(u) for u in _DEFAULTS.hidden_units],
+                  "Encoder dense widths (comma list); the decoder mirrors them.")
+flags.DEFINE_list("conv_filters", [str(f) for f in _DEFAULTS.conv_filters],
+                  "Encoder conv filters for --architecture=conv (2 values); the decoder mirrors them.")
+flags.DEFINE_enum("decoder", _DEFAULTS.decoder, ["auto", "bernoulli", "gaussian"],
+                  "Likelihood p(x|z); auto: Bernoulli for binary datasets, Gaussian otherwise.")
+flags.DEFINE_enum("schedule", _DEFAULTS.schedule, list(SCHEDULES),
+                  "stagewise: components join one at a time (RME); sweep: all components every step.")
+flags.DEFINE_integer("eps_search_every", _DEFAULTS.eps_search_every, "Steps between mixing-proportion line searches.")
+flags.DEFINE_integer("epochs", _DEFAULTS.epochs, "Training epochs (a larger value extends a finished or resumed run).")
+flags.DEFINE_integer("epochs_per_component", _DEFAULTS.epochs_per_component,
+                     "Stage-wise RME/boosting: epochs before the next component joins.")
+flags.DEFINE_float("learning_rate", _DEFAULTS.learning_rate, "Adam learning rate.")
+flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed of initialisation, shuffling and binarization.")
+flags.DEFINE_boolean("jit_compile", _DEFAULTS.jit_compile, "Compile the train step with XLA.")
+flags.DEFINE_integer("verbose", _DEFAULTS.verbose, "Keras progress: 0 silent, 1 progress bar, 2 one line per epoch.")
+flags.DEFINE_integer("eval_examples", _DEFAULTS.eval_examples, "Test examples evaluated (0 = the whole test split).")
+flags.DEFINE_integer("iwae_samples", _DEFAULTS.iwae_samples, "Importance samples K of the test log-likelihood.")
+flags.DEFINE_integer("eval_chunk_size", _DEFAULTS.eval_chunk_size, "Importance samples drawn at once.")
+flags.DEFINE_string("model_dir", None, "Run directory: config, checkpoints, logs, metrics, figures. Required.")
+flags.DEFINE_string("export_dir", _DEFAULTS.export_dir, "Base directory of TF-Serving exports ('' disables export).")
+flags.DEFINE_string("export_name", _DEFAULTS.export_name, "Served model name ('' = <dataset>_<method>).")
+flags.DEFINE_boolean("export_encoder", _DEFAULTS.export_encoder, "Also export the encoder alone (<name>_encoder).")
+flags.DEFINE_integer("keep_checkpoints", _DEFAULTS.keep_checkpoints, "Per-epoch checkpoints kept (0 = all).")
+flags.DEFINE_float("debug_batch_sleep", 0.0, "Testing only: seconds to sleep after every training batch.")
+
+FLAGS = flags.FLAGS
+
+
+def _int_list(values: list[str], name: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in values)
+    except ValueError:
+        raise ConfigError(f"--{name} must be a comma-separated list of integers; got {','.join(values)!r}.") from None
+
+
+def config_from_flags() -> RunConfig:
+    """The validated `RunConfig` of the parsed flags (`--method=vae` defaults to one component)."""
+    num_components = FLAGS.num_components
+    if FLAGS.method == "vae" and not FLAGS["num_components"].present:
+        num_components = 1
+    config = RunConfig(
+        dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, train_examples=FLAGS.train_examples,
+        batch_size=FLAGS.batch_size, method=FLAGS.method, num_components=num_components, latent_dim=FLAGS.latent_dim,
+        architecture=FLAGS.architecture, hidden_units=_int_list(FLAGS.hidden_units, "hidden_units"),
+        conv_filters=_int_list(FLAGS.conv_filters, "conv_filters"), decoder=FLAGS.decoder,
+        lambda_kl=FLAGS.lambda_kl, schedule=FLAGS.schedule, eps_search_every=FLAGS.eps_search_every,
+        epochs=FLAGS.epochs, epochs_per_component=FLAGS.epochs_per_component, learning_rate=FLAGS.learning_rate,
+        seed=FLAGS.seed, jit_compile=FLAGS.jit_compile, verbose=FLAGS.verbose, eval_examples=FLAGS.eval_examples,
+        iwae_samples=FLAGS.iwae_samples, eval_chunk_size=FLAGS.eval_chunk_size, model_dir=FLAGS.model_dir or "",
+        export_dir=FLAGS.export_dir, export_name=FLAGS.export_name, export_encoder=FLAGS.export_encoder,
+        keep_checkpoints=FLAGS.keep_checkpoints, debug_batch_sleep=FLAGS.debug_batch_sleep,
+    )
+    return config.validate()
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        config = config_from_flags()
+        from tf_rmvae.training import train
+
+        metrics = train(config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    test = metrics["test"]
+    status = "already finished; nothing trained" if metrics.get("skipped") else f"{metrics['wall_time_s']:.0f} s"
+    print(
+        f"{config.model_dir}: {metrics['epochs_completed']} epochs ({status}). Test ELBO {test['elbo_mean']:.2f} "
+        f"± {test['elbo_se']:.2f}, IWAE log-likelihood (K={test['iwae_samples']}) {test['log_likelihood_mean']:.2f} "
+        f"± {test['log_likelihood_se']:.2f} nats on {test['examples']} examples."
+    )
+    for kind, path in metrics.get("exports", {}).items():
+        print(f"exported {kind}: {path}")
+
+
+def run() -> None:
+    """Console-script entry point (`rmvae-train`)."""
+    flags.mark_flag_as_required("model_dir")
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
