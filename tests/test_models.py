@@ -86,7 +86,7 @@ def test_rme_criterion_gives_no_gradient_to_earlier_components(digits):
 
 
 def test_stagewise_training_freezes_earlier_components_exactly(digits):
-    model, _ = fitted(tiny_model("rme", components=3), digits[:300])
+    model, _ = fitted(tiny_model("rme", components=3, train_previous=False), digits[:300])
     model.add_component()
     before = [v.numpy().copy() for v in model.encoder.component_variables]
     fitted(model, digits[:300])
@@ -201,3 +201,12 @@ def test_encoder_drops_into_a_third_party_vae(digits):
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
     history = model.fit(dataset(digits[:1000]), epochs=3, verbose=0).history
     assert history["loss"][-1] < history["loss"][0] - 30.0
+
+
+def test_default_rme_keeps_training_every_active_component(digits):
+    model, _ = fitted(tiny_model("rme", components=3), digits[:300])
+    model.add_component()
+    before = model.encoder.loc_kernel.numpy().copy()
+    fitted(model, digits[:300])
+    change = np.abs(model.encoder.loc_kernel.numpy() - before).max(axis=(1, 2))
+    assert np.all(change[:2] > 0) and change[2] == 0  # both active components train; the inactive slot does not

@@ -71,3 +71,40 @@ def test_line_search_scores_match_a_direct_mixture_elbo():
         log_q = objectives.mixture_log_density(log_h, log_w)
         direct = objectives.stratified_mixture_elbo(log_joint, log_q, log_w)
         assert scores[g] == pytest.approx(float(tf.reduce_mean(direct)), rel=1e-5)
+
+
+def test_capped_kl_reward_is_bounded_and_stops_pushing():
+    log_joint = tf.constant([[-3.0], [-5.0]])
+    log_h = tf.constant([[-1.0], [-2.0]])
+    log_q = tf.Variable([[-1e6], [-4.0]])  # the first sample lies where q_prev has (almost) no mass
+    with tf.GradientTape() as tape:
+        capped = objectives.rme_criterion(log_joint, log_h, log_q, 0.5, max_log_ratio=5.0)
+    uncapped = objectives.rme_criterion(log_joint, log_h, log_q, 0.5)
+    expected = np.mean([-3.0 + 1.0 + 0.5 * 5.0, -5.0 + 2.0 + 0.5 * 2.0])
+    assert capped.numpy() == pytest.approx([expected])
+    assert uncapped.numpy()[0] > 1e5
+    np.testing.assert_allclose(tape.gradient(capped, log_q).numpy(), [[0.0], [-0.25]])
+
+
+@pytest.mark.parametrize("cap", [None, 5.0])
+def test_uncapped_criterion_runs_off_where_the_decoder_is_flat(cap):
+    """Gradient ascent on the criterion of h = N(m, s^2) against a narrow q_prev = N(0, 0.1^2) with a flat
+    likelihood (log p(x, z) = log N(z; 0, 1)): uncapped, lambda / 0.1^2 > 1 makes the reward grow like m^2, so m
+    runs off; capped, h stops a few scales away from q_prev."""
+    loc, log_scale = tf.Variable([0.05]), tf.Variable([np.float32(np.log(0.1))])
+    q_prev = tfd.Normal(0.0, 0.1)
+    noise = tf.random.stateless_normal([64, 1], seed=[4, 2])
+    for _ in range(300):
+        with tf.GradientTape() as tape:
+            h = tfd.Normal(loc, tf.exp(log_scale))
+            z = loc + tf.exp(log_scale) * noise
+            value = objectives.rme_criterion(tfd.Normal(0.0, 1.0).log_prob(z), h.log_prob(z), q_prev.log_prob(z),
+                                             0.3, max_log_ratio=cap)
+            loss = -tf.reduce_sum(value)
+        grads = tape.gradient(loss, [loc, log_scale])
+        for variable, grad in zip([loc, log_scale], grads):
+            variable.assign_sub(0.01 * tf.clip_by_norm(grad, 10.0))
+    if cap is None:
+        assert abs(float(loc[0])) > 10.0
+    else:
+        assert abs(float(loc[0])) < 2.0

@@ -6,10 +6,13 @@ Training (method "rme", schedule "stagewise": the default, the recursion that th
 2. Components join one at a time (`add_component()`, usually from the `ComponentSchedule` callback). A new
    component `h_k` starts as a copy of `h_{k-1}` plus noise with proportion `eps_k = 0`, so the mixture and its
    ELBO are unchanged when it joins.
-3. While `h_k` is the newest, each step trains it alone on the RME criterion
-   `ELBO(h_k) + lambda * KL(h_k || q_{k-1})` against the earlier mixture `q_{k-1}`, held fixed (no gradient into
-   earlier components; their parameters are restored after each optimizer step, so Adam's momentum cannot move
-   them). `train_previous=True` instead keeps training every active component on its own criterion.
+3. Every step, each active component `h_m` trains on its RME criterion
+   `ELBO(h_m) + lambda * KL(h_m || q_{m-1})` against the mixture of the components before it, `q_{m-1}`, held fixed
+   (no gradient into its parameters; the gradient reaches z only). The KL term is a Monte Carlo estimate whose
+   per-sample log-ratio `log h_m(z) - log q_{m-1}(z)` is capped at `max_log_ratio = 5` nats: uncapped, the reward
+   is unbounded (`objectives.rme_criterion`) and new components ran off and collapsed in every run we tried.
+   `train_previous=False` freezes the earlier components instead (restored after every optimizer step, so Adam's
+   momentum cannot move them); they then go stale while the decoder keeps training.
 4. `eps_k` is set by a line search: every `eps_search_every` steps, the mixture ELBO of `q_k` accumulated over
    those steps for each candidate in `eps_grid` (0 and the current value included) picks the best eps. Since eps = 0
    reproduces `q_{k-1}`, a new component cannot lower the (batch-estimated) training ELBO.
@@ -65,11 +68,13 @@ class RecursiveMixtureVAE(keras.Model):
         (e.g. `BernoulliDecoder`).
       method: "rme" (default), "vae", "mixture" or "boosting".
       lambda_kl: RME's KL weight lambda (default 0.3; must be >= 0; lambda = 1 collapses).
-      max_log_ratio: cap of each sample's `log h - log q_prev` in the RME criterion's KL term (None: uncapped).
+      max_log_ratio: cap of each sample's `log h - log q_prev` in the RME criterion's KL term (default 5 nats;
+        None: uncapped).
         The uncapped KL reward is unbounded above and lets a new component run off where the decoder is untrained
         (see `objectives.rme_criterion`).
       schedule: "stagewise" (default, the paper's recursion) or "sweep" (all components every step).
-      train_previous: stage-wise only: keep training earlier components on their criteria (default False: frozen).
+      train_previous: stage-wise only: keep training earlier components on their own criteria (default True;
+        False freezes them).
       num_samples: reparameterised samples per component per step (S).
       eps_grid: candidate mixing proportions for the line search (stage-wise recursive methods).
       eps_search_every: steps between line searches.
@@ -94,9 +99,9 @@ class RecursiveMixtureVAE(keras.Model):
         decoder: keras.layers.Layer,
         method: str = "rme",
         lambda_kl: float = 0.3,
-        max_log_ratio: float | None = None,
+        max_log_ratio: float | None = 5.0,
         schedule: str = "stagewise",
-        train_previous: bool = False,
+        train_previous: bool = True,
         num_samples: int = 1,
         eps_grid=mixing.DEFAULT_EPS_GRID,
         eps_search_every: int = 50,
