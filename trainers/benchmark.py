@@ -35,6 +35,10 @@ flags.DEFINE_integer("latent_dim", _DEFAULT.latent_dim, "Latent size.")
 flags.DEFINE_integer("batch_size", _DEFAULT.batch_size, "Training batch size.")
 flags.DEFINE_float("learning_rate", _DEFAULT.learning_rate, "Adam learning rate.")
 flags.DEFINE_integer("eps_search_every", _DEFAULT.eps_search_every, "Steps between eps line searches.")
+flags.DEFINE_float("rme_max_log_ratio", _DEFAULT.rme_max_log_ratio,
+                   "Cap of the per-sample KL log-ratio in RME's criterion (< 0: uncapped).")
+flags.DEFINE_bool("rme_train_previous", _DEFAULT.rme_train_previous,
+                  "Keep training earlier RME components (false: freeze them).")
 flags.DEFINE_integer("savae_steps", _DEFAULT.savae_steps, "SA-VAE refinement steps.")
 flags.DEFINE_float("savae_lr", _DEFAULT.savae_lr, "SA-VAE refinement step size.")
 flags.DEFINE_float("savae_momentum", _DEFAULT.savae_momentum, "SA-VAE refinement momentum (0: SGD).")
