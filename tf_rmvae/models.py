@@ -38,6 +38,7 @@ import tensorflow_probability as tfp
 
 from tf_rmvae import mixing, objectives
 from tf_rmvae.encoders import RecursiveMixtureEncoder, make_mixture
+from tf_rmvae.latent_model import LatentVariableModel, standard_normal_log_prob
 
 tfd = tfp.distributions
 
@@ -47,11 +48,6 @@ RECURSIVE_METHODS = ("rme", "boosting")
 NONFINITE_POLICIES = ("raise", "skip")
 
 
-def standard_normal_log_prob(z: tf.Tensor) -> tf.Tensor:
-    """`log N(z; 0, I)` summed over the last axis: `[..., D] -> [...]`."""
-    return tf.reduce_sum(tfd.Normal(0.0, 1.0).log_prob(z), axis=-1)
-
-
 def pairwise_log_prob(loc: tf.Tensor, scale: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
     """`log h_j(z_i)` for every pair: loc, scale `[B, M, D]`, z `[S, B, M, D]` -> `[S, B, M_i, M_j]`."""
     components = tfd.Independent(tfd.Normal(loc[:, None], scale[:, None]), reinterpreted_batch_ndims=1)
@@ -59,7 +55,7 @@ def pairwise_log_prob(loc: tf.Tensor, scale: tf.Tensor, z: tf.Tensor) -> tf.Tens
 
 
 @keras.saving.register_keras_serializable(package="tf_rmvae")
-class RecursiveMixtureVAE(keras.Model):
+class RecursiveMixtureVAE(LatentVariableModel):
     """VAE with a `RecursiveMixtureEncoder`, trained by RME or one of the baselines (see the module docstring).
 
     Args:
@@ -110,9 +106,7 @@ class RecursiveMixtureVAE(keras.Model):
         noise_seed: int = 0,
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        if not isinstance(encoder, RecursiveMixtureEncoder):
-            raise TypeError(f"encoder must be a RecursiveMixtureEncoder; got {type(encoder).__name__}.")
+        super().__init__(encoder, decoder, **kwargs)
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
         if schedule not in SCHEDULES:
@@ -127,8 +121,6 @@ class RecursiveMixtureVAE(keras.Model):
             raise ValueError(f"method='vae' needs an encoder with max_components=1; got {encoder.max_components}.")
         eps_grid = tuple(float(e) for e in eps_grid)
         mixing.eps_to_logit(eps_grid)  # validates the range
-        self.encoder = encoder
-        self.decoder = decoder
         self.method = method
         self.lambda_kl = float(lambda_kl)
         self.max_log_ratio = None if max_log_ratio is None else float(max_log_ratio)
@@ -141,7 +133,6 @@ class RecursiveMixtureVAE(keras.Model):
         self.nonfinite_inputs = nonfinite_inputs
         self.noise_seed = int(noise_seed)
         num_slots = encoder.max_components
-        self._log_likelihood_fn = None
         self._trackers = {
             name: keras.metrics.Mean(name=name)
             for name in ("loss", "elbo", "reconstruction", "kl", "criterion", "active_components")
@@ -164,23 +155,13 @@ class RecursiveMixtureVAE(keras.Model):
     def all_components_from_start(self) -> bool:
         return self.method == "mixture" or (self.recursive and self.schedule == "sweep")
 
-    def ensure_built(self, input_shape) -> None:
-        """Builds the model for `input_shape` (also from inside a traced train step: variables are created eagerly)."""
-        if not self.built:
-            with tf.init_scope():
-                self.build(tuple(input_shape))
-            self._build_shapes_dict = {"input_shape": tuple(input_shape)}
-
     def build(self, input_shape):
         input_shape = tuple(input_shape)
         encoder = self.encoder
         if self.all_components_from_start:
             encoder.initial_active_components = encoder.max_components
             encoder.learn_mixing_proportions = True
-        encoder.ensure_built(input_shape)
-        if not self.decoder.built:
-            self.decoder.build((None, encoder.latent_dim))
-            self.decoder.built = True
+        super().build(input_shape)
         if self.all_components_from_start:
             with tf.init_scope():  # build may run inside a scratch graph (Keras's symbolic build)
                 encoder.num_active_components.assign(encoder.max_components)
@@ -196,10 +177,6 @@ class RecursiveMixtureVAE(keras.Model):
         )
         self.built = True
 
-    @property
-    def metrics(self):
-        return list(self._trackers.values())
-
     # ------------------------------------------------------------------ inference API
     def posterior(self, x) -> tfd.MixtureSameFamily:
         """`q(z | x)` as a `MixtureSameFamily`, batch `[B]`, event `[D]`."""
@@ -214,37 +191,9 @@ class RecursiveMixtureVAE(keras.Model):
         log_w, loc, _ = self.encoder.compute_parameters(x)
         return tf.einsum("bm,bmd->bd", tf.exp(log_w), loc)
 
-    def call(self, inputs, training=False):
-        """Reconstruction: decoder mean at the posterior mean, `[B, H, W, C]`."""
-        return self.decoder(self.posterior_mean(inputs)).mean()
-
-    def generate(self, num_images: int, seed: int | None = None) -> tf.Tensor:
-        """Mean images decoded from prior samples, `[num_images, H, W, C]`."""
-        z = tf.random.stateless_normal([num_images, self.encoder.latent_dim], seed=[0, 0 if seed is None else seed])
-        return self.decoder(z).mean()
-
-    def log_importance_weights(self, x, num_samples) -> tf.Tensor:
-        """`[K, B]` `log p(x, z_k) - log q(z_k | x)` for `z_k ~ q(z | x)` (mixture samples)."""
-        x = tf.convert_to_tensor(x, tf.float32)
-        self.ensure_built(x.shape)
-        q = make_mixture(*self.encoder.compute_parameters(x), reparameterize=False)  # no gradients needed here
-        z = q.sample(num_samples)
-        log_px_z = self.decoder(z).log_prob(x[None])
-        return log_px_z + standard_normal_log_prob(z) - q.log_prob(z)
-
-    def log_likelihood(self, x, num_samples: int = 5000, chunk_size: int = 100) -> tf.Tensor:
-        """`[B]` importance-weighted estimate of `log p(x)` with K = `num_samples` mixture samples, in chunks."""
-        x = self._unpack(x)
-        if tf.executing_eagerly():  # one compiled graph per (K, chunk) instead of eager sampling op by op
-            if self._log_likelihood_fn is None:
-                self._log_likelihood_fn = tf.function(self._log_likelihood, reduce_retracing=True)
-            return self._log_likelihood_fn(x, num_samples, chunk_size)
-        return self._log_likelihood(x, num_samples, chunk_size)
-
-    def _log_likelihood(self, x, num_samples, chunk_size):
-        return objectives.importance_weighted_log_likelihood(
-            lambda size: self.log_importance_weights(x, size), num_samples, chunk_size
-        )
+    def proposal(self, x) -> tfd.MixtureSameFamily:
+        """The mixture posterior without reparameterisation machinery (importance sampling needs no gradients)."""
+        return make_mixture(*self.encoder.compute_parameters(x), reparameterize=False)
 
     def elbo(self, x, num_samples: int = 1) -> tf.Tensor:
         """`[B]` stratified mixture ELBO with `num_samples` samples per component."""
@@ -316,15 +265,6 @@ class RecursiveMixtureVAE(keras.Model):
         return tf.gather(per_component, newest, axis=-1)
 
     # ------------------------------------------------------------------ training
-    def _unpack(self, data):
-        if isinstance(data, (tuple, list)):
-            data = data[0]
-        if isinstance(data, dict):
-            data = data["image"]
-        data = tf.cast(data, tf.float32)
-        self.ensure_built(data.shape)
-        return data
-
     def _finite_examples(self, x):
         """Masks non-finite examples: returns `(x with them zeroed, [B] float weights)` and checks the policy."""
         finite = tf.reduce_all(tf.math.is_finite(tf.reshape(x, [tf.shape(x)[0], -1])), axis=1)
@@ -443,8 +383,6 @@ class RecursiveMixtureVAE(keras.Model):
     def get_config(self):
         config = super().get_config()
         config.update(
-            encoder=keras.saving.serialize_keras_object(self.encoder),
-            decoder=keras.saving.serialize_keras_object(self.decoder),
             method=self.method,
             lambda_kl=self.lambda_kl,
             max_log_ratio=self.max_log_ratio,
@@ -458,10 +396,3 @@ class RecursiveMixtureVAE(keras.Model):
             noise_seed=self.noise_seed,
         )
         return config
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["encoder"] = keras.saving.deserialize_keras_object(config["encoder"])
-        config["decoder"] = keras.saving.deserialize_keras_object(config["decoder"])
-        return cls(**config)

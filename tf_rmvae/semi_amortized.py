@@ -30,26 +30,16 @@ import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tf_rmvae import objectives
 from tf_rmvae.encoders import RecursiveMixtureEncoder
+from tf_rmvae.latent_model import LatentVariableModel
 
 tfd = tfp.distributions
 
 ENCODER_OBJECTIVES = ("unrolled", "amortized")
 
 
-def standard_normal_log_prob(z: tf.Tensor) -> tf.Tensor:
-    """`log N(z; 0, I)` summed over the last axis: `[..., D] -> [...]`."""
-    return tf.reduce_sum(tfd.Normal(0.0, 1.0).log_prob(z), axis=-1)
-
-
-def gaussian_kl_to_standard_normal(loc: tf.Tensor, log_scale: tf.Tensor) -> tf.Tensor:
-    """`KL(N(loc, exp(log_scale)^2) || N(0, I))` summed over the last axis: `[..., D] -> [...]`."""
-    return 0.5 * tf.reduce_sum(tf.exp(2.0 * log_scale) + tf.square(loc) - 1.0 - 2.0 * log_scale, axis=-1)
-
-
 @keras.saving.register_keras_serializable(package="tf_rmvae")
-class SemiAmortizedVAE(keras.Model):
+class SemiAmortizedVAE(LatentVariableModel):
     """SA-VAE: amortized Gaussian encoder + per-example gradient refinement (see the module docstring).
 
     Args:
@@ -77,8 +67,8 @@ class SemiAmortizedVAE(keras.Model):
         num_samples: int = 1,
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        if not isinstance(encoder, RecursiveMixtureEncoder) or encoder.max_components != 1:
+        super().__init__(encoder, decoder, **kwargs)
+        if encoder.max_components != 1:
             raise ValueError("encoder must be a RecursiveMixtureEncoder with max_components=1.")
         if int(refine_steps) < 0 or refine_lr < 0 or not 0 <= refine_momentum < 1 or refine_clip_norm < 0:
             raise ValueError(
@@ -89,8 +79,6 @@ class SemiAmortizedVAE(keras.Model):
             raise ValueError(f"encoder_objective must be one of {ENCODER_OBJECTIVES}; got {encoder_objective!r}.")
         if int(num_samples) < 1:
             raise ValueError(f"num_samples must be >= 1; got {num_samples}.")
-        self.encoder = encoder
-        self.decoder = decoder
         self.refine_steps = int(refine_steps)
         self.refine_lr = float(refine_lr)
         self.refine_momentum = float(refine_momentum)
@@ -101,33 +89,6 @@ class SemiAmortizedVAE(keras.Model):
             name: keras.metrics.Mean(name=name)
             for name in ("loss", "elbo", "amortized_elbo", "refinement_gain", "reconstruction", "kl")
         }
-
-    # ------------------------------------------------------------------ construction
-    def ensure_built(self, input_shape) -> None:
-        if not self.built:
-            with tf.init_scope():
-                self.build(tuple(input_shape))
-            self._build_shapes_dict = {"input_shape": tuple(input_shape)}
-
-    def build(self, input_shape):
-        self.encoder.ensure_built(tuple(input_shape))
-        if not self.decoder.built:
-            self.decoder.build((None, self.encoder.latent_dim))
-            self.decoder.built = True
-        self.built = True
-
-    @property
-    def metrics(self):
-        return list(self._trackers.values())
-
-    def _unpack(self, data):
-        if isinstance(data, (tuple, list)):
-            data = data[0]
-        if isinstance(data, dict):
-            data = data["image"]
-        data = tf.cast(data, tf.float32)
-        self.ensure_built(data.shape)
-        return data
 
     # ------------------------------------------------------------------ variational parameters
     def amortized_parameters(self, x):
@@ -142,7 +103,7 @@ class SemiAmortizedVAE(keras.Model):
         noise = tf.random.normal(tf.concat([[num_samples], tf.shape(loc)], 0))
         z = loc + tf.exp(log_scale) * noise  # [S, B, D]
         reconstruction = tf.reduce_mean(self.decoder(z).log_prob(x[None]), axis=0)
-        kl = gaussian_kl_to_standard_normal(loc, log_scale)
+        kl = tf.reduce_sum(tfd.kl_divergence(tfd.Normal(loc, tf.exp(log_scale)), tfd.Normal(0.0, 1.0)), axis=-1)
         if return_terms:
             return reconstruction - kl, reconstruction, kl
         return reconstruction - kl
@@ -193,10 +154,6 @@ class SemiAmortizedVAE(keras.Model):
     def posterior_mean(self, x) -> tf.Tensor:
         return self.refine(x)[0]
 
-    def call(self, inputs, training=False):
-        """Reconstruction: decoder mean at the refined posterior mean, `[B, H, W, C]`."""
-        return self.decoder(self.posterior_mean(inputs)).mean()
-
     # ------------------------------------------------------------------ evaluation API
     def elbo(self, x, num_samples: int = 1) -> tf.Tensor:
         """`[B]` ELBO at the refined parameters."""
@@ -210,16 +167,9 @@ class SemiAmortizedVAE(keras.Model):
         loc, log_scale = self.amortized_parameters(x)
         return self.per_example_elbo(x, loc, log_scale, num_samples)
 
-    def log_likelihood(self, x, num_samples: int = 5000, chunk_size: int = 100) -> tf.Tensor:
-        """`[B]` importance-weighted `log p(x)` with the refined Gaussian as proposal (refined once, then K samples)."""
-        x = self._unpack(x)
-        q = self.posterior(x)
-
-        def log_weights(size):
-            z = q.sample(size)
-            return self.decoder(z).log_prob(x[None]) + standard_normal_log_prob(z) - q.log_prob(z)
-
-        return objectives.importance_weighted_log_likelihood(log_weights, num_samples, chunk_size)
+    def proposal(self, x) -> tfd.Distribution:
+        """Importance proposal of `log_likelihood`: the refined Gaussian (refined once, then K samples)."""
+        return self.posterior(x)
 
     # ------------------------------------------------------------------ training
     def _update_metrics(self, elbo, amortized, reconstruction, kl):
@@ -271,8 +221,6 @@ class SemiAmortizedVAE(keras.Model):
     def get_config(self):
         config = super().get_config()
         config.update(
-            encoder=keras.saving.serialize_keras_object(self.encoder),
-            decoder=keras.saving.serialize_keras_object(self.decoder),
             refine_steps=self.refine_steps,
             refine_lr=self.refine_lr,
             refine_momentum=self.refine_momentum,
@@ -281,10 +229,3 @@ class SemiAmortizedVAE(keras.Model):
             num_samples=self.num_samples,
         )
         return config
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["encoder"] = keras.saving.deserialize_keras_object(config["encoder"])
-        config["decoder"] = keras.saving.deserialize_keras_object(config["decoder"])
-        return cls(**config)

@@ -1,0 +1,120 @@
+"""`LatentVariableModel`: what every VAE-style model here shares (RME and its baselines, SA-VAE).
+
+An encoder (`RecursiveMixtureEncoder`), a decoder `p(x | z)` and the prior `N(0, I)`; building on first use,
+batch unpacking, metric trackers, reconstruction, prior samples, the importance-weighted log-likelihood and Keras
+serialization of the two sub-layers. Subclasses provide `posterior_mean(x)`, the importance proposal
+`proposal(x)` and their own `train_step`/`test_step`.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from tf_rmvae import objectives
+from tf_rmvae.encoders import RecursiveMixtureEncoder
+
+tfd = tfp.distributions
+
+
+def standard_normal_log_prob(z: tf.Tensor) -> tf.Tensor:
+    """`log N(z; 0, I)` summed over the last axis: `[..., D] -> [...]`."""
+    return tf.reduce_sum(tfd.Normal(0.0, 1.0).log_prob(z), axis=-1)
+
+
+class LatentVariableModel(keras.Model):
+    """Base of the models: `encoder` (a `RecursiveMixtureEncoder`) and `decoder` (`z [..., D]` -> image distribution)."""
+
+    def __init__(self, encoder: RecursiveMixtureEncoder, decoder: keras.layers.Layer, **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(encoder, RecursiveMixtureEncoder):
+            raise TypeError(f"encoder must be a RecursiveMixtureEncoder; got {type(encoder).__name__}.")
+        self.encoder = encoder
+        self.decoder = decoder
+        self._trackers: dict[str, keras.metrics.Metric] = {}
+        self._log_likelihood_fn = None
+
+    # ------------------------------------------------------------------ construction
+    def ensure_built(self, input_shape) -> None:
+        """Builds the model for `input_shape` (also from inside a traced step: variables are created eagerly)."""
+        if not self.built:
+            with tf.init_scope():
+                self.build(tuple(input_shape))
+            self._build_shapes_dict = {"input_shape": tuple(input_shape)}
+
+    def build(self, input_shape):
+        self.encoder.ensure_built(tuple(input_shape))
+        if not self.decoder.built:
+            self.decoder.build((None, self.encoder.latent_dim))
+            self.decoder.built = True
+        self.built = True
+
+    @property
+    def metrics(self):
+        return list(self._trackers.values())
+
+    def _unpack(self, data) -> tf.Tensor:
+        """A batch as float32 images `[B, H, W, C]` (accepts `x`, `(x,)`, `(x, y)` and tfds-style dicts)."""
+        if isinstance(data, (tuple, list)):
+            data = data[0]
+        if isinstance(data, dict):
+            data = data["image"]
+        data = tf.cast(data, tf.float32)
+        self.ensure_built(data.shape)
+        return data
+
+    # ------------------------------------------------------------------ inference API
+    def posterior_mean(self, x) -> tf.Tensor:
+        """`[B, D]` mean of the posterior."""
+        raise NotImplementedError
+
+    def proposal(self, x) -> tfd.Distribution:
+        """The importance proposal `q(z | x)` of `log_likelihood` (batch `[B]`, event `[D]`)."""
+        raise NotImplementedError
+
+    def call(self, inputs, training=False):
+        """Reconstruction: decoder mean at the posterior mean, `[B, H, W, C]`."""
+        return self.decoder(self.posterior_mean(inputs)).mean()
+
+    def generate(self, num_images: int, seed: int | None = None) -> tf.Tensor:
+        """Mean images decoded from prior samples, `[num_images, H, W, C]` (stateless in `seed`)."""
+        z = tf.random.stateless_normal([num_images, self.encoder.latent_dim], seed=[0, 0 if seed is None else seed])
+        return self.decoder(z).mean()
+
+    def log_likelihood(self, x, num_samples: int = 5000, chunk_size: int = 100) -> tf.Tensor:
+        """`[B]` importance-weighted estimate of `log p(x)` with K = `num_samples` proposal samples, in chunks.
+
+        `num_samples` may be a Python int or an int32 scalar tensor (e.g. a serving input).
+        """
+        x = self._unpack(x)
+        if tf.executing_eagerly():  # one compiled graph per (K, chunk) instead of eager sampling op by op
+            if self._log_likelihood_fn is None:
+                self._log_likelihood_fn = tf.function(self._log_likelihood, reduce_retracing=True)
+            return self._log_likelihood_fn(x, num_samples, chunk_size)
+        return self._log_likelihood(x, num_samples, chunk_size)
+
+    def _log_likelihood(self, x, num_samples, chunk_size):
+        q = self.proposal(x)
+
+        def log_importance_weights(size):  # [C, B]
+            z = q.sample(size)
+            return self.decoder(z).log_prob(x[None]) + standard_normal_log_prob(z) - q.log_prob(z)
+
+        return objectives.importance_weighted_log_likelihood(log_importance_weights, num_samples, chunk_size)
+
+    # ------------------------------------------------------------------ serialization
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            encoder=keras.saving.serialize_keras_object(self.encoder),
+            decoder=keras.saving.serialize_keras_object(self.decoder),
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["encoder"] = keras.saving.deserialize_keras_object(config["encoder"])
+        config["decoder"] = keras.saving.deserialize_keras_object(config["decoder"])
+        return cls(**config)
