@@ -13,6 +13,7 @@ import json
 import os
 from typing import Any
 
+from tf_rmvae.distribute import PRECISIONS, STRATEGIES
 from tf_rmvae.encoders import ARCHITECTURES
 from tf_rmvae.models import METHODS, SCHEDULES
 
@@ -24,6 +25,9 @@ DECODERS = ("auto", "bernoulli", "gaussian")
 RESUMABLE_FIELDS = frozenset({
     "epochs", "verbose", "iwae_samples", "eval_examples", "eval_chunk_size", "jit_compile", "export_dir",
     "export_name", "export_encoder", "keep_checkpoints", "model_dir", "data_dir", "debug_batch_sleep",
+    # The training state (weights, recursion state, optimizer, epoch) is device-independent and every epoch's data is
+    # a function of (seed, epoch) with the same global batch on any strategy: a run may resume on other hardware.
+    "strategy",
 })
 
 
@@ -44,6 +48,9 @@ class RunConfig:
     Evaluation: `eval_examples` (0 = the whole test split), `iwae_samples` (K of the IWAE bound), `eval_chunk_size`.
     Output: `model_dir`, `export_dir` ("" disables export), `export_name` ("" = `<dataset>_<method>`),
       `export_encoder`, `keep_checkpoints` (per-epoch checkpoints kept; 0 keeps all).
+    Hardware: `strategy` ("default", "mirrored", "multi_worker_mirrored", "tpu"; see `tf_rmvae.distribute`; may change
+      when resuming), `mixed_precision` ("float32", "mixed_float16", "mixed_bfloat16": Keras's global dtype policy).
+      `batch_size` is the GLOBAL batch, split evenly over the replicas (it must be a multiple of their number).
     `debug_batch_sleep`: seconds slept after every training batch (tests use it to interrupt runs mid-epoch).
     """
 
@@ -75,6 +82,8 @@ class RunConfig:
     export_name: str = ""
     export_encoder: bool = False
     keep_checkpoints: int = 3
+    strategy: str = "default"
+    mixed_precision: str = "float32"
     debug_batch_sleep: float = 0.0
 
     def __post_init__(self):
@@ -118,6 +127,9 @@ class RunConfig:
         check(self.verbose in (0, 1, 2), f"--verbose must be 0, 1 or 2; got {self.verbose}.")
         check(self.keep_checkpoints >= 0, f"--keep_checkpoints must be >= 0; got {self.keep_checkpoints}.")
         check(self.debug_batch_sleep >= 0, f"--debug_batch_sleep must be >= 0; got {self.debug_batch_sleep}.")
+        check(self.strategy in STRATEGIES, f"--strategy must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}.")
+        check(self.mixed_precision in PRECISIONS,
+              f"--mixed_precision must be one of {', '.join(PRECISIONS)}; got {self.mixed_precision!r}.")
         check(bool(self.model_dir), "--model_dir is required (the directory for checkpoints, logs and metrics).")
         return self
 

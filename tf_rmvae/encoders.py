@@ -203,6 +203,7 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
             shape=(self.max_components,),
             initializer=lambda shape, dtype=None: tf.constant(mixing.uniform_mixing_logits(shape[0])),
             trainable=self.learn_mixing_proportions,
+            autocast=False,  # the weights stay float32 under a mixed-precision policy
             aggregation="only_first_replica",
         )
         self.num_active_components = self.add_weight(

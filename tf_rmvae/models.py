@@ -180,13 +180,13 @@ class RecursiveMixtureVAE(LatentVariableModel):
     # ------------------------------------------------------------------ inference API
     def posterior(self, x) -> tfd.MixtureSameFamily:
         """`q(z | x)` as a `MixtureSameFamily`, batch `[B]`, event `[D]`."""
-        x = tf.convert_to_tensor(x, tf.float32)
+        x = tf.cast(x, tf.float32)
         self.ensure_built(x.shape)
         return make_mixture(*self.encoder.compute_parameters(x))
 
     def posterior_mean(self, x) -> tf.Tensor:
         """`[B, D]` mean of the mixture posterior."""
-        x = tf.convert_to_tensor(x, tf.float32)
+        x = tf.cast(x, tf.float32)
         self.ensure_built(x.shape)
         log_w, loc, _ = self.encoder.compute_parameters(x)
         return tf.einsum("bm,bmd->bd", tf.exp(log_w), loc)

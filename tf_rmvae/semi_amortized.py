@@ -93,7 +93,7 @@ class SemiAmortizedVAE(LatentVariableModel):
     # ------------------------------------------------------------------ variational parameters
     def amortized_parameters(self, x):
         """`x [B, ...]` -> `(loc [B, D], log_scale [B, D])` of the amortized encoder (lambda_0)."""
-        x = tf.convert_to_tensor(x, tf.float32)
+        x = tf.cast(x, tf.float32)
         self.ensure_built(x.shape)
         _, loc, scale = self.encoder.compute_parameters(x)
         return loc[:, 0], tf.math.log(scale[:, 0])
@@ -135,7 +135,7 @@ class SemiAmortizedVAE(LatentVariableModel):
 
         Gradients do not flow back into the encoder (inference use); training uses the unrolled form internally.
         """
-        x = tf.convert_to_tensor(x, tf.float32)
+        x = tf.cast(x, tf.float32)
         loc, log_scale = self.amortized_parameters(x)
         loc, log_scale = tf.stop_gradient(loc), tf.stop_gradient(log_scale)
         loc, log_scale = self._refine_from(x, loc, log_scale, self.refine_steps if steps is None else int(steps))

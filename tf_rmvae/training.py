@@ -21,7 +21,9 @@ Layout of `model_dir`:
 Resumption rests on `keras.callbacks.BackupAndRestore`: the `.weights.h5` file that `Model.save_weights` writes holds
 every model variable, including the recursion state (`num_active_components`, `mixing_logits`, the line-search
 accumulators), and the optimizer's variables (`iterations`, Adam's moments). `AtomicBackupAndRestore` only makes
-each save atomic, so a kill during a save leaves the previous epoch's state intact.
+each save atomic, so a kill during a save leaves the previous epoch's state intact. The training data of epoch e is a
+function of (seed, e) (`tf_rmvae.data.pipeline.load_epochs`) and the training noise of step t of (seed, t), so a run
+killed and resumed ends with the weights of an uninterrupted run (up to float reduction order).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import glob
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from typing import Any
 
@@ -39,7 +43,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tf_rmvae import plots
+from tf_rmvae import distribute, plots
 from tf_rmvae.callbacks import ComponentSchedule, NonFiniteInputGuard
 from tf_rmvae.config import ConfigError, RunConfig
 from tf_rmvae.decoders import make_decoder
@@ -80,7 +84,7 @@ def build_model(config: RunConfig, image_shape: tuple[int, int, int], binary: bo
     )
     return RecursiveMixtureVAE(
         encoder, decoder, method=config.method, lambda_kl=config.lambda_kl, schedule=config.schedule,
-        eps_search_every=config.eps_search_every,
+        eps_search_every=config.eps_search_every, noise_seed=config.seed,
     )
 
 
@@ -113,26 +117,34 @@ def load_trained_model(model_dir: str, checkpoint: str | None = None) -> Recursi
 
 # ---------------------------------------------------------------------------------------------- callbacks
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """`keras.callbacks.BackupAndRestore` whose saves are atomic (temporary files renamed into place).
+    """`keras.callbacks.BackupAndRestore` whose saves are atomic (temporary files renamed into place), and which
+    may write somewhere else than it restores from.
 
     The state (model weights, recursion state, optimizer variables) and the completed-epoch count are written to
     temporary files first and renamed weights-then-metadata, so a process killed mid-save resumes from the previous
     complete state. The state is kept after training (`delete_checkpoint=False`): a run killed during evaluation
     or export resumes with no epoch left to train.
+
+    Multi-worker training: Keras 3's `BackupAndRestore` has no notion of workers (every process would write the same
+    files). Every worker restores from `backup_dir` (the chief's; it must be on a filesystem all workers see), but only
+    the chief writes there: the other workers pass their own `write_dir` (a temporary directory), so they do the same
+    work at the same points as the chief (as `tf.keras` did with its per-worker temporary directories) without
+    racing the chief's files.
     """
 
-    def __init__(self, backup_dir: str):
+    def __init__(self, backup_dir: str, write_dir: str | None = None):
         super().__init__(backup_dir, save_freq="epoch", delete_checkpoint=False)
+        self.write_dir = write_dir or backup_dir
 
     def _save_model(self):
-        os.makedirs(self.backup_dir, exist_ok=True)
-        tmp_weights = os.path.join(self.backup_dir, "tmp.weights.h5")
-        tmp_metadata = os.path.join(self.backup_dir, "tmp_training_metadata.json")
+        os.makedirs(self.write_dir, exist_ok=True)
+        tmp_weights = os.path.join(self.write_dir, "tmp.weights.h5")
+        tmp_metadata = os.path.join(self.write_dir, "tmp_training_metadata.json")
         self.model.save_weights(tmp_weights, overwrite=True)
         with open(tmp_metadata, "w", encoding="utf-8") as f:
             json.dump({"epoch": self._current_epoch, "batch": self._last_batch_seen}, f)
-        os.replace(tmp_weights, self._weights_path)
-        os.replace(tmp_metadata, self._training_metadata_path)
+        os.replace(tmp_weights, os.path.join(self.write_dir, os.path.basename(self._weights_path)))
+        os.replace(tmp_metadata, os.path.join(self.write_dir, os.path.basename(self._training_metadata_path)))
 
 
 class ResumableCSVLogger(keras.callbacks.CSVLogger):
@@ -177,25 +189,32 @@ class BatchSleep(keras.callbacks.Callback):
         time.sleep(self.seconds)
 
 
-def make_callbacks(config: RunConfig) -> list[keras.callbacks.Callback]:
+def make_callbacks(config: RunConfig, worker_dir: str | None = None) -> list[keras.callbacks.Callback]:
     """The callbacks of a run in `config.model_dir`.
 
     The backup comes last so that at the end of an epoch it saves after the history row is written: an epoch whose
     state was saved always has its row, and a row without saved state is dropped on resume (`ResumableCSVLogger`).
+
+    `worker_dir`: on a non-chief worker of a multi-worker run, a private directory: the worker writes its backup and
+    checkpoints there (restoring from the chief's backup) and writes no history or TensorBoard logs.
     """
     model_dir = config.model_dir
     backup_dir = os.path.join(model_dir, BACKUP_DIR)
-    callbacks: list[keras.callbacks.Callback] = [
-        ResumableCSVLogger(os.path.join(model_dir, HISTORY_FILE), backup_dir),
-        keras.callbacks.TensorBoard(os.path.join(model_dir, LOG_DIR), write_graph=False),
-        PrunedModelCheckpoint(os.path.join(model_dir, CHECKPOINT_DIR), config.keep_checkpoints),
-        NonFiniteInputGuard(),  # names the batch of NaN/Inf inputs even under XLA
-    ]
+    if worker_dir is None:
+        callbacks: list[keras.callbacks.Callback] = [
+            ResumableCSVLogger(os.path.join(model_dir, HISTORY_FILE), backup_dir),
+            keras.callbacks.TensorBoard(os.path.join(model_dir, LOG_DIR), write_graph=False),
+            PrunedModelCheckpoint(os.path.join(model_dir, CHECKPOINT_DIR), config.keep_checkpoints),
+        ]
+    else:
+        callbacks = [PrunedModelCheckpoint(os.path.join(worker_dir, CHECKPOINT_DIR), 1)]
+    callbacks.append(NonFiniteInputGuard())  # names the batch of NaN/Inf inputs even under XLA
     if config.adds_components:
         callbacks.append(ComponentSchedule(epochs_per_component=config.epochs_per_component))
     if config.debug_batch_sleep > 0:
         callbacks.append(BatchSleep(config.debug_batch_sleep))
-    callbacks.append(AtomicBackupAndRestore(backup_dir))
+    callbacks.append(AtomicBackupAndRestore(
+        backup_dir, write_dir=None if worker_dir is None else os.path.join(worker_dir, BACKUP_DIR)))
     return callbacks
 
 
@@ -351,49 +370,92 @@ def train(config: RunConfig) -> dict[str, Any]:
     stage and optimizer state); rerunning a finished run returns its saved metrics without training. A
     `model_dir` holding a run with different settings raises `ConfigError`.
 
+    The model, optimizer and datasets are built in the scope of `config.strategy` (made first: a multi-worker
+    strategy must exist before TensorFlow runs any op); `config.batch_size` is the global batch. On a non-chief
+    worker of a multi-worker run nothing is written to `model_dir` and no evaluation is done: the returned dict
+    holds `"chief": False` and the training summary only.
+
     Returns:
       The metrics written to `model_dir/metrics.json` (plus `"skipped": True` for an already finished run).
     """
     start = time.perf_counter()
     config.validate()
-    os.makedirs(config.model_dir, exist_ok=True)
+    try:
+        strategy = distribute.make_strategy(config.strategy)
+    except distribute.StrategyError as e:
+        raise ConfigError(str(e)) from e
+    chief = distribute.is_chief(strategy)
+    if chief:
+        os.makedirs(config.model_dir, exist_ok=True)
     finished = _check_run_dir(config)
     if finished is not None:
         logging.info("%s already finished (%d epochs); nothing to train.", config.model_dir,
                      finished["epochs_completed"])
         return dict(finished, skipped=True)
-    config.save(os.path.join(config.model_dir, CONFIG_FILE))
+    replicas = strategy.num_replicas_in_sync
+    if config.batch_size % replicas:
+        raise ConfigError(f"--batch_size={config.batch_size} is the global batch: it must be a multiple of the "
+                          f"{replicas} replicas of --strategy={config.strategy}.")
+    if chief:
+        config.save(os.path.join(config.model_dir, CONFIG_FILE))
     if config.adds_components and config.epochs < 1 + (config.num_components - 1) * config.epochs_per_component:
         logging.warning("With --epochs=%d and --epochs_per_component=%d only %d of %d components will be active.",
                         config.epochs, config.epochs_per_component, config.active_components_at(config.epochs - 1),
                         config.num_components)
+    previous_policy = distribute.set_precision(config.mixed_precision)
+    worker_dir = None if chief else tempfile.mkdtemp(prefix="rmvae_worker_")
+    try:
+        return _train_in_strategy(config, strategy, chief, worker_dir, start)
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+        if worker_dir is not None:
+            shutil.rmtree(worker_dir, ignore_errors=True)
 
-    from tf_rmvae.data import get_dataset_spec, load_dataset, load_numpy
+
+def _train_in_strategy(config: RunConfig, strategy, chief: bool, worker_dir: str | None, start: float) -> dict:
+    from tf_rmvae.data import get_dataset_spec, load_numpy
+    from tf_rmvae.data.pipeline import load_epochs
 
     keras.utils.set_random_seed(config.seed)
     spec = get_dataset_spec(config.dataset)
     data_dir = config.data_dir or None
-    train_data = load_dataset(config.dataset, spec.train_split, config.batch_size, shuffle=True, seed=config.seed,
-                              data_dir=data_dir, take=config.train_examples or None)
-    model = build_compiled_model(config, spec.image_shape, spec.binary)
     resumed_from = completed_epochs(config.model_dir)
     if resumed_from:
         logging.info("Resuming %s after epoch %d of %d.", config.model_dir, resumed_from, config.epochs)
-    model.fit(train_data, epochs=config.epochs, callbacks=make_callbacks(config), verbose=config.verbose)
+    # Epoch e's batches are a function of (seed, e): a resumed run sees the data the uninterrupted run saw. Every step
+    # has the full global batch (the last incomplete batch of an epoch is dropped) on any strategy.
+    train_data, steps_per_epoch = load_epochs(
+        config.dataset, spec.train_split, config.batch_size, min(resumed_from, config.epochs), config.epochs,
+        seed=config.seed, data_dir=data_dir, take=config.train_examples or None, drop_remainder=True,
+    )
+    if steps_per_epoch < 1:
+        raise ConfigError(f"--batch_size={config.batch_size} is larger than the {config.train_examples or 'whole'} "
+                          "training examples: an epoch would have no step.")
+    options = tf.data.Options()
+    # Every worker reads the same pipeline and keeps its share of each global batch (the split of one device's batch).
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    train_data = train_data.with_options(options)
+    with strategy.scope():
+        model = build_compiled_model(config, spec.image_shape, spec.binary)
+    model.fit(train_data, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
+              callbacks=make_callbacks(config, worker_dir), verbose=config.verbose if chief else 0)
     train_end = time.perf_counter()
+    summary = dict(
+        dataset=config.dataset, method=config.method, epochs_completed=completed_epochs(config.model_dir),
+        optimizer_iterations=int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
+        strategy=config.strategy, replicas=int(strategy.num_replicas_in_sync), mixed_precision=config.mixed_precision,
+    )
+    if not chief:
+        return dict(summary, chief=False, resumed_from_epoch=resumed_from, train_time_s=train_end - start)
 
     x_test = load_numpy(config.dataset, spec.test_split, take=config.eval_examples or None, data_dir=data_dir)
     test = evaluate_run(model, x_test, config)
     history = read_history(os.path.join(config.model_dir, HISTORY_FILE))
     figures = save_figures(model, x_test, history, config)
-    epochs_done = completed_epochs(config.model_dir)
-    summary = dict(
-        dataset=config.dataset, method=config.method, epochs_completed=epochs_done,
-        optimizer_iterations=int(keras.ops.convert_to_numpy(model.optimizer.iterations)), test=test,
-    )
+    summary["test"] = test
     exports = export_run(model, config, _json_ready(summary))
     metrics = dict(
-        summary, completed=epochs_done >= config.epochs, resumed_from_epoch=resumed_from,
+        summary, completed=summary["epochs_completed"] >= config.epochs, resumed_from_epoch=resumed_from,
         wall_time_s=time.perf_counter() - start, train_time_s=train_end - start, figures=figures, exports=exports,
         config=config.to_dict(), history=history,
     )

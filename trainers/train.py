@@ -4,7 +4,13 @@
     python -m trainers.train --model_dir runs/vae --method vae          # baseline VAE (1 component)
     rmvae-train --model_dir runs/conv --architecture conv --epochs 20   # console script (setup.py)
 
+    python -m trainers.train --model_dir runs/gpus --strategy mirrored --batch_size 400   # every local GPU
+    TF_CONFIG='{"cluster": {"worker": ["host0:2222", "host1:2222"]}, "task": {"type": "worker", "index": 0}}' \
+        python -m trainers.train --model_dir /shared/runs/big --strategy multi_worker_mirrored   # on each host
+
 Rerun the same command after an interruption to resume it; rerunning a finished run only reports its metrics.
+`--batch_size` is the global batch (split over the replicas). With `multi_worker_mirrored`, `--model_dir` must be on a
+filesystem every worker sees (the chief writes it; all workers restore from it); restart all workers after a failure.
 See `tf_rmvae.training` for the layout of `--model_dir`.
 """
 
@@ -15,6 +21,7 @@ import sys
 from absl import app, flags
 
 from tf_rmvae.config import ConfigError, RunConfig
+from tf_rmvae.distribute import PRECISIONS, STRATEGIES
 from tf_rmvae.encoders import ARCHITECTURES
 from tf_rmvae.models import METHODS, SCHEDULES
 
@@ -23,7 +30,8 @@ _DEFAULTS = RunConfig()
 flags.DEFINE_string("dataset", _DEFAULTS.dataset, "Dataset name (tf_rmvae.data.SUPPORTED_DATASETS).")
 flags.DEFINE_string("data_dir", _DEFAULTS.data_dir, "tfds data directory ('' = tfds default).")
 flags.DEFINE_integer("train_examples", _DEFAULTS.train_examples, "Use the first N training examples (0 = all).")
-flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size, "Training batch size.")
+flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size,
+                     "GLOBAL training batch size: split evenly over all replicas (a multiple of their number).")
 flags.DEFINE_enum("method", _DEFAULTS.method, list(METHODS),
                   "rme: Recursive Mixture Estimation; vae: single Gaussian; mixture: jointly trained mixture; "
                   "boosting: boosting VI.")
@@ -56,6 +64,11 @@ flags.DEFINE_string("export_dir", _DEFAULTS.export_dir, "Base directory of TF-Se
 flags.DEFINE_string("export_name", _DEFAULTS.export_name, "Served model name ('' = <dataset>_<method>).")
 flags.DEFINE_boolean("export_encoder", _DEFAULTS.export_encoder, "Also export the encoder alone (<name>_encoder).")
 flags.DEFINE_integer("keep_checkpoints", _DEFAULTS.keep_checkpoints, "Per-epoch checkpoints kept (0 = all).")
+flags.DEFINE_enum("strategy", _DEFAULTS.strategy, list(STRATEGIES),
+                  "tf.distribute strategy: default (one device), mirrored (all GPUs of this host), "
+                  "multi_worker_mirrored (the cluster in TF_CONFIG), tpu. May change when resuming a run.")
+flags.DEFINE_enum("mixed_precision", _DEFAULTS.mixed_precision, list(PRECISIONS),
+                  "Keras dtype policy; distributions are always computed in float32.")
 flags.DEFINE_float("debug_batch_sleep", 0.0, "Testing only: seconds to sleep after every training batch.")
 
 FLAGS = flags.FLAGS
@@ -83,7 +96,8 @@ def config_from_flags() -> RunConfig:
         seed=FLAGS.seed, jit_compile=FLAGS.jit_compile, verbose=FLAGS.verbose, eval_examples=FLAGS.eval_examples,
         iwae_samples=FLAGS.iwae_samples, eval_chunk_size=FLAGS.eval_chunk_size, model_dir=FLAGS.model_dir or "",
         export_dir=FLAGS.export_dir, export_name=FLAGS.export_name, export_encoder=FLAGS.export_encoder,
-        keep_checkpoints=FLAGS.keep_checkpoints, debug_batch_sleep=FLAGS.debug_batch_sleep,
+        keep_checkpoints=FLAGS.keep_checkpoints, strategy=FLAGS.strategy, mixed_precision=FLAGS.mixed_precision,
+        debug_batch_sleep=FLAGS.debug_batch_sleep,
     )
     return config.validate()
 
@@ -99,6 +113,9 @@ def main(argv: list[str]) -> None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if not metrics.get("chief", True):
+        print(f"{config.model_dir}: worker finished {metrics['epochs_completed']} epochs; the chief writes the metrics.")
+        return
     test = metrics["test"]
     status = "already finished; nothing trained" if metrics.get("skipped") else f"{metrics['wall_time_s']:.0f} s"
     print(

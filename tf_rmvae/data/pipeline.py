@@ -41,6 +41,7 @@ __all__ = [
     "SUPPORTED_DATASETS",
     "get_dataset_spec",
     "load_dataset",
+    "load_epochs",
     "load_numpy",
 ]
 
@@ -299,6 +300,75 @@ def load_dataset(
         ds = tf.data.Dataset.zip((ds, keys))
         ds = ds.map(lambda x, key: _dynamic_binarize(x, key, seed), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def load_epochs(
+    name: str,
+    split: str,
+    batch_size: int,
+    first_epoch: int,
+    epochs: int,
+    *,
+    seed: int = 0,
+    data_dir: str | os.PathLike | None = None,
+    take: int | None = None,
+    drop_remainder: bool = True,
+    cache: bool | str = True,
+    binarization: Binarization = "auto",
+    binarize_seed: int = 0,
+) -> tuple[tf.data.Dataset, int]:
+    """Training epochs ``first_epoch, ..., epochs - 1`` back to back, each a pure function of ``(seed, epoch)``.
+
+    Like :func:`load_dataset` with ``shuffle=True``, except that epoch ``e``'s shuffle order and dynamic
+    binarization are keyed by ``(seed, e)`` instead of by a per-iteration random stream. A run resumed at
+    epoch ``e`` (a new process, a new iterator) therefore sees exactly the batches that the uninterrupted run
+    saw in epoch ``e``. Give ``fit`` the returned ``steps_per_epoch``: Keras then keeps one iterator over all
+    epochs.
+
+    Returns:
+      ``(dataset, steps_per_epoch)``: float32 ``[B, H, W, C]`` batches, ``steps_per_epoch`` per epoch
+      (``ceil(N / B)``, or ``N // B`` with ``drop_remainder``), ``(epochs - first_epoch) * steps_per_epoch`` in all.
+    """
+    spec = get_dataset_spec(name)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    mode = _resolve_binarization(spec, split, binarization)
+    examples = _examples(spec, split, data_dir=data_dir, take=take, mode=mode, binarize_seed=binarize_seed)
+    if cache:
+        examples = examples.cache(cache if isinstance(cache, str) else "")
+    count = int(examples.cardinality())
+    if count < 0:  # unknown: count once
+        count = int(examples.reduce(np.int64(0), lambda n, _: n + 1))
+    steps = count // batch_size if drop_remainder else -(-count // batch_size)
+
+    def epoch_batches(epoch):
+        # A fixed graph-level seed inside this function, so the shuffle's seed is `(seed, epoch)` alone (and a
+        # tensor op seed is accepted even when the global seed is 0).
+        tf.random.set_seed(_EPOCH_GRAPH_SEED)
+        op_seed = (tf.constant(seed, tf.int64) * 1_000_003 + epoch) % (2**31 - 1)
+        ds = examples.shuffle(SHUFFLE_BUFFER, seed=op_seed, reshuffle_each_iteration=False)
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+        ds = ds.map(lambda x: tf.cast(x, tf.float32) / 255.0, num_parallel_calls=tf.data.AUTOTUNE)
+        if mode == "dynamic":
+            key = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
+            ds = ds.enumerate().map(
+                lambda i, x: _stateless_binarize(x, tf.random.experimental.stateless_fold_in(key, i)),
+                num_parallel_calls=tf.data.AUTOTUNE,
+            )
+        return ds
+
+    ds = tf.data.Dataset.range(int(first_epoch), int(epochs)).flat_map(epoch_batches)
+    return ds.prefetch(tf.data.AUTOTUNE), steps
+
+
+#: Graph-level seed of :func:`load_epochs`'s per-epoch pipelines.
+_EPOCH_GRAPH_SEED = 1
+
+
+def _stateless_binarize(x: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """Bernoulli(``x``) with noise keyed by the stateless ``seed`` (int ``[2]``)."""
+    u = tf.random.stateless_uniform(tf.shape(x), seed=seed, dtype=tf.float32)
+    return tf.cast(u < x, tf.float32)
 
 
 def _dynamic_binarize(x: tf.Tensor, key: tf.Tensor, seed: int) -> tf.Tensor:
