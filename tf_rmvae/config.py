@@ -42,7 +42,9 @@ class RunConfig:
     Data: `dataset`, `data_dir`, `train_examples` (0 = the whole training split), `batch_size`.
     Model: `method` ("rme", "vae", "mixture", "boosting"), `num_components` (M; 1 for "vae"), `latent_dim`,
       `architecture` ("dense"|"conv"), `hidden_units`, `conv_filters`, `decoder` ("auto": Bernoulli for binary
-      datasets, Gaussian otherwise), `lambda_kl`, `schedule` ("stagewise"|"sweep"), `eps_search_every`.
+      datasets, Gaussian otherwise), `lambda_kl`, `max_log_ratio` (cap of RME's per-sample KL log-ratio; < 0:
+      uncapped), `train_previous` (keep training earlier components), `schedule` ("stagewise"|"sweep"),
+      `eps_search_every`.
     Training: `epochs`, `epochs_per_component` (stage-wise recursive methods: epochs per stage), `learning_rate`,
       `seed`, `jit_compile`, `verbose` (Keras progress: 0 silent, 1 bar, 2 one line per epoch).
     Evaluation: `eval_examples` (0 = the whole test split), `iwae_samples` (K of the IWAE bound), `eval_chunk_size`.
@@ -66,6 +68,8 @@ class RunConfig:
     conv_filters: tuple[int, ...] = (32, 64)
     decoder: str = "auto"
     lambda_kl: float = 0.3
+    max_log_ratio: float = 5.0
+    train_previous: bool = True
     schedule: str = "stagewise"
     eps_search_every: int = 50
     epochs: int = 10

@@ -48,6 +48,10 @@ flags.DEFINE_enum("decoder", _DEFAULTS.decoder, ["auto", "bernoulli", "gaussian"
                   "Likelihood p(x|z); auto: Bernoulli for binary datasets, Gaussian otherwise.")
 flags.DEFINE_enum("schedule", _DEFAULTS.schedule, list(SCHEDULES),
                   "stagewise: components join one at a time (RME); sweep: all components every step.")
+flags.DEFINE_float("max_log_ratio", _DEFAULTS.max_log_ratio,
+                   "Cap of each sample's log h - log q_prev in RME's KL term (< 0: uncapped, which runs off).")
+flags.DEFINE_boolean("train_previous", _DEFAULTS.train_previous,
+                     "Stage-wise: keep training earlier components on their criteria (false: freeze them).")
 flags.DEFINE_integer("eps_search_every", _DEFAULTS.eps_search_every, "Steps between mixing-proportion line searches.")
 flags.DEFINE_integer("epochs", _DEFAULTS.epochs, "Training epochs (a larger value extends a finished or resumed run).")
 flags.DEFINE_integer("epochs_per_component", _DEFAULTS.epochs_per_component,
@@ -91,7 +95,8 @@ def config_from_flags() -> RunConfig:
         batch_size=FLAGS.batch_size, method=FLAGS.method, num_components=num_components, latent_dim=FLAGS.latent_dim,
         architecture=FLAGS.architecture, hidden_units=_int_list(FLAGS.hidden_units, "hidden_units"),
         conv_filters=_int_list(FLAGS.conv_filters, "conv_filters"), decoder=FLAGS.decoder,
-        lambda_kl=FLAGS.lambda_kl, schedule=FLAGS.schedule, eps_search_every=FLAGS.eps_search_every,
+        lambda_kl=FLAGS.lambda_kl, max_log_ratio=FLAGS.max_log_ratio, train_previous=FLAGS.train_previous,
+        schedule=FLAGS.schedule, eps_search_every=FLAGS.eps_search_every,
         epochs=FLAGS.epochs, epochs_per_component=FLAGS.epochs_per_component, learning_rate=FLAGS.learning_rate,
         seed=FLAGS.seed, jit_compile=FLAGS.jit_compile, verbose=FLAGS.verbose, eval_examples=FLAGS.eval_examples,
         iwae_samples=FLAGS.iwae_samples, eval_chunk_size=FLAGS.eval_chunk_size, model_dir=FLAGS.model_dir or "",
