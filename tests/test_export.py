@@ -295,3 +295,16 @@ def test_saved_model_cli_refuses_a_wrong_shape(exported, tmp_path):
     proc = _run(cli + ["--signature_def", "serving_default", "--inputs", "images=x.npy", "--outdir", "o"], tmp_path)
     assert proc.returncode != 0
     assert "Cannot feed value of shape (4, 28, 28)" in proc.stderr and "(None, 28, 28, 1)" in proc.stderr
+
+
+def test_serving_example_prints_a_real_rest_response(exported):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainers.serving_example", f"--model_dir={exported['full']}", "--index=2"],
+        cwd=repo, env=_clean_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    response = json.loads(proc.stdout.split("response:", 1)[1])
+    prediction = response["predictions"][0]
+    assert set(prediction) == {"mixture_weights", "loc", "scale", "posterior_mean"}
+    np.testing.assert_allclose(prediction["mixture_weights"], exported["reference"]["mixture_weights"][0], atol=1e-4)
