@@ -82,6 +82,8 @@ def exported(tmp_path_factory):
 _LOAD_SCRIPT = textwrap.dedent(
     """
     import json, sys
+    import os
+
     import numpy as np
     import tensorflow as tf
 
@@ -121,7 +123,9 @@ _LOAD_SCRIPT = textwrap.dedent(
     encoder = tf.saved_model.load(encoder_dir)
     results["encoder_signatures"] = sorted(encoder.signatures)
     results["encoder/posterior_mean"] = encoder.signatures["serving_default"](images=x)["posterior_mean"].numpy()
-    results["encoder/num_variables"] = len(encoder.variables)
+    # Variables stored in the encoder-only export's checkpoint (each exactly once).
+    stored = tf.train.list_variables(os.path.join(encoder_dir, "variables", "variables"))
+    results["encoder/num_variables"] = len([name for name, _ in stored if name.endswith("VARIABLE_VALUE")])
     np.savez(out_file, **{k: np.asarray(v) for k, v in results.items()})
     imported = sorted(m for m in sys.modules if m.split(".")[0] == "tf_rmvae")
     with open(out_file + ".json", "w") as f:

@@ -254,16 +254,16 @@ def _export(model, model_dir, name, version, kind, metrics, chunk_size, max_num_
     latent_dim = model.encoder.latent_dim
     if chunk_size < 1 or max_num_samples < 1 or max_num_images < 1:
         raise ValueError("chunk_size, max_num_samples and max_num_images must be >= 1.")
+    # No `archive.track(...)`: add_endpoint tracks the variables each endpoint uses, and tracking the model as
+    # well stores every variable twice (Keras keeps the endpoint copy under `_all_variables`).
     archive = keras.export.ExportArchive()
     if kind == "full":
-        archive.track(model)
         endpoints = _add_encode(archive, model.encoder, image_shape)  # the first endpoint is also "serving_default"
         endpoints.update(
             _add_full_endpoints(archive, model, image_shape, latent_dim, chunk_size, max_num_samples, max_num_images)
         )
         limits = {"max_num_samples": max_num_samples, "max_num_images": max_num_images, "chunk_size": chunk_size}
     else:
-        archive.track(model.encoder)
         endpoints = _add_encode(archive, model.encoder, image_shape)
         limits = {}
     signatures = _signature_table(endpoints)
