@@ -46,8 +46,8 @@ class BenchmarkConfig:
     """Everything a benchmark run depends on (saved beside its results).
 
     `epochs_per_component = 0` spreads the components over the run: `max(1, epochs // M)` epochs per stage.
-    `eval_examples = 0` / `train_examples = 0` use the full split. `rme_max_log_ratio < 0` runs RME with the
-    uncapped criterion; `rme_train_previous = False` freezes earlier components (the two ablations of issue 8). `lambdas` apply to "rme" only (boosting and the
+    `eval_examples = 0` / `train_examples = 0` use the full split. `rme_max_log_ratio < 0` runs RME (and boosting)
+    with the uncapped criterion; `rme_train_previous = False` freezes earlier components (ablations of issue 8). `lambdas` apply to "rme" only (boosting and the
     other baselines have no lambda; their rows hold `lambda_kl = None`); `schedules` apply to "rme" and "boosting".
     """
 
@@ -186,7 +186,7 @@ def build_model(config: BenchmarkConfig, cell: Cell) -> keras.Model:
         )
     else:
         kwargs = {} if cell.lambda_kl is None else {"lambda_kl": cell.lambda_kl}
-        if cell.method == "rme":
+        if cell.method in STAGEWISE_METHODS:  # rme and boosting share the cap and the earlier-component rule
             kwargs.update(
                 max_log_ratio=None if config.rme_max_log_ratio < 0 else config.rme_max_log_ratio,
                 train_previous=config.rme_train_previous,
@@ -304,7 +304,7 @@ def _fingerprint(config: BenchmarkConfig, cell: Cell) -> dict:
     values["cell"] = dataclasses.asdict(cell)
     if cell.method != "savae":
         values = {k: v for k, v in values.items() if not k.startswith("savae")}
-    if cell.method != "rme":
+    if cell.method not in STAGEWISE_METHODS:
         values = {k: v for k, v in values.items() if not k.startswith("rme_")}
     return json.loads(json.dumps(values))
 

@@ -108,3 +108,22 @@ def test_uncapped_criterion_runs_off_where_the_decoder_is_flat(cap):
         assert abs(float(loc[0])) > 10.0
     else:
         assert abs(float(loc[0])) < 2.0
+
+
+def test_boosting_residual_elbo_adds_the_entropy_and_is_capped_like_rme():
+    log_joint = tf.constant([[-3.0], [-5.0]])
+    log_h = tf.constant([[-1.0], [-2.0]])
+    log_q = tf.constant([[-1e6], [-4.0]])
+    entropy = tf.constant([2.5])
+    uncapped = objectives.boosting_criterion(log_joint, log_h, log_q, entropy, 0.5)
+    np.testing.assert_allclose(uncapped.numpy(), [np.mean([-3.0 + 1e6, -5.0 + 4.0]) + 1.25], rtol=1e-6)
+    capped = objectives.boosting_criterion(log_joint, log_h, log_q, entropy, 0.5, max_log_ratio=5.0)
+    rme_at_one = objectives.rme_criterion(log_joint, log_h, log_q, 1.0, max_log_ratio=5.0)
+    np.testing.assert_allclose(capped.numpy(), rme_at_one.numpy() + 0.5 * 2.5, rtol=1e-6)
+
+
+def test_tensor_sample_count_below_one_fails_clearly():
+    estimate = tf.function(lambda k: objectives.importance_weighted_log_likelihood(
+        lambda size: tf.zeros([size, 2]), k, 4))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="num_samples must be >= 1"):
+        estimate(tf.constant(0))

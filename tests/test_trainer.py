@@ -184,3 +184,15 @@ def test_history_keeps_only_the_rows_of_saved_epochs(tmp_path):
     assert read_history(str(path)) == [{"epoch": 0, "loss": 3.5}, {"epoch": 1, "loss": 2.5}]
     truncate_history(str(path), 0)
     assert path.read_text() == ""
+
+
+def test_nonfinite_policy_is_validated_and_reaches_the_model():
+    from tf_rmvae import training
+    from tf_rmvae.config import ConfigError, RunConfig
+
+    with pytest.raises(ConfigError, match="nonfinite_inputs"):
+        RunConfig(nonfinite_inputs="ignore").validate()
+    config = RunConfig(nonfinite_inputs="skip", hidden_units=(8,), latent_dim=2)
+    model = training.build_model(config, (28, 28, 1), True)
+    assert model.nonfinite_inputs == "skip"
+    assert not any(type(c).__name__ == "NonFiniteInputGuard" for c in training.make_callbacks(config))

@@ -44,7 +44,8 @@ class RunConfig:
       `architecture` ("dense"|"conv"), `hidden_units`, `conv_filters`, `decoder` ("auto": Bernoulli for binary
       datasets, Gaussian otherwise), `lambda_kl`, `max_log_ratio` (cap of RME's per-sample KL log-ratio; < 0:
       uncapped), `train_previous` (keep training earlier components), `schedule` ("stagewise"|"sweep"),
-      `eps_search_every`.
+      `eps_search_every`, `nonfinite_inputs` ("raise": stop at a batch with NaN/Inf pixels; "skip": skip such
+      examples).
     Training: `epochs`, `epochs_per_component` (stage-wise recursive methods: epochs per stage), `learning_rate`,
       `seed`, `jit_compile`, `verbose` (Keras progress: 0 silent, 1 bar, 2 one line per epoch).
     Evaluation: `eval_examples` (0 = the whole test split), `iwae_samples` (K of the IWAE bound), `eval_chunk_size`.
@@ -70,6 +71,7 @@ class RunConfig:
     lambda_kl: float = 0.3
     max_log_ratio: float = 5.0
     train_previous: bool = True
+    nonfinite_inputs: str = "raise"
     schedule: str = "stagewise"
     eps_search_every: int = 50
     epochs: int = 10
@@ -121,6 +123,8 @@ class RunConfig:
               f"--lambda_kl must be a number >= 0; got {self.lambda_kl}.")
         check(self.epochs >= 1, f"--epochs must be >= 1; got {self.epochs}.")
         check(self.epochs_per_component >= 1, f"--epochs_per_component must be >= 1; got {self.epochs_per_component}.")
+        check(self.nonfinite_inputs in ("raise", "skip"),
+              f"--nonfinite_inputs must be raise or skip; got {self.nonfinite_inputs!r}.")
         check(self.eps_search_every >= 1, f"--eps_search_every must be >= 1; got {self.eps_search_every}.")
         check(self.batch_size >= 1, f"--batch_size must be >= 1; got {self.batch_size}.")
         check(self.learning_rate > 0, f"--learning_rate must be > 0; got {self.learning_rate}.")

@@ -54,7 +54,7 @@ class ImageDecoder(keras.layers.Layer):
         self.architecture = architecture
         self.hidden_units = tuple(int(u) for u in hidden_units)
         self.conv_filters = tuple(int(f) for f in conv_filters)
-        self._activation_name = activation
+        self._activation_name = activation if isinstance(activation, str) else keras.activations.serialize(activation)
         height, width, channels = image_shape
         out_channels = channels * self.params_per_pixel
         if architecture == "dense":

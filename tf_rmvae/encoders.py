@@ -131,7 +131,7 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
         self.hidden_units = tuple(int(u) for u in hidden_units)
         self.conv_filters = tuple(int(f) for f in conv_filters)
         self.activation = keras.activations.get(activation)
-        self._activation_name = activation
+        self._activation_name = activation if isinstance(activation, str) else keras.activations.serialize(activation)
         self.shared_trunk = bool(shared_trunk)
         self.min_scale = float(min_scale)
         self.initial_active_components = int(initial_active_components)

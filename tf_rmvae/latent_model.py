@@ -23,6 +23,20 @@ def standard_normal_log_prob(z: tf.Tensor) -> tf.Tensor:
     return tf.reduce_sum(tfd.Normal(0.0, 1.0).log_prob(z), axis=-1)
 
 
+def replica_batch_layout(batch: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """`(offset, global_batch)`: where this replica's examples start in the global batch, and its size.
+
+    Replicas may hold unequal batches (e.g. a last partial batch), so the sizes are gathered across replicas.
+    """
+    batch = tf.convert_to_tensor(batch, tf.int32)
+    context = tf.distribute.get_replica_context()
+    if context is None or tf.distribute.get_strategy().num_replicas_in_sync == 1:
+        return tf.constant(0, tf.int32), batch
+    sizes = context.all_gather(tf.reshape(batch, [1]), axis=0)  # [R]
+    earlier = tf.range(tf.shape(sizes)[0]) < context.replica_id_in_sync_group
+    return tf.reduce_sum(tf.where(earlier, sizes, 0)), tf.reduce_sum(sizes)
+
+
 class LatentVariableModel(keras.Model):
     """Base of the models: `encoder` (a `RecursiveMixtureEncoder`) and `decoder` (`z [..., D]` -> image distribution)."""
 

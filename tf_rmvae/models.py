@@ -38,7 +38,7 @@ import tensorflow_probability as tfp
 
 from tf_rmvae import mixing, objectives
 from tf_rmvae.encoders import RecursiveMixtureEncoder, make_mixture
-from tf_rmvae.latent_model import LatentVariableModel, standard_normal_log_prob
+from tf_rmvae.latent_model import LatentVariableModel, replica_batch_layout, standard_normal_log_prob
 
 tfd = tfp.distributions
 
@@ -65,7 +65,7 @@ class RecursiveMixtureVAE(LatentVariableModel):
       method: "rme" (default), "vae", "mixture" or "boosting".
       lambda_kl: RME's KL weight lambda (default 0.3; must be >= 0; lambda = 1 collapses).
       max_log_ratio: cap of each sample's `log h - log q_prev` in the RME criterion's KL term (default 5 nats;
-        None: uncapped).
+        None: uncapped); boosting's residual ELBO has the same unbounded reward and gets the same cap.
         The uncapped KL reward is unbounded above and lets a new component run off where the decoder is untrained
         (see `objectives.rme_criterion`).
       schedule: "stagewise" (default, the paper's recursion) or "sweep" (all components every step).
@@ -247,7 +247,8 @@ class RecursiveMixtureVAE(LatentVariableModel):
                 log_joint, log_h_self, log_q_previous, self.lambda_kl, self.max_log_ratio
             )
         residual = objectives.boosting_criterion(
-            log_joint, log_q_previous, components.entropy(), self.boosting_entropy_weight
+            log_joint, log_h_self, log_q_previous, components.entropy(), self.boosting_entropy_weight,
+            self.max_log_ratio,
         )
         return tf.where(has_previous, residual, own_elbo)
 
@@ -282,14 +283,12 @@ class RecursiveMixtureVAE(LatentVariableModel):
 
     def _training_noise(self, x):
         """`[S, B, M, D]` standard normal noise: this replica's slice of the global batch's stateless draw."""
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        context = tf.distribute.get_replica_context()
-        replica = 0 if context is None else context.replica_id_in_sync_group
         batch = tf.shape(x)[0]
-        shape = [self.num_samples, batch * replicas, self.encoder.max_components, self.encoder.latent_dim]
+        offset, global_batch = replica_batch_layout(batch)
+        shape = [self.num_samples, global_batch, self.encoder.max_components, self.encoder.latent_dim]
         seed = tf.stack([tf.constant(self.noise_seed, tf.int64), tf.cast(self.optimizer.iterations, tf.int64)])
         noise = tf.random.stateless_normal(shape, seed)
-        return tf.gather(noise, replica * batch + tf.range(batch), axis=1)
+        return tf.gather(noise, offset + tf.range(batch), axis=1)
 
     def _update_metrics(self, terms):
         values = dict(
@@ -303,7 +302,7 @@ class RecursiveMixtureVAE(LatentVariableModel):
         self._trackers["active_components"].update_state(
             tf.cast(tf.convert_to_tensor(self.encoder.num_active_components), tf.float32)
         )
-        weights = tf.exp(terms["log_weights"][0])
+        weights = tf.exp(self.encoder.mixture_log_weights())
         entropy = tf.reduce_mean(terms["entropy"], axis=0)
         for m in range(self.encoder.max_components):
             self._trackers[f"weight_{m}"].update_state(weights[m])
@@ -312,8 +311,7 @@ class RecursiveMixtureVAE(LatentVariableModel):
 
     def train_step(self, data):
         x = self._unpack(data)
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        global_batch = tf.cast(tf.shape(x)[0] * replicas, tf.float32)
+        global_batch = tf.cast(replica_batch_layout(tf.shape(x)[0])[1], tf.float32)
         encoder = self.encoder
         trained = self._trained_components()
         with tf.GradientTape(persistent=self.recursive) as tape:
@@ -361,7 +359,8 @@ class RecursiveMixtureVAE(LatentVariableModel):
         current = tf.reduce_sum(tf.where(newest, logits, 0.0))
         candidates = tf.concat([current[None], tf.constant(mixing.eps_to_logit(self.eps_grid))], 0)
         scores = objectives.line_search_scores(
-            tf.stop_gradient(terms["log_joint"]), tf.stop_gradient(terms["log_h"]), logits, active, candidates
+            tf.stop_gradient(terms["log_joint"]), tf.stop_gradient(terms["log_h"]), logits, active, candidates,
+            terms["example_weight"],
         )
         context = tf.distribute.get_replica_context()
         if context is not None and tf.distribute.get_strategy().num_replicas_in_sync > 1:

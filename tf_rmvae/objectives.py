@@ -86,13 +86,24 @@ def rme_criterion(
 
 
 def boosting_criterion(
-    log_joint: tf.Tensor, log_q_previous: tf.Tensor, entropy: tf.Tensor, entropy_weight: float
+    log_joint: tf.Tensor,
+    log_h_self: tf.Tensor,
+    log_q_previous: tf.Tensor,
+    entropy: tf.Tensor,
+    entropy_weight: float,
+    max_log_ratio: float | None = None,
 ) -> tf.Tensor:
     """Residual ELBO of boosting VI (Locatello et al., 2018): `E_h[log p(x,z) - log q_prev(z)] + c H(h)`.
 
-    The entropy of the new component (closed form, `[...]`) replaces RME's KL to the current mixture.
+    The entropy of the new component (closed form, `[...]`) replaces RME's KL to the current mixture. Written as
+    `E_h[log p - log h + (log h - log q_prev)] + c H(h)`, i.e. RME's criterion at lambda = 1 plus `c H(h)`, so its
+    reward for leaving q_prev is unbounded in the same way; `max_log_ratio` caps the per-sample log-ratio as in
+    `rme_criterion`.
     """
-    return tf.reduce_mean(log_joint - log_q_previous, axis=0) + entropy_weight * entropy
+    log_ratio = log_h_self - log_q_previous
+    if max_log_ratio is not None:
+        log_ratio = tf.minimum(log_ratio, max_log_ratio)
+    return tf.reduce_mean(log_joint - log_h_self + log_ratio, axis=0) + entropy_weight * entropy
 
 
 def log_mean_exp(log_values: tf.Tensor, axis: int = 0) -> tf.Tensor:
@@ -123,6 +134,8 @@ def importance_weighted_log_likelihood(
     if isinstance(num_samples, int) and num_samples < 1 or isinstance(chunk_size, int) and chunk_size < 1:
         raise ValueError(f"num_samples and chunk_size must be >= 1; got {num_samples}, {chunk_size}.")
     num_samples = tf.convert_to_tensor(num_samples, tf.int32)
+    with tf.control_dependencies([tf.debugging.assert_positive(num_samples, message="num_samples must be >= 1")]):
+        num_samples = tf.identity(num_samples)  # a tensor K < 1 (e.g. a serving input) fails here, not as NaN
     chunk_size = tf.minimum(tf.convert_to_tensor(chunk_size, tf.int32), num_samples)
     first = log_importance_weights_fn(chunk_size)
     total = tf.reduce_logsumexp(first, axis=0)
@@ -143,6 +156,7 @@ def line_search_scores(
     mixing_logits: tf.Tensor,
     num_active: tf.Tensor,
     candidate_logits: tf.Tensor,
+    example_weight: tf.Tensor | None = None,
 ) -> tf.Tensor:
     """Mixture ELBO (batch mean) for each candidate value of the newest mixing proportion, components fixed.
 
@@ -151,12 +165,14 @@ def line_search_scores(
     Args:
       log_joint: `[S, B, M]`; log_h: `[S, B, M, M]` (see module docstring).
       mixing_logits: `[M]`; num_active: scalar k (slot k-1 is searched); candidate_logits: `[G]`.
+      example_weight: optional `[B]` weights of the examples (0 for skipped ones).
 
     Returns:
-      `[G]` batch-mean stratified ELBO of `q_k` under each candidate.
+      `[G]` weighted batch mean of the stratified ELBO of `q_k` under each candidate.
     """
-    log_w = mixing.candidate_log_weights(mixing_logits, num_active, candidate_logits)  # [G, M]
-    log_w = log_w[:, None, None, :]  # [G, 1, 1, M] over [S, B, M]
-    log_q = tf.reduce_logsumexp(log_h[None] + log_w[..., None, :], axis=-1)  # [G, S, B, M]
-    per_component = tf.reduce_mean(log_joint[None] - log_q, axis=1)  # [G, B, M]
-    return tf.reduce_mean(weighted_sum(per_component, log_w[:, 0]), axis=-1)
+    log_w = mixing.candidate_log_weights(mixing_logits, num_active, candidate_logits)[:, None, :]  # [G, 1, M]
+    log_q = mixture_log_density(log_h[:, None], log_w)  # [S, G, B, M]
+    elbo = stratified_mixture_elbo(log_joint[:, None], log_q, log_w)  # [G, B]
+    if example_weight is None:
+        return tf.reduce_mean(elbo, axis=-1)
+    return tf.reduce_sum(elbo * example_weight, axis=-1) / tf.maximum(tf.reduce_sum(example_weight), 1.0)

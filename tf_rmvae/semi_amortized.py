@@ -31,7 +31,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tf_rmvae.encoders import RecursiveMixtureEncoder
-from tf_rmvae.latent_model import LatentVariableModel
+from tf_rmvae.latent_model import LatentVariableModel, replica_batch_layout
 
 tfd = tfp.distributions
 
@@ -183,8 +183,7 @@ class SemiAmortizedVAE(LatentVariableModel):
 
     def train_step(self, data):
         x = self._unpack(data)
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        global_batch = tf.cast(tf.shape(x)[0] * replicas, tf.float32)
+        global_batch = tf.cast(replica_batch_layout(tf.shape(x)[0])[1], tf.float32)
         unrolled = self.encoder_objective == "unrolled"
         with tf.GradientTape(persistent=True) as tape:
             loc0, log_scale0 = self.amortized_parameters(x)

@@ -86,7 +86,7 @@ def build_model(config: RunConfig, image_shape: tuple[int, int, int], binary: bo
         encoder, decoder, method=config.method, lambda_kl=config.lambda_kl, schedule=config.schedule,
         max_log_ratio=None if config.max_log_ratio < 0 else config.max_log_ratio,
         train_previous=config.train_previous,
-        eps_search_every=config.eps_search_every, noise_seed=config.seed,
+        eps_search_every=config.eps_search_every, noise_seed=config.seed, nonfinite_inputs=config.nonfinite_inputs,
     )
 
 
@@ -210,7 +210,8 @@ def make_callbacks(config: RunConfig, worker_dir: str | None = None) -> list[ker
         ]
     else:
         callbacks = [PrunedModelCheckpoint(os.path.join(worker_dir, CHECKPOINT_DIR), 1)]
-    callbacks.append(NonFiniteInputGuard())  # names the batch of NaN/Inf inputs even under XLA
+    if config.nonfinite_inputs == "raise":
+        callbacks.append(NonFiniteInputGuard())  # names the batch of NaN/Inf inputs even under XLA
     if config.adds_components:
         callbacks.append(ComponentSchedule(epochs_per_component=config.epochs_per_component))
     if config.debug_batch_sleep > 0:

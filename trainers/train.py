@@ -52,6 +52,8 @@ flags.DEFINE_float("max_log_ratio", _DEFAULTS.max_log_ratio,
                    "Cap of each sample's log h - log q_prev in RME's KL term (< 0: uncapped, which runs off).")
 flags.DEFINE_boolean("train_previous", _DEFAULTS.train_previous,
                      "Stage-wise: keep training earlier components on their criteria (false: freeze them).")
+flags.DEFINE_enum("nonfinite_inputs", _DEFAULTS.nonfinite_inputs, ["raise", "skip"],
+                  "A batch with NaN/Inf pixels: raise (stop, naming the batch) or skip those examples.")
 flags.DEFINE_integer("eps_search_every", _DEFAULTS.eps_search_every, "Steps between mixing-proportion line searches.")
 flags.DEFINE_integer("epochs", _DEFAULTS.epochs, "Training epochs (a larger value extends a finished or resumed run).")
 flags.DEFINE_integer("epochs_per_component", _DEFAULTS.epochs_per_component,
@@ -96,6 +98,7 @@ def config_from_flags() -> RunConfig:
         architecture=FLAGS.architecture, hidden_units=_int_list(FLAGS.hidden_units, "hidden_units"),
         conv_filters=_int_list(FLAGS.conv_filters, "conv_filters"), decoder=FLAGS.decoder,
         lambda_kl=FLAGS.lambda_kl, max_log_ratio=FLAGS.max_log_ratio, train_previous=FLAGS.train_previous,
+        nonfinite_inputs=FLAGS.nonfinite_inputs,
         schedule=FLAGS.schedule, eps_search_every=FLAGS.eps_search_every,
         epochs=FLAGS.epochs, epochs_per_component=FLAGS.epochs_per_component, learning_rate=FLAGS.learning_rate,
         seed=FLAGS.seed, jit_compile=FLAGS.jit_compile, verbose=FLAGS.verbose, eval_examples=FLAGS.eval_examples,
