@@ -59,7 +59,9 @@ class RecursiveMixtureVAE(LatentVariableModel):
     """VAE with a `RecursiveMixtureEncoder`, trained by RME or one of the baselines (see the module docstring).
 
     Args:
-      encoder: a `RecursiveMixtureEncoder`.
+      encoder: a `RecursiveMixtureEncoder`. The method decides its mixing setup when the model is built: "mixture"
+        and schedule "sweep" activate all components and make the proportions trainable; stage-wise methods make
+        them non-trainable (set by line search), whatever the encoder was constructed with.
       decoder: a layer mapping `z [..., D]` to a distribution over images with event shape `[H, W, C]`
         (e.g. `BernoulliDecoder`).
       method: "rme" (default), "vae", "mixture" or "boosting".

@@ -50,6 +50,10 @@ class SemiAmortizedVAE(LatentVariableModel):
       refine_momentum: heavy-ball momentum in [0, 1) (0: plain SGD).
       refine_clip_norm: per-example clip of the refinement gradient's norm (0: no clipping).
       encoder_objective: "unrolled" (default, Kim et al.: backprop through the refinement) or "amortized".
+
+    Differences from `RecursiveMixtureVAE` worth knowing when comparing: the ELBO uses the closed-form Gaussian KL
+    (TFP) with a Monte Carlo reconstruction term, as Kim et al. do, and the training noise is stateful
+    (`tf.random.normal`), so SA-VAE runs are seeded but a resumed run does not repeat the same noise.
       num_samples: reparameterised samples for the ELBO of the training loss.
 
     Metrics: `loss` (= -refined ELBO), `elbo` (refined), `amortized_elbo`, `refinement_gain`, `reconstruction`, `kl`.
