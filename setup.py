@@ -13,7 +13,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["tf_rmvae", "tf_rmvae.*", "trainers", "trainers.*"]),
+    packages=find_packages(include=["tf_rmvae", "tf_rmvae.*", "trainers", "trainers.*", "benchmarks"]),
     package_data={"tf_rmvae": ["data/mnist/*.gz", "data/mnist/SHA256SUMS", "data/mnist/*.md"]},
     include_package_data=True,
     install_requires=[
@@ -33,6 +33,7 @@ setup(
     entry_points={
         "console_scripts": [
             "rmvae-train=trainers.train:run",
+            "rmvae-benchmark=trainers.benchmark:run",
         ],
     },
 )

@@ -76,5 +76,10 @@ def main(argv):
     print(harness.summary_table(rows))
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console-script entry point (`rmvae-benchmark`, see setup.py)."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()
