@@ -238,6 +238,18 @@ def _examples(
     return ds.map(_to_uint8, num_parallel_calls=tf.data.AUTOTUNE)
 
 
+def _cached_examples(name, split, batch_size, data_dir, take, cache, binarization, binarize_seed):
+    """Checks the arguments; returns `(binarization mode, uint8 examples [H, W, C], cached as asked)`."""
+    spec = get_dataset_spec(name)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    mode = _resolve_binarization(spec, split, binarization)
+    examples = _examples(spec, split, data_dir=data_dir, take=take, mode=mode, binarize_seed=binarize_seed)
+    if cache:
+        examples = examples.cache(cache if isinstance(cache, str) else "")
+    return mode, examples
+
+
 def load_dataset(
     name: str,
     split: str,
@@ -281,13 +293,7 @@ def load_dataset(
       ValueError: unknown dataset name, split or binarization mode.
       DatasetUnavailableError: the dataset is not prepared in ``data_dir`` and cannot be downloaded.
     """
-    spec = get_dataset_spec(name)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    mode = _resolve_binarization(spec, split, binarization)
-    ds = _examples(spec, split, data_dir=data_dir, take=take, mode=mode, binarize_seed=binarize_seed)
-    if cache:
-        ds = ds.cache(cache if isinstance(cache, str) else "")
+    mode, ds = _cached_examples(name, split, batch_size, data_dir, take, cache, binarization, binarize_seed)
     if shuffle:
         ds = ds.shuffle(SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=True)
     if repeat:
@@ -329,13 +335,7 @@ def load_epochs(
       ``(dataset, steps_per_epoch)``: float32 ``[B, H, W, C]`` batches, ``steps_per_epoch`` per epoch
       (``ceil(N / B)``, or ``N // B`` with ``drop_remainder``), ``(epochs - first_epoch) * steps_per_epoch`` in all.
     """
-    spec = get_dataset_spec(name)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    mode = _resolve_binarization(spec, split, binarization)
-    examples = _examples(spec, split, data_dir=data_dir, take=take, mode=mode, binarize_seed=binarize_seed)
-    if cache:
-        examples = examples.cache(cache if isinstance(cache, str) else "")
+    mode, examples = _cached_examples(name, split, batch_size, data_dir, take, cache, binarization, binarize_seed)
     count = int(examples.cardinality())
     if count < 0:  # unknown: count once
         count = int(examples.reduce(np.int64(0), lambda n, _: n + 1))
