@@ -33,7 +33,7 @@ import tensorflow as tf
 
 import tf_rmvae
 from tf_rmvae import data as rm_data
-from tf_rmvae import evaluation
+from tf_rmvae import evaluation, training
 from tf_rmvae.semi_amortized import SemiAmortizedVAE
 
 ALL_METHODS = ("vae", "mixture", "boosting", "rme", "savae")
@@ -171,13 +171,9 @@ def build_model(config: BenchmarkConfig, cell: Cell) -> keras.Model:
     """The cell's model, compiled (Adam at `learning_rate`) and built for the dataset's image shape."""
     spec = rm_data.get_dataset_spec(config.dataset)
     components = 1 if cell.method in SINGLE_COMPONENT_METHODS else cell.num_components
-    encoder = tf_rmvae.RecursiveMixtureEncoder(
-        config.latent_dim, components, architecture=config.architecture, hidden_units=config.hidden_units,
-        seed=cell.seed,
-    )
-    decoder = tf_rmvae.make_decoder(
-        "bernoulli" if spec.binary else "gaussian", spec.image_shape, architecture=config.architecture,
-        hidden_units=tuple(reversed(config.hidden_units)),
+    encoder, decoder = training.build_networks(
+        spec.image_shape, spec.binary, latent_dim=config.latent_dim, num_components=components,
+        architecture=config.architecture, hidden_units=config.hidden_units, seed=cell.seed,
     )
     if cell.method == "savae":
         model = SemiAmortizedVAE(

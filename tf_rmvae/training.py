@@ -63,24 +63,38 @@ CHECKPOINT_PATTERN = "epoch_{epoch:03d}.weights.h5"
 
 
 # ---------------------------------------------------------------------------------------------- model
-def build_model(config: RunConfig, image_shape: tuple[int, int, int], binary: bool) -> RecursiveMixtureVAE:
-    """The unbuilt `RecursiveMixtureVAE` that `config` describes, for images `[H, W, C]` = `image_shape`.
-
-    The decoder is Bernoulli for `binary` data and Gaussian otherwise (unless `config.decoder` names one); its conv
-    filters mirror the encoder's.
-    """
+def build_networks(
+    image_shape: tuple[int, int, int],
+    binary: bool,
+    *,
+    latent_dim: int,
+    num_components: int,
+    architecture: str = "dense",
+    hidden_units: tuple[int, ...] = (200, 200),
+    conv_filters: tuple[int, int] = (32, 64),
+    likelihood: str = "auto",
+    seed: int | None = None,
+) -> tuple[RecursiveMixtureEncoder, keras.layers.Layer]:
+    """Encoder and decoder for images `[H, W, C]` = `image_shape`: the decoder mirrors the encoder's widths and
+    filters and is Bernoulli for `binary` data and Gaussian otherwise (unless `likelihood` names one)."""
     encoder = RecursiveMixtureEncoder(
-        latent_dim=config.latent_dim,
-        max_components=config.num_components,
-        architecture=config.architecture,
-        hidden_units=config.hidden_units,
-        conv_filters=config.conv_filters,
-        seed=config.seed,
+        latent_dim=latent_dim, max_components=num_components, architecture=architecture,
+        hidden_units=hidden_units, conv_filters=conv_filters, seed=seed,
     )
-    likelihood = config.decoder if config.decoder != "auto" else ("bernoulli" if binary else "gaussian")
+    likelihood = likelihood if likelihood != "auto" else ("bernoulli" if binary else "gaussian")
     decoder = make_decoder(
-        likelihood, image_shape, architecture=config.architecture, hidden_units=tuple(reversed(config.hidden_units)),
-        conv_filters=tuple(reversed(config.conv_filters)),
+        likelihood, image_shape, architecture=architecture, hidden_units=tuple(reversed(hidden_units)),
+        conv_filters=tuple(reversed(conv_filters)),
+    )
+    return encoder, decoder
+
+
+def build_model(config: RunConfig, image_shape: tuple[int, int, int], binary: bool) -> RecursiveMixtureVAE:
+    """The unbuilt `RecursiveMixtureVAE` that `config` describes, for images `[H, W, C]` = `image_shape`."""
+    encoder, decoder = build_networks(
+        image_shape, binary, latent_dim=config.latent_dim, num_components=config.num_components,
+        architecture=config.architecture, hidden_units=config.hidden_units, conv_filters=config.conv_filters,
+        likelihood=config.decoder, seed=config.seed,
     )
     return RecursiveMixtureVAE(
         encoder, decoder, method=config.method, lambda_kl=config.lambda_kl, schedule=config.schedule,
