@@ -218,7 +218,7 @@ class RecursiveMixtureVAE(LatentVariableModel):
         if noise is None:
             noise = tf.random.normal(tf.concat([[num_samples], tf.shape(loc)], 0))
         z = loc + scale * noise  # [S, B, M, D], reparameterised sample of every component
-        components = tfd.Independent(tfd.Normal(loc, scale), reinterpreted_batch_ndims=1)  # batch [B, M]
+        entropy = tfd.Independent(tfd.Normal(loc, scale), reinterpreted_batch_ndims=1).entropy()  # [B, M]
         log_h = pairwise_log_prob(loc, scale, z)  # [S, B, M, M]: density of h_j at samples of h_i
         log_px_z = self.decoder(z).log_prob(x[None, :, None])  # [S, B, M]
         log_joint = log_px_z + standard_normal_log_prob(z)
@@ -227,15 +227,15 @@ class RecursiveMixtureVAE(LatentVariableModel):
         reconstruction = objectives.weighted_sum(tf.reduce_mean(log_px_z, 0), log_w)
         terms = dict(
             elbo=elbo, reconstruction=reconstruction, kl=reconstruction - elbo, log_weights=log_w,
-            entropy=components.entropy(), log_joint=log_joint, log_h=log_h, example_weight=example_weight,
+            entropy=entropy, log_joint=log_joint, log_h=log_h, example_weight=example_weight,
         )
         if self.recursive:
-            terms["criterion"] = self._criteria(z, loc, scale, log_joint, log_h, components)
+            terms["criterion"] = self._criteria(z, loc, scale, log_joint, log_h, entropy)
         else:
             terms["criterion"] = objectives.elbo(log_joint, tf.linalg.diag_part(log_h))  # each component's ELBO
         return terms
 
-    def _criteria(self, z, loc, scale, log_joint, log_h, components):
+    def _criteria(self, z, loc, scale, log_joint, log_h, entropy):
         """`[B, M]` criterion of every component against the (fixed) mixture of the components before it."""
         log_h_fixed = pairwise_log_prob(tf.stop_gradient(loc), tf.stop_gradient(scale), z)  # gradients reach z only
         previous_log_w = mixing.prefix_log_weights(tf.stop_gradient(self.encoder.mixing_logits))  # [M, M]
@@ -243,16 +243,14 @@ class RecursiveMixtureVAE(LatentVariableModel):
         log_h_self = tf.linalg.diag_part(log_h)
         has_previous = tf.range(self.encoder.max_components) >= 1
         log_q_previous = tf.where(has_previous, log_q_previous, log_h_self)
-        own_elbo = objectives.elbo(log_joint, log_h_self)
         if self.method == "rme":
             return objectives.rme_criterion(
                 log_joint, log_h_self, log_q_previous, self.lambda_kl, self.max_log_ratio
             )
         residual = objectives.boosting_criterion(
-            log_joint, log_h_self, log_q_previous, components.entropy(), self.boosting_entropy_weight,
-            self.max_log_ratio,
+            log_joint, log_h_self, log_q_previous, entropy, self.boosting_entropy_weight, self.max_log_ratio,
         )
-        return tf.where(has_previous, residual, own_elbo)
+        return tf.where(has_previous, residual, objectives.elbo(log_joint, log_h_self))
 
     def _trained_components(self) -> tf.Tensor:
         """`[M]` bool: which components the criterion trains this step."""
