@@ -1,12 +1,13 @@
-"""Side-by-side benchmark of RME against VAE, MixVAE, boosting VI and SA-VAE (issue 8).
+"""Side-by-side benchmark of RME against the inference methods a user would pick instead (issues 8 and 11).
 
 Every method gets the same data, encoder/decoder architecture, latent size, optimizer, epochs and seeds. One *cell*
-is one (method, schedule, lambda, number of components, seed); each cell trains, is evaluated on the same test
+is one (method, schedule, lambda, number of components, bound, SA-VAE steps, seed); each cell trains, is evaluated on the same test
 digits (fixed binarization, so per-example differences pair), and is stored in its own directory:
 
     <output_dir>/<run_name>_cells/<cell key>/backup/           keras BackupAndRestore (per epoch) while training
     <output_dir>/<run_name>_cells/<cell key>/result.json       the finished row
     <output_dir>/<run_name>_cells/<cell key>/per_example.npz   per-example test ELBO and log-likelihood
+    <output_dir>/<run_name>_cells/<cell key>/curve/epoch_NNN.*  the same at the `eval_epochs` along training
 
 A rerun with `resume=True` skips finished cells and continues unfinished ones from their last epoch. When every
 cell is done the run's rows, with paired statistics between all cells of the same seed, go to
@@ -36,9 +37,13 @@ from tf_rmvae import data as rm_data
 from tf_rmvae import evaluation, training
 from tf_rmvae.semi_amortized import SemiAmortizedVAE
 
-ALL_METHODS = ("vae", "mixture", "boosting", "rme", "savae")
-SINGLE_COMPONENT_METHODS = ("vae", "savae")
+ALL_METHODS = ("vae", "mixture", "boosting", "rme", "savae", "vae_equal_params", "iwae")
+# Methods with one Gaussian encoder: vae_equal_params is a VAE whose encoder has as many parameters as M encoders;
+# iwae is a VAE trained on the IWAE bound with k = M samples (as many decoder passes per step as RME's M slots).
+SINGLE_COMPONENT_METHODS = ("vae", "savae", "vae_equal_params", "iwae")
 STAGEWISE_METHODS = ("rme", "boosting")
+BOUND_METHODS = ("rme", "mixture")  # methods whose decoder/mixture bound is swept over `bounds`
+LEGACY_SAVAE_STEPS = 10  # the SA-VAE cell labelled plain "savae" (earlier runs had one SA-VAE cell)
 
 
 @dataclasses.dataclass
@@ -46,6 +51,9 @@ class BenchmarkConfig:
     """Everything a benchmark run depends on (saved beside its results).
 
     `epochs_per_component = 0` spreads the components over the run: `max(1, epochs // M)` epochs per stage.
+    `savae_steps` gives one SA-VAE cell per number of refinement steps; `bounds` ("elbo", "iw") apply to "rme"
+    and "mixture" (the decoder and proportions trained on the stratified ELBO or the stratified importance-weighted
+    bound); `eval_epochs` are the epochs (besides the last) at which each cell is also evaluated on the test digits.
     `eval_examples = 0` / `train_examples = 0` use the full split. `rme_max_log_ratio < 0` runs RME (and boosting)
     with the uncapped criterion; `rme_train_previous = False` freezes earlier components (ablations of issue 8). `lambdas` apply to "rme" only (boosting and the
     other baselines have no lambda; their rows hold `lambda_kl = None`); `schedules` apply to "rme" and "boosting".
@@ -72,7 +80,7 @@ class BenchmarkConfig:
     eps_search_every: int = 50
     rme_max_log_ratio: float = 5.0
     rme_train_previous: bool = True
-    savae_steps: int = 10
+    savae_steps: Sequence[int] = (LEGACY_SAVAE_STEPS,)
     savae_lr: float = 0.05
     savae_momentum: float = 0.5
     savae_encoder_objective: str = "unrolled"
@@ -82,6 +90,8 @@ class BenchmarkConfig:
     resume: bool = True
     data_dir: str | None = None
     verbose: int = 0
+    bounds: Sequence[str] = ("elbo",)
+    eval_epochs: Sequence[int] = ()
 
     def __post_init__(self):
         self.methods = tuple(self.methods)
@@ -93,6 +103,14 @@ class BenchmarkConfig:
         self.schedules = tuple(self.schedules)
         self.seeds = tuple(int(s) for s in self.seeds)
         self.hidden_units = tuple(int(u) for u in self.hidden_units)
+        steps = (self.savae_steps,) if isinstance(self.savae_steps, int) else self.savae_steps
+        self.savae_steps = tuple(int(n) for n in steps)
+        self.bounds = tuple(self.bounds)
+        self.eval_epochs = tuple(sorted({int(e) for e in self.eval_epochs if 0 < int(e) < self.epochs}))
+        if set(self.bounds) - {"elbo", "iw"} or not self.bounds:
+            raise ValueError(f"bounds must be a non-empty subset of ('elbo', 'iw'); got {self.bounds}.")
+        if min(self.savae_steps, default=0) < 1:
+            raise ValueError(f"savae_steps must be >= 1; got {self.savae_steps}.")
         if min(self.num_components, default=0) < 1 or not self.seeds or not self.lambdas:
             raise ValueError("Need num_components >= 1 and at least one seed and one lambda.")
         if self.epochs < 1 or self.iwae_samples < 1:
@@ -107,7 +125,7 @@ def quick_config(**overrides) -> BenchmarkConfig:
     values = dict(
         lambdas=(0.3, 1.0), num_components=(2,), epochs=2, epochs_per_component=1, iwae_samples=20, iwae_chunk=10,
         eval_examples=64, eval_batch_size=32, train_examples=256, hidden_units=(32,), latent_dim=4, batch_size=64,
-        eps_search_every=2, savae_steps=2, run_name="quick",
+        eps_search_every=2, savae_steps=(2,), run_name="quick",
     )
     values.update(overrides)
     return BenchmarkConfig(**values)
@@ -122,17 +140,25 @@ class Cell:
     lambda_kl: float | None
     seed: int
     schedule: str | None
+    bound: str = "elbo"
+    refine_steps: int | None = None  # SA-VAE only
 
     @property
     def label(self) -> str:
         """Names the model within one seed (the keys of `paired_se_vs`)."""
+        if self.method == "savae":
+            return "savae" if self.refine_steps == LEGACY_SAVAE_STEPS else f"savae{self.refine_steps}"
+        if self.method == "iwae":
+            return f"iwae_k{self.num_components}"
         parts = [self.method]
-        if self.method not in SINGLE_COMPONENT_METHODS:
+        if self.method not in SINGLE_COMPONENT_METHODS or self.method == "vae_equal_params":
             parts.append(f"M{self.num_components}")
         if self.schedule not in (None, "stagewise"):
             parts.append(self.schedule)
         if self.lambda_kl is not None:
             parts.append(f"lambda{self.lambda_kl:g}")
+        if self.bound != "elbo":
+            parts.append(self.bound)
         return "_".join(parts)
 
     @property
@@ -145,16 +171,19 @@ def cells(config: BenchmarkConfig) -> list[Cell]:
     result = []
     for seed in config.seeds:
         for method in config.methods:
-            if method in SINGLE_COMPONENT_METHODS:
-                result.append(Cell(method, 1, None, seed, None))
+            if method in ("vae", "savae"):
+                steps = config.savae_steps if method == "savae" else (None,)
+                result.extend(Cell(method, 1, None, seed, None, refine_steps=n) for n in steps)
                 continue
             for m in config.num_components:
-                if method == "mixture":
-                    result.append(Cell(method, m, None, seed, None))
+                bounds = config.bounds if method in BOUND_METHODS else ("elbo",)
+                if method in ("mixture", "vae_equal_params", "iwae"):
+                    result.extend(Cell(method, m, None, seed, None, bound=b) for b in bounds)
                     continue
                 for schedule in config.schedules:
                     lambdas = config.lambdas if method == "rme" else (None,)
-                    result.extend(Cell(method, m, lam, seed, schedule) for lam in lambdas)
+                    result.extend(
+                        Cell(method, m, lam, seed, schedule, bound=b) for lam in lambdas for b in bounds)
     return result
 
 
@@ -171,17 +200,31 @@ def build_model(config: BenchmarkConfig, cell: Cell) -> keras.Model:
     """The cell's model, compiled (Adam at `learning_rate`) and built for the dataset's image shape."""
     spec = rm_data.get_dataset_spec(config.dataset)
     components = 1 if cell.method in SINGLE_COMPONENT_METHODS else cell.num_components
+    encoder_hidden_units = None
+    if cell.method == "vae_equal_params":
+        encoder_hidden_units = training.equal_parameter_hidden_units(
+            spec.image_shape, config.hidden_units, cell.num_components, latent_dim=config.latent_dim,
+            architecture=config.architecture)
     encoder, decoder = training.build_networks(
         spec.image_shape, spec.binary, latent_dim=config.latent_dim, num_components=components,
         architecture=config.architecture, hidden_units=config.hidden_units, seed=cell.seed,
+        encoder_hidden_units=encoder_hidden_units,
     )
     if cell.method == "savae":
         model = SemiAmortizedVAE(
-            encoder, decoder, refine_steps=config.savae_steps, refine_lr=config.savae_lr,
+            encoder, decoder, refine_steps=cell.refine_steps, refine_lr=config.savae_lr,
             refine_momentum=config.savae_momentum, encoder_objective=config.savae_encoder_objective,
+        )
+    elif cell.method in ("vae_equal_params", "iwae"):
+        iwae = cell.method == "iwae"
+        model = tf_rmvae.RecursiveMixtureVAE(
+            encoder, decoder, method="vae", bound="iw" if iwae else "elbo",
+            num_samples=cell.num_components if iwae else 1,
         )
     else:
         kwargs = {} if cell.lambda_kl is None else {"lambda_kl": cell.lambda_kl}
+        if cell.bound != "elbo":
+            kwargs["bound"] = cell.bound
         if cell.method in STAGEWISE_METHODS:  # rme and boosting share the cap and the earlier-component rule
             kwargs.update(
                 max_log_ratio=None if config.rme_max_log_ratio < 0 else config.rme_max_log_ratio,
@@ -222,6 +265,46 @@ def _finite(value):
 
 
 # ---------------------------------------------------------------------- one cell
+def _summarize(epoch: int, test: dict) -> dict:
+    return dict(
+        epoch=epoch, test_elbo=test["elbo_mean"], test_elbo_se=test["elbo_se"],
+        test_log_likelihood=test["log_likelihood_mean"], test_log_likelihood_se=test["log_likelihood_se"],
+        test_inference_gap=test["log_likelihood_mean"] - test["elbo_mean"],
+    )
+
+
+class CurveEvaluation(keras.callbacks.Callback):
+    """Evaluates the model on the test digits after each epoch in `epochs` (1-based) and stores the per-example
+    arrays and a summary in `curve_dir/epoch_NNN.{npz,json}`; epochs stored by an interrupted run are not redone."""
+
+    def __init__(self, epochs: Sequence[int], evaluate: Callable[[keras.Model], dict], curve_dir: str):
+        super().__init__()
+        self.epochs, self.evaluate, self.curve_dir = set(epochs), evaluate, curve_dir
+
+    def on_epoch_end(self, epoch, logs=None):
+        done = epoch + 1
+        path = os.path.join(self.curve_dir, f"epoch_{done:03d}")
+        if done not in self.epochs or os.path.exists(path + ".json"):
+            return
+        test = self.evaluate(self.model)
+        os.makedirs(self.curve_dir, exist_ok=True)
+        np.savez(path + ".npz", elbo=test["elbo"], log_likelihood=test["log_likelihood"])
+        with open(path + ".json.tmp", "w") as f:  # renamed into place: a kill never leaves half a point
+            json.dump(_summarize(done, test), f, indent=1)
+        os.replace(path + ".json.tmp", path + ".json")
+
+
+def load_curve(cell_dir: str) -> list[dict]:
+    """The stored `CurveEvaluation` summaries of a cell, by epoch."""
+    curve_dir = os.path.join(cell_dir, "curve")
+    names = sorted(n for n in os.listdir(curve_dir) if n.endswith(".json")) if os.path.isdir(curve_dir) else []
+    points = []
+    for name in names:
+        with open(os.path.join(curve_dir, name)) as f:
+            points.append(json.load(f))
+    return points
+
+
 def run_cell(
     config: BenchmarkConfig, cell: Cell, x_test: np.ndarray, x_train_eval: np.ndarray, cell_dir: str
 ) -> tuple[dict, dict]:
@@ -234,7 +317,15 @@ def run_cell(
         data_dir=config.data_dir, drop_remainder=True,
     )
     backup_dir = os.path.join(cell_dir, "backup")
-    callbacks = []
+
+    def evaluate_test(model):
+        return evaluation.evaluate(
+            model, x_test, config.iwae_samples, chunk_size=config.iwae_chunk, batch_size=config.eval_batch_size,
+            seed=cell.seed,
+        )
+
+    # The curve is stored before the backup of the same epoch, so a resumed run never lacks a point it passed.
+    callbacks = [CurveEvaluation(config.eval_epochs, evaluate_test, os.path.join(cell_dir, "curve"))]
     if config.resume:
         callbacks.append(keras.callbacks.BackupAndRestore(backup_dir, save_freq="epoch", delete_checkpoint=True))
     else:
@@ -246,19 +337,18 @@ def run_cell(
     train_time = time.perf_counter() - start
     epochs_run = max(1, len(history.epoch))
 
-    test = evaluation.evaluate(
-        model, x_test, config.iwae_samples, chunk_size=config.iwae_chunk, batch_size=config.eval_batch_size,
-        seed=cell.seed,
-    )
+    test = evaluate_test(model)
     train_elbo = evaluation.per_example_elbo(model, x_train_eval, batch_size=max(config.eval_batch_size, 100))
     weights, entropies = _mixture_summary(model, x_test)
     inference_s = evaluation.inference_time(model, x_test[:100], repeats=10)
+    inference_1_s = evaluation.inference_time(model, x_test[:1], repeats=20)
     row = dict(
         dataset=config.dataset,
         method=cell.method,
         label=cell.label,
         schedule=cell.schedule,
-        num_components=cell.num_components,
+        num_components=1 if cell.method in SINGLE_COMPONENT_METHODS else cell.num_components,
+        matched_components=cell.num_components if cell.method in ("vae_equal_params", "iwae") else None,
         lambda_kl=cell.lambda_kl,
         epochs=config.epochs,
         epochs_per_component=(
@@ -272,6 +362,8 @@ def run_cell(
         test_elbo_se=test["elbo_se"],
         test_log_likelihood=test["log_likelihood_mean"],
         test_log_likelihood_se=test["log_likelihood_se"],
+        test_inference_gap=test["log_likelihood_mean"] - test["elbo_mean"],
+        curve=load_curve(cell_dir) + [_summarize(config.epochs, test)],
         train_elbo=float(np.mean(train_elbo)),
         train_test_elbo_gap=float(np.mean(train_elbo) - test["elbo_mean"]),
         mixture_weights=weights,
@@ -281,9 +373,12 @@ def run_cell(
         epoch_time_s=train_time / epochs_run,
         eval_time_s=test["eval_time_s"],
         inference_ms_batch100=1000.0 * inference_s,
+        inference_ms_batch1=1000.0 * inference_1_s,
         wall_time_s=train_time + test["eval_time_s"],
         device=device_description(),
-        savae_steps=config.savae_steps if cell.method == "savae" else None,
+        savae_steps=cell.refine_steps if cell.method == "savae" else None,
+        bound="iw" if cell.method == "iwae" else (cell.bound if cell.method in BOUND_METHODS else "elbo"),
+        encoder_parameters=sum(int(np.prod(v.shape)) for v in model.encoder.trainable_weights),
     )
     arrays = dict(elbo=test["elbo"], log_likelihood=test["log_likelihood"])
     np.savez(os.path.join(cell_dir, "per_example.npz"), **arrays)
@@ -293,12 +388,23 @@ def run_cell(
 
 
 def _fingerprint(config: BenchmarkConfig, cell: Cell) -> dict:
-    """What a finished cell's result depends on (a changed config retrains the cell on resume)."""
+    """What a finished cell's result depends on (a changed config retrains the cell on resume).
+
+    Settings added after results were committed enter only when they differ from the old behaviour, so the
+    committed cells still match: `eval_epochs` when non-empty, the cell's bound when not "elbo"; SA-VAE's steps
+    as the old scalar `savae_steps`.
+    """
     skip = {"methods", "lambdas", "num_components", "schedules", "seeds", "output_dir", "run_name", "resume",
-            "verbose", "eval_batch_size", "jit_compile"}
+            "verbose", "eval_batch_size", "jit_compile", "bounds", "savae_steps"}
     values = {k: v for k, v in config.to_json().items() if k not in skip}
-    values["cell"] = dataclasses.asdict(cell)
-    if cell.method != "savae":
+    if not config.eval_epochs:
+        del values["eval_epochs"]
+    values["cell"] = {k: v for k, v in dataclasses.asdict(cell).items() if k not in ("bound", "refine_steps")}
+    if cell.bound != "elbo":
+        values["cell"]["bound"] = cell.bound
+    if cell.method == "savae":
+        values["savae_steps"] = cell.refine_steps
+    else:
         values = {k: v for k, v in values.items() if not k.startswith("savae")}
     if cell.method not in STAGEWISE_METHODS:
         values = {k: v for k, v in values.items() if not k.startswith("rme_")}

@@ -43,11 +43,25 @@ def test_paired_statistics_match_numpy():
 
 
 def test_quick_harness_runs_every_method_end_to_end(tmp_path, capsys):
-    config = harness.quick_config(output_dir=str(tmp_path))
+    config = harness.quick_config(
+        output_dir=str(tmp_path), lambdas=(0.3,), bounds=("elbo", "iw"), savae_steps=(1, 2), eval_epochs=(1,))
     rows = harness.run_benchmark(config)
     labels = [r["label"] for r in rows]
     assert {r["method"] for r in rows} == set(harness.ALL_METHODS)
-    assert {r["lambda_kl"] for r in rows if r["method"] == "rme"} == {0.3, 1.0}
+    assert {"rme_M2_lambda0.3", "rme_M2_lambda0.3_iw", "mixture_M2_iw", "savae1", "savae2", "iwae_k2",
+            "vae_equal_params_M2"} <= set(labels)
+    by_label = {r["label"]: r for r in rows}
+    assert by_label["rme_M2_lambda0.3_iw"]["bound"] == "iw" and by_label["iwae_k2"]["bound"] == "iw"
+    assert by_label["savae1"]["savae_steps"] == 1
+    # The equal-parameter VAE's one encoder is about as large as the mixture's M = 2 encoders.
+    equal, mixture = by_label["vae_equal_params_M2"], by_label["mixture_M2"]
+    assert equal["encoder_parameters"] == pytest.approx(mixture["encoder_parameters"], rel=0.02)
+    assert by_label["vae"]["encoder_parameters"] < 0.6 * equal["encoder_parameters"]
+    for row in rows:  # the learning curve: epoch 1 from the callback, the last epoch from the final evaluation
+        assert [p["epoch"] for p in row["curve"]] == [1, 2]
+        assert row["curve"][-1]["test_log_likelihood"] == row["test_log_likelihood"]
+        assert row["test_inference_gap"] == pytest.approx(row["test_log_likelihood"] - row["test_elbo"])
+        assert row["inference_ms_batch1"] > 0
     with open(tmp_path / "quick.json") as f:
         stored = json.load(f)
     assert stored["rows"] == json.loads(json.dumps(rows))

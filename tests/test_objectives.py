@@ -127,3 +127,37 @@ def test_tensor_sample_count_below_one_fails_clearly():
         lambda size: tf.zeros([size, 2]), k, 4))
     with pytest.raises(tf.errors.InvalidArgumentError, match="num_samples must be >= 1"):
         estimate(tf.constant(0))
+
+
+def test_stratified_importance_weighted_bound_is_iwae_for_one_component_and_above_the_elbo():
+    log_joint = tf.random.stateless_normal([5, 3, 1], seed=[3, 4]) * 2.0 - 90.0
+    log_q = tf.random.stateless_normal([5, 3, 1], seed=[5, 6])
+    bound = objectives.stratified_importance_weighted_bound(log_joint, log_q, tf.zeros([3, 1]))
+    np.testing.assert_allclose(bound.numpy(), objectives.log_mean_exp(log_joint - log_q)[:, 0].numpy(), rtol=1e-6)
+    # Several components: never below the stratified ELBO on the same samples (Jensen).
+    log_joint = tf.random.stateless_normal([2, 6, 4], seed=[1, 1]) * 3.0
+    log_q = tf.random.stateless_normal([2, 6, 4], seed=[2, 2])
+    log_w = tf.math.log(tf.constant([[0.1, 0.2, 0.3, 0.4]]))
+    bound = objectives.stratified_importance_weighted_bound(log_joint, log_q, log_w)
+    assert np.all(bound.numpy() >= objectives.stratified_mixture_elbo(log_joint, log_q, log_w).numpy() - 1e-5)
+
+
+def test_stratified_importance_weighted_bound_is_unbiased_for_p_of_x():
+    # p(z) = N(0, 1), p(x | z) = N(z, 1) so p(x) = N(0, 2); q = 0.3 N(-1, 1) + 0.7 N(1, 0.5^2), with four slots of
+    # which the last two (inactive) draw again from components 0 and 1 (slot weights w / n).
+    from tf_rmvae import mixing
+
+    x = 0.4
+    loc, scale = tf.constant([-1.0, 1.0, 5.0, 5.0]), tf.constant([1.0, 0.5, 1.0, 1.0])
+    log_w = tf.math.log(tf.constant([0.3, 0.7, 0.0, 0.0]) + 1e-30)
+    sources = mixing.slot_sources(4, 2)
+    np.testing.assert_array_equal(sources.numpy(), [0, 1, 0, 1])
+    z = tf.gather(loc, sources) + tf.gather(scale, sources) * tf.random.stateless_normal([20000, 4], seed=[7, 8])
+    log_q = tf.reduce_logsumexp(tfd.Normal(loc, scale).log_prob(z[..., None]) + log_w, axis=-1)  # [S, 4]
+    log_joint = tfd.Normal(0.0, 1.0).log_prob(z) + tfd.Normal(z, 1.0).log_prob(x)
+    log_v = mixing.slot_log_weights(log_w, sources)
+    np.testing.assert_allclose(np.exp(log_v.numpy()).sum(), 1.0, rtol=1e-5)
+    # One sample per slot per "example" (S = 1, B = 20000): 20000 independent estimates of p(x); their mean must match p(x).
+    estimates = np.exp(objectives.stratified_importance_weighted_bound(log_joint[None], log_q[None], log_v).numpy())
+    p_x = np.exp(tfd.Normal(0.0, np.sqrt(2.0)).log_prob(x).numpy())
+    assert abs(estimates.mean() - p_x) < 4 * estimates.std() / np.sqrt(len(estimates))

@@ -98,3 +98,30 @@ def candidate_log_weights(
     newest = tf.equal(tf.range(tf.shape(mixing_logits)[-1]), tf.cast(num_active, tf.int32) - 1)
     logits = tf.where(newest[None, :], candidate_logits[:, None], mixing_logits[None, :])
     return recursive_log_weights(logits, num_active)
+
+
+def slot_sources(num_slots, num_active) -> tf.Tensor:
+    """`[M]` int32: the component each slot draws its samples from, `i` for active slots and `i mod k` beyond.
+
+    Every slot's decoder pass is computed anyway (the component networks are batched over all `M` slots), so the
+    importance-weighted bound lets the inactive slots draw extra samples from the active components: with one
+    active component the `M` slots are IWAE with `k = M` samples.
+    """
+    slot = tf.range(num_slots)
+    num_active = tf.maximum(tf.cast(num_active, tf.int32), 1)
+    return tf.where(slot < num_active, slot, slot % num_active)
+
+
+def slot_log_weights(log_weights: tf.Tensor, sources: tf.Tensor) -> tf.Tensor:
+    """Slot log-weights `log w_src(i) - log n_src(i)`: the component's weight shared by the slots drawing from it.
+
+    Args:
+      log_weights: `[..., M]` component log-weights.
+      sources: `[M]` from `slot_sources`.
+
+    Returns:
+      `[..., M]` slot log-weights; they sum (in probability) to what the component weights sum to.
+    """
+    # n_src(i): how many slots share slot i's component (an [M, M] comparison; XLA-friendly, unlike bincount).
+    shared = tf.reduce_sum(tf.cast(tf.equal(sources[:, None], sources[None, :]), tf.float32), axis=-1)
+    return tf.gather(log_weights, sources, axis=-1) - tf.math.log(shared)

@@ -44,6 +44,7 @@ tfd = tfp.distributions
 
 METHODS = ("rme", "vae", "mixture", "boosting")
 SCHEDULES = ("stagewise", "sweep")
+BOUNDS = ("elbo", "iw")
 RECURSIVE_METHODS = ("rme", "boosting")
 NONFINITE_POLICIES = ("raise", "skip")
 
@@ -74,6 +75,11 @@ class RecursiveMixtureVAE(LatentVariableModel):
       train_previous: stage-wise only: keep training earlier components on their own criteria (default True;
         False freezes them).
       num_samples: reparameterised samples per component per step (S).
+      bound: what the decoder and the mixing proportions are trained on (and the line search scores): "elbo"
+        (default), the stratified mixture ELBO; or "iw", the stratified importance-weighted bound
+        (`objectives.stratified_importance_weighted_bound`) whose inactive slots draw extra samples from the
+        active components, so every slot's decoder pass counts (`method="vae"` with `num_samples=k` is IWAE).
+        The components' own criteria are unchanged.
       eps_grid: candidate mixing proportions for the line search (stage-wise recursive methods).
       eps_search_every: steps between line searches.
       boosting_entropy_weight: c in boosting's residual ELBO.
@@ -101,6 +107,7 @@ class RecursiveMixtureVAE(LatentVariableModel):
         schedule: str = "stagewise",
         train_previous: bool = True,
         num_samples: int = 1,
+        bound: str = "elbo",
         eps_grid=mixing.DEFAULT_EPS_GRID,
         eps_search_every: int = 50,
         boosting_entropy_weight: float = 1.0,
@@ -115,6 +122,8 @@ class RecursiveMixtureVAE(LatentVariableModel):
             raise ValueError(f"schedule must be one of {SCHEDULES}; got {schedule!r}.")
         if not np.isfinite(lambda_kl) or lambda_kl < 0:
             raise ValueError(f"lambda_kl must be a finite number >= 0; got {lambda_kl}.")
+        if bound not in BOUNDS:
+            raise ValueError(f"bound must be one of {BOUNDS}; got {bound!r}.")
         if int(num_samples) < 1 or int(eps_search_every) < 1:
             raise ValueError("num_samples and eps_search_every must be >= 1.")
         if nonfinite_inputs not in NONFINITE_POLICIES:
@@ -129,6 +138,7 @@ class RecursiveMixtureVAE(LatentVariableModel):
         self.schedule = schedule
         self.train_previous = bool(train_previous)
         self.num_samples = int(num_samples)
+        self.bound = bound
         self.eps_grid = eps_grid
         self.eps_search_every = int(eps_search_every)
         self.boosting_entropy_weight = float(boosting_entropy_weight)
@@ -217,7 +227,11 @@ class RecursiveMixtureVAE(LatentVariableModel):
         log_w, loc, scale = self.encoder.compute_parameters(x)  # [B, M], [B, M, D], [B, M, D]
         if noise is None:
             noise = tf.random.normal(tf.concat([[num_samples], tf.shape(loc)], 0))
-        z = loc + scale * noise  # [S, B, M, D], reparameterised sample of every component
+        if self.bound == "iw":  # inactive slots draw from active components (see `mixing.slot_sources`)
+            sources = mixing.slot_sources(self.encoder.max_components, self.encoder.num_active_components)
+            z = tf.gather(loc, sources, axis=1) + tf.gather(scale, sources, axis=1) * noise  # [S, B, M, D]
+        else:
+            z = loc + scale * noise  # [S, B, M, D], reparameterised sample of every component
         entropy = tfd.Independent(tfd.Normal(loc, scale), reinterpreted_batch_ndims=1).entropy()  # [B, M]
         log_h = pairwise_log_prob(loc, scale, z)  # [S, B, M, M]: density of h_j at samples of h_i
         log_px_z = self.decoder(z).log_prob(x[None, :, None])  # [S, B, M]
@@ -225,8 +239,13 @@ class RecursiveMixtureVAE(LatentVariableModel):
         log_q = objectives.mixture_log_density(log_h, log_w)
         elbo = objectives.stratified_mixture_elbo(log_joint, log_q, log_w)
         reconstruction = objectives.weighted_sum(tf.reduce_mean(log_px_z, 0), log_w)
+        if self.bound == "iw":
+            bound = objectives.stratified_importance_weighted_bound(
+                log_joint, log_q, mixing.slot_log_weights(log_w, sources))
+        else:
+            bound = elbo
         terms = dict(
-            elbo=elbo, reconstruction=reconstruction, kl=reconstruction - elbo, log_weights=log_w,
+            bound=bound, elbo=elbo, reconstruction=reconstruction, kl=reconstruction - elbo, log_weights=log_w,
             entropy=entropy, log_joint=log_joint, log_h=log_h, example_weight=example_weight,
         )
         if self.recursive:
@@ -292,7 +311,7 @@ class RecursiveMixtureVAE(LatentVariableModel):
 
     def _update_metrics(self, terms):
         values = dict(
-            loss=-terms["elbo"], elbo=terms["elbo"], reconstruction=terms["reconstruction"], kl=terms["kl"],
+            loss=-terms["bound"], elbo=terms["elbo"], reconstruction=terms["reconstruction"], kl=terms["kl"],
             criterion=self._newest(terms["criterion"]),
         )
         weight = terms["example_weight"]
@@ -317,7 +336,7 @@ class RecursiveMixtureVAE(LatentVariableModel):
         with tf.GradientTape(persistent=self.recursive) as tape:
             terms = self._terms(x, self.num_samples, noise=self._training_noise(x))
             weight = terms["example_weight"]  # 0 for skipped (non-finite) examples
-            mixture_loss = -tf.reduce_sum(weight * terms["elbo"]) / global_batch
+            mixture_loss = -tf.reduce_sum(weight * terms["bound"]) / global_batch
             scaled_mixture_loss = self.optimizer.scale_loss(mixture_loss)
             if self.recursive:
                 criterion = tf.where(trained, terms["criterion"], 0.0) * weight[:, None]
@@ -360,7 +379,7 @@ class RecursiveMixtureVAE(LatentVariableModel):
         candidates = tf.concat([current[None], tf.constant(mixing.eps_to_logit(self.eps_grid))], 0)
         scores = objectives.line_search_scores(
             tf.stop_gradient(terms["log_joint"]), tf.stop_gradient(terms["log_h"]), logits, active, candidates,
-            terms["example_weight"],
+            terms["example_weight"], bound=self.bound,
         )
         context = tf.distribute.get_replica_context()
         if context is not None and tf.distribute.get_strategy().num_replicas_in_sync > 1:
@@ -388,6 +407,7 @@ class RecursiveMixtureVAE(LatentVariableModel):
             schedule=self.schedule,
             train_previous=self.train_previous,
             num_samples=self.num_samples,
+            bound=self.bound,
             eps_grid=list(self.eps_grid),
             eps_search_every=self.eps_search_every,
             boosting_entropy_weight=self.boosting_entropy_weight,

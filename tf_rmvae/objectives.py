@@ -49,6 +49,30 @@ def stratified_mixture_elbo(log_joint: tf.Tensor, log_q: tf.Tensor, log_weights:
     return weighted_sum(per_component, log_weights)
 
 
+def stratified_importance_weighted_bound(
+    log_joint: tf.Tensor, log_q: tf.Tensor, log_slot_weights: tf.Tensor
+) -> tf.Tensor:
+    """Stratified importance-weighted (multiple importance sampling) bound of a mixture.
+
+    `log (1/S) sum_s sum_i v_i p(x, z_si) / q(z_si | x)` with `z_si` drawn from the component that feeds slot i
+    and `v_i` the slot's weight: the component's mixture weight divided by the number of slots drawing from it
+    (see `mixing.slot_log_weights`). Its expectation is `p(x)`, so its log is a lower bound on `log p(x)`; by
+    Jensen it is at least the stratified ELBO on the same samples. With one component and `S = k` samples it is
+    the IWAE bound (Burda et al., 2016).
+
+    Args:
+      log_joint: `[S, B, M]` `log p(x, z)` at each slot's samples (or `[S, ..., M]`).
+      log_q: `[S, B, M]` mixture log-density at the same samples.
+      log_slot_weights: `[B, M]` (or broadcastable) slot log-weights; a sum over slots of their exponentials is 1.
+
+    Returns:
+      `[B]` (`[...]`) per-example bound.
+    """
+    num_samples = tf.cast(tf.shape(log_joint)[0], log_joint.dtype)
+    log_terms = log_slot_weights + log_joint - log_q  # [S, ..., M]
+    return tf.reduce_logsumexp(tf.reduce_logsumexp(log_terms, axis=-1), axis=0) - tf.math.log(num_samples)
+
+
 def elbo(log_joint: tf.Tensor, log_q: tf.Tensor) -> tf.Tensor:
     """Monte Carlo ELBO `E_q[log p(x, z) - log q(z)]` averaged over the leading sample axis: `[S, ...] -> [...]`."""
     return tf.reduce_mean(log_joint - log_q, axis=0)
@@ -157,8 +181,9 @@ def line_search_scores(
     num_active: tf.Tensor,
     candidate_logits: tf.Tensor,
     example_weight: tf.Tensor | None = None,
+    bound: str = "elbo",
 ) -> tf.Tensor:
-    """Mixture ELBO (batch mean) for each candidate value of the newest mixing proportion, components fixed.
+    """Mixture bound (batch mean) for each candidate value of the newest mixing proportion, components fixed.
 
     All candidates share the same samples (common random numbers), so their differences have low variance.
 
@@ -166,13 +191,19 @@ def line_search_scores(
       log_joint: `[S, B, M]`; log_h: `[S, B, M, M]` (see module docstring).
       mixing_logits: `[M]`; num_active: scalar k (slot k-1 is searched); candidate_logits: `[G]`.
       example_weight: optional `[B]` weights of the examples (0 for skipped ones).
+      bound: "elbo" (the stratified ELBO) or "iw" (the stratified importance-weighted bound, slots allocated
+        by `mixing.slot_sources`).
 
     Returns:
-      `[G]` weighted batch mean of the stratified ELBO of `q_k` under each candidate.
+      `[G]` weighted batch mean of the bound of `q_k` under each candidate.
     """
     log_w = mixing.candidate_log_weights(mixing_logits, num_active, candidate_logits)[:, None, :]  # [G, 1, M]
     log_q = mixture_log_density(log_h[:, None], log_w)  # [S, G, B, M]
-    elbo = stratified_mixture_elbo(log_joint[:, None], log_q, log_w)  # [G, B]
+    if bound == "iw":
+        log_v = mixing.slot_log_weights(log_w, mixing.slot_sources(tf.shape(log_w)[-1], num_active))
+        elbo = stratified_importance_weighted_bound(log_joint[:, None], log_q, log_v)  # [G, B]
+    else:
+        elbo = stratified_mixture_elbo(log_joint[:, None], log_q, log_w)  # [G, B]
     if example_weight is None:
         return tf.reduce_mean(elbo, axis=-1)
     return tf.reduce_sum(elbo * example_weight, axis=-1) / tf.maximum(tf.reduce_sum(example_weight), 1.0)

@@ -74,12 +74,14 @@ def build_networks(
     conv_filters: tuple[int, int] = (32, 64),
     likelihood: str = "auto",
     seed: int | None = None,
+    encoder_hidden_units: tuple[int, ...] | None = None,
 ) -> tuple[RecursiveMixtureEncoder, keras.layers.Layer]:
     """Encoder and decoder for images `[H, W, C]` = `image_shape`: the decoder mirrors the encoder's widths and
-    filters and is Bernoulli for `binary` data and Gaussian otherwise (unless `likelihood` names one)."""
+    filters and is Bernoulli for `binary` data and Gaussian otherwise (unless `likelihood` names one).
+    `encoder_hidden_units` gives the encoder other widths than the decoder's mirror (e.g. a wider encoder)."""
     encoder = RecursiveMixtureEncoder(
         latent_dim=latent_dim, max_components=num_components, architecture=architecture,
-        hidden_units=hidden_units, conv_filters=conv_filters, seed=seed,
+        hidden_units=encoder_hidden_units or hidden_units, conv_filters=conv_filters, seed=seed,
     )
     likelihood = likelihood if likelihood != "auto" else ("bernoulli" if binary else "gaussian")
     decoder = make_decoder(
@@ -87,6 +89,33 @@ def build_networks(
         conv_filters=tuple(reversed(conv_filters)),
     )
     return encoder, decoder
+
+
+def encoder_parameter_count(image_shape: tuple[int, int, int], **encoder_kwargs) -> int:
+    """Parameters of a `RecursiveMixtureEncoder(**encoder_kwargs)` built for images `[H, W, C]`."""
+    encoder = RecursiveMixtureEncoder(**encoder_kwargs)
+    encoder.ensure_built((None, *image_shape))
+    return int(sum(np.prod(v.shape) for v in encoder.weights if v.dtype != "int32"))
+
+
+def equal_parameter_hidden_units(
+    image_shape: tuple[int, int, int], hidden_units: tuple[int, ...], num_components: int, **encoder_kwargs
+) -> tuple[int, ...]:
+    """Widths of one Gaussian encoder with about as many parameters as `num_components` encoders of
+    `hidden_units` (all widths scaled by one factor, found by bisection; e.g. 200,200 x 4 -> 585,585 on MNIST)."""
+    target = encoder_parameter_count(
+        image_shape, max_components=num_components, hidden_units=hidden_units, **encoder_kwargs)
+
+    def widths(factor: float) -> tuple[int, ...]:
+        return tuple(max(1, round(factor * u)) for u in hidden_units)
+
+    low, high = 1.0, float(num_components) + 1.0  # the count grows at least linearly in the factor
+    for _ in range(40):
+        middle = 0.5 * (low + high)
+        count = encoder_parameter_count(image_shape, max_components=1, hidden_units=widths(middle), **encoder_kwargs)
+        low, high = (middle, high) if count < target else (low, middle)
+    return min((widths(low), widths(high)), key=lambda w: abs(
+        encoder_parameter_count(image_shape, max_components=1, hidden_units=w, **encoder_kwargs) - target))
 
 
 def build_model(config: RunConfig, image_shape: tuple[int, int, int], binary: bool) -> RecursiveMixtureVAE:

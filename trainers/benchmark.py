@@ -39,11 +39,15 @@ flags.DEFINE_float("rme_max_log_ratio", _DEFAULT.rme_max_log_ratio,
                    "Cap of the per-sample KL log-ratio in RME's criterion (< 0: uncapped).")
 flags.DEFINE_bool("rme_train_previous", _DEFAULT.rme_train_previous,
                   "Keep training earlier RME components (false: freeze them).")
-flags.DEFINE_integer("savae_steps", _DEFAULT.savae_steps, "SA-VAE refinement steps.")
+flags.DEFINE_list("savae_steps", [str(n) for n in _DEFAULT.savae_steps],
+                  "SA-VAE refinement steps (one cell each; 10 is labelled plain 'savae').")
 flags.DEFINE_float("savae_lr", _DEFAULT.savae_lr, "SA-VAE refinement step size.")
 flags.DEFINE_float("savae_momentum", _DEFAULT.savae_momentum, "SA-VAE refinement momentum (0: SGD).")
 flags.DEFINE_enum("savae_encoder_objective", _DEFAULT.savae_encoder_objective, ["unrolled", "amortized"],
                   "SA-VAE encoder gradient: through the unrolled refinement, or the amortized ELBO.")
+flags.DEFINE_list("bounds", list(_DEFAULT.bounds),
+                  "Bounds of rme and mixture: elbo (stratified ELBO) and/or iw (stratified importance-weighted).")
+flags.DEFINE_list("eval_epochs", [], "Epochs (besides the last) at which every cell is also evaluated.")
 flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"], "XLA for training (auto: on GPU only).")
 flags.DEFINE_string("output_dir", _DEFAULT.output_dir, "Where <run_name>.json and the per-cell dirs go.")
 flags.DEFINE_string("run_name", _DEFAULT.run_name, "Name of the run (its JSON file and cell directory).")
@@ -57,7 +61,8 @@ FLAGS = flags.FLAGS
 _CONVERTERS = dict(
     lambdas=lambda v: tuple(float(x) for x in v), num_components=lambda v: tuple(int(x) for x in v),
     seeds=lambda v: tuple(int(x) for x in v), hidden_units=lambda v: tuple(int(x) for x in v),
-    methods=tuple, schedules=tuple, jit_compile=lambda v: {"auto": "auto", "true": True, "false": False}[v],
+    methods=tuple, schedules=tuple, bounds=tuple, savae_steps=lambda v: tuple(int(x) for x in v),
+    eval_epochs=lambda v: tuple(int(x) for x in v), jit_compile=lambda v: {"auto": "auto", "true": True, "false": False}[v],
 )
 
 
