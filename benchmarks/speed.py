@@ -1,7 +1,8 @@
 """Inference and training-step speed of RME against a plain VAE and SA-VAE (issue 8), as ratios in one process.
 
 Inference for the same inputs at each batch size: (a) the mixture encoder's single batched pass (M components),
-(b) a plain VAE encoder (M = 1), (c) SA-VAE with 5, 10 and 20 refinement steps. Training: one `train_step` of
+(b) a plain VAE encoder (M = 1; also IWAE's test-time inference), (c) a VAE encoder with as many parameters as the
+M encoders (`vae_equal_params`), (d) SA-VAE with `savae_steps` refinement steps. Training: one `train_step` of
 `rme` with M = 2, 4, 8 (all M components active) relative to `vae`, at batch 100. Every number is the median of
 `repeats` calls after warm-up (outputs fetched to the host), measured both as a `tf.function` graph and with
 `jit_compile=True` (XLA). Networks are untrained: speed does not depend on the weights.
@@ -27,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 import tf_rmvae
-from tf_rmvae import evaluation
+from tf_rmvae import evaluation, training
 from tf_rmvae.semi_amortized import SemiAmortizedVAE
 
 IMAGE_SHAPE = (28, 28, 1)
@@ -63,10 +64,10 @@ def tiny_config(**overrides) -> SpeedConfig:
     return SpeedConfig(**values)
 
 
-def _encoder(config: SpeedConfig, components: int) -> tf_rmvae.RecursiveMixtureEncoder:
+def _encoder(config: SpeedConfig, components: int, hidden_units=None) -> tf_rmvae.RecursiveMixtureEncoder:
     encoder = tf_rmvae.RecursiveMixtureEncoder(
-        config.latent_dim, components, hidden_units=config.hidden_units, initial_active_components=components,
-        seed=0,
+        config.latent_dim, components, hidden_units=hidden_units or config.hidden_units,
+        initial_active_components=components, seed=0,
     )
     encoder.ensure_built((None, *IMAGE_SHAPE))
     return encoder
@@ -84,13 +85,17 @@ def _images(batch: int, seed: int = 0) -> tf.Tensor:
 def inference_times(config: SpeedConfig, mode: str) -> dict[str, dict[int, float]]:
     """`{model name: {batch size: median seconds}}` for one mode ("function" or "jit")."""
     jit = mode == "jit"
+    m = config.target_components
     vae_encoder = _encoder(config, 1)
-    rme_encoder = _encoder(config, config.target_components)
+    rme_encoder = _encoder(config, m)
+    equal_encoder = _encoder(config, 1, training.equal_parameter_hidden_units(
+        IMAGE_SHAPE, tuple(config.hidden_units), m, latent_dim=config.latent_dim))
     savae = SemiAmortizedVAE(_encoder(config, 1), _decoder(config))
     savae.ensure_built((None, *IMAGE_SHAPE))
     functions = {
         "vae_encoder": tf.function(vae_encoder.compute_parameters, jit_compile=jit),
-        f"rme_encoder_M{config.target_components}": tf.function(rme_encoder.compute_parameters, jit_compile=jit),
+        f"rme_encoder_M{m}": tf.function(rme_encoder.compute_parameters, jit_compile=jit),
+        f"vae_equal_params_encoder_M{m}": tf.function(equal_encoder.compute_parameters, jit_compile=jit),
     }
     for steps in config.savae_steps:
         functions[f"savae_{steps}"] = tf.function(lambda x, k=steps: savae.refine(x, steps=k), jit_compile=jit)
@@ -200,6 +205,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--components", default=None, help="comma-separated M of the training-step measurement")
     parser.add_argument("--hidden_units", default=None, help="comma-separated encoder/decoder widths")
     parser.add_argument("--modes", default=None, help="function,jit")
+    parser.add_argument("--savae_steps", default=None, help="comma-separated SA-VAE refinement steps")
     parser.add_argument("--output", default=None, help="JSON path ('' to write nothing)")
     args = parser.parse_args(argv)
     config = tiny_config() if args.tiny else SpeedConfig()
@@ -214,6 +220,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         config.hidden_units = ints(args.hidden_units)
     if args.modes:
         config.modes = tuple(args.modes.split(","))
+    if args.savae_steps:
+        config.savae_steps = ints(args.savae_steps)
     if args.output is not None:
         config.output = args.output or None
     return run(config)

@@ -14,7 +14,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_rmvae  # noqa: E402
-from benchmarks import harness, plots, speed  # noqa: E402
+from benchmarks import frontier, harness, plots, speed  # noqa: E402
 from tf_rmvae import evaluation  # noqa: E402
 from tf_rmvae.semi_amortized import SemiAmortizedVAE  # noqa: E402
 
@@ -89,6 +89,35 @@ def test_quick_harness_runs_every_method_end_to_end(tmp_path, capsys):
     assert capsys.readouterr().out.count("finished earlier: loaded") == len(rows)
     assert [r["test_log_likelihood"] for r in again] == [r["test_log_likelihood"] for r in rows]
     assert len(plots.make_plots(rows, str(tmp_path / "plots"))) == 3
+    paths = frontier.write_frontier(rows, None, "rme_M2_lambda0.3", str(tmp_path / "frontier"))
+    assert all(os.path.getsize(p) > 0 for p in paths)
+    with open(paths[0]) as f:
+        table = f.read()
+    assert all(f"| {label} |" in table for label in labels) and "epoch 1 | epoch 2" in table
+
+
+def _row(label, seed, log_likelihood, ms100, elbo=-100.0):
+    return dict(label=label, seed=seed, test_log_likelihood=log_likelihood, test_elbo=elbo,
+                inference_ms_batch100=ms100, inference_ms_batch1=ms100 / 10, epoch_time_s=1.0)
+
+
+def test_frontier_keeps_models_no_other_beats_at_equal_or_lower_cost():
+    rows = [_row("vae", 0, -95.0, 1.0), _row("vae", 1, -95.2, 1.0), _row("iwae_k4", 0, -94.0, 1.0),
+            _row("rme_M4_lambda0.3", 0, -94.5, 2.0), _row("savae", 0, -93.0, 20.0)]
+    entries = {e["label"]: e for e in frontier.summarize(rows, None)}
+    assert entries["vae"]["log_likelihood"] == pytest.approx(-95.1)
+    assert entries["vae"]["gap"] == pytest.approx(4.9)
+    assert {label for label, e in entries.items() if e["frontier"]} == {"iwae_k4", "savae"}
+    # Side-by-side speed measurements replace the cells' own times, matched by what the model runs at test time.
+    speed_json = {"modes": {"function": {"inference_ms": {
+        "vae_encoder": {"1": 0.1, "100": 0.5}, "rme_encoder_M4": {"1": 0.2, "100": 0.4},
+        "savae_10": {"1": 3.0, "100": 9.0}}}}}
+    entries = {e["label"]: e for e in frontier.summarize(rows, speed_json)}
+    assert entries["iwae_k4"]["inference_ms_100"] == 0.5 and entries["savae"]["inference_ms_1"] == 3.0
+    assert entries["rme_M4_lambda0.3"]["frontier"]  # now cheaper than iwae at batch 100
+    assert frontier.speed_name("savae2") == "savae_2"
+    assert frontier.speed_name("vae_equal_params_M4") == "vae_equal_params_encoder_M4"
+    assert frontier.speed_name("mixture_M4_iw") == "rme_encoder_M4"
 
 
 def test_speed_benchmark_tiny_prints_ratios(capsys):

@@ -1,0 +1,171 @@
+"""The accuracy-cost frontier (issue 11): test log-likelihood against inference and training cost, and over epochs.
+
+    python -m benchmarks.frontier benchmarks/results/budget12.json --speed benchmarks/results/speed_frontier.json \
+        --reference rme_M4_lambda0.3 --out_dir benchmarks/results/frontier_budget12
+
+Inputs: a harness JSON (rows of one or more seeds) and a `benchmarks.speed` JSON (inference times measured side by
+side in one process; the harness's per-cell times are taken on a shared machine at different moments, so they
+are only a fallback). Writes `frontier.md` (one table row per model: mean over seeds, paired differences to the
+reference per seed, costs, whether the model is on the frontier) and three plots: log p(x) against inference time
+at batch 1 and 100, against training seconds per epoch, and the learning curves (log p(x) against epochs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from collections import defaultdict
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks.plots import load_rows  # noqa: E402
+
+
+def speed_name(label: str) -> str:
+    """The `benchmarks.speed` inference entry that measures the test-time inference of the model `label`."""
+    if label in ("vae",) or label.startswith("iwae"):
+        return "vae_encoder"  # IWAE's test-time inference is the plain VAE encoder's pass
+    if label.startswith("vae_equal_params_M"):
+        return f"vae_equal_params_encoder_M{label.split('_M')[1]}"
+    if label.startswith("savae"):
+        return f"savae_{label[len('savae'):] or 10}"
+    m = re.search(r"_M(\d+)", label)
+    return f"rme_encoder_M{m.group(1)}" if m else label
+
+
+def summarize(rows: list[dict], speed: dict | None, mode: str = "function") -> list[dict]:
+    """One entry per model label: mean test log p(x) and inference gap over seeds, costs, per-seed rows."""
+    inference = (speed or {}).get("modes", {}).get(mode, {}).get("inference_ms", {})
+    groups = defaultdict(list)
+    for row in rows:
+        groups[row["label"]].append(row)
+    entries = []
+    for label, members in groups.items():
+        measured = inference.get(speed_name(label), {})
+        entries.append(dict(
+            label=label,
+            rows=sorted(members, key=lambda r: r["seed"]),
+            log_likelihood=float(np.mean([r["test_log_likelihood"] for r in members])),
+            gap=float(np.mean([r["test_log_likelihood"] - r["test_elbo"] for r in members])),
+            inference_ms_1=measured.get("1", np.mean([r.get("inference_ms_batch1", np.nan) for r in members])),
+            inference_ms_100=measured.get("100", np.mean([r["inference_ms_batch100"] for r in members])),
+            epoch_s=float(np.mean([r["epoch_time_s"] for r in members])),
+        ))
+    entries.sort(key=lambda e: -e["log_likelihood"])
+    for entry in entries:  # on the frontier: no other model is better in log p(x) and at most as costly
+        entry["frontier"] = not any(
+            other["log_likelihood"] > entry["log_likelihood"]
+            and other["inference_ms_100"] <= entry["inference_ms_100"] for other in entries
+        )
+    return entries
+
+
+def frontier_table(entries: list[dict], reference: str | None) -> str:
+    """Markdown table of `summarize`'s entries, with paired differences to `reference` per seed."""
+    lines = [
+        f"| model | seeds | test log p(x) | inference gap | minus {reference or '-'}: diff (paired s.e.) per seed "
+        "| inference ms, batch 1 | batch 100 | train s/epoch | frontier |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for e in entries:
+        versus = "; ".join(
+            f"{r['paired_diff_vs'][reference]:+.2f} ({r['paired_se_vs'][reference]:.2f})"
+            for r in e["rows"] if reference in r.get("paired_diff_vs", {})
+        )
+        lines.append(
+            f"| {e['label']} | {','.join(str(r['seed']) for r in e['rows'])} | {e['log_likelihood']:.2f} | "
+            f"{e['gap']:.2f} | {versus} | {e['inference_ms_1']:.3f} | {e['inference_ms_100']:.3f} | "
+            f"{e['epoch_s']:.1f} | {'yes' if e['frontier'] else ''} |"
+        )
+    return "\n".join(lines)
+
+
+def curve_table(rows: list[dict]) -> str:
+    """Markdown table of test log p(x) at every evaluated epoch, mean over seeds."""
+    curves = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        for point in row.get("curve", []):
+            curves[row["label"]][point["epoch"]].append(point["test_log_likelihood"])
+    epochs = sorted({e for curve in curves.values() for e in curve})
+    lines = ["| model | " + " | ".join(f"epoch {e}" for e in epochs) + " |", "| --- |" + " --- |" * len(epochs)]
+    for label, curve in sorted(curves.items()):
+        cells = [f"{np.mean(curve[e]):.2f}" if e in curve else "" for e in epochs]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _scatter(entries: list[dict], cost: str, xlabel: str, path: str) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for e in entries:
+        seeds = [r["test_log_likelihood"] for r in e["rows"]]
+        ax.errorbar(e[cost], e["log_likelihood"], yerr=[[e["log_likelihood"] - min(seeds)],
+                    [max(seeds) - e["log_likelihood"]]], fmt="o" if e["frontier"] else "x", capsize=2)
+        ax.annotate(e["label"], (e[cost], e["log_likelihood"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test log-likelihood (nats; bars: range over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(rows: list[dict], path: str) -> None:
+    curves = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        for point in row.get("curve", []):
+            curves[row["label"]][point["epoch"]].append(point["test_log_likelihood"])
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for label, curve in sorted(curves.items()):
+        epochs = sorted(curve)
+        ax.plot(epochs, [np.mean(curve[e]) for e in epochs], "o-", label=label, markersize=3)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test log-likelihood (nats, mean over seeds)")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_frontier(rows: list[dict], speed: dict | None, reference: str | None, out_dir: str) -> list[str]:
+    """Writes `frontier.md` and the plots into `out_dir`; returns the paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    entries = summarize(rows, speed)
+    paths = [os.path.join(out_dir, name) for name in (
+        "frontier.md", "loglik_vs_inference_batch1.png", "loglik_vs_inference_batch100.png",
+        "loglik_vs_train_time.png", "loglik_vs_epochs.png")]
+    source = "benchmarks.speed (side by side)" if speed else "the harness cells (shared machine)"
+    with open(paths[0], "w") as f:
+        f.write(f"Inference times from {source}; train s/epoch from the harness cells.\n\n")
+        f.write(frontier_table(entries, reference) + "\n\n" + curve_table(rows) + "\n")
+    _scatter(entries, "inference_ms_1", "inference time, batch 1 (ms, log scale)", paths[1])
+    _scatter(entries, "inference_ms_100", "inference time, batch of 100 (ms, log scale)", paths[2])
+    _scatter(entries, "epoch_s", "training seconds per epoch (log scale)", paths[3])
+    plot_curves(rows, paths[4])
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> list[str]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("results", nargs="+", help="harness JSON files")
+    parser.add_argument("--speed", default=None, help="benchmarks.speed JSON")
+    parser.add_argument("--reference", default=None, help="label the paired differences are taken against")
+    parser.add_argument("--out_dir", default="benchmarks/results/frontier")
+    args = parser.parse_args(argv)
+    speed = None
+    if args.speed:
+        with open(args.speed) as f:
+            speed = json.load(f)
+    paths = write_frontier(load_rows(args.results), speed, args.reference, args.out_dir)
+    print("\n".join(paths))
+    return paths
+
+
+if __name__ == "__main__":
+    main()
