@@ -1,0 +1,214 @@
+"""Inference on one fixed decoder (issue 11): approximation and amortization gaps, after Cremer, Li & Duvenaud,
+"Inference Suboptimality in Variational Autoencoders" (ICML 2018).
+
+1. A decoder is trained as part of a plain VAE for `decoder_epochs`, then frozen.
+2. Every inference method trains a fresh encoder against that frozen decoder for `encoder_epochs` (same data,
+   seeds and optimizer): the VAE encoder, the equal-parameter encoder, IWAE's encoder, RME's mixture (stage-wise)
+   and SA-VAE (refinement steps on its own encoder).
+3. The floor: per-example optimised Gaussians, the trained VAE encoder's output refined by `floor_steps` gradient
+   steps on each test example's own ELBO (SA-VAE's refinement run far longer).
+4. On the test digits, per example: each method's ELBO (`elbo_samples` samples) and importance-weighted
+   `log p(x)` (K = `iwae_samples`, the method's posterior as proposal). The reference `log p(x)` is, per example,
+   the best of these estimates (each is a stochastic lower bound). Then
+
+       inference gap     = log p(x) - ELBO(method)
+       approximation gap = log p(x) - ELBO(optimised Gaussian)
+       amortization gap  = ELBO(optimised Gaussian) - ELBO(method)   (< 0: better than any single Gaussian)
+
+Every piece is stored under `<output_dir>/<run_name>_cells/` and skipped on rerun (decoder weights, one
+`result.json` + `per_example.npz` per method); `<output_dir>/<run_name>.json` gets the table.
+
+    python -m benchmarks.amortization --decoder_epochs=20 --encoder_epochs=20 --run_name=amortization
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from typing import Sequence
+
+import keras
+import numpy as np
+
+import tf_rmvae
+from benchmarks import harness
+from tf_rmvae import data as rm_data
+from tf_rmvae import evaluation
+from tf_rmvae.semi_amortized import SemiAmortizedVAE
+
+METHODS = ("vae", "vae_equal_params", "iwae", "rme", "savae")
+
+
+@dataclasses.dataclass
+class AmortizationConfig:
+    """Everything the study depends on; the networks are the benchmark's (`harness.build_model`)."""
+
+    methods: Sequence[str] = METHODS
+    decoder_epochs: int = 20
+    encoder_epochs: int = 20
+    epochs_per_component: int = 0  # 0: encoder_epochs // M
+    num_components: int = 4
+    lambda_kl: float = 0.3
+    savae_steps: int = 10
+    floor_steps: int = 100
+    hidden_units: Sequence[int] = (200, 200)
+    latent_dim: int = 32
+    train_examples: int = 0
+    eval_examples: int = 1000
+    iwae_samples: int = 500
+    elbo_samples: int = 100
+    seed: int = 0
+    output_dir: str = "benchmarks/results"
+    run_name: str = "amortization"
+    verbose: int = 2
+
+    def benchmark_config(self, epochs: int) -> harness.BenchmarkConfig:
+        return harness.BenchmarkConfig(
+            methods=tuple(self.methods), lambdas=(self.lambda_kl,), num_components=(self.num_components,),
+            epochs=epochs, epochs_per_component=self.epochs_per_component, seeds=(self.seed,),
+            hidden_units=tuple(self.hidden_units), latent_dim=self.latent_dim, train_examples=self.train_examples,
+            savae_steps=(self.savae_steps,), iwae_samples=self.iwae_samples, eval_examples=self.eval_examples,
+        )
+
+
+def _cell(config: AmortizationConfig, method: str) -> harness.Cell:
+    lam = config.lambda_kl if method == "rme" else None
+    m = 1 if method in ("vae", "savae") else config.num_components
+    return harness.Cell(method, m, lam, config.seed, "stagewise" if method == "rme" else None,
+                        refine_steps=config.savae_steps if method == "savae" else None)
+
+
+def _fit(model, config: AmortizationConfig, bench: harness.BenchmarkConfig, cell: harness.Cell, epochs: int):
+    train = rm_data.load_dataset(bench.dataset, "train", bench.batch_size, seed=config.seed,
+                                 take=config.train_examples or None, drop_remainder=True)
+    callbacks = []
+    if cell.method in harness.STAGEWISE_METHODS:
+        callbacks.append(tf_rmvae.ComponentSchedule(epochs_per_component=harness.epochs_per_component(bench, cell)))
+    start = time.perf_counter()
+    model.fit(train, epochs=epochs, callbacks=callbacks, verbose=config.verbose)
+    return time.perf_counter() - start
+
+
+def train_decoder(config: AmortizationConfig, cells_dir: str) -> keras.layers.Layer:
+    """The shared decoder: trained with a plain VAE once, then loaded from `cells_dir/decoder_vae.weights.h5`."""
+    bench = config.benchmark_config(config.decoder_epochs)
+    keras.utils.set_random_seed(config.seed)
+    model = harness.build_model(bench, _cell(config, "vae"))
+    path = os.path.join(cells_dir, "decoder_vae.weights.h5")  # the whole VAE (layers have no save_weights)
+    if os.path.exists(path):
+        model.load_weights(path)
+    else:
+        _fit(model, config, bench, _cell(config, "vae"), config.decoder_epochs)
+        os.makedirs(cells_dir, exist_ok=True)
+        model.save_weights(path[:-len(".weights.h5")] + ".tmp.weights.h5")
+        os.replace(path[:-len(".weights.h5")] + ".tmp.weights.h5", path)
+    return model.decoder
+
+
+def train_encoder(config: AmortizationConfig, method: str, decoder: keras.layers.Layer) -> keras.Model:
+    """A fresh model of `method` whose decoder is a frozen copy of `decoder`, its encoder trained against it."""
+    bench = config.benchmark_config(config.encoder_epochs)
+    cell = _cell(config, method)
+    keras.utils.set_random_seed(config.seed)
+    model = harness.build_model(bench, cell)
+    model.decoder.set_weights(decoder.get_weights())
+    model.decoder.trainable = False
+    model.compile(optimizer=keras.optimizers.Adam(bench.learning_rate))  # a fresh optimizer for the encoder only
+    model.optimizer.build(model.trainable_variables)
+    _fit(model, config, bench, cell, config.encoder_epochs)
+    return model
+
+
+def per_example_bounds(model, x: np.ndarray, config: AmortizationConfig) -> dict:
+    """`[N]` ELBO and importance-weighted log p(x) of `model`'s posterior."""
+    elbo = evaluation.per_example_elbo(model, x, config.elbo_samples, batch_size=100)
+    log_px = evaluation.per_example_log_likelihood(model, x, config.iwae_samples, batch_size=100)
+    return dict(elbo=elbo, log_likelihood=log_px)
+
+
+def optimised_gaussians(vae: keras.Model, x: np.ndarray, config: AmortizationConfig) -> dict:
+    """The floor: the VAE encoder's Gaussians refined by `floor_steps` ascent steps on each example's ELBO."""
+    floor = SemiAmortizedVAE(vae.encoder, vae.decoder, refine_steps=config.floor_steps)
+    floor.ensure_built((None, *x.shape[1:]))
+    return per_example_bounds(floor, x, config)
+
+
+def gaps(results: dict[str, dict]) -> list[dict]:
+    """Rows of the gap table: per method, mean bounds and gaps with paired standard errors over the examples."""
+    reference = np.max(np.stack([r["log_likelihood"] for r in results.values()]), axis=0)
+    floor_elbo = results["optimised_gaussian"]["elbo"]
+    rows = []
+    for method, r in results.items():
+        inference = evaluation.mean_and_se(reference - r["elbo"])
+        amortization = evaluation.mean_and_se(floor_elbo - r["elbo"])
+        rows.append(dict(
+            method=method, elbo=float(np.mean(r["elbo"])), log_likelihood=float(np.mean(r["log_likelihood"])),
+            reference_log_likelihood=float(np.mean(reference)), inference_gap=inference[0],
+            inference_gap_se=inference[1], amortization_gap=amortization[0], amortization_gap_se=amortization[1],
+            approximation_gap=float(np.mean(reference - floor_elbo)),
+        ))
+    return rows
+
+
+def run(config: AmortizationConfig, log=print) -> list[dict]:
+    cells_dir = os.path.join(config.output_dir, f"{config.run_name}_cells")
+    x_test = rm_data.load_numpy("rmvae_mnist", "test", take=config.eval_examples or None, seed=0)
+    decoder = train_decoder(config, cells_dir)
+    methods = ["vae"] + [m for m in config.methods if m != "vae"]  # the floor starts from the VAE encoder
+    results, vae_model = {}, None
+    for method in methods + ["optimised_gaussian"]:
+        path = os.path.join(cells_dir, method, "per_example.npz")
+        if os.path.exists(path):
+            with np.load(path) as arrays:
+                results[method] = {k: arrays[k] for k in arrays.files}
+            log(f"[{method}] finished earlier: loaded")
+            continue
+        if method == "optimised_gaussian":
+            vae_model = vae_model or train_encoder(config, "vae", decoder)  # deterministic: same seeds
+            results[method] = optimised_gaussians(vae_model, x_test, config)
+        else:
+            log(f"[{method}] training its encoder for {config.encoder_epochs} epochs against the frozen decoder")
+            model = train_encoder(config, method, decoder)
+            results[method] = per_example_bounds(model, x_test, config)
+            if method == "vae":
+                vae_model = model
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        np.savez(path, **results[method])
+        log(f"[{method}] ELBO {np.mean(results[method]['elbo']):.2f}  "
+            f"log p(x) {np.mean(results[method]['log_likelihood']):.2f}")
+    rows = gaps(results)
+    with open(os.path.join(config.output_dir, f"{config.run_name}.json"), "w") as f:
+        json.dump(dict(config=dataclasses.asdict(config), rows=rows), f, indent=1)
+    log(gap_table(rows))
+    return rows
+
+
+def gap_table(rows: list[dict]) -> str:
+    lines = ["| inference | ELBO | log p(x) (own proposal) | inference gap | amortization gap (s.e.) |",
+             "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['elbo']:.2f} | {r['log_likelihood']:.2f} | {r['inference_gap']:.2f} | "
+                     f"{r['amortization_gap']:+.2f} ({r['amortization_gap_se']:.2f}) |")
+    lines.append(f"\nreference log p(x) {rows[0]['reference_log_likelihood']:.2f}; approximation gap "
+                 f"(log p(x) - ELBO of the optimised Gaussians) {rows[0]['approximation_gap']:.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    defaults = AmortizationConfig()
+    for field in dataclasses.fields(AmortizationConfig):
+        value = getattr(defaults, field.name)
+        kind = (lambda v: tuple(v.split(","))) if isinstance(value, tuple) else type(value)
+        parser.add_argument(f"--{field.name}", type=kind, default=value)
+    args = vars(parser.parse_args(argv))
+    if args["hidden_units"] and isinstance(args["hidden_units"][0], str):
+        args["hidden_units"] = tuple(int(u) for u in args["hidden_units"])
+    return run(AmortizationConfig(**args))
+
+
+if __name__ == "__main__":
+    main()
