@@ -54,6 +54,8 @@ class BenchmarkConfig:
     `savae_steps` gives one SA-VAE cell per number of refinement steps; `bounds` ("elbo", "iw") apply to "rme"
     and "mixture" (the decoder and proportions trained on the stratified ELBO or the stratified importance-weighted
     bound); `eval_epochs` are the epochs (besides the last) at which each cell is also evaluated on the test digits.
+    `shared_trunk` gives the mixture methods (rme, mixture, boosting) one trunk with M heads (many components at
+    little cost) instead of M separate networks.
     `eval_examples = 0` / `train_examples = 0` use the full split. `rme_max_log_ratio < 0` runs RME (and boosting)
     with the uncapped criterion; `rme_train_previous = False` freezes earlier components (ablations of issue 8). `lambdas` apply to "rme" only (boosting and the
     other baselines have no lambda; their rows hold `lambda_kl = None`); `schedules` apply to "rme" and "boosting".
@@ -92,6 +94,7 @@ class BenchmarkConfig:
     verbose: int = 0
     bounds: Sequence[str] = ("elbo",)
     eval_epochs: Sequence[int] = ()
+    shared_trunk: bool = False
 
     def __post_init__(self):
         self.methods = tuple(self.methods)
@@ -142,6 +145,7 @@ class Cell:
     schedule: str | None
     bound: str = "elbo"
     refine_steps: int | None = None  # SA-VAE only
+    shared_trunk: bool = False  # mixture methods only
 
     @property
     def label(self) -> str:
@@ -159,6 +163,8 @@ class Cell:
             parts.append(f"lambda{self.lambda_kl:g}")
         if self.bound != "elbo":
             parts.append(self.bound)
+        if self.shared_trunk:
+            parts.append("shared")
         return "_".join(parts)
 
     @property
@@ -177,13 +183,15 @@ def cells(config: BenchmarkConfig) -> list[Cell]:
                 continue
             for m in config.num_components:
                 bounds = config.bounds if method in BOUND_METHODS else ("elbo",)
+                shared = config.shared_trunk and method not in SINGLE_COMPONENT_METHODS
                 if method in ("mixture", "vae_equal_params", "iwae"):
-                    result.extend(Cell(method, m, None, seed, None, bound=b) for b in bounds)
+                    result.extend(Cell(method, m, None, seed, None, bound=b, shared_trunk=shared) for b in bounds)
                     continue
                 for schedule in config.schedules:
                     lambdas = config.lambdas if method == "rme" else (None,)
                     result.extend(
-                        Cell(method, m, lam, seed, schedule, bound=b) for lam in lambdas for b in bounds)
+                        Cell(method, m, lam, seed, schedule, bound=b, shared_trunk=shared)
+                        for lam in lambdas for b in bounds)
     return result
 
 
@@ -208,7 +216,7 @@ def build_model(config: BenchmarkConfig, cell: Cell) -> keras.Model:
     encoder, decoder = training.build_networks(
         spec.image_shape, spec.binary, latent_dim=config.latent_dim, num_components=components,
         architecture=config.architecture, hidden_units=config.hidden_units, seed=cell.seed,
-        encoder_hidden_units=encoder_hidden_units,
+        encoder_hidden_units=encoder_hidden_units, shared_trunk=cell.shared_trunk,
     )
     if cell.method == "savae":
         model = SemiAmortizedVAE(
@@ -399,9 +407,12 @@ def _fingerprint(config: BenchmarkConfig, cell: Cell) -> dict:
     values = {k: v for k, v in config.to_json().items() if k not in skip}
     if not config.eval_epochs:
         del values["eval_epochs"]
-    values["cell"] = {k: v for k, v in dataclasses.asdict(cell).items() if k not in ("bound", "refine_steps")}
-    if cell.bound != "elbo":
-        values["cell"]["bound"] = cell.bound
+    if not config.shared_trunk:
+        del values["shared_trunk"]
+    new_fields = {"bound": "elbo", "refine_steps": None, "shared_trunk": False}  # and their old behaviour
+    values["cell"] = {k: v for k, v in dataclasses.asdict(cell).items() if k not in new_fields}
+    values["cell"].update({k: getattr(cell, k) for k, old in new_fields.items()
+                           if k != "refine_steps" and getattr(cell, k) != old})
     if cell.method == "savae":
         values["savae_steps"] = cell.refine_steps
     else:

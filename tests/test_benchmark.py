@@ -182,3 +182,17 @@ def test_fixed_decoder_study_trains_encoders_only_and_reports_gaps(tmp_path):
     model = amortization.train_encoder(config, "rme", decoder)
     assert all(np.array_equal(a, b) for a, b in zip(decoder.get_weights(), model.decoder.get_weights()))
     assert int(model.encoder.num_active_components.numpy()) == 2
+
+
+def test_shared_trunk_cells_have_many_heads_for_few_parameters():
+    config = harness.quick_config(methods=("rme", "mixture", "vae"), num_components=(8,), shared_trunk=True)
+    cells = {c.label: c for c in harness.cells(config)}
+    assert set(cells) == {"rme_M8_lambda0.3_shared", "rme_M8_lambda1_shared", "mixture_M8_shared", "vae"}
+
+    def encoder_parameters(cell):
+        model = harness.build_model(config, cell)
+        return sum(int(np.prod(v.shape)) for v in model.encoder.trainable_weights)
+
+    shared = encoder_parameters(cells["rme_M8_lambda0.3_shared"])
+    separate = encoder_parameters(harness.Cell("rme", 8, 0.3, 0, "stagewise"))
+    assert encoder_parameters(cells["vae"]) < shared < separate / 3

@@ -75,13 +75,16 @@ def build_networks(
     likelihood: str = "auto",
     seed: int | None = None,
     encoder_hidden_units: tuple[int, ...] | None = None,
+    shared_trunk: bool = False,
 ) -> tuple[RecursiveMixtureEncoder, keras.layers.Layer]:
     """Encoder and decoder for images `[H, W, C]` = `image_shape`: the decoder mirrors the encoder's widths and
     filters and is Bernoulli for `binary` data and Gaussian otherwise (unless `likelihood` names one).
-    `encoder_hidden_units` gives the encoder other widths than the decoder's mirror (e.g. a wider encoder)."""
+    `encoder_hidden_units` gives the encoder other widths than the decoder's mirror (e.g. a wider encoder);
+    `shared_trunk` one trunk with a head per component (see `RecursiveMixtureEncoder`)."""
     encoder = RecursiveMixtureEncoder(
         latent_dim=latent_dim, max_components=num_components, architecture=architecture,
-        hidden_units=encoder_hidden_units or hidden_units, conv_filters=conv_filters, seed=seed,
+        hidden_units=encoder_hidden_units or hidden_units, conv_filters=conv_filters, shared_trunk=shared_trunk,
+        seed=seed,
     )
     likelihood = likelihood if likelihood != "auto" else ("bernoulli" if binary else "gaussian")
     decoder = make_decoder(
