@@ -458,16 +458,25 @@ def load_eval_data(config: BenchmarkConfig) -> tuple[np.ndarray, np.ndarray]:
     return x_test, x_train
 
 
-def run_benchmark(config: BenchmarkConfig, log: Callable[[str], None] = print) -> list[dict]:
-    """Trains and evaluates every cell (skipping finished ones when `resume`), writes `<run_name>.json`."""
+def run_benchmark(
+    config: BenchmarkConfig, log: Callable[[str], None] = print, finished_only: bool = False
+) -> list[dict]:
+    """Trains and evaluates every cell (skipping finished ones when `resume`), writes `<run_name>.json`.
+
+    `finished_only` trains nothing: the finished cells go to `<run_name>.partial.json`, marked `"partial": true`
+    with the keys of the missing cells (to commit the results of a run that is still going).
+    """
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     start = time.perf_counter()
     x_test, x_train_eval = load_eval_data(config)
     cells_dir = os.path.join(config.output_dir, f"{config.run_name}_cells")
-    rows, per_example = [], []
+    rows, per_example, missing = [], [], []
     for cell in cells(config):
         cell_dir = os.path.join(cells_dir, cell.key)
         finished = _load_finished(config, cell, cell_dir) if config.resume else None
+        if finished is None and finished_only:
+            missing.append(cell.key)
+            continue
         if finished is None:
             log(f"[{cell.key}] training {config.epochs} epochs")
             row, arrays = run_cell(config, cell, x_test, x_train_eval, cell_dir)
@@ -488,8 +497,10 @@ def run_benchmark(config: BenchmarkConfig, log: Callable[[str], None] = print) -
                       keras=keras.__version__),
         started=started, total_wall_time_s=time.perf_counter() - start, rows=rows,
     )
+    if finished_only:
+        result.update(partial=True, missing=missing)
     os.makedirs(config.output_dir, exist_ok=True)
-    path = os.path.join(config.output_dir, f"{config.run_name}.json")
+    path = os.path.join(config.output_dir, f"{config.run_name}{'.partial' if finished_only else ''}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     log(f"wrote {path}")

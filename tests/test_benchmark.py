@@ -1,5 +1,6 @@
 """The benchmark harness end to end (quick mode), its paired statistics, the speed benchmark and SA-VAE."""
 
+import dataclasses
 import json
 import math
 import os
@@ -83,6 +84,13 @@ def test_quick_harness_runs_every_method_end_to_end(tmp_path, capsys):
     b = np.load(b_dir / "per_example.npz")["log_likelihood"]
     assert rows[0]["paired_diff_vs"][rows[1]["label"]] == pytest.approx(np.mean(a - b), rel=1e-5)
     assert rows[0]["paired_se_vs"][rows[1]["label"]] == pytest.approx(np.std(a - b, ddof=1) / np.sqrt(len(a)))
+    # A run still going: finished_only writes what is finished, marked partial, with the missing cells named.
+    bigger = dataclasses.replace(config, seeds=(0, 1))
+    partial = harness.run_benchmark(bigger, finished_only=True)
+    with open(tmp_path / "quick.partial.json") as f:
+        stored_partial = json.load(f)
+    assert stored_partial["partial"] and len(partial) == len(rows)
+    assert stored_partial["missing"] == [c.key for c in harness.cells(bigger) if c.seed == 1]
     # Resume: a rerun loads every finished cell instead of training it again.
     capsys.readouterr()
     again = harness.run_benchmark(config)

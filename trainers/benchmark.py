@@ -54,6 +54,8 @@ flags.DEFINE_string("output_dir", _DEFAULT.output_dir, "Where <run_name>.json an
 flags.DEFINE_string("run_name", _DEFAULT.run_name, "Name of the run (its JSON file and cell directory).")
 flags.DEFINE_string("data_dir", None, "tfds data directory (default: tfds's).")
 flags.DEFINE_bool("resume", True, "Skip finished cells and continue unfinished ones from their last epoch.")
+flags.DEFINE_bool("finished_only", False,
+                  "Train nothing: write the finished cells to <run_name>.partial.json (a run still going).")
 flags.DEFINE_bool("quick", False, "Tiny everything (smoke test); other flags given explicitly still apply.")
 flags.DEFINE_integer("verbose", 2, "Keras fit verbosity.")
 
@@ -78,7 +80,7 @@ def config_from_flags() -> harness.BenchmarkConfig:
 
 def main(argv):
     del argv
-    rows = harness.run_benchmark(config_from_flags())
+    rows = harness.run_benchmark(config_from_flags(), finished_only=FLAGS.finished_only)
     print(harness.summary_table(rows))
 
 
