@@ -4,14 +4,20 @@
     python -m trainers.benchmark --epochs=10 --eval_examples=1000 --iwae_samples=1000 --run_name=cpu_budget
 
 Resumable: rerun the same command after an interruption (finished cells are loaded, unfinished ones continue from
-their last epoch). See benchmarks/README.md for the CPU-budget and paper-scale configurations.
+their last epoch). See benchmarks/README.md for the CPU-budget and paper-scale configurations. TensorFlow's C++ logs
+are off unless `--tf_log_level` asks for them (`trainers.quiet`).
 """
 
 from __future__ import annotations
 
-from absl import app, flags
+import sys
 
-from benchmarks import harness
+from trainers import quiet
+
+with quiet.quiet_imports(sys.argv):  # first: TensorFlow reads its log level when it is imported
+    from absl import app, flags
+
+    from benchmarks import harness
 
 _DEFAULT = harness.BenchmarkConfig()
 
@@ -72,6 +78,7 @@ def config_from_flags() -> harness.BenchmarkConfig:
 
 def main(argv):
     del argv
+    quiet.quiet_python_logs()
     rows = harness.run_benchmark(config_from_flags())
     print(harness.summary_table(rows))
 
