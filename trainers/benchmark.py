@@ -20,6 +20,7 @@ with quiet.quiet_imports(sys.argv):  # first: TensorFlow reads its log level whe
     from benchmarks import harness
 
 _DEFAULT = harness.BenchmarkConfig()
+flags.adopt_module_key_flags(quiet)  # --tf_log_level in --help
 
 flags.DEFINE_string("dataset", _DEFAULT.dataset, "Dataset name (tf_rmvae.data).")
 flags.DEFINE_list("methods", list(_DEFAULT.methods), f"Methods among {harness.ALL_METHODS}.")

@@ -30,6 +30,7 @@ with quiet.quiet_imports(sys.argv):  # first: TensorFlow reads its log level whe
     from tf_rmvae.models import METHODS, SCHEDULES
 
 _DEFAULTS = RunConfig()
+flags.adopt_module_key_flags(quiet)  # --tf_log_level in --help
 
 flags.DEFINE_string("dataset", _DEFAULTS.dataset, "Dataset name (tf_rmvae.data.SUPPORTED_DATASETS).")
 flags.DEFINE_string("data_dir", _DEFAULTS.data_dir, "tfds data directory ('' = tfds default).")
