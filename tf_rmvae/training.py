@@ -505,10 +505,10 @@ def _train_in_strategy(config: RunConfig, strategy, chief: bool, worker_dir: str
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     train_data = train_data.with_options(options)
     x_validation, validation_data = _validation_data(config, validation_split, options)
-    train_count = split_size(config.dataset, train_split, data_dir=data_dir)
+    split_count = split_size(config.dataset, train_split, data_dir=data_dir)
     report.stage("data", report.data_line(
-        config.dataset, train_split, train_count, min(train_count, config.train_examples or train_count), steps_per_epoch,
-        config.batch_size, validation_split, 0 if x_validation is None else len(x_validation),
+        config.dataset, train_split, split_count, min(split_count, config.train_examples or split_count),
+        steps_per_epoch, config.batch_size, validation_split, 0 if x_validation is None else len(x_validation),
     ), enabled=chief and config.verbose > 0)
     preview = _preview_images(config, x_validation, train_split) if chief else None
     with strategy.scope():
