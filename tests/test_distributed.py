@@ -27,7 +27,7 @@ EPOCHS = 3
 TINY = [
     "--hidden_units=16", "--latent_dim=4", "--num_components=2", "--epochs_per_component=1", "--batch_size=50",
     "--train_examples=400", "--eval_examples=50", "--iwae_samples=4", "--verbose=2", "--export_dir=",
-    f"--epochs={EPOCHS}", "--eps_search_every=3",
+    f"--epochs={EPOCHS}", "--eps_search_every=3", "--validation_examples=100",
 ]
 STEPS_PER_EPOCH = 400 // 50
 SCHEDULE = [float(RunConfig(num_components=2, epochs_per_component=1).active_components_at(e)) for e in range(EPOCHS)]
@@ -72,10 +72,10 @@ def _saved_epoch(model_dir):
         return 0
 
 
-def _weights(model_dir):
+def _weights(model_dir, path=("backup", "latest.weights.h5")):
     """Every array of the run's final state (`backup/latest.weights.h5`: model and optimizer variables)."""
     arrays = {}
-    with h5py.File(os.path.join(model_dir, "backup", "latest.weights.h5"), "r") as f:
+    with h5py.File(os.path.join(model_dir, *path), "r") as f:
         f.visititems(lambda name, item: arrays.__setitem__(name, item[()]) if isinstance(item, h5py.Dataset) else None)
     return arrays
 
@@ -231,6 +231,17 @@ def test_a_killed_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(
     for name, value in uninterrupted.items():
         np.testing.assert_allclose(resumed[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
     _assert_same_history(_history(model_dir), _history(reference), rtol=1e-6)
+    # Validation too: the same values every epoch, hence the same best epoch, value and weights.
+    np.testing.assert_allclose([row["val_elbo"] for row in _history(model_dir)],
+                               [row["val_elbo"] for row in _history(reference)], rtol=1e-6)
+    best, reference_best = (json.loads(open(os.path.join(d, "checkpoints", "best.json")).read())
+                            for d in (model_dir, reference))
+    assert best["epoch"] == reference_best["epoch"] and math.isclose(best["value"], reference_best["value"],
+                                                                     rel_tol=1e-6)
+    assert _metrics(model_dir)["validation"]["best"]["epoch"] == best["epoch"]
+    best_weights = _weights(model_dir, ("checkpoints", "best.weights.h5"))
+    for name, value in _weights(reference, ("checkpoints", "best.weights.h5")).items():
+        np.testing.assert_allclose(best_weights[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def test_mirrored_over_two_logical_cpus_matches_one_device(tmp_path, reference):

@@ -4,9 +4,11 @@ refusal of a mismatched run directory, flag validation. Tiny settings keep the w
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +21,7 @@ from tf_rmvae.config import ConfigError, RunConfig
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
     "--hidden_units=32", "--latent_dim=8", "--num_components=3", "--epochs_per_component=1", "--batch_size=64",
-    "--train_examples=512", "--eval_examples=128", "--iwae_samples=8", "--verbose=2",
+    "--train_examples=512", "--eval_examples=128", "--iwae_samples=8", "--verbose=2", "--validation_examples=128",
 ]
 STEPS_PER_EPOCH = 512 // 64
 
@@ -56,7 +58,8 @@ def test_run_writes_config_metrics_figures_checkpoints_and_export_and_a_rerun_do
                  "mixture_weights.png"):
         assert (model_dir / name).is_file(), name
     assert RunConfig.load(model_dir / "config.json").latent_dim == 8
-    assert sorted(os.listdir(model_dir / "checkpoints")) == ["epoch_001.weights.h5", "epoch_002.weights.h5"]
+    assert sorted(os.listdir(model_dir / "checkpoints")) == [
+        "best.json", "best.weights.h5", "epoch_001.weights.h5", "epoch_002.weights.h5"]
     assert os.listdir(model_dir / "logs" / "train")  # TensorBoard event file
     metrics = _metrics(model_dir)
     test = metrics["test"]
@@ -71,6 +74,13 @@ def test_run_writes_config_metrics_figures_checkpoints_and_export_and_a_rerun_do
     assert [row["epoch"] for row in metrics["history"]] == [0, 1] and metrics["wall_time_s"] > 0
     assert (export_dir / "tiny" / "1" / "saved_model.pb").is_file()
     assert metrics["exports"]["model"] == str(export_dir / "tiny" / "1")
+    # Validation: the last 128 training digits, every epoch; the best epoch's weights were evaluated and exported.
+    validation = [float(row["val_elbo"]) for row in _history(model_dir)]
+    assert len(validation) == 2 and all(-784 * math.log(2) - 50 < v < 0 for v in validation)
+    assert metrics["validation"]["split"] == "train[59872:]" and metrics["validation"]["examples"] == 128
+    best = metrics["validation"]["best"]
+    assert best["epoch"] == int(max(range(2), key=validation.__getitem__)) and best["value"] == max(validation)
+    assert not metrics["stopped_early"]
 
     rerun = _run(command)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -112,6 +122,63 @@ def test_killed_run_resumes_from_last_completed_epoch_with_its_stage_and_optimiz
     assert metrics["optimizer_iterations"] == 4 * STEPS_PER_EPOCH
     assert metrics["test"]["active_components"] == 3
     assert math.isfinite(metrics["test"]["log_likelihood_mean"])
+
+
+STAGES = ("data", "training", "evaluation", "figures", "export")
+NOISE = ("cuInit", "cudart", "oneDNN", "cpu_feature_guard", "absl::InitializeLog", "being cached", "shuffle=True",
+         "unsupported characters", "Assets written", "Constructing tf.data.Dataset")
+
+
+def _events(run_dir):
+    """`{tag: [step, ...]}` over the TensorBoard event files of one run directory."""
+    import tensorflow as tf
+
+    tags = {}
+    for path in glob.glob(os.path.join(run_dir, "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                tags.setdefault(value.tag, []).append(event.step)
+    return tags
+
+
+def test_the_program_is_quiet_prints_one_line_per_stage_and_logs_pictures(tmp_path):
+    model_dir = tmp_path / "run"
+    env = _env()
+    del env["TF_CPP_MIN_LOG_LEVEL"]  # the program's own default, as a user runs it
+    command = _command(model_dir, "--epochs=2", "--num_components=2", "--image_every_epochs=1", "--export_dir=")
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    output = result.stdout + result.stderr
+    assert [noise for noise in NOISE if noise in output] == []
+    assert not re.findall(r"^[IWEF]\d{4} .*$", output, re.M)  # no C++ (or absl INFO) log line at all
+    stages = [line.split(":", 1)[0] for line in result.stdout.splitlines() if line.split(":", 1)[0] in STAGES]
+    assert stages == list(STAGES)
+    assert "export: disabled" in result.stdout and "best validation ELBO" in result.stdout
+
+    train = _events(model_dir / "logs" / "train")
+    assert train["reconstructions"] == [0, 1] and train["samples"] == [0, 1]
+    assert train["mixture/weight_1"] == [0, 1] and train["mixture/entropy_0"] == [0, 1]
+    assert "mixture/entropy_1" in _events(model_dir / "logs" / "validation")
+
+
+def test_a_run_that_early_stopping_ended_is_finished_even_if_killed_before_its_metrics(tmp_path):
+    model_dir = tmp_path / "run"
+    assert _run(_command(model_dir, "--epochs=2", "--export_dir=")).returncode == 0
+    # As if epoch 1 (0-based) had not beaten epoch 0 and the process died before writing the metrics.
+    best_path = model_dir / "checkpoints" / "best.json"
+    best_path.write_text(json.dumps(dict(json.loads(best_path.read_text()), epoch=0)))
+    (model_dir / "metrics.json").unlink()
+
+    command = _command(model_dir, "--epochs=4", "--export_dir=", "--early_stopping_patience=1")
+    result = _run(command)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = _metrics(model_dir)
+    assert metrics["stopped_early"] and metrics["completed"] and metrics["epochs_completed"] == 2
+    assert len(_history(model_dir)) == 2  # no epoch trained after the stop
+    assert metrics["optimizer_iterations"] == 2 * STEPS_PER_EPOCH
+    assert "stopped early" in result.stdout and "weights of epoch 1 (best validation ELBO)" in result.stdout
+    assert "already finished" in _run(command).stdout
 
 
 def test_rerun_with_different_settings_in_the_same_model_dir_fails_clearly(tmp_path):
@@ -158,6 +225,9 @@ def test_flags_make_the_run_config_and_vae_defaults_to_one_component():
         (dict(architecture="conv", conv_filters=(8,)), "--conv_filters"),
         (dict(method="nope"), "--method"),
         (dict(iwae_samples=0), "--iwae_samples"),
+        (dict(validation_examples=-2), "--validation_examples"),
+        (dict(early_stopping_patience=-1), "--early_stopping_patience"),
+        (dict(image_every_epochs=-1), "--image_every_epochs"),
     ],
 )
 def test_invalid_settings_name_the_flag(changes, message):
@@ -173,6 +243,16 @@ def test_config_round_trips_through_json_and_ignores_resumable_fields_when_compa
     assert loaded.mismatches(config.replace(epochs=50, iwae_samples=5000, export_dir="", model_dir="b")) == {}
     assert loaded.mismatches(config.replace(learning_rate=0.01)) == {"learning_rate": (0.001, 0.01)}
     assert config.replace(method="rme", epochs_per_component=2).active_components_at(5) == 3
+    assert loaded.mismatches(config.replace(early_stopping_patience=3, image_every_epochs=0)) == {}
+    assert loaded.mismatches(config.replace(validation_examples=0)) == {"validation_examples": (-1, 0)}
+
+
+def test_a_config_saved_before_validation_existed_resumes_without_a_hold_out(tmp_path):
+    values = RunConfig(model_dir="a").to_dict()
+    del values["validation_examples"], values["early_stopping_patience"], values["image_every_epochs"]
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    loaded = RunConfig.load(tmp_path / "config.json")
+    assert loaded.validation_examples == 0 and RunConfig().validation_examples == -1
 
 
 def test_history_keeps_only_the_rows_of_saved_epochs(tmp_path):

@@ -28,7 +28,16 @@ RESUMABLE_FIELDS = frozenset({
     # The training state (weights, recursion state, optimizer, epoch) is device-independent and every epoch's data is
     # a function of (seed, epoch) with the same global batch on any strategy: a run may resume on other hardware.
     "strategy",
+    # When to stop and what to draw: the completed epochs trained the same either way.
+    "early_stopping_patience", "image_every_epochs",
 })
+
+# Values of fields that a saved `config.json` may lack because it was written before the field existed: the behaviour
+# of that version (runs saved before issue 14 held no validation examples out of training).
+LEGACY_DEFAULTS = {"validation_examples": 0}
+
+#: `validation_examples` value that asks for the default hold-out (`tf_rmvae.data.default_validation_examples`).
+AUTO_VALIDATION = -1
 
 
 class ConfigError(ValueError):
@@ -39,7 +48,10 @@ class ConfigError(ValueError):
 class RunConfig:
     """Settings of one training run (flags of `trainers/train.py` have the same names).
 
-    Data: `dataset`, `data_dir`, `train_examples` (0 = the whole training split), `batch_size`.
+    Data: `dataset`, `data_dir`, `train_examples` (0 = all the training examples left after the validation hold-out),
+      `validation_examples` (the last examples of the training split, held out of training and evaluated after every
+      epoch; -1 = the default `min(10000, N // 6)` of a training split of N, 10000 for MNIST; 0 = no validation),
+      `batch_size`.
     Model: `method` ("rme", "vae", "mixture", "boosting"), `num_components` (M; 1 for "vae"), `latent_dim`,
       `architecture` ("dense"|"conv"), `hidden_units`, `conv_filters`, `decoder` ("auto": Bernoulli for binary
       datasets, Gaussian otherwise), `lambda_kl`, `max_log_ratio` (cap of RME's per-sample KL log-ratio; < 0:
@@ -47,10 +59,12 @@ class RunConfig:
       `eps_search_every`, `nonfinite_inputs` ("raise": stop at a batch with NaN/Inf pixels; "skip": skip such
       examples).
     Training: `epochs`, `epochs_per_component` (stage-wise recursive methods: epochs per stage), `learning_rate`,
-      `seed`, `jit_compile`, `verbose` (Keras progress: 0 silent, 1 bar, 2 one line per epoch).
+      `seed`, `jit_compile`, `verbose` (Keras progress: 0 silent, 1 bar, 2 one line per epoch; also the stage lines),
+      `early_stopping_patience` (stop after this many epochs without a better validation ELBO; 0 = never).
     Evaluation: `eval_examples` (0 = the whole test split), `iwae_samples` (K of the IWAE bound), `eval_chunk_size`.
     Output: `model_dir`, `export_dir` ("" disables export), `export_name` ("" = `<dataset>_<method>`),
-      `export_encoder`, `keep_checkpoints` (per-epoch checkpoints kept; 0 keeps all).
+      `export_encoder`, `keep_checkpoints` (per-epoch checkpoints kept; 0 keeps all), `image_every_epochs`
+      (TensorBoard reconstructions and samples every this many epochs and after the last; 0 = none).
     Hardware: `strategy` ("default", "mirrored", "multi_worker_mirrored", "tpu"; see `tf_rmvae.distribute`; may change
       when resuming), `mixed_precision` ("float32", "mixed_float16", "mixed_bfloat16": Keras's global dtype policy).
       `batch_size` is the GLOBAL batch, split evenly over the replicas (it must be a multiple of their number).
@@ -60,6 +74,7 @@ class RunConfig:
     dataset: str = "rmvae_mnist"
     data_dir: str = ""
     train_examples: int = 0
+    validation_examples: int = AUTO_VALIDATION
     batch_size: int = 100
     method: str = "rme"
     num_components: int = 4
@@ -76,6 +91,7 @@ class RunConfig:
     eps_search_every: int = 50
     epochs: int = 10
     epochs_per_component: int = 2
+    early_stopping_patience: int = 0
     learning_rate: float = 1e-3
     seed: int = 0
     jit_compile: bool = False
@@ -88,6 +104,7 @@ class RunConfig:
     export_name: str = ""
     export_encoder: bool = False
     keep_checkpoints: int = 3
+    image_every_epochs: int = 2
     strategy: str = "default"
     mixed_precision: str = "float32"
     debug_batch_sleep: float = 0.0
@@ -129,6 +146,12 @@ class RunConfig:
         check(self.batch_size >= 1, f"--batch_size must be >= 1; got {self.batch_size}.")
         check(self.learning_rate > 0, f"--learning_rate must be > 0; got {self.learning_rate}.")
         check(self.train_examples >= 0, f"--train_examples must be >= 0 (0 = all); got {self.train_examples}.")
+        check(self.validation_examples >= AUTO_VALIDATION,
+              f"--validation_examples must be >= 0, or -1 for the default; got {self.validation_examples}.")
+        check(self.early_stopping_patience >= 0,
+              f"--early_stopping_patience must be >= 0 (0 = off); got {self.early_stopping_patience}.")
+        check(self.image_every_epochs >= 0,
+              f"--image_every_epochs must be >= 0 (0 = no images); got {self.image_every_epochs}.")
         check(self.eval_examples >= 0, f"--eval_examples must be >= 0 (0 = all); got {self.eval_examples}.")
         check(self.iwae_samples >= 1, f"--iwae_samples must be >= 1; got {self.iwae_samples}.")
         check(self.eval_chunk_size >= 1, f"--eval_chunk_size must be >= 1; got {self.eval_chunk_size}.")
@@ -174,12 +197,13 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
-        """Builds a config from a dict; unknown keys raise `ConfigError` (a config from another version)."""
+        """Builds a config from a dict; unknown keys raise `ConfigError` (a config from another version), and keys
+        of `LEGACY_DEFAULTS` that are missing take the behaviour of the version that saved the dict."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
             raise ConfigError(f"Unknown RunConfig fields {unknown}.")
-        return cls(**values)
+        return cls(**{**LEGACY_DEFAULTS, **values})
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the config as JSON (atomically: a temporary file renamed into place)."""

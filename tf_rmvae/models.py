@@ -394,7 +394,10 @@ class RecursiveMixtureVAE(LatentVariableModel):
 
     def test_step(self, data):
         x = self._unpack(data)
-        terms = self._terms(x, self.num_samples)
+        # Stateless noise keyed by the step counter, as in training: `evaluate` (and Keras's validation after every
+        # epoch) is a deterministic function of the weights, so a resumed run validates exactly as the uninterrupted
+        # run did (the same best epoch) and successive epochs are compared on common random numbers.
+        terms = self._terms(x, self.num_samples, noise=self._training_noise(x))
         return self._update_metrics(terms)
 
     # ------------------------------------------------------------------ serialization

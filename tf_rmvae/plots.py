@@ -45,8 +45,9 @@ def _save_grid(grid: np.ndarray, path: str, title: str) -> None:
     plt.close(fig)
 
 
-def save_reconstructions(model, images: np.ndarray, path: str, columns: int = 8) -> None:
-    """Rows of originals `images [N, H, W, C]` each followed by a row of their reconstructions `model(images)`."""
+def reconstruction_grid(model, images: np.ndarray, columns: int = 8) -> np.ndarray:
+    """One image `[rows, cols, C]`: rows of originals `images [N, H, W, C]`, each followed by a row of their
+    reconstructions `model(images)`."""
     images = np.asarray(images, np.float32)
     reconstructions = np.asarray(model(images))
     rows = []
@@ -57,14 +58,23 @@ def save_reconstructions(model, images: np.ndarray, path: str, columns: int = 8)
     for row in rows:  # pad the last (short) pair of rows with blank images so the pairs stay aligned
         blank = np.ones((columns - len(row), *row.shape[1:]), np.float32)
         padded.append(np.concatenate([row, blank]) if len(row) < columns else row)
-    grid = image_grid(np.concatenate(padded), columns)
-    _save_grid(grid, path, "data (odd rows) and reconstructions (even rows)")
+    return image_grid(np.concatenate(padded), columns)
+
+
+def sample_grid(model, num_images: int = 64, seed: int = 0) -> np.ndarray:
+    """One image tiling `model.generate(num_images, seed)` (decoder means at prior samples) in a square grid."""
+    images = np.asarray(model.generate(num_images, seed=seed))
+    return image_grid(images, int(math.ceil(math.sqrt(num_images))))
+
+
+def save_reconstructions(model, images: np.ndarray, path: str, columns: int = 8) -> None:
+    """PNG of `reconstruction_grid`: rows of originals, each followed by a row of their reconstructions."""
+    _save_grid(reconstruction_grid(model, images, columns), path, "data (odd rows) and reconstructions (even rows)")
 
 
 def save_samples(model, path: str, num_images: int = 64, seed: int = 0) -> None:
-    """Grid of `model.generate(num_images, seed)`: decoder means at prior samples."""
-    images = np.asarray(model.generate(num_images, seed=seed))
-    _save_grid(image_grid(images, int(math.ceil(math.sqrt(num_images)))), path, "samples from the prior")
+    """PNG of `sample_grid`: decoder means at prior samples."""
+    _save_grid(sample_grid(model, num_images, seed), path, "samples from the prior")
 
 
 def save_mixture_weights(history: Sequence[Mapping[str, float]], path: str, num_components: int) -> None:

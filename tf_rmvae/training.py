@@ -12,8 +12,12 @@ Layout of `model_dir`:
     history.csv            one row per completed epoch (Keras `CSVLogger`; appended to on resume)
     backup/                the resume state: `latest.weights.h5` (model weights, recursion state and optimizer
                            variables) and `training_metadata.json` (completed epochs), written atomically per epoch
-    checkpoints/           `epoch_NNN.weights.h5` after every epoch (the last `keep_checkpoints`)
-    logs/                  TensorBoard event files
+    checkpoints/           `epoch_NNN.weights.h5` after every epoch (the last `keep_checkpoints`); with validation,
+                           `best.weights.h5` (the epoch with the best validation ELBO, the weights evaluated and
+                           exported) and `best.json` (its epoch and value; see `tf_rmvae.best_checkpoint`)
+    logs/                  TensorBoard event files: `train/` and `validation/` scalars (per-component metrics grouped
+                           as `mixture/...`, a custom-scalars layout), reconstructions and samples as images
+                           (`tf_rmvae.summaries`)
     metrics.json           final test ELBO / IWAE log-likelihood (mean, s.e.), mixture weights, component
                            entropies, timing, per-epoch history; `"completed": true` marks a finished run
     reconstructions.png, samples.png, mixture_weights.png
@@ -24,6 +28,11 @@ accumulators), and the optimizer's variables (`iterations`, Adam's moments). `At
 each save atomic, so a kill during a save leaves the previous epoch's state intact. The training data of epoch e is a
 function of (seed, e) (`tf_rmvae.data.pipeline.load_epochs`) and the training noise of step t of (seed, t), so a run
 killed and resumed ends with the weights of an uninterrupted run (up to float reduction order).
+
+Validation (`validation_examples`): the last examples of the training split are held out (`holdout_splits`) and
+evaluated after every epoch (`val_*` columns of `history.csv`). The validation noise is keyed by the step counter, so
+validation is exact on resume too, and the best epoch, kept in `checkpoints/best.*` (`BestCheckpoint`), with early
+stopping derived from it, survives an interruption.
 """
 
 from __future__ import annotations
@@ -43,12 +52,14 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tf_rmvae import distribute, plots
+from tf_rmvae import distribute, plots, report
+from tf_rmvae.best_checkpoint import BestCheckpoint, load_best, read_best, stop_reached
 from tf_rmvae.callbacks import ComponentSchedule, NonFiniteInputGuard
 from tf_rmvae.config import ConfigError, RunConfig
 from tf_rmvae.decoders import make_decoder
 from tf_rmvae.encoders import RecursiveMixtureEncoder
 from tf_rmvae.models import RecursiveMixtureVAE
+from tf_rmvae.summaries import GroupedTensorBoard, ImageSummaries
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
@@ -237,8 +248,12 @@ class BatchSleep(keras.callbacks.Callback):
         time.sleep(self.seconds)
 
 
-def make_callbacks(config: RunConfig, worker_dir: str | None = None) -> list[keras.callbacks.Callback]:
+def make_callbacks(config: RunConfig, worker_dir: str | None = None, *, validation: bool = False,
+                   preview: np.ndarray | None = None) -> list[keras.callbacks.Callback]:
     """The callbacks of a run in `config.model_dir`.
+
+    `validation`: `fit` gets validation data: keep the best-validation checkpoint (and stop early if asked).
+    `preview`: a few images whose reconstructions TensorBoard shows every `config.image_every_epochs` epochs.
 
     The backup comes last so that at the end of an epoch it saves after the history row is written: an epoch whose
     state was saved always has its row, and a row without saved state is dropped on resume (`ResumableCSVLogger`).
@@ -251,9 +266,12 @@ def make_callbacks(config: RunConfig, worker_dir: str | None = None) -> list[ker
     if worker_dir is None:
         callbacks: list[keras.callbacks.Callback] = [
             ResumableCSVLogger(os.path.join(model_dir, HISTORY_FILE), backup_dir),
-            keras.callbacks.TensorBoard(os.path.join(model_dir, LOG_DIR), write_graph=False),
+            GroupedTensorBoard(os.path.join(model_dir, LOG_DIR), write_graph=False),
             PrunedModelCheckpoint(os.path.join(model_dir, CHECKPOINT_DIR), config.keep_checkpoints),
         ]
+        if preview is not None and config.image_every_epochs:
+            callbacks.append(ImageSummaries(os.path.join(model_dir, LOG_DIR), preview, config.image_every_epochs,
+                                            seed=config.seed))
     else:
         callbacks = [PrunedModelCheckpoint(os.path.join(worker_dir, CHECKPOINT_DIR), 1)]
     if config.nonfinite_inputs == "raise":
@@ -262,6 +280,10 @@ def make_callbacks(config: RunConfig, worker_dir: str | None = None) -> list[ker
         callbacks.append(ComponentSchedule(epochs_per_component=config.epochs_per_component))
     if config.debug_batch_sleep > 0:
         callbacks.append(BatchSleep(config.debug_batch_sleep))
+    if validation:  # before the backup: an epoch whose state is saved has its best checkpoint saved
+        callbacks.append(BestCheckpoint(
+            os.path.join(model_dir, CHECKPOINT_DIR), patience=config.early_stopping_patience,
+            write_directory=None if worker_dir is None else os.path.join(worker_dir, CHECKPOINT_DIR)))
     callbacks.append(AtomicBackupAndRestore(
         backup_dir, write_dir=None if worker_dir is None else os.path.join(worker_dir, BACKUP_DIR)))
     return callbacks
@@ -351,7 +373,8 @@ def _check_run_dir(config: RunConfig) -> dict | None:
     if os.path.exists(metrics_path):
         with open(metrics_path, encoding="utf-8") as f:
             metrics = json.load(f)
-        if metrics.get("completed") and metrics.get("epochs_completed", 0) >= config.epochs:
+        done = metrics.get("epochs_completed", 0)
+        if metrics.get("completed") and (done >= config.epochs or _early_stop_reached(config, done)):
             return metrics
     return None
 
@@ -461,20 +484,49 @@ def train(config: RunConfig) -> dict[str, Any]:
             shutil.rmtree(worker_dir, ignore_errors=True)
 
 
+def _early_stop_reached(config: RunConfig, epochs_completed: int) -> bool:
+    """Whether early stopping ended (or ends) the run of `config` after `epochs_completed` epochs."""
+    best = read_best(os.path.join(config.model_dir, CHECKPOINT_DIR))
+    return stop_reached(best, epochs_completed, config.early_stopping_patience)
+
+
+def _validation_data(config: RunConfig, split: str | None, options: tf.data.Options):
+    """`(x [N, H, W, C], batched tf.data for fit)` of the validation split (fixed binarization), or `(None, None)`."""
+    from tf_rmvae.data import load_numpy
+
+    if split is None:
+        return None, None
+    x = load_numpy(config.dataset, split, data_dir=config.data_dir or None)
+    return x, tf.data.Dataset.from_tensor_slices(x).batch(config.batch_size).with_options(options)
+
+
+def _preview_images(config: RunConfig, x_validation: np.ndarray | None, train_split: str) -> np.ndarray:
+    """16 fixed digits for TensorBoard's reconstructions: validation digits, else the first training digits."""
+    from tf_rmvae.data import load_numpy
+
+    if x_validation is not None:
+        return x_validation[:16]
+    return load_numpy(config.dataset, train_split, take=16, data_dir=config.data_dir or None)
+
+
 def _train_in_strategy(config: RunConfig, strategy, chief: bool, worker_dir: str | None, start: float) -> dict:
-    from tf_rmvae.data import get_dataset_spec, load_numpy
-    from tf_rmvae.data.pipeline import load_epochs
+    from tf_rmvae.data import get_dataset_spec, holdout_splits, load_numpy
+    from tf_rmvae.data.pipeline import load_epochs, split_size
 
     keras.utils.set_random_seed(config.seed)
     spec = get_dataset_spec(config.dataset)
     data_dir = config.data_dir or None
     resumed_from = completed_epochs(config.model_dir)
-    if resumed_from:
-        logging.info("Resuming %s after epoch %d of %d.", config.model_dir, resumed_from, config.epochs)
+    try:
+        train_split, validation_split = holdout_splits(config.dataset, config.validation_examples, data_dir=data_dir)
+    except ValueError as e:
+        raise ConfigError(f"--validation_examples: {e}") from e
+    # Early stopping decided after the saved epochs (a run killed after it stopped): train no further epoch.
+    epochs = resumed_from if _early_stop_reached(config, resumed_from) else config.epochs
     # Epoch e's batches are a function of (seed, e): a resumed run sees the data the uninterrupted run saw. Every step
     # has the full global batch (the last incomplete batch of an epoch is dropped) on any strategy.
     train_data, steps_per_epoch = load_epochs(
-        config.dataset, spec.train_split, config.batch_size, min(resumed_from, config.epochs), config.epochs,
+        config.dataset, train_split, config.batch_size, min(resumed_from, epochs), epochs,
         seed=config.seed, data_dir=data_dir, take=config.train_examples or None, drop_remainder=True,
     )
     if steps_per_epoch < 1:
@@ -484,33 +536,52 @@ def _train_in_strategy(config: RunConfig, strategy, chief: bool, worker_dir: str
     # Every worker reads the same pipeline and keeps its share of each global batch (the split of one device's batch).
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     train_data = train_data.with_options(options)
+    x_validation, validation_data = _validation_data(config, validation_split, options)
+    split_count = split_size(config.dataset, train_split, data_dir=data_dir)
+    report.stage("data", report.data_line(
+        config.dataset, train_split, split_count, min(split_count, config.train_examples or split_count),
+        steps_per_epoch, config.batch_size, validation_split, 0 if x_validation is None else len(x_validation),
+    ), enabled=chief and config.verbose > 0)
+    preview = _preview_images(config, x_validation, train_split) if chief else None
     with strategy.scope():
         model = build_compiled_model(config, spec.image_shape, spec.binary)
-    model.fit(train_data, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
-              callbacks=make_callbacks(config, worker_dir), verbose=config.verbose if chief else 0)
+    callbacks = make_callbacks(config, worker_dir, validation=validation_data is not None, preview=preview)
+    # shuffle=False: the dataset is shuffled already (per epoch, see load_epochs); Keras warns about the default.
+    model.fit(train_data, epochs=epochs, steps_per_epoch=steps_per_epoch, shuffle=False,
+              validation_data=validation_data, callbacks=callbacks, verbose=config.verbose if chief else 0)
     train_end = time.perf_counter()
+    epochs_completed = completed_epochs(config.model_dir)
+    stopped_early = epochs_completed < config.epochs and _early_stop_reached(config, epochs_completed)
     summary = dict(
-        dataset=config.dataset, method=config.method, epochs_completed=completed_epochs(config.model_dir),
+        dataset=config.dataset, method=config.method, epochs_completed=epochs_completed,
         optimizer_iterations=int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
         strategy=config.strategy, replicas=int(strategy.num_replicas_in_sync), mixed_precision=config.mixed_precision,
+        stopped_early=stopped_early,
     )
     if not chief:
         return dict(summary, chief=False, resumed_from_epoch=resumed_from, train_time_s=train_end - start)
 
+    # The weights evaluated, drawn and exported: the best validation epoch's (the resume state keeps the last).
+    best = load_best(model, os.path.join(config.model_dir, CHECKPOINT_DIR)) if validation_data is not None else None
+    report.stage("training", report.training_line(
+        epochs_completed, config.epochs, resumed_from, train_end - start, best, stopped_early,
+        config.early_stopping_patience), enabled=config.verbose > 0)
+    if validation_data is not None:
+        summary["validation"] = dict(split=validation_split, examples=len(x_validation), best=best)
     x_test = load_numpy(config.dataset, spec.test_split, take=config.eval_examples or None, data_dir=data_dir)
     test = evaluate_run(model, x_test, config)
+    report.stage("evaluation", report.evaluation_line(test, best), enabled=config.verbose > 0)
     history = read_history(os.path.join(config.model_dir, HISTORY_FILE))
     figures = save_figures(model, x_test, history, config)
+    report.stage("figures", report.figures_line(figures), enabled=config.verbose > 0)
     summary["test"] = test
     exports = export_run(model, config, _json_ready(summary))
+    report.stage("export", report.export_line(exports), enabled=config.verbose > 0)
     metrics = dict(
-        summary, completed=summary["epochs_completed"] >= config.epochs, resumed_from_epoch=resumed_from,
+        summary, completed=epochs_completed >= config.epochs or stopped_early, resumed_from_epoch=resumed_from,
         wall_time_s=time.perf_counter() - start, train_time_s=train_end - start, figures=figures, exports=exports,
         config=config.to_dict(), history=history,
     )
     metrics = _json_ready(metrics)
     _write_text_atomic(os.path.join(config.model_dir, METRICS_FILE), json.dumps(metrics, indent=2) + "\n")
-    logging.info("Test ELBO %.2f ± %.2f, IWAE (K=%d) log-likelihood %.2f ± %.2f nats on %d examples; %.0f s.",
-                 test["elbo_mean"], test["elbo_se"], config.iwae_samples, test["log_likelihood_mean"],
-                 test["log_likelihood_se"], test["examples"], metrics["wall_time_s"])
     return metrics

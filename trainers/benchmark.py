@@ -4,16 +4,23 @@
     python -m trainers.benchmark --epochs=10 --eval_examples=1000 --iwae_samples=1000 --run_name=cpu_budget
 
 Resumable: rerun the same command after an interruption (finished cells are loaded, unfinished ones continue from
-their last epoch). See benchmarks/README.md for the CPU-budget and paper-scale configurations.
+their last epoch). See benchmarks/README.md for the CPU-budget and paper-scale configurations. TensorFlow's C++ logs
+are off unless `--tf_log_level` asks for them (`trainers.quiet`).
 """
 
 from __future__ import annotations
 
-from absl import app, flags
+import sys
 
-from benchmarks import harness
+from trainers import quiet
+
+with quiet.quiet_imports(sys.argv):  # first: TensorFlow reads its log level when it is imported
+    from absl import app, flags
+
+    from benchmarks import harness
 
 _DEFAULT = harness.BenchmarkConfig()
+flags.adopt_module_key_flags(quiet)  # --tf_log_level in --help
 
 flags.DEFINE_string("dataset", _DEFAULT.dataset, "Dataset name (tf_rmvae.data).")
 flags.DEFINE_list("methods", list(_DEFAULT.methods), f"Methods among {harness.ALL_METHODS}.")
@@ -80,6 +87,7 @@ def config_from_flags() -> harness.BenchmarkConfig:
 
 def main(argv):
     del argv
+    quiet.quiet_python_logs()
     rows = harness.run_benchmark(config_from_flags(), finished_only=FLAGS.finished_only)
     print(harness.summary_table(rows))
 

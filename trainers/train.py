@@ -11,25 +11,34 @@
 Rerun the same command after an interruption to resume it; rerunning a finished run only reports its metrics.
 `--batch_size` is the global batch (split over the replicas). With `multi_worker_mirrored`, `--model_dir` must be on a
 filesystem every worker sees (the chief writes it; all workers restore from it); restart all workers after a failure.
-See `tf_rmvae.training` for the layout of `--model_dir`.
+See `tf_rmvae.training` for the layout of `--model_dir`. TensorFlow's C++ logs are off unless `--tf_log_level` asks
+for them (`trainers.quiet`); the program prints one line per stage (data, training, evaluation, figures, export).
 """
 
 from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from trainers import quiet
 
-from tf_rmvae.config import ConfigError, RunConfig
-from tf_rmvae.distribute import PRECISIONS, STRATEGIES
-from tf_rmvae.encoders import ARCHITECTURES
-from tf_rmvae.models import METHODS, SCHEDULES
+with quiet.quiet_imports(sys.argv):  # first: TensorFlow reads its log level when it is imported
+    from absl import app, flags
+
+    from tf_rmvae.config import AUTO_VALIDATION, ConfigError, RunConfig
+    from tf_rmvae.distribute import PRECISIONS, STRATEGIES
+    from tf_rmvae.encoders import ARCHITECTURES
+    from tf_rmvae.models import METHODS, SCHEDULES
 
 _DEFAULTS = RunConfig()
+flags.adopt_module_key_flags(quiet)  # --tf_log_level in --help
 
 flags.DEFINE_string("dataset", _DEFAULTS.dataset, "Dataset name (tf_rmvae.data.SUPPORTED_DATASETS).")
 flags.DEFINE_string("data_dir", _DEFAULTS.data_dir, "tfds data directory ('' = tfds default).")
-flags.DEFINE_integer("train_examples", _DEFAULTS.train_examples, "Use the first N training examples (0 = all).")
+flags.DEFINE_integer("train_examples", _DEFAULTS.train_examples,
+                     "Use the first N training examples (0 = all those left after the validation hold-out).")
+flags.DEFINE_integer("validation_examples", _DEFAULTS.validation_examples,
+                     f"Hold out the last N examples of the training split for validation after every epoch "
+                     f"({AUTO_VALIDATION} = min(10000, a sixth of the split): 10000 for MNIST; 0 = no validation).")
 flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size,
                      "GLOBAL training batch size: split evenly over all replicas (a multiple of their number).")
 flags.DEFINE_enum("method", _DEFAULTS.method, list(METHODS),
@@ -58,6 +67,8 @@ flags.DEFINE_integer("eps_search_every", _DEFAULTS.eps_search_every, "Steps betw
 flags.DEFINE_integer("epochs", _DEFAULTS.epochs, "Training epochs (a larger value extends a finished or resumed run).")
 flags.DEFINE_integer("epochs_per_component", _DEFAULTS.epochs_per_component,
                      "Stage-wise RME/boosting: epochs before the next component joins.")
+flags.DEFINE_integer("early_stopping_patience", _DEFAULTS.early_stopping_patience,
+                     "Stop after this many epochs without a better validation ELBO (0 = train every epoch).")
 flags.DEFINE_float("learning_rate", _DEFAULTS.learning_rate, "Adam learning rate.")
 flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed of initialisation, shuffling and binarization.")
 flags.DEFINE_boolean("jit_compile", _DEFAULTS.jit_compile, "Compile the train step with XLA.")
@@ -70,6 +81,8 @@ flags.DEFINE_string("export_dir", _DEFAULTS.export_dir, "Base directory of TF-Se
 flags.DEFINE_string("export_name", _DEFAULTS.export_name, "Served model name ('' = <dataset>_<method>).")
 flags.DEFINE_boolean("export_encoder", _DEFAULTS.export_encoder, "Also export the encoder alone (<name>_encoder).")
 flags.DEFINE_integer("keep_checkpoints", _DEFAULTS.keep_checkpoints, "Per-epoch checkpoints kept (0 = all).")
+flags.DEFINE_integer("image_every_epochs", _DEFAULTS.image_every_epochs,
+                     "TensorBoard reconstructions and samples every N epochs and after the last (0 = none).")
 flags.DEFINE_enum("strategy", _DEFAULTS.strategy, list(STRATEGIES),
                   "tf.distribute strategy: default (one device), mirrored (all GPUs of this host), "
                   "multi_worker_mirrored (the cluster in TF_CONFIG), tpu. May change when resuming a run.")
@@ -94,6 +107,8 @@ def config_from_flags() -> RunConfig:
         num_components = 1
     config = RunConfig(
         dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, train_examples=FLAGS.train_examples,
+        validation_examples=FLAGS.validation_examples, early_stopping_patience=FLAGS.early_stopping_patience,
+        image_every_epochs=FLAGS.image_every_epochs,
         batch_size=FLAGS.batch_size, method=FLAGS.method, num_components=num_components, latent_dim=FLAGS.latent_dim,
         architecture=FLAGS.architecture, hidden_units=_int_list(FLAGS.hidden_units, "hidden_units"),
         conv_filters=_int_list(FLAGS.conv_filters, "conv_filters"), decoder=FLAGS.decoder,
@@ -113,6 +128,7 @@ def config_from_flags() -> RunConfig:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    quiet.quiet_python_logs()
     try:
         config = config_from_flags()
         from tf_rmvae.training import train

@@ -11,7 +11,9 @@ from tf_rmvae.data.pipeline import (
     SUPPORTED_DATASETS,
     DatasetSpec,
     DatasetUnavailableError,
+    default_validation_examples,
     get_dataset_spec,
+    holdout_splits,
     load_dataset,
     load_numpy,
 )
@@ -23,7 +25,9 @@ __all__ = [
     "DatasetSpec",
     "DatasetUnavailableError",
     "RmvaeMnist",
+    "default_validation_examples",
     "get_dataset_spec",
+    "holdout_splits",
     "load_dataset",
     "load_numpy",
 ]

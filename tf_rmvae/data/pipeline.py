@@ -37,9 +37,12 @@ __all__ = [
     "DEFAULT_DATASET",
     "DatasetSpec",
     "DatasetUnavailableError",
+    "MAX_DEFAULT_VALIDATION",
     "SHUFFLE_BUFFER",
     "SUPPORTED_DATASETS",
+    "default_validation_examples",
     "get_dataset_spec",
+    "holdout_splits",
     "load_dataset",
     "load_epochs",
     "load_numpy",
@@ -47,6 +50,9 @@ __all__ = [
 
 #: Shuffle buffer (examples) used by :func:`load_dataset`.
 SHUFFLE_BUFFER = 10000
+
+#: Most validation examples held out by default (:func:`default_validation_examples`).
+MAX_DEFAULT_VALIDATION = 10000
 
 
 class DatasetUnavailableError(RuntimeError):
@@ -129,6 +135,48 @@ def get_dataset_spec(name: str) -> DatasetSpec:
         ) from None
 
 
+def default_validation_examples(train_split_size: int) -> int:
+    """Validation examples held out of a training split of ``train_split_size`` when none are asked for.
+
+    ``min(10000, N // 6)``: the last 10000 of MNIST's (and Fashion-MNIST's) 60000 training digits, the held-out set
+    of published VAE results; a sixth of smaller training splits, so most of them still trains.
+    """
+    return min(MAX_DEFAULT_VALIDATION, int(train_split_size) // 6)
+
+
+def holdout_splits(
+    name: str, validation_examples: int, *, data_dir: str | os.PathLike | None = None
+) -> tuple[str, str | None]:
+    """``(training split, validation split)``: the last ``validation_examples`` of the dataset's training split held
+    out for validation, as tfds slices (e.g. ``("train[:50000]", "train[50000:]")`` for MNIST).
+
+    ``validation_examples``: a count, ``-1`` for :func:`default_validation_examples`, or ``0`` for no validation
+    (``(train_split, None)``). The hold-out is deterministic (the end of the stored order), so every run and every
+    method validates on the same examples; load them with :func:`load_numpy` (fixed binarization).
+
+    Raises:
+      ValueError: ``validation_examples`` leaves no training example, or is below -1.
+    """
+    spec = get_dataset_spec(name)
+    if validation_examples == 0:
+        return spec.train_split, None
+    size = split_size(name, spec.train_split, data_dir=data_dir)
+    count = default_validation_examples(size) if validation_examples == -1 else int(validation_examples)
+    if not 0 < count < size:
+        raise ValueError(f"Cannot hold out {validation_examples} validation examples of the {size} examples of "
+                         f"{name!r} split {spec.train_split!r}: use 0 (none), -1 (default) or 1 to {size - 1}.")
+    first = size - count
+    return f"{spec.train_split}[:{first}]", f"{spec.train_split}[{first}:]"
+
+
+def split_size(name: str, split: str, *, data_dir: str | os.PathLike | None = None) -> int:
+    """Number of examples of ``split`` (slicing allowed) of the dataset ``name``, from its tfds metadata."""
+    spec = get_dataset_spec(name)
+    builder = _prepared_builder(spec, data_dir)
+    _check_split(builder, spec, split)
+    return int(builder.info.splits[split].num_examples)
+
+
 def _base_split(split: str) -> str:
     """``"train[:10%]"`` -> ``"train"``."""
     return split.split("[", 1)[0].strip()
@@ -165,8 +213,12 @@ def _check_split(builder: tfds.core.DatasetBuilder, spec: DatasetSpec, split: st
 def _split_dataset(builder: tfds.core.DatasetBuilder, spec: DatasetSpec, split: str) -> tf.data.Dataset:
     """Un-shuffled images of ``split``: uint8 ``[H0, W0, C0]`` per element, in the stored order."""
     _check_split(builder, spec, split)
+    # No tfds auto-cache: we cache the preprocessed uint8 images ourselves (`_cached_examples`), and tfds's cache of
+    # the raw split, read partially by `take`, made tf.data warn "The calling iterator did not fully read the
+    # dataset being cached" on every run.
+    read_config = tfds.ReadConfig(try_autocache=False)
     try:
-        ds = builder.as_dataset(split=split, shuffle_files=False)
+        ds = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config)
     except (ValueError, KeyError) as e:
         available = sorted(builder.info.splits.keys())
         raise ValueError(

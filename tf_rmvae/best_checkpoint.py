@@ -1,0 +1,121 @@
+"""The best-validation weights of a run, kept as their own checkpoint, and early stopping on them; both survive resume.
+
+    callback = BestCheckpoint("runs/quick/checkpoints", monitor="val_elbo", patience=5)
+    model.fit(..., validation_data=..., callbacks=[callback, ...])
+    best = load_best(model, "runs/quick/checkpoints")     # {"epoch": 8, "value": -98.7, "monitor": "val_elbo"}
+
+After every epoch whose `monitor` is better than the best so far, the weights (model, recursion state and optimizer
+variables) are written to `best.weights.h5` and then the record `{"epoch", "value", "monitor"}` to `best.json`, each
+atomically (a temporary file renamed into place). The record is the whole state: a resumed run reads it back, and
+early stopping is a function of it alone (stop once `patience` epochs passed without a better value), so an
+interrupted and resumed run keeps its best value and epoch and stops where the uninterrupted run would have.
+
+A kill between the two renames leaves `best.weights.h5` one epoch ahead of `best.json`; that epoch's resume state was
+not saved yet (the resume backup is written after this callback), so the resumed run trains it again, reaches the
+same weights and value (resumption is exact), and rewrites both files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import keras
+
+BEST_WEIGHTS_FILE = "best.weights.h5"
+BEST_STATE_FILE = "best.json"
+
+
+def read_best(directory: str) -> dict | None:
+    """The record `{"epoch" (0-based, as in history.csv), "value", "monitor"}` in `directory`, or None."""
+    path = os.path.join(directory, BEST_STATE_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def stop_reached(best: dict | None, epochs_completed: int, patience: int) -> bool:
+    """Whether early stopping ends training after `epochs_completed` epochs: `patience` > 0 epochs have passed since
+    the best epoch of the record `best` (none if there is no record)."""
+    if patience <= 0 or best is None or epochs_completed <= 0:
+        return False
+    return (epochs_completed - 1) - int(best["epoch"]) >= patience
+
+
+def load_best(model: keras.Model, directory: str) -> dict | None:
+    """Loads `directory/best.weights.h5` into `model` and returns its record; None (model untouched) if none."""
+    best = read_best(directory)
+    weights = os.path.join(directory, BEST_WEIGHTS_FILE)
+    if best is None or not os.path.exists(weights):
+        return None
+    model.load_weights(weights)
+    return best
+
+
+def _write_json_atomic(path: str, value: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+class BestCheckpoint(keras.callbacks.Callback):
+    """Keeps the weights of the epoch with the best `monitor` in `best.weights.h5`; optionally stops early.
+
+    Args:
+      directory: where the best checkpoint and its record are read from (on resume).
+      monitor: the epoch log to compare (default `val_elbo`, the validation ELBO).
+      mode: "max" (higher is better, default) or "min".
+      patience: stop training once this many epochs passed without a better value (0: never stop early).
+      write_directory: where they are written (default `directory`). Non-chief workers of a multi-worker run read the
+        chief's record but write to a private directory, so that every worker takes the same early-stopping decision
+        without racing the chief's files.
+    """
+
+    def __init__(self, directory: str, monitor: str = "val_elbo", mode: str = "max", patience: int = 0,
+                 write_directory: str | None = None):
+        super().__init__()
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min'; got {mode!r}.")
+        if patience < 0:
+            raise ValueError(f"patience must be >= 0; got {patience}.")
+        self.directory = directory
+        self.write_directory = write_directory or directory
+        self.monitor = monitor
+        self.mode = mode
+        self.patience = int(patience)
+        self.best: dict | None = None
+        self.stopped_epoch: int | None = None
+
+    def on_train_begin(self, logs=None):
+        self.best = read_best(self.directory)
+        self.stopped_epoch = None
+
+    def _improves(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        best = float(self.best["value"])
+        return value > best if self.mode == "max" else value < best
+
+    def _save(self, epoch: int, value: float) -> None:
+        os.makedirs(self.write_directory, exist_ok=True)
+        tmp = os.path.join(self.write_directory, f"tmp_{BEST_WEIGHTS_FILE}")
+        self.model.save_weights(tmp, overwrite=True)
+        os.replace(tmp, os.path.join(self.write_directory, BEST_WEIGHTS_FILE))
+        self.best = {"epoch": int(epoch), "value": float(value), "monitor": self.monitor}
+        _write_json_atomic(os.path.join(self.write_directory, BEST_STATE_FILE), self.best)
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None:
+            raise KeyError(f"BestCheckpoint monitors {self.monitor!r}, which the epoch logs lack "
+                           f"(they have {sorted(logs or {})}); give fit validation data.")
+        value = float(value)
+        if math.isfinite(value) and self._improves(value):
+            self._save(epoch, value)
+        if stop_reached(self.best, epoch + 1, self.patience):
+            self.stopped_epoch = epoch
+            self.model.stop_training = True
