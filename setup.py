@@ -34,6 +34,7 @@ setup(
         "console_scripts": [
             "rmvae-train=trainers.train:run",
             "rmvae-benchmark=trainers.benchmark:run",
+            "rmvae-publish=trainers.publish:run",
         ],
     },
 )
