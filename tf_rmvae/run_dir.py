@@ -26,6 +26,7 @@ import socket
 
 import h5py
 import keras
+import numpy as np
 from absl import logging
 
 from tf_rmvae.config import ConfigError
@@ -137,15 +138,41 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
+def _state_size(model: keras.Model, path: str) -> int:
+    """Bytes a new state file will take: the current one's size, else the variables' bytes plus HDF5 overhead."""
+    if os.path.exists(path):
+        return os.path.getsize(path)
+    variables = list(model.weights) + list(getattr(model.optimizer, "variables", []))
+    return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables) + 2**16
+
+
+def _disk_full(path: str, epoch, cause: str) -> DiskFullError:
+    return DiskFullError(
+        f"No space left on device while saving {path} (epoch {epoch}): {cause}; the previously saved state is "
+        "intact. Free some space and rerun the same command to resume."
+    )
+
+
+def _check_free_space(model: keras.Model, path: str, epoch) -> None:
+    """Refuses a save that cannot fit: HDF5 running out of space mid-write can crash the process (segfault)."""
+    needed = int(_state_size(model, path) * 1.1)
+    stats = os.statvfs(os.path.dirname(path) or ".")
+    free = stats.f_bavail * stats.f_frsize
+    if free < needed:
+        raise _disk_full(path, epoch, f"it needs about {needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free")
+
+
 def write_state(model: keras.Model, path: str, metadata: dict) -> None:
     """Writes the model's weights (with the optimizer's) and `metadata` to `path` as one atomic file.
 
-    Raises `DiskFullError` if the disk fills up: the temporary file is removed and `path` keeps its previous state.
+    Raises `DiskFullError` if the state cannot fit on the disk (checked first) or the disk fills up while it is
+    written: the temporary file is removed and `path` keeps its previous state.
     """
     directory = os.path.dirname(path) or "."
     tmp = os.path.join(directory, f".tmp-{os.getpid()}-{os.path.basename(path)}")  # ends in .weights.h5 for Keras
     try:
         os.makedirs(directory, exist_ok=True)
+        _check_free_space(model, path, metadata.get("epoch"))
         _save_weights(model, tmp)
         with h5py.File(tmp, "r+") as f:
             f.attrs[METADATA_ATTR] = json.dumps(metadata)
@@ -154,10 +181,7 @@ def write_state(model: keras.Model, path: str, metadata: dict) -> None:
         _fsync(directory)
     except OSError as error:
         if _is_disk_full(error):
-            raise DiskFullError(
-                f"No space left on device while saving {path} (epoch {metadata.get('epoch')}); the previously saved "
-                "state is intact. Free some space and rerun the same command to resume."
-            ) from error
+            raise _disk_full(path, metadata.get("epoch"), str(error).splitlines()[0]) from error
         raise
     finally:
         if os.path.exists(tmp):
