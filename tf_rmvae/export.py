@@ -25,8 +25,9 @@ Inf pixels fail with "images contain NaN or Inf values", pixels outside [0, 1] w
 answered with plausible-looking but meaningless posteriors. `num_samples` must lie in [1, `max_num_samples`] and
 `num_images` in [1, `max_num_images`], so one request cannot exhaust the server's memory. `log_likelihood` evaluates
 the request `log_likelihood_batch` (default 100) images at a time, one slice after the other: its peak memory is
-that of 100 images x `chunk_size` (100) importance samples (about 100 MB for the default MNIST model) whatever the
-batch size, and its time grows linearly with B x num_samples. An empty batch gives an empty result.
+that of 100 images x `chunk_size` (100) importance samples whatever the batch size (measured on the default MNIST
+model at K = 100: the process grew by 96 MB at B = 100 and 208 MB at B = 4000, against 3.6 GB before slicing), and
+its time grows linearly with B x num_samples. An empty batch gives an empty result.
 
 Each version directory also holds `assets.extra/rmvae_metadata.json` (model config, image shape, latent size,
 method, active components and mixing weights at export, signatures, training metrics if given, versions of the
