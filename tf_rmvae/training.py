@@ -457,7 +457,9 @@ def _train_in_strategy(config: RunConfig, strategy, chief: bool, worker_dir: str
               callbacks=make_callbacks(config, worker_dir, resumed_from), verbose=config.verbose if chief else 0)
     train_end = time.perf_counter()
     summary = dict(
-        dataset=config.dataset, method=config.method, epochs_completed=completed_epochs(config.model_dir),
+        # The backup may be older than the state resumed from (a checkpoint, after a failed backup save).
+        dataset=config.dataset, method=config.method,
+        epochs_completed=max(resumed_from, completed_epochs(config.model_dir)),
         optimizer_iterations=int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
         strategy=config.strategy, replicas=int(strategy.num_replicas_in_sync), mixed_precision=config.mixed_precision,
     )
