@@ -23,6 +23,7 @@ setup(
         "tensorflow-datasets>=4.9,<5",
         "importlib_resources>=6",  # tfds 4.9.10 imports it in download_and_prepare but does not declare it
         "absl-py>=2.0",
+        "h5py>=3.10",  # the resume state's metadata lives in its .weights.h5 file (tf_rmvae.run_dir)
         "numpy>=1.26",
         "matplotlib>=3.8",
         "tensorboard>=2.21,<2.22",
@@ -34,6 +35,7 @@ setup(
         "console_scripts": [
             "rmvae-train=trainers.train:run",
             "rmvae-benchmark=trainers.benchmark:run",
+            "rmvae-publish=trainers.publish:run",
         ],
     },
 )

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from tf_rmvae.config import RunConfig
+from tf_rmvae.run_dir import saved_epoch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS = 3
@@ -64,12 +65,7 @@ def _metrics(model_dir):
 
 
 def _saved_epoch(model_dir):
-    path = os.path.join(model_dir, "backup", "training_metadata.json")
-    try:
-        with open(path) as f:
-            return json.load(f)["epoch"]
-    except (OSError, ValueError):
-        return 0
+    return saved_epoch(str(model_dir))
 
 
 def _weights(model_dir, path=("backup", "latest.weights.h5")):

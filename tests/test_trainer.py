@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from tf_rmvae import run_dir
 from tf_rmvae.config import ConfigError, RunConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,11 +94,10 @@ def test_killed_run_resumes_from_last_completed_epoch_with_its_stage_and_optimiz
     model_dir = tmp_path / "run"
     # 8 batches x 0.4 s: an epoch takes over 3 s, so the kill lands inside an epoch.
     command = _command(model_dir, "--epochs=4", "--export_dir=", "--debug_batch_sleep=0.4")
-    metadata = model_dir / "backup" / "training_metadata.json"
     process = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 180
-        while not (metadata.exists() and json.loads(metadata.read_text())["epoch"] >= 1):
+        while run_dir.saved_epoch(str(model_dir)) < 1:
             assert process.poll() is None, "the run ended before its first epoch was saved"
             assert time.monotonic() < deadline, "no epoch saved in time"
             time.sleep(0.1)
@@ -107,7 +107,7 @@ def test_killed_run_resumes_from_last_completed_epoch_with_its_stage_and_optimiz
         process.kill()
         process.wait()
     assert process.returncode == -signal.SIGKILL
-    saved = json.loads(metadata.read_text())["epoch"]
+    saved = run_dir.saved_epoch(str(model_dir))
     assert 1 <= saved < 4
     assert not (model_dir / "metrics.json").exists()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -18,13 +19,16 @@ from tf_rmvae.encoders import ARCHITECTURES
 from tf_rmvae.models import METHODS, SCHEDULES
 
 DECODERS = ("auto", "bernoulli", "gaussian")
+MODEL_DIR_PLACEHOLDER = "<model_dir>"
+# Exports land in the run directory; publishing one into a served directory is a separate step (`export.publish`).
+DEFAULT_EXPORT_DIR = f"{MODEL_DIR_PLACEHOLDER}/export"
 
 # Fields that may change between an interrupted run and its resumption without changing what the completed epochs
 # trained: how long to train (more epochs extend a run), how to report, evaluate and export. Every other field must
 # match the run's saved `config.json`.
 RESUMABLE_FIELDS = frozenset({
     "epochs", "verbose", "iwae_samples", "eval_examples", "eval_chunk_size", "jit_compile", "export_dir",
-    "export_name", "export_encoder", "keep_checkpoints", "model_dir", "data_dir", "debug_batch_sleep",
+    "export_name", "export_encoder", "export_below_chance", "keep_checkpoints", "model_dir", "data_dir", "debug_batch_sleep",
     # The training state (weights, recursion state, optimizer, epoch) is device-independent and every epoch's data is
     # a function of (seed, epoch) with the same global batch on any strategy: a run may resume on other hardware.
     "strategy",
@@ -62,9 +66,11 @@ class RunConfig:
       `seed`, `jit_compile`, `verbose` (Keras progress: 0 silent, 1 bar, 2 one line per epoch; also the stage lines),
       `early_stopping_patience` (stop after this many epochs without a better validation ELBO; 0 = never).
     Evaluation: `eval_examples` (0 = the whole test split), `iwae_samples` (K of the IWAE bound), `eval_chunk_size`.
-    Output: `model_dir`, `export_dir` ("" disables export), `export_name` ("" = `<dataset>_<method>`),
-      `export_encoder`, `keep_checkpoints` (per-epoch checkpoints kept; 0 keeps all), `image_every_epochs`
-      (TensorBoard reconstructions and samples every this many epochs and after the last; 0 = none).
+    Output: `model_dir`, `export_dir` (default `<model_dir>/export`; a leading `<model_dir>` stands for the run
+      directory; "" disables export), `export_name` ("" = `<dataset>_<method>`), `export_encoder`,
+      `export_below_chance` (export even a model whose test ELBO is below chance), `keep_checkpoints` (per-epoch
+      checkpoints kept; 0 keeps all), `image_every_epochs` (TensorBoard reconstructions and samples every this many
+      epochs and after the last; 0 = none).
     Hardware: `strategy` ("default", "mirrored", "multi_worker_mirrored", "tpu"; see `tf_rmvae.distribute`; may change
       when resuming), `mixed_precision` ("float32", "mixed_float16", "mixed_bfloat16": Keras's global dtype policy).
       `batch_size` is the GLOBAL batch, split evenly over the replicas (it must be a multiple of their number).
@@ -100,9 +106,10 @@ class RunConfig:
     iwae_samples: int = 100
     eval_chunk_size: int = 100
     model_dir: str = ""
-    export_dir: str = "saved_models"
+    export_dir: str = DEFAULT_EXPORT_DIR
     export_name: str = ""
     export_encoder: bool = False
+    export_below_chance: bool = False
     keep_checkpoints: int = 3
     image_every_epochs: int = 2
     strategy: str = "default"
@@ -136,14 +143,18 @@ class RunConfig:
         check(self.architecture != "conv" or (len(self.conv_filters) == 2 and min(self.conv_filters) >= 1),
               f"--conv_filters must be two positive filter counts (encoder order; the decoder mirrors them); "
               f"got {self.conv_filters}.")
-        check(self.lambda_kl >= 0 and self.lambda_kl == self.lambda_kl,
-              f"--lambda_kl must be a number >= 0; got {self.lambda_kl}.")
+        for name in ("lambda_kl", "max_log_ratio", "learning_rate", "debug_batch_sleep"):
+            check(math.isfinite(getattr(self, name)), f"--{name} must be a finite number; got {getattr(self, name)}.")
+        check(self.lambda_kl >= 0, f"--lambda_kl must be a number >= 0; got {self.lambda_kl}.")
         check(self.epochs >= 1, f"--epochs must be >= 1; got {self.epochs}.")
         check(self.epochs_per_component >= 1, f"--epochs_per_component must be >= 1; got {self.epochs_per_component}.")
         check(self.nonfinite_inputs in ("raise", "skip"),
               f"--nonfinite_inputs must be raise or skip; got {self.nonfinite_inputs!r}.")
         check(self.eps_search_every >= 1, f"--eps_search_every must be >= 1; got {self.eps_search_every}.")
         check(self.batch_size >= 1, f"--batch_size must be >= 1; got {self.batch_size}.")
+        check(not 0 < self.train_examples < self.batch_size,
+              f"--batch_size={self.batch_size} is larger than --train_examples={self.train_examples}: an epoch would "
+              "have no step.")
         check(self.learning_rate > 0, f"--learning_rate must be > 0; got {self.learning_rate}.")
         check(self.train_examples >= 0, f"--train_examples must be >= 0 (0 = all); got {self.train_examples}.")
         check(self.validation_examples >= AUTO_VALIDATION,
@@ -174,6 +185,13 @@ class RunConfig:
         if self.adds_components:
             return min(self.num_components, 1 + epoch // self.epochs_per_component)
         return 1 if self.method == "vae" else self.num_components
+
+    @property
+    def resolved_export_dir(self) -> str:
+        """`export_dir` with a leading `<model_dir>` replaced by the run directory ("" when export is disabled)."""
+        if self.export_dir.startswith(MODEL_DIR_PLACEHOLDER):
+            return self.model_dir + self.export_dir[len(MODEL_DIR_PLACEHOLDER):]
+        return self.export_dir
 
     @property
     def resolved_export_name(self) -> str:
@@ -216,5 +234,16 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> RunConfig:
-        with open(os.fspath(path), encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        """The config saved at `path`; `ConfigError` if the file is not a config (truncated, edited, other JSON)."""
+        path = os.fspath(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                values = json.load(f)
+            if not isinstance(values, dict):
+                raise TypeError(f"a JSON {type(values).__name__}, not an object")
+            return cls.from_dict(values)
+        except (ValueError, TypeError) as error:  # JSONDecodeError is a ValueError
+            raise ConfigError(
+                f"{path} is not a readable run configuration ({error}). Restore it (a finished run's settings are also "
+                "in metrics.json), or use a new --model_dir."
+            ) from None

@@ -12,6 +12,7 @@ import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from tf_rmvae import inputs as image_inputs
 from tf_rmvae import objectives
 from tf_rmvae.encoders import RecursiveMixtureEncoder
 
@@ -68,15 +69,35 @@ class LatentVariableModel(keras.Model):
     def metrics(self):
         return list(self._trackers.values())
 
+    def _image_shape(self) -> tuple[int, ...] | None:
+        """`(H, W, C)` of the decoder's images (None for a decoder that does not say)."""
+        shape = getattr(self.decoder, "image_shape", None)
+        return None if shape is None else tuple(int(d) for d in shape)
+
     def _unpack(self, data) -> tf.Tensor:
-        """A batch as float32 images `[B, H, W, C]` (accepts `x`, `(x,)`, `(x, y)` and tfds-style dicts)."""
-        if isinstance(data, (tuple, list)):
-            data = data[0]
-        if isinstance(data, dict):
-            data = data["image"]
-        data = tf.cast(data, tf.float32)
-        self.ensure_built(data.shape)
-        return data
+        """A batch as float32 images `[B, H, W, C]` in [0, 1]: `x`, `(x,)`, `(x, y)` or a tfds-style dict; uint8
+        pixels scaled by 1/255; float pixels outside [0, 1], flat or label-only batches refused (`tf_rmvae.inputs`)."""
+        images = image_inputs.as_images(data, self._image_shape())
+        self.ensure_built(images.shape)
+        return images
+
+    # ------------------------------------------------------------------ Keras entry points
+    def _checked_data(self, x):
+        """`fit`/`evaluate` data with the pixel-range check outside the step when XLA would drop the in-graph one."""
+        if not self.jit_compile:
+            return x  # `_unpack`'s in-graph assertion runs
+        if isinstance(x, tf.data.Dataset):
+            return image_inputs.checked_dataset(x)
+        image_inputs.check_array(x)
+        return x
+
+    def fit(self, x=None, *args, **kwargs):
+        """`keras.Model.fit`; batches as `_unpack` accepts them (see `tf_rmvae.inputs`)."""
+        return super().fit(self._checked_data(x), *args, **kwargs)
+
+    def evaluate(self, x=None, *args, **kwargs):
+        """`keras.Model.evaluate`; batches as `_unpack` accepts them (see `tf_rmvae.inputs`)."""
+        return super().evaluate(self._checked_data(x), *args, **kwargs)
 
     # ------------------------------------------------------------------ inference API
     def posterior_mean(self, x) -> tf.Tensor:
@@ -89,7 +110,7 @@ class LatentVariableModel(keras.Model):
 
     def call(self, inputs, training=False):
         """Reconstruction: decoder mean at the posterior mean, `[B, H, W, C]`."""
-        return self.decoder(self.posterior_mean(inputs)).mean()
+        return self.decoder(self.posterior_mean(self._unpack(inputs))).mean()
 
     def generate(self, num_images: int, seed: int | None = None) -> tf.Tensor:
         """Mean images decoded from prior samples, `[num_images, H, W, C]` (stateless in `seed`)."""
@@ -99,9 +120,13 @@ class LatentVariableModel(keras.Model):
     def log_likelihood(self, x, num_samples: int = 5000, chunk_size: int = 100) -> tf.Tensor:
         """`[B]` importance-weighted estimate of `log p(x)` with K = `num_samples` proposal samples, in chunks.
 
-        `num_samples` may be a Python int or an int32 scalar tensor (e.g. a serving input).
+        `num_samples` may be a Python int or an int32 scalar tensor (e.g. a serving input). An empty batch gives an
+        empty result. Memory grows with B x `chunk_size` (the decoder runs on `[chunk_size, B, D]` latents): split
+        large batches (the exported `log_likelihood` signature does, see `tf_rmvae.export`).
         """
         x = self._unpack(x)
+        if x.shape[0] == 0:
+            return tf.zeros([0], tf.float32)  # TFP's sampling fails on an empty batch
         if tf.executing_eagerly():  # one compiled graph per (K, chunk) instead of eager sampling op by op
             if self._log_likelihood_fn is None:
                 self._log_likelihood_fn = tf.function(self._log_likelihood, reduce_retracing=True)

@@ -8,37 +8,41 @@
 
 Layout of `model_dir`:
 
+    .lock                  held (`fcntl.flock`) by the trainer using the directory; records its pid and host
     config.json            the run's `RunConfig` (a rerun with different settings that matter is refused)
     history.csv            one row per completed epoch (Keras `CSVLogger`; appended to on resume)
-    backup/                the resume state: `latest.weights.h5` (model weights, recursion state and optimizer
-                           variables) and `training_metadata.json` (completed epochs), written atomically per epoch
-    checkpoints/           `epoch_NNN.weights.h5` after every epoch (the last `keep_checkpoints`); with validation,
-                           `best.weights.h5` (the epoch with the best validation ELBO, the weights evaluated and
-                           exported) and `best.json` (its epoch and value; see `tf_rmvae.best_checkpoint`)
+    backup/                the resume state `latest.weights.h5`: model weights, recursion state, optimizer variables
+                           and the completed-epoch count in one file, replaced atomically after every epoch
+    checkpoints/           `epoch_NNN.weights.h5` after every epoch (the last `keep_checkpoints`), same format; with
+                           validation, `best.weights.h5` (the epoch with the best validation ELBO, the weights
+                           evaluated and exported) and `best.json` (its epoch and value; see `tf_rmvae.best_checkpoint`)
     logs/                  TensorBoard event files: `train/` and `validation/` scalars (per-component metrics grouped
                            as `mixture/...`, a custom-scalars layout), reconstructions and samples as images
                            (`tf_rmvae.summaries`)
     metrics.json           final test ELBO / IWAE log-likelihood (mean, s.e.), mixture weights, component
                            entropies, timing, per-epoch history; `"completed": true` marks a finished run
+    export/                the TF-Serving export `<name>/<version>/` (default `--export_dir`)
     reconstructions.png, samples.png, mixture_weights.png
 
-Resumption rests on `keras.callbacks.BackupAndRestore`: the `.weights.h5` file that `Model.save_weights` writes holds
-every model variable, including the recursion state (`num_active_components`, `mixing_logits`, the line-search
-accumulators), and the optimizer's variables (`iterations`, Adam's moments). `AtomicBackupAndRestore` only makes
-each save atomic, so a kill during a save leaves the previous epoch's state intact. The training data of epoch e is a
-function of (seed, e) (`tf_rmvae.data.pipeline.load_epochs`) and the training noise of step t of (seed, t), so a run
-killed and resumed ends with the weights of an uninterrupted run (up to float reduction order).
+Resumption: the `.weights.h5` file that `Model.save_weights` writes holds every model variable, including the
+recursion state (`num_active_components`, `mixing_logits`, the line-search accumulators), and the optimizer's
+variables (`iterations`, Adam's moments); `tf_rmvae.run_dir` adds the epoch count to the same file, writes it
+atomically and, on resume, loads the newest state that passes its checks (optimizer step = epochs x steps per
+epoch), falling back to the per-epoch checkpoints. The training data of epoch e is a function of (seed, e)
+(`tf_rmvae.data.pipeline.load_epochs`) and the training noise of step t of (seed, t), so a run killed and resumed
+ends with the weights of an uninterrupted run (up to float reduction order).
 
 Validation (`validation_examples`): the last examples of the training split are held out (`holdout_splits`) and
 evaluated after every epoch (`val_*` columns of `history.csv`). The validation noise is keyed by the step counter, so
 validation is exact on resume too, and the best epoch, kept in `checkpoints/best.*` (`BestCheckpoint`), with early
 stopping derived from it, survives an interruption.
+
+What can go wrong (each fault refused with a clear error, nothing half-written): see "Failure modes" in README.md.
 """
 
 from __future__ import annotations
 
 import csv
-import glob
 import json
 import math
 import os
@@ -52,25 +56,25 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tf_rmvae import distribute, plots, report
+from tf_rmvae import distribute, plots, report, run_dir
 from tf_rmvae.best_checkpoint import BestCheckpoint, load_best, read_best, stop_reached
 from tf_rmvae.callbacks import ComponentSchedule, NonFiniteInputGuard
 from tf_rmvae.config import ConfigError, RunConfig
 from tf_rmvae.decoders import make_decoder
 from tf_rmvae.encoders import RecursiveMixtureEncoder
+from tf_rmvae.guards import DivergenceGuard, chance_log_likelihood, check_exportable
 from tf_rmvae.models import RecursiveMixtureVAE
 from tf_rmvae.summaries import GroupedTensorBoard, ImageSummaries
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 HISTORY_FILE = "history.csv"
-BACKUP_DIR = "backup"
-CHECKPOINT_DIR = "checkpoints"
+BACKUP_DIR = run_dir.BACKUP_DIR
+CHECKPOINT_DIR = run_dir.CHECKPOINT_DIR
 LOG_DIR = "logs"
 RECONSTRUCTIONS_FILE = "reconstructions.png"
 SAMPLES_FILE = "samples.png"
 MIXTURE_WEIGHTS_FILE = "mixture_weights.png"
-CHECKPOINT_PATTERN = "epoch_{epoch:03d}.weights.h5"
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -163,78 +167,35 @@ def load_trained_model(model_dir: str, checkpoint: str | None = None) -> Recursi
 
     spec = get_dataset_spec(config.dataset)
     model = build_compiled_model(config, spec.image_shape, spec.binary)
-    if checkpoint is None:
-        candidates = [os.path.join(model_dir, BACKUP_DIR, "latest.weights.h5")]
-        candidates += sorted(glob.glob(os.path.join(model_dir, CHECKPOINT_DIR, "epoch_*.weights.h5")), reverse=True)
-        checkpoint = next((path for path in candidates if os.path.exists(path)), None)
-        if checkpoint is None:
-            raise FileNotFoundError(f"No weights in {model_dir} ({BACKUP_DIR}/ or {CHECKPOINT_DIR}/).")
     model.optimizer.build(model.trainable_variables)
-    model.load_weights(checkpoint)
-    return model
+    if checkpoint is not None:
+        model.load_weights(checkpoint)
+        return model
+    problems = []
+    for path in run_dir.state_candidates(model_dir):
+        try:
+            model.load_weights(path)
+            return model
+        except Exception as error:  # noqa: BLE001 - a damaged file may fail in h5py or in Keras: try the next one
+            problems.append(f"{path}: {str(error).splitlines()[0]}")
+    raise FileNotFoundError(f"No loadable weights in {model_dir} ({BACKUP_DIR}/ or {CHECKPOINT_DIR}/): {problems}")
 
 
 # ---------------------------------------------------------------------------------------------- callbacks
-class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """`keras.callbacks.BackupAndRestore` whose saves are atomic (temporary files renamed into place), and which
-    may write somewhere else than it restores from.
-
-    The state (model weights, recursion state, optimizer variables) and the completed-epoch count are written to
-    temporary files first and renamed weights-then-metadata, so a process killed mid-save resumes from the previous
-    complete state. The state is kept after training (`delete_checkpoint=False`): a run killed during evaluation
-    or export resumes with no epoch left to train.
-
-    Multi-worker training: Keras 3's `BackupAndRestore` has no notion of workers (every process would write the same
-    files). Every worker restores from `backup_dir` (the chief's; it must be on a filesystem all workers see), but only
-    the chief writes there: the other workers pass their own `write_dir` (a temporary directory), so they do the same
-    work at the same points as the chief (as `tf.keras` did with its per-worker temporary directories) without
-    racing the chief's files.
-    """
-
-    def __init__(self, backup_dir: str, write_dir: str | None = None):
-        super().__init__(backup_dir, save_freq="epoch", delete_checkpoint=False)
-        self.write_dir = write_dir or backup_dir
-
-    def _save_model(self):
-        os.makedirs(self.write_dir, exist_ok=True)
-        tmp_weights = os.path.join(self.write_dir, "tmp.weights.h5")
-        tmp_metadata = os.path.join(self.write_dir, "tmp_training_metadata.json")
-        self.model.save_weights(tmp_weights, overwrite=True)
-        with open(tmp_metadata, "w", encoding="utf-8") as f:
-            json.dump({"epoch": self._current_epoch, "batch": self._last_batch_seen}, f)
-        os.replace(tmp_weights, os.path.join(self.write_dir, os.path.basename(self._weights_path)))
-        os.replace(tmp_metadata, os.path.join(self.write_dir, os.path.basename(self._training_metadata_path)))
-
-
 class ResumableCSVLogger(keras.callbacks.CSVLogger):
     """`CSVLogger` in append mode that first drops rows of epochs the resumed run will train again.
 
     A run killed after writing an epoch's row but before saving that epoch's state redoes the epoch; the rows kept
-    are those of the epochs saved in `backup_dir`, so every epoch appears exactly once.
+    are those of the `initial_epoch` epochs restored, so every epoch appears exactly once.
     """
 
-    def __init__(self, filename: str, backup_dir: str):
+    def __init__(self, filename: str, initial_epoch: int):
         super().__init__(filename, append=True)
-        self.backup_dir = backup_dir
+        self.initial_epoch = int(initial_epoch)
 
     def on_train_begin(self, logs=None):
-        truncate_history(self.filename, _saved_epochs(self.backup_dir))
+        truncate_history(self.filename, self.initial_epoch)
         super().on_train_begin(logs)
-
-
-class PrunedModelCheckpoint(keras.callbacks.ModelCheckpoint):
-    """Weights (with optimizer state) after every epoch as `epoch_NNN.weights.h5`, keeping the newest `keep`."""
-
-    def __init__(self, directory: str, keep: int):
-        super().__init__(os.path.join(directory, CHECKPOINT_PATTERN), save_weights_only=True, save_freq="epoch")
-        self.directory = directory
-        self.keep = int(keep)
-
-    def on_epoch_end(self, epoch, logs=None):
-        super().on_epoch_end(epoch, logs)
-        if self.keep > 0:
-            for stale in sorted(glob.glob(os.path.join(self.directory, "epoch_*.weights.h5")))[:-self.keep]:
-                os.remove(stale)
 
 
 class BatchSleep(keras.callbacks.Callback):
@@ -248,59 +209,55 @@ class BatchSleep(keras.callbacks.Callback):
         time.sleep(self.seconds)
 
 
-def make_callbacks(config: RunConfig, worker_dir: str | None = None, *, validation: bool = False,
-                   preview: np.ndarray | None = None) -> list[keras.callbacks.Callback]:
-    """The callbacks of a run in `config.model_dir`.
+def make_callbacks(
+    config: RunConfig, worker_dir: str | None = None, initial_epoch: int = 0, *, validation: bool = False,
+    preview: np.ndarray | None = None,
+) -> list[keras.callbacks.Callback]:
+    """The callbacks of a run in `config.model_dir` that resumes after `initial_epoch` completed epochs.
 
     `validation`: `fit` gets validation data: keep the best-validation checkpoint (and stop early if asked).
     `preview`: a few images whose reconstructions TensorBoard shows every `config.image_every_epochs` epochs.
 
-    The backup comes last so that at the end of an epoch it saves after the history row is written: an epoch whose
-    state was saved always has its row, and a row without saved state is dropped on resume (`ResumableCSVLogger`).
+    The state is saved last (`run_dir.SaveState`: checkpoint, then backup) so that at the end of an epoch it is saved
+    after the history row and the best checkpoint are written: an epoch whose state was saved always has them, and a
+    row without saved state is dropped on resume (`ResumableCSVLogger`). `DivergenceGuard` stops at a non-finite
+    loss before any of that.
 
     `worker_dir`: on a non-chief worker of a multi-worker run, a private directory: the worker writes its backup and
     checkpoints there (restoring from the chief's backup) and writes no history or TensorBoard logs.
     """
-    model_dir = config.model_dir
-    backup_dir = os.path.join(model_dir, BACKUP_DIR)
+    write_dir = config.model_dir if worker_dir is None else worker_dir
+    callbacks: list[keras.callbacks.Callback] = []
     if worker_dir is None:
-        callbacks: list[keras.callbacks.Callback] = [
-            ResumableCSVLogger(os.path.join(model_dir, HISTORY_FILE), backup_dir),
-            GroupedTensorBoard(os.path.join(model_dir, LOG_DIR), write_graph=False),
-            PrunedModelCheckpoint(os.path.join(model_dir, CHECKPOINT_DIR), config.keep_checkpoints),
+        callbacks += [
+            ResumableCSVLogger(os.path.join(config.model_dir, HISTORY_FILE), initial_epoch),
+            GroupedTensorBoard(os.path.join(config.model_dir, LOG_DIR), write_graph=False),
         ]
         if preview is not None and config.image_every_epochs:
-            callbacks.append(ImageSummaries(os.path.join(model_dir, LOG_DIR), preview, config.image_every_epochs,
-                                            seed=config.seed))
-    else:
-        callbacks = [PrunedModelCheckpoint(os.path.join(worker_dir, CHECKPOINT_DIR), 1)]
+            callbacks.append(ImageSummaries(os.path.join(config.model_dir, LOG_DIR), preview,
+                                            config.image_every_epochs, seed=config.seed))
+    callbacks.append(DivergenceGuard())
     if config.nonfinite_inputs == "raise":
         callbacks.append(NonFiniteInputGuard())  # names the batch of NaN/Inf inputs even under XLA
     if config.adds_components:
         callbacks.append(ComponentSchedule(epochs_per_component=config.epochs_per_component))
     if config.debug_batch_sleep > 0:
         callbacks.append(BatchSleep(config.debug_batch_sleep))
-    if validation:  # before the backup: an epoch whose state is saved has its best checkpoint saved
+    if validation:  # before the state: an epoch whose state is saved has its best checkpoint saved
         callbacks.append(BestCheckpoint(
-            os.path.join(model_dir, CHECKPOINT_DIR), patience=config.early_stopping_patience,
+            os.path.join(config.model_dir, CHECKPOINT_DIR), patience=config.early_stopping_patience,
             write_directory=None if worker_dir is None else os.path.join(worker_dir, CHECKPOINT_DIR)))
-    callbacks.append(AtomicBackupAndRestore(
-        backup_dir, write_dir=None if worker_dir is None else os.path.join(worker_dir, BACKUP_DIR)))
+    callbacks.append(run_dir.SaveState(
+        os.path.join(write_dir, BACKUP_DIR), os.path.join(write_dir, CHECKPOINT_DIR),
+        keep=config.keep_checkpoints if worker_dir is None else 1,
+    ))
     return callbacks
 
 
 # ---------------------------------------------------------------------------------------------- run files
-def _saved_epochs(backup_dir: str) -> int:
-    path = os.path.join(backup_dir, "training_metadata.json")
-    if not os.path.exists(path):
-        return 0
-    with open(path, encoding="utf-8") as f:
-        return int(json.load(f)["epoch"])
-
-
 def completed_epochs(model_dir: str) -> int:
     """Epochs whose state is saved in `model_dir/backup` (0 if none)."""
-    return _saved_epochs(os.path.join(model_dir, BACKUP_DIR))
+    return run_dir.saved_epoch(model_dir)
 
 
 def read_history(path: str) -> list[dict[str, float]]:
@@ -358,7 +315,7 @@ def _check_run_dir(config: RunConfig) -> dict | None:
     """Refuses a `model_dir` that holds a different run; returns its metrics if that run already finished."""
     config_path = os.path.join(config.model_dir, CONFIG_FILE)
     if not os.path.exists(config_path):
-        if completed_epochs(config.model_dir) > 0:
+        if run_dir.has_state(config.model_dir):
             raise ConfigError(f"{config.model_dir} holds training state but no {CONFIG_FILE}; use a new --model_dir.")
         return None
     saved = RunConfig.load(config_path)
@@ -421,20 +378,45 @@ def save_figures(model: RecursiveMixtureVAE, x_test: np.ndarray, history: list[d
     return paths
 
 
+def check_test_metrics(model: RecursiveMixtureVAE, config: RunConfig, test: dict) -> None:
+    """Refuses (`guards.ExportRefused`) test metrics that are not finite, or a test ELBO below chance when the run
+    exports and `config.export_below_chance` is off: the run is then neither exported nor marked finished."""
+    allow_below_chance = config.export_below_chance or not config.resolved_export_dir
+    check_exportable(test, chance_log_likelihood(model.decoder), allow_below_chance)
+
+
 def export_run(model: RecursiveMixtureVAE, config: RunConfig, metrics: dict) -> dict[str, str]:
-    """Exports a TF-Serving SavedModel (and the encoder alone if `config.export_encoder`); `{}` if disabled."""
-    if not config.export_dir:
+    """Exports a TF-Serving SavedModel (and the encoder alone if `config.export_encoder`) into
+    `config.resolved_export_dir` (default `<model_dir>/export`); `{}` if disabled."""
+    export_dir = config.resolved_export_dir
+    if not export_dir:
         return {}
     from tf_rmvae import export  # imported lazily: export pulls in the serving signatures only when needed
 
     name = config.resolved_export_name
-    paths = {"model": export.export_model(model, config.export_dir, name, metrics=metrics)}
+    paths = {"model": export.export_model(model, export_dir, name, metrics=metrics)}
     if config.export_encoder:
-        paths["encoder"] = export.export_encoder(model, config.export_dir, name, metrics=metrics)
+        paths["encoder"] = export.export_encoder(model, export_dir, name, metrics=metrics)
     return paths
 
 
 # ---------------------------------------------------------------------------------------------- the run
+def check_before_writing(config: RunConfig, chief: bool = True) -> None:
+    """User errors that must stop a run before it writes anything (`ConfigError`): a dataset that is unknown or
+    unavailable, a `model_dir` or export directory that cannot be written."""
+    from tf_rmvae.data import DatasetUnavailableError, get_dataset_spec, load_numpy
+
+    try:
+        spec = get_dataset_spec(config.dataset)
+        load_numpy(config.dataset, spec.test_split, take=1, data_dir=config.data_dir or None)  # prepares if needed
+    except (ValueError, DatasetUnavailableError) as error:
+        raise ConfigError(f"--dataset={config.dataset}: {error}") from None
+    if chief:
+        run_dir.check_writable(config.model_dir, "model_dir")
+        if config.resolved_export_dir:
+            run_dir.check_writable(config.resolved_export_dir, "export_dir")
+
+
 def train(config: RunConfig) -> dict[str, Any]:
     """Trains, evaluates, plots and exports the run that `config` describes; resumes an interrupted run.
 
@@ -447,6 +429,11 @@ def train(config: RunConfig) -> dict[str, Any]:
     worker of a multi-worker run nothing is written to `model_dir` and no evaluation is done: the returned dict
     holds `"chief": False` and the training summary only.
 
+    User errors raise `ConfigError` before anything is written (`check_before_writing`); a second trainer on the
+    same `model_dir` gets `run_dir.RunDirLocked`. Failures of the run itself raise `run_dir.RunError` with what is
+    intact and how to recover: `guards.TrainingDiverged` (non-finite loss), `guards.ExportRefused` (non-finite test
+    metrics, or a test ELBO below chance), `run_dir.DiskFullError`, `run_dir.ResumeStateError`.
+
     Returns:
       The metrics written to `model_dir/metrics.json` (plus `"skipped": True` for an already finished run).
     """
@@ -457,17 +444,25 @@ def train(config: RunConfig) -> dict[str, Any]:
     except distribute.StrategyError as e:
         raise ConfigError(str(e)) from e
     chief = distribute.is_chief(strategy)
-    if chief:
-        os.makedirs(config.model_dir, exist_ok=True)
+    replicas = strategy.num_replicas_in_sync
+    if config.batch_size % replicas:
+        raise ConfigError(f"--batch_size={config.batch_size} is the global batch: it must be a multiple of the "
+                          f"{replicas} replicas of --strategy={config.strategy}.")
+    check_before_writing(config, chief)
+    if not chief:  # workers write nothing to model_dir: the chief holds its lock
+        return _train_locked(config, strategy, chief, start)
+    os.makedirs(config.model_dir, exist_ok=True)
+    with run_dir.RunLock(config.model_dir):
+        run_dir.remove_stale_temporaries(config.model_dir)
+        return _train_locked(config, strategy, chief, start)
+
+
+def _train_locked(config: RunConfig, strategy, chief: bool, start: float) -> dict[str, Any]:
     finished = _check_run_dir(config)
     if finished is not None:
         logging.info("%s already finished (%d epochs); nothing to train.", config.model_dir,
                      finished["epochs_completed"])
         return dict(finished, skipped=True)
-    replicas = strategy.num_replicas_in_sync
-    if config.batch_size % replicas:
-        raise ConfigError(f"--batch_size={config.batch_size} is the global batch: it must be a multiple of the "
-                          f"{replicas} replicas of --strategy={config.strategy}.")
     if chief:
         config.save(os.path.join(config.model_dir, CONFIG_FILE))
     if config.adds_components and config.epochs < 1 + (config.num_components - 1) * config.epochs_per_component:
@@ -516,22 +511,31 @@ def _train_in_strategy(config: RunConfig, strategy, chief: bool, worker_dir: str
     keras.utils.set_random_seed(config.seed)
     spec = get_dataset_spec(config.dataset)
     data_dir = config.data_dir or None
-    resumed_from = completed_epochs(config.model_dir)
     try:
         train_split, validation_split = holdout_splits(config.dataset, config.validation_examples, data_dir=data_dir)
     except ValueError as e:
         raise ConfigError(f"--validation_examples: {e}") from e
-    # Early stopping decided after the saved epochs (a run killed after it stopped): train no further epoch.
-    epochs = resumed_from if _early_stop_reached(config, resumed_from) else config.epochs
-    # Epoch e's batches are a function of (seed, e): a resumed run sees the data the uninterrupted run saw. Every step
-    # has the full global batch (the last incomplete batch of an epoch is dropped) on any strategy.
-    train_data, steps_per_epoch = load_epochs(
-        config.dataset, train_split, config.batch_size, min(resumed_from, epochs), epochs,
-        seed=config.seed, data_dir=data_dir, take=config.train_examples or None, drop_remainder=True,
-    )
+
+    def epochs_from(first_epoch: int, last_epoch: int):
+        # Epoch e's batches are a function of (seed, e): a resumed run sees the data the uninterrupted run saw. Every
+        # step has the full global batch (the last incomplete batch of an epoch is dropped) on any strategy.
+        return load_epochs(
+            config.dataset, train_split, config.batch_size, first_epoch, last_epoch,
+            seed=config.seed, data_dir=data_dir, take=config.train_examples or None, drop_remainder=True,
+        )
+
+    _, steps_per_epoch = epochs_from(config.epochs, config.epochs)  # no batches: the count that checks the state
     if steps_per_epoch < 1:
         raise ConfigError(f"--batch_size={config.batch_size} is larger than the {config.train_examples or 'whole'} "
                           "training examples: an epoch would have no step.")
+    with strategy.scope():
+        model = build_compiled_model(config, spec.image_shape, spec.binary)
+        resumed_from = run_dir.restore(model, config.model_dir, steps_per_epoch)
+    if resumed_from:
+        logging.info("Resuming %s after epoch %d of %d.", config.model_dir, resumed_from, config.epochs)
+    # Early stopping decided after the saved epochs (a run killed after it stopped): train no further epoch.
+    epochs = resumed_from if _early_stop_reached(config, resumed_from) else config.epochs
+    train_data, _ = epochs_from(min(resumed_from, epochs), epochs)
     options = tf.data.Options()
     # Every worker reads the same pipeline and keeps its share of each global batch (the split of one device's batch).
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
@@ -543,16 +547,17 @@ def _train_in_strategy(config: RunConfig, strategy, chief: bool, worker_dir: str
         steps_per_epoch, config.batch_size, validation_split, 0 if x_validation is None else len(x_validation),
     ), enabled=chief and config.verbose > 0)
     preview = _preview_images(config, x_validation, train_split) if chief else None
-    with strategy.scope():
-        model = build_compiled_model(config, spec.image_shape, spec.binary)
-    callbacks = make_callbacks(config, worker_dir, validation=validation_data is not None, preview=preview)
+    callbacks = make_callbacks(config, worker_dir, resumed_from, validation=validation_data is not None,
+                               preview=preview)
     # shuffle=False: the dataset is shuffled already (per epoch, see load_epochs); Keras warns about the default.
-    model.fit(train_data, epochs=epochs, steps_per_epoch=steps_per_epoch, shuffle=False,
-              validation_data=validation_data, callbacks=callbacks, verbose=config.verbose if chief else 0)
+    model.fit(train_data, epochs=epochs, steps_per_epoch=steps_per_epoch, initial_epoch=min(resumed_from, epochs),
+              shuffle=False, validation_data=validation_data, callbacks=callbacks,
+              verbose=config.verbose if chief else 0)
     train_end = time.perf_counter()
-    epochs_completed = completed_epochs(config.model_dir)
+    epochs_completed = max(resumed_from, completed_epochs(config.model_dir))
     stopped_early = epochs_completed < config.epochs and _early_stop_reached(config, epochs_completed)
     summary = dict(
+        # The backup may be older than the state resumed from (a checkpoint, after a failed backup save).
         dataset=config.dataset, method=config.method, epochs_completed=epochs_completed,
         optimizer_iterations=int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
         strategy=config.strategy, replicas=int(strategy.num_replicas_in_sync), mixed_precision=config.mixed_precision,
@@ -570,6 +575,7 @@ def _train_in_strategy(config: RunConfig, strategy, chief: bool, worker_dir: str
         summary["validation"] = dict(split=validation_split, examples=len(x_validation), best=best)
     x_test = load_numpy(config.dataset, spec.test_split, take=config.eval_examples or None, data_dir=data_dir)
     test = evaluate_run(model, x_test, config)
+    check_test_metrics(model, config, test)  # before anything marks the run finished or serves it
     report.stage("evaluation", report.evaluation_line(test, best), enabled=config.verbose > 0)
     history = read_history(os.path.join(config.model_dir, HISTORY_FILE))
     figures = save_figures(model, x_test, history, config)

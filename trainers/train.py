@@ -9,6 +9,9 @@
         python -m trainers.train --model_dir /shared/runs/big --strategy multi_worker_mirrored   # on each host
 
 Rerun the same command after an interruption to resume it; rerunning a finished run only reports its metrics.
+The model is exported into the run directory (`<model_dir>/export/<name>/<version>`); publish it for serving with
+`python -m trainers.publish <version_dir>`. A user error exits with status 2 and one line on stderr before anything is
+written; a failed run (diverged, broken model, disk full) exits with status 1 and one line saying what to do.
 `--batch_size` is the global batch (split over the replicas). With `multi_worker_mirrored`, `--model_dir` must be on a
 filesystem every worker sees (the chief writes it; all workers restore from it); restart all workers after a failure.
 See `tf_rmvae.training` for the layout of `--model_dir`. TensorFlow's C++ logs are off unless `--tf_log_level` asks
@@ -17,6 +20,7 @@ for them (`trainers.quiet`); the program prints one line per stage (data, traini
 
 from __future__ import annotations
 
+import errno
 import sys
 
 from trainers import quiet
@@ -77,9 +81,13 @@ flags.DEFINE_integer("eval_examples", _DEFAULTS.eval_examples, "Test examples ev
 flags.DEFINE_integer("iwae_samples", _DEFAULTS.iwae_samples, "Importance samples K of the test log-likelihood.")
 flags.DEFINE_integer("eval_chunk_size", _DEFAULTS.eval_chunk_size, "Importance samples drawn at once.")
 flags.DEFINE_string("model_dir", None, "Run directory: config, checkpoints, logs, metrics, figures. Required.")
-flags.DEFINE_string("export_dir", _DEFAULTS.export_dir, "Base directory of TF-Serving exports ('' disables export).")
+flags.DEFINE_string("export_dir", _DEFAULTS.export_dir,
+                    "Base directory of TF-Serving exports, inside the run directory by default ('' disables export). "
+                    "Publish an export for serving with `python -m trainers.publish`.")
 flags.DEFINE_string("export_name", _DEFAULTS.export_name, "Served model name ('' = <dataset>_<method>).")
 flags.DEFINE_boolean("export_encoder", _DEFAULTS.export_encoder, "Also export the encoder alone (<name>_encoder).")
+flags.DEFINE_boolean("export_below_chance", _DEFAULTS.export_below_chance,
+                     "Export even a model whose test ELBO is below chance (refused by default).")
 flags.DEFINE_integer("keep_checkpoints", _DEFAULTS.keep_checkpoints, "Per-epoch checkpoints kept (0 = all).")
 flags.DEFINE_integer("image_every_epochs", _DEFAULTS.image_every_epochs,
                      "TensorBoard reconstructions and samples every N epochs and after the last (0 = none).")
@@ -119,10 +127,16 @@ def config_from_flags() -> RunConfig:
         seed=FLAGS.seed, jit_compile=FLAGS.jit_compile, verbose=FLAGS.verbose, eval_examples=FLAGS.eval_examples,
         iwae_samples=FLAGS.iwae_samples, eval_chunk_size=FLAGS.eval_chunk_size, model_dir=FLAGS.model_dir or "",
         export_dir=FLAGS.export_dir, export_name=FLAGS.export_name, export_encoder=FLAGS.export_encoder,
+        export_below_chance=FLAGS.export_below_chance,
         keep_checkpoints=FLAGS.keep_checkpoints, strategy=FLAGS.strategy, mixed_precision=FLAGS.mixed_precision,
         debug_batch_sleep=FLAGS.debug_batch_sleep,
     )
     return config.validate()
+
+
+def _fail(message: str, status: int) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(status)
 
 
 def main(argv: list[str]) -> None:
@@ -131,12 +145,18 @@ def main(argv: list[str]) -> None:
     quiet.quiet_python_logs()
     try:
         config = config_from_flags()
+        from tf_rmvae.run_dir import RunError
         from tf_rmvae.training import train
 
         metrics = train(config)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except ConfigError as e:  # the user's mistake, found before anything was written
+        _fail(str(e), 2)
+    except RunError as e:  # the run failed; the message says what is intact and what to do
+        _fail(str(e), 1)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        _fail(f"{e}. Free some space and rerun the same command: the last saved epoch is intact.", 1)
     if not metrics.get("chief", True):
         print(f"{config.model_dir}: worker finished {metrics['epochs_completed']} epochs; the chief writes the metrics.")
         return

@@ -1,0 +1,382 @@
+"""Fault injection (issue 12): bad inputs are refused clearly, a broken model is never exported, a run is never lost
+or corrupted, and every user error of the trainer exits with status 2 and one line before anything is written.
+
+Runs are tiny (4 steps an epoch, 20 test digits) and in-process where possible; one finished run is shared (copied
+by the tests that damage it). The sections follow the items of the issue."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import textwrap
+
+import h5py
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_rmvae
+from tests.helpers import mnist_digits, tiny_model
+from tf_rmvae import export, run_dir, training
+from tf_rmvae.config import RunConfig
+from tf_rmvae.guards import ExportRefused, chance_log_likelihood
+from tf_rmvae.semi_amortized import SemiAmortizedVAE
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(hidden_units=(16,), latent_dim=4, num_components=2, epochs_per_component=1, batch_size=50,
+            train_examples=200, eval_examples=20, iwae_samples=4, verbose=0, epochs=1)
+TINY_FLAGS = ["--hidden_units=16", "--latent_dim=4", "--num_components=2", "--epochs_per_component=1",
+              "--batch_size=50", "--train_examples=200", "--eval_examples=20", "--iwae_samples=4", "--verbose=0",
+              "--epochs=1"]
+STEPS = 200 // 50
+
+
+def tiny_config(model_dir, **changes) -> RunConfig:
+    return RunConfig(model_dir=str(model_dir), **dict(TINY, **changes))
+
+
+def run_main(argv, capsys) -> tuple[int, str]:
+    """`trainers.train.main` in this process with `argv` flags: (exit status, stderr)."""
+    from absl import flags
+
+    from trainers import train as program
+
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["train", *argv])
+    capsys.readouterr()
+    try:
+        program.main(["train"])
+        status = 0
+    except SystemExit as exit_:
+        status = exit_.code
+    finally:
+        flags.FLAGS.unparse_flags()
+    return status, capsys.readouterr().err
+
+
+def assert_one_error_line(stderr: str, *fragments: str) -> None:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+class umask:
+    """Context manager: the process umask set to `mask`."""
+
+    def __init__(self, mask: int):
+        self.mask = mask
+
+    def __enter__(self):
+        self.previous = os.umask(self.mask)
+
+    def __exit__(self, *exc_info):
+        os.umask(self.previous)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished one-epoch run with the default export (written under umask 022)."""
+    model_dir = tmp_path_factory.mktemp("finished") / "run"
+    with umask(0o022):
+        metrics = training.train(tiny_config(model_dir))
+    return model_dir, metrics
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    """A private copy of the finished run, to damage."""
+    copy = tmp_path / "run"
+    shutil.copytree(finished_run[0], copy)
+    return copy
+
+
+def compiled(model, jit_compile=False):
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=jit_compile)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- 1. inputs
+def test_tfds_style_uint8_images_are_scaled_exactly_like_the_pipeline_does():
+    pixels = (mnist_digits(100) * 255).astype(np.uint8)
+    batch = {"image": pixels, "label": np.arange(100) % 10}  # what tfds.load("mnist") yields, batched
+    model = compiled(tiny_model("vae", hidden=16))
+    np.testing.assert_array_equal(model._unpack(batch).numpy(), tf.cast(pixels, tf.float32).numpy() / np.float32(255))
+    loss = model.fit(tf.data.Dataset.from_tensor_slices(batch).batch(50), epochs=1, verbose=0).history["loss"][0]
+    assert 0 < loss < 1.5 * 784 * math.log(2)  # -ELBO of binary digits near chance, not the -1e5 of raw 0..255
+
+
+@pytest.mark.parametrize("call", ["fit", "evaluate", "elbo", "log_likelihood", "savae_elbo"])
+def test_float_pixels_outside_the_unit_range_are_refused(call):
+    raw = mnist_digits(20) * 255.0  # the usual mistake: intensities not divided by 255
+    model = SemiAmortizedVAE(tf_rmvae.RecursiveMixtureEncoder(4, 1, hidden_units=(16,)),
+                             tf_rmvae.BernoulliDecoder((28, 28, 1), hidden_units=(16,)), refine_steps=1) \
+        if call == "savae_elbo" else compiled(tiny_model("rme", hidden=16))
+    actions = {
+        "fit": lambda: model.fit(raw, batch_size=10, epochs=1, verbose=0),
+        "evaluate": lambda: model.evaluate(raw, batch_size=10, verbose=0),
+        "elbo": lambda: model.elbo(raw),
+        "log_likelihood": lambda: model.log_likelihood(raw, num_samples=4),
+        "savae_elbo": lambda: model.elbo(raw),
+    }
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"images must lie in \[0, 1\]"):
+        actions[call]()
+
+
+@pytest.mark.parametrize("source", ["dataset", "numpy"])
+def test_under_xla_fit_still_refuses_out_of_range_pixels(source):
+    """XLA compiles `tf.debugging.Assert` into a no-op: the data are checked outside the compiled step."""
+    raw = mnist_digits(20) * 255.0
+    model = compiled(tiny_model("vae", hidden=16), jit_compile=True)  # XLA drops in-graph assertions
+    data = tf.data.Dataset.from_tensor_slices(raw).batch(10) if source == "dataset" else raw
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match=r"images must lie in \[0, 1\]"):
+        model.fit(data, batch_size=None if source == "dataset" else 10, epochs=1, verbose=0)
+
+
+@pytest.mark.parametrize(
+    "element, message",
+    [
+        (lambda x, y: tf.reshape(x, [-1, 784]), r"flat vectors .*reshape"),
+        (lambda x, y: y, r"labels only"),
+        (lambda x, y: {"pixels": x, "label": y}, r"needs an 'image' entry"),
+    ],
+    ids=["flat", "labels_only", "dict_without_image"],
+)
+def test_malformed_batches_are_refused_with_a_message_saying_what_to_do(element, message):
+    data = tf.data.Dataset.from_tensor_slices((mnist_digits(20), np.arange(20))).batch(10).map(element)
+    with pytest.raises(ValueError, match=message):
+        compiled(tiny_model("rme", hidden=16)).fit(data, epochs=1, verbose=0)
+
+
+# ---------------------------------------------------------------------------------------------- 2. broken models
+def test_a_diverged_run_stops_with_an_error_exits_1_and_exports_nothing(tmp_path, capsys):
+    model_dir = tmp_path / "run"
+    status, stderr = run_main([f"--model_dir={model_dir}", *TINY_FLAGS, "--learning_rate=1e6"], capsys)
+    assert status == 1
+    assert_one_error_line(stderr, "diverged", "--learning_rate")
+    assert not (model_dir / "export").exists() and not (model_dir / "metrics.json").exists()
+    assert run_dir.saved_epoch(str(model_dir)) == 0  # no state of a diverged epoch
+
+
+def test_a_run_with_non_finite_test_metrics_is_neither_exported_nor_marked_finished(run_copy, monkeypatch):
+    shutil.rmtree(run_copy / "export")
+    (run_copy / "metrics.json").unlink()  # as if killed during evaluation: the rerun only evaluates and exports
+    evaluate_run = training.evaluate_run
+    monkeypatch.setattr(training, "evaluate_run", lambda *args: dict(evaluate_run(*args), elbo_mean=float("nan")))
+    with pytest.raises(ExportRefused, match=r"not finite \(elbo_mean=nan\).*not exported"):
+        training.train(tiny_config(run_copy))
+    assert not (run_copy / "export").exists() and not (run_copy / "metrics.json").exists()
+
+
+def test_a_model_below_chance_is_refused_unless_asked_for():
+    model = tiny_model("rme", hidden=16)
+    test = {"elbo_mean": -9550.0, "log_likelihood_mean": -9000.0}  # what --learning_rate=10 produced
+    with pytest.raises(ExportRefused, match=r"below chance \(-543.43.*--export_below_chance"):
+        training.check_test_metrics(model, tiny_config("run"), test)
+    training.check_test_metrics(model, tiny_config("run", export_below_chance=True), test)
+    training.check_test_metrics(model, tiny_config("run", export_dir=""), test)  # nothing would be served
+    with pytest.raises(ExportRefused, match="not finite"):
+        training.check_test_metrics(model, tiny_config("run", export_below_chance=True), dict(test, elbo_mean=math.inf))
+
+
+def test_chance_level_follows_the_decoder_and_image_size():
+    assert chance_log_likelihood(tf_rmvae.BernoulliDecoder((28, 28, 1))) == pytest.approx(-784 * math.log(2))
+    assert chance_log_likelihood(tf_rmvae.GaussianDecoder((32, 32, 3))) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- 3, 4. exports
+def test_the_default_export_lands_in_the_run_directory(finished_run):
+    model_dir, metrics = finished_run
+    assert RunConfig(model_dir="runs/x").resolved_export_dir == os.path.join("runs/x", "export")
+    assert metrics["exports"]["model"] == str(model_dir / "export" / "rmvae_mnist_rme" / "1")
+
+
+def test_exports_and_published_versions_are_readable_as_the_umask_says(finished_run, tmp_path):
+    version_dir = finished_run[1]["exports"]["model"]
+    assert stat.S_IMODE(os.stat(version_dir).st_mode) == 0o755  # exported under umask 022, not mkdtemp's 0700
+    with umask(0o027):
+        published = export.publish(version_dir, str(tmp_path / "saved_models"))
+    assert published == str(tmp_path / "saved_models" / "rmvae_mnist_rme" / "1")
+    assert stat.S_IMODE(os.stat(published).st_mode) == 0o750
+    assert export.read_metadata(published)["published_from"] == os.path.abspath(version_dir)
+    assert os.path.isfile(os.path.join(published, "saved_model.pb"))
+
+
+# ---------------------------------------------------------------------------------------------- 5. lock
+HOLD_LOCK = textwrap.dedent("""
+    import fcntl, os, socket, sys, time
+    fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o666)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # what tf_rmvae.run_dir.RunLock does, without importing TensorFlow
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\\n".encode(), 0)
+    print("locked", flush=True)
+    time.sleep(300)
+""")
+
+
+def test_a_second_trainer_is_refused_naming_the_holder_and_a_dead_holders_lock_is_taken_over(run_copy):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_copy / ".lock")], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(run_dir.RunDirLocked, match=rf"in use by another trainer \(pid {holder.pid} on"):
+            training.train(tiny_config(run_copy))
+        command = [sys.executable, "-m", "trainers.train", f"--model_dir={run_copy}", *TINY_FLAGS]
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert f"error: {run_copy} is in use by another trainer (pid {holder.pid}" in result.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    assert training.train(tiny_config(run_copy))["skipped"]  # the dead holder's lock file is simply taken over
+
+
+# ---------------------------------------------------------------------------------------------- 6. resume state
+def _restored_epoch(model_dir) -> int:
+    model = training.build_compiled_model(tiny_config(model_dir), (28, 28, 1), True)
+    return run_dir.restore(model, str(model_dir), STEPS)
+
+
+def test_a_truncated_backup_resumes_from_the_newest_intact_checkpoint(run_copy):
+    backup = run_copy / "backup" / "latest.weights.h5"
+    backup.write_bytes(backup.read_bytes()[: backup.stat().st_size // 2])
+    metrics = training.train(tiny_config(run_copy, epochs=2, export_dir=""))
+    assert metrics["resumed_from_epoch"] == 1 and metrics["optimizer_iterations"] == 2 * STEPS
+    assert [row["epoch"] for row in metrics["history"]] == [0, 1]
+
+
+def test_an_edited_epoch_count_is_refused_by_the_optimizer_step_check(run_copy):
+    with h5py.File(run_copy / "backup" / "latest.weights.h5", "r+") as f:
+        metadata = json.loads(f.attrs[run_dir.METADATA_ATTR])
+        f.attrs[run_dir.METADATA_ATTR] = json.dumps(dict(metadata, epoch=3))  # claims 3 epochs, made 1 x 4 steps
+    assert _restored_epoch(run_copy) == 1  # the checkpoint of epoch 1, not the edited backup
+    (run_copy / "checkpoints" / "epoch_001.weights.h5").unlink()
+    with pytest.raises(run_dir.ResumeStateError, match="claims 3 epochs but its optimizer made 4 steps"):
+        _restored_epoch(run_copy)  # nothing intact left: refused, not silently retrained from scratch
+
+
+def test_the_state_is_one_atomic_file_a_crash_mid_save_leaves_the_previous_one(run_copy, monkeypatch):
+    assert sorted(os.listdir(run_copy / "backup")) == ["latest.weights.h5"]  # weights and metadata together
+    model = training.build_compiled_model(tiny_config(run_copy), (28, 28, 1), True)
+    run_dir.restore(model, str(run_copy), STEPS)
+
+    def killed(path):
+        raise KeyboardInterrupt("killed after writing the new state, before renaming it into place")
+
+    monkeypatch.setattr(run_dir, "_fsync", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_dir.write_state(model, str(run_copy / "backup" / "latest.weights.h5"), run_dir.state_metadata(2, STEPS, 8))
+    monkeypatch.undo()
+    assert run_dir.read_metadata(str(run_copy / "backup" / "latest.weights.h5"))["epoch"] == 1
+    assert _restored_epoch(run_copy) == 1
+
+
+# ---------------------------------------------------------------------------------------------- 7. serving memory
+def test_log_likelihood_signature_takes_empty_and_large_batches_in_bounded_slices(finished_run):
+    version_dir = finished_run[1]["exports"]["model"]
+    assert export.read_metadata(version_dir)["limits"]["log_likelihood_batch"] == 100
+    signature = tf.saved_model.load(version_dir).signatures["log_likelihood"]
+    empty = signature(images=tf.zeros([0, 28, 28, 1]), num_samples=tf.constant(4))["log_likelihood"]
+    assert empty.shape == (0,)
+    values = signature(images=tf.constant(mnist_digits(230)), num_samples=tf.constant(4))["log_likelihood"]
+    assert values.shape == (230,) and np.all(np.isfinite(values.numpy()))
+
+
+def test_slices_never_exceed_their_size_and_reassemble_the_batch():
+    largest = tf.Variable(0)
+
+    def per_example_sum(x):
+        with tf.control_dependencies([largest.assign(tf.maximum(largest, tf.shape(x)[0]))]):
+            return tf.reduce_sum(x, axis=[1, 2, 3])
+
+    x = tf.random.stateless_uniform([230, 28, 28, 1], seed=[1, 2])
+    result = tf.function(lambda images: export.map_in_slices(per_example_sum, images, 100))(x)
+    np.testing.assert_allclose(result.numpy(), tf.reduce_sum(x, axis=[1, 2, 3]).numpy(), rtol=1e-6)
+    assert int(largest.numpy()) == 100
+    assert tiny_model("rme", hidden=16).log_likelihood(np.zeros([0, 28, 28, 1], np.float32)).shape == (0,)
+
+
+# ---------------------------------------------------------------------------------------------- 8. CLI errors
+USER_ERRORS = {  # case: (flags, what the one error line says); {tmp} is the test's temporary directory
+    "unknown_dataset": (["--dataset=nope"], "Unknown dataset 'nope'"),
+    "unavailable_dataset": (["--dataset=mnist"], "could not be downloaded"),
+    "nan_flag": (["--max_log_ratio=nan"], "--max_log_ratio must be a finite number; got nan"),
+    "inf_flag": (["--learning_rate=inf"], "--learning_rate must be a finite number"),
+    "unwritable_model_dir": (["--model_dir={tmp}/a_file/run"], "is a file"),
+    "unwritable_export_dir": (["--export_dir={tmp}/a_file/exports"], "is a file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(USER_ERRORS))
+def test_user_errors_exit_2_with_one_line_before_anything_is_written(case, tmp_path, monkeypatch, capsys):
+    from tf_rmvae.data import pipeline
+
+    def no_network(spec, data_dir):
+        raise pipeline.DatasetUnavailableError(f"Dataset {spec.name!r} is not prepared and could not be downloaded.")
+
+    if case == "unavailable_dataset":
+        monkeypatch.setattr(pipeline, "_prepared_builder", no_network)
+    (tmp_path / "a_file").write_text("not a directory")
+    flags, message = USER_ERRORS[case]
+    status, stderr = run_main([f"--model_dir={tmp_path}/run", *TINY_FLAGS, *(f.format(tmp=tmp_path) for f in flags)],
+                              capsys)
+    assert status == 2
+    assert_one_error_line(stderr, message)
+    assert not (tmp_path / "run").exists()  # so a corrected rerun there is not refused as "a different run"
+
+
+def test_a_truncated_config_exits_2_with_one_line(run_copy, capsys):
+    config = run_copy / "config.json"
+    config.write_text(config.read_text()[:40])
+    status, stderr = run_main([f"--model_dir={run_copy}", *TINY_FLAGS], capsys)
+    assert status == 2
+    assert_one_error_line(stderr, "config.json is not a readable run configuration")
+
+
+# ---------------------------------------------------------------------------------------------- 9. disk full
+def test_disk_full_while_saving_the_backup_keeps_the_previous_state_and_exits_1(run_copy, monkeypatch, capsys):
+    save_weights = keras.Model.save_weights
+
+    def fills_the_disk(model, path, *args, **kwargs):
+        if path.endswith("latest.weights.h5"):  # epoch 2's backup (its checkpoint still fits)
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return save_weights(model, path, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "save_weights", fills_the_disk)
+    status, stderr = run_main([f"--model_dir={run_copy}", *TINY_FLAGS, "--epochs=2"], capsys)
+    assert status == 1
+    assert_one_error_line(stderr, "No space left on device", "intact", "rerun the same command")
+    monkeypatch.undo()
+    leftovers = sorted(name for sub in ("backup", "checkpoints") for name in os.listdir(run_copy / sub))
+    assert leftovers == ["epoch_001.weights.h5", "epoch_002.weights.h5", "latest.weights.h5"]  # no temporary file
+    assert run_dir.saved_epoch(str(run_copy)) == 1  # the backup still holds epoch 1, whole
+    metrics = training.train(tiny_config(run_copy, epochs=2, export_dir=""))  # space freed: the same command
+    assert metrics["resumed_from_epoch"] == 2  # from the newest intact state, epoch 2's checkpoint
+    assert metrics["completed"] and metrics["epochs_completed"] == 2 and metrics["optimizer_iterations"] == 2 * STEPS
+
+
+def test_a_state_that_cannot_fit_is_refused_before_hdf5_writes_anything(run_copy, monkeypatch):
+    """On a really full disk HDF5 failed mid-write and the process died of a segfault (tried on a small tmpfs):
+    a save is refused up front when the free space is smaller than the state."""
+    model = training.build_compiled_model(tiny_config(run_copy), (28, 28, 1), True)
+    run_dir.restore(model, str(run_copy), STEPS)
+    almost_full = os.statvfs_result((4096, 4096, 1000, 20, 20, 1000, 900, 900, 0, 255))  # 80 KiB free
+
+    def must_not_write(*args):
+        raise AssertionError("HDF5 was asked to write a state that cannot fit")
+
+    monkeypatch.setattr(run_dir.os, "statvfs", lambda path: almost_full)
+    monkeypatch.setattr(run_dir, "_save_weights", must_not_write)
+    backup = str(run_copy / "backup" / "latest.weights.h5")
+    with pytest.raises(run_dir.DiskFullError, match=r"needs about .* MiB, 0.1 MiB are free; the previously saved"):
+        run_dir.write_state(model, backup, run_dir.state_metadata(2, STEPS, 2 * STEPS))
+    monkeypatch.undo()
+    assert os.listdir(run_copy / "backup") == ["latest.weights.h5"] and run_dir.read_metadata(backup)["epoch"] == 1

@@ -1,0 +1,330 @@
+"""Integrity of a run directory: one trainer at a time, the resume state saved as one atomic file and checked when
+it is loaded, clear errors for a full disk and for directories that cannot be written.
+
+    with RunLock(model_dir):                                   # a second trainer gets RunDirLocked naming this pid
+        epoch = restore(model, model_dir, steps_per_epoch)     # newest intact state (warns about broken ones)
+        model.fit(..., initial_epoch=epoch, callbacks=[..., SaveState(model_dir + "/backup", ...)])
+
+The state of a run after `epoch` completed epochs is one `.weights.h5` file (Keras's `save_weights`: model
+variables, recursion state, optimizer variables) whose HDF5 root attribute `tf_rmvae_state` holds its metadata as
+JSON (`{"format", "epoch", "steps_per_epoch", "optimizer_iterations"}`). It is written to a temporary file, flushed
+to disk and renamed over the previous state, so the state on disk is always one complete epoch: weights and
+metadata cannot disagree. Loading checks the file against itself and against the run: the optimizer's step counter
+must equal `epoch x steps_per_epoch`, so a truncated, half-written or edited state is refused, and the newest
+intact state (the backup, else the per-epoch checkpoints, newest first) is used instead, with a warning.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import glob
+import json
+import os
+import re
+import socket
+
+import h5py
+import keras
+import numpy as np
+from absl import logging
+
+from tf_rmvae.config import ConfigError
+
+LOCK_FILE = ".lock"
+BACKUP_DIR = "backup"
+CHECKPOINT_DIR = "checkpoints"
+STATE_FILE = "latest.weights.h5"
+CHECKPOINT_PATTERN = "epoch_{epoch:03d}.weights.h5"
+LEGACY_METADATA_FILE = "training_metadata.json"  # metadata beside the weights, before states were one file
+METADATA_ATTR = "tf_rmvae_state"
+STATE_FORMAT = "tf_rmvae.state/1"
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class RunError(RuntimeError):
+    """A run cannot go on (diverged, disk full, no intact state...); the message says what is intact and what to do."""
+
+
+class DiskFullError(RunError):
+    """The disk filled up while the run saved its state; the previous state is intact."""
+
+
+class ResumeStateError(RunError):
+    """The run directory holds training state, none of it intact."""
+
+
+class RunDirLocked(ConfigError):
+    """Another trainer holds the run directory's lock."""
+
+
+# ---------------------------------------------------------------------------------------------- directories
+def check_writable(path: str, flag: str) -> None:
+    """`ConfigError` unless `path` is a writable directory or could be created as one (nothing is written)."""
+    path = os.path.abspath(path)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"--{flag}={path} cannot be a directory: {existing} is a file.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--{flag}={path} is not writable: permission denied on {existing}.")
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    # h5py reports HDF5's write failures as OSError without errno, naming the cause in the message only.
+    return getattr(error, "errno", None) in _DISK_FULL or "No space left on device" in str(error)
+
+
+# ---------------------------------------------------------------------------------------------- lock
+class RunLock:
+    """Exclusive `fcntl.flock` on `model_dir/.lock`, which records the holder's pid and host.
+
+    The kernel drops the lock when its holder exits, however it dies, so a lock file left by a dead trainer is
+    simply taken over. (flock is advisory and, on some network filesystems, local to one host.)
+    """
+
+    def __init__(self, model_dir: str):
+        self.path = os.path.join(model_dir, LOCK_FILE)
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
+            os.close(fd)
+            who = f"pid {holder[0]} on {holder[1]}" if len(holder) >= 2 else "a process that has not written its pid"
+            raise RunDirLocked(
+                f"{os.path.dirname(self.path)} is in use by another trainer ({who}); wait for it to finish or stop "
+                "it, or use another --model_dir."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+
+# ---------------------------------------------------------------------------------------------- one state file
+def state_metadata(epoch: int, steps_per_epoch: int, optimizer_iterations: int) -> dict:
+    """The metadata saved with the state after `epoch` completed epochs."""
+    return {"format": STATE_FORMAT, "epoch": int(epoch), "steps_per_epoch": int(steps_per_epoch),
+            "optimizer_iterations": int(optimizer_iterations)}
+
+
+def _save_weights(model: keras.Model, path: str) -> None:
+    """The one place a state's bytes are written (tests inject faults here)."""
+    model.save_weights(path, overwrite=True)
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _state_size(model: keras.Model, path: str) -> int:
+    """Bytes a new state file will take: the current one's size, else the variables' bytes plus HDF5 overhead."""
+    if os.path.exists(path):
+        return os.path.getsize(path)
+    variables = list(model.weights) + list(getattr(model.optimizer, "variables", []))
+    return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables) + 2**16
+
+
+def _disk_full(path: str, epoch, cause: str) -> DiskFullError:
+    return DiskFullError(
+        f"No space left on device while saving {path} (epoch {epoch}): {cause}; the previously saved state is "
+        "intact. Free some space and rerun the same command to resume."
+    )
+
+
+def _check_free_space(model: keras.Model, path: str, epoch) -> None:
+    """Refuses a save that cannot fit: HDF5 running out of space mid-write can crash the process (segfault)."""
+    needed = int(_state_size(model, path) * 1.1)
+    stats = os.statvfs(os.path.dirname(path) or ".")
+    free = stats.f_bavail * stats.f_frsize
+    if free < needed:
+        raise _disk_full(path, epoch, f"it needs about {needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free")
+
+
+def write_state(model: keras.Model, path: str, metadata: dict) -> None:
+    """Writes the model's weights (with the optimizer's) and `metadata` to `path` as one atomic file.
+
+    Raises `DiskFullError` if the state cannot fit on the disk (checked first) or the disk fills up while it is
+    written: the temporary file is removed and `path` keeps its previous state.
+    """
+    directory = os.path.dirname(path) or "."
+    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{os.path.basename(path)}")  # ends in .weights.h5 for Keras
+    try:
+        os.makedirs(directory, exist_ok=True)
+        _check_free_space(model, path, metadata.get("epoch"))
+        _save_weights(model, tmp)
+        with h5py.File(tmp, "r+") as f:
+            f.attrs[METADATA_ATTR] = json.dumps(metadata)
+        _fsync(tmp)  # the data reaches the disk before the rename publishes it
+        os.replace(tmp, path)
+        _fsync(directory)
+    except OSError as error:
+        if _is_disk_full(error):
+            raise _disk_full(path, metadata.get("epoch"), str(error).splitlines()[0]) from error
+        raise
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_metadata(path: str) -> dict:
+    """The metadata of a state file; `ValueError` if it cannot be read (truncated, not HDF5, no metadata)."""
+    try:
+        with h5py.File(path, "r") as f:
+            text = f.attrs.get(METADATA_ATTR)
+    except OSError as error:  # h5py's "truncated file", "file signature not found", ...
+        raise ValueError(f"unreadable ({str(error).splitlines()[0]})") from error
+    if text is not None:
+        metadata = json.loads(text)
+    else:
+        metadata = _legacy_metadata(path)
+    if not isinstance(metadata.get("epoch"), int) or metadata["epoch"] < 0:
+        raise ValueError(f"no valid epoch in its metadata ({metadata})")
+    return metadata
+
+
+def _legacy_metadata(path: str) -> dict:
+    """Metadata of a state written before states were one file: a JSON beside the backup, the checkpoint's name."""
+    match = re.fullmatch(r"epoch_(\d+)\.weights\.h5", os.path.basename(path))
+    if match:
+        return {"epoch": int(match.group(1))}
+    legacy = os.path.join(os.path.dirname(path), LEGACY_METADATA_FILE)
+    if not os.path.exists(legacy):
+        raise ValueError("no metadata")
+    with open(legacy, encoding="utf-8") as f:
+        return {"epoch": int(json.load(f)["epoch"])}
+
+
+def load_state(model: keras.Model, path: str, steps_per_epoch: int) -> int:
+    """Loads a state file into the compiled, built `model` and checks it; returns its completed epochs.
+
+    `ValueError` if the file is unreadable or inconsistent: its optimizer step must equal `epoch x steps_per_epoch`.
+    """
+    metadata = read_metadata(path)
+    epoch = metadata["epoch"]
+    if "steps_per_epoch" in metadata and metadata["steps_per_epoch"] != steps_per_epoch:
+        raise ValueError(f"saved with {metadata['steps_per_epoch']} steps per epoch, the run has {steps_per_epoch}")
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    try:
+        model.load_weights(path)
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"its weights cannot be loaded ({str(error).splitlines()[0]})") from error
+    iterations = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+    if iterations != epoch * steps_per_epoch:
+        raise ValueError(f"it claims {epoch} epochs but its optimizer made {iterations} steps, not {epoch} x "
+                         f"{steps_per_epoch}")
+    return epoch
+
+
+def state_candidates(model_dir: str) -> list[str]:
+    """Existing state files of a run: the backup, then the per-epoch checkpoints, newest first."""
+    backup = os.path.join(model_dir, BACKUP_DIR, STATE_FILE)
+    checkpoints = sorted(glob.glob(os.path.join(model_dir, CHECKPOINT_DIR, "epoch_*.weights.h5")), reverse=True)
+    return [path for path in [backup, *checkpoints] if os.path.exists(path)]
+
+
+def restore(model: keras.Model, model_dir: str, steps_per_epoch: int) -> int:
+    """Loads the newest intact state of `model_dir` into `model` (compiled and built); returns its epoch (0: none).
+
+    States are tried by the epoch they claim, newest first (the backup before a checkpoint of the same epoch);
+    each one that is unreadable or inconsistent is skipped with a warning. Raises `ResumeStateError` if the run
+    holds states but none is intact (starting over silently would discard its history).
+    """
+    problems = []
+    claimed = []
+    for order, path in enumerate(state_candidates(model_dir)):
+        try:
+            claimed.append((read_metadata(path)["epoch"], -order, path))
+        except ValueError as error:
+            problems.append(f"{path}: {error}")
+    for epoch, _, path in sorted(claimed, reverse=True):
+        try:
+            load_state(model, path, steps_per_epoch)
+        except ValueError as error:
+            problems.append(f"{path}: {error}")
+            continue
+        if problems:
+            logging.warning("Resuming from %s (epoch %d); skipped broken state: %s", path, epoch, "; ".join(problems))
+        return epoch
+    if problems:
+        raise ResumeStateError(
+            f"{model_dir} holds training state but none of it is intact ({'; '.join(problems)}). Move its "
+            f"{BACKUP_DIR}/ and {CHECKPOINT_DIR}/ away to train again from scratch, or use another --model_dir."
+        )
+    return 0
+
+
+def remove_stale_temporaries(model_dir: str) -> list[str]:
+    """Deletes the temporary state files a killed trainer left in `backup/` and `checkpoints/` (call it only while
+    holding the run's lock: another trainer's temporaries are then impossible); returns their paths."""
+    stale = [path for directory in (BACKUP_DIR, CHECKPOINT_DIR)
+             for path in glob.glob(os.path.join(model_dir, directory, ".tmp-*"))]
+    for path in stale:
+        os.remove(path)
+    return stale
+
+
+def saved_epoch(model_dir: str) -> int:
+    """Completed epochs that `model_dir`'s backup claims (0 if there is none or it is unreadable); not verified."""
+    path = os.path.join(model_dir, BACKUP_DIR, STATE_FILE)
+    try:
+        return read_metadata(path)["epoch"] if os.path.exists(path) else 0
+    except ValueError:
+        return 0
+
+
+def has_state(model_dir: str) -> bool:
+    """Whether `model_dir` holds any training state (intact or not)."""
+    return bool(state_candidates(model_dir))
+
+
+# ---------------------------------------------------------------------------------------------- the callback
+class SaveState(keras.callbacks.Callback):
+    """After every epoch: the state to `checkpoint_dir/epoch_NNN.weights.h5` (keeping the newest `keep`; 0 keeps
+    all) and then to `backup_dir/latest.weights.h5`, each written by `write_state` (one atomic file).
+
+    Put it last among the callbacks: the epoch's history row is then written before its state, and a row whose
+    state was never saved is dropped on resume.
+    """
+
+    def __init__(self, backup_dir: str, checkpoint_dir: str | None = None, keep: int = 0):
+        super().__init__()
+        self.backup_dir = backup_dir
+        self.checkpoint_dir = checkpoint_dir
+        self.keep = int(keep)
+
+    def on_epoch_end(self, epoch, logs=None):
+        iterations = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        metadata = state_metadata(epoch + 1, self.params["steps"], iterations)
+        if self.checkpoint_dir is not None:
+            write_state(self.model, os.path.join(self.checkpoint_dir, CHECKPOINT_PATTERN.format(epoch=epoch + 1)),
+                        metadata)
+            self._prune()
+        write_state(self.model, os.path.join(self.backup_dir, STATE_FILE), metadata)
+
+    def _prune(self):
+        if self.keep > 0:
+            for stale in sorted(glob.glob(os.path.join(self.checkpoint_dir, "epoch_*.weights.h5")))[:-self.keep]:
+                os.remove(stale)
