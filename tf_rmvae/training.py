@@ -224,7 +224,9 @@ def make_callbacks(
     loss before any of that.
 
     `worker_dir`: on a non-chief worker of a multi-worker run, a private directory: the worker writes its backup and
-    checkpoints there (restoring from the chief's backup) and writes no history or TensorBoard logs.
+    checkpoints there (it restored from the chief's backup) and writes no history or TensorBoard logs, so it does the
+    same work at the same points as the chief (as `tf.keras` did with its per-worker temporary directories) without
+    racing the chief's files.
     """
     write_dir = config.model_dir if worker_dir is None else worker_dir
     callbacks: list[keras.callbacks.Callback] = []
