@@ -16,7 +16,7 @@ from typing import Any
 
 from tf_rmvae.distribute import PRECISIONS, STRATEGIES
 from tf_rmvae.encoders import ARCHITECTURES
-from tf_rmvae.models import METHODS, SCHEDULES
+from tf_rmvae.models import BOUNDS, METHODS, SCHEDULES
 
 DECODERS = ("auto", "bernoulli", "gaussian")
 MODEL_DIR_PLACEHOLDER = "<model_dir>"
@@ -59,7 +59,9 @@ class RunConfig:
     Model: `method` ("rme", "vae", "mixture", "boosting"), `num_components` (M; 1 for "vae"), `latent_dim`,
       `architecture` ("dense"|"conv"), `hidden_units`, `conv_filters`, `decoder` ("auto": Bernoulli for binary
       datasets, Gaussian otherwise), `lambda_kl`, `max_log_ratio` (cap of RME's per-sample KL log-ratio; < 0:
-      uncapped), `train_previous` (keep training earlier components), `schedule` ("stagewise"|"sweep"),
+      uncapped), `train_previous` (keep training earlier components), `schedule` ("stagewise"|"sweep"), `bound`
+      ("elbo": the decoder and proportions train on the stratified ELBO; "iw": on the stratified importance-weighted
+      bound), `num_samples` (samples per component per step; `method="vae"`, `bound="iw"`, `num_samples=k` is IWAE),
       `eps_search_every`, `nonfinite_inputs` ("raise": stop at a batch with NaN/Inf pixels; "skip": skip such
       examples).
     Training: `epochs`, `epochs_per_component` (stage-wise recursive methods: epochs per stage), `learning_rate`,
@@ -94,6 +96,8 @@ class RunConfig:
     train_previous: bool = True
     nonfinite_inputs: str = "raise"
     schedule: str = "stagewise"
+    bound: str = "elbo"
+    num_samples: int = 1
     eps_search_every: int = 50
     epochs: int = 10
     epochs_per_component: int = 2
@@ -129,6 +133,8 @@ class RunConfig:
                 raise ConfigError(message)
 
         check(self.method in METHODS, f"--method must be one of {', '.join(METHODS)}; got {self.method!r}.")
+        check(self.bound in BOUNDS, f"--bound must be one of {', '.join(BOUNDS)}; got {self.bound!r}.")
+        check(self.num_samples >= 1, f"--num_samples must be >= 1; got {self.num_samples}.")
         check(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}.")
         check(self.architecture in ARCHITECTURES,
               f"--architecture must be one of {', '.join(ARCHITECTURES)}; got {self.architecture!r}.")

@@ -61,6 +61,10 @@ flags.DEFINE_enum("decoder", _DEFAULTS.decoder, ["auto", "bernoulli", "gaussian"
                   "Likelihood p(x|z); auto: Bernoulli for binary datasets, Gaussian otherwise.")
 flags.DEFINE_enum("schedule", _DEFAULTS.schedule, list(SCHEDULES),
                   "stagewise: components join one at a time (RME); sweep: all components every step.")
+flags.DEFINE_enum("bound", _DEFAULTS.bound, ["elbo", "iw"],
+                  "What the decoder and mixing proportions train on: elbo (stratified ELBO) or iw (stratified "
+                  "importance-weighted bound; with --method=vae and --num_samples=k: IWAE).")
+flags.DEFINE_integer("num_samples", _DEFAULTS.num_samples, "Reparameterised samples per component per step.")
 flags.DEFINE_float("max_log_ratio", _DEFAULTS.max_log_ratio,
                    "Cap of each sample's log h - log q_prev in RME's KL term (< 0: uncapped, which runs off).")
 flags.DEFINE_boolean("train_previous", _DEFAULTS.train_previous,
@@ -122,7 +126,8 @@ def config_from_flags() -> RunConfig:
         conv_filters=_int_list(FLAGS.conv_filters, "conv_filters"), decoder=FLAGS.decoder,
         lambda_kl=FLAGS.lambda_kl, max_log_ratio=FLAGS.max_log_ratio, train_previous=FLAGS.train_previous,
         nonfinite_inputs=FLAGS.nonfinite_inputs,
-        schedule=FLAGS.schedule, eps_search_every=FLAGS.eps_search_every,
+        schedule=FLAGS.schedule, bound=FLAGS.bound, num_samples=FLAGS.num_samples,
+        eps_search_every=FLAGS.eps_search_every,
         epochs=FLAGS.epochs, epochs_per_component=FLAGS.epochs_per_component, learning_rate=FLAGS.learning_rate,
         seed=FLAGS.seed, jit_compile=FLAGS.jit_compile, verbose=FLAGS.verbose, eval_examples=FLAGS.eval_examples,
         iwae_samples=FLAGS.iwae_samples, eval_chunk_size=FLAGS.eval_chunk_size, model_dir=FLAGS.model_dir or "",
