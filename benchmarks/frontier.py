@@ -25,7 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.plots import load_rows  # noqa: E402
+from benchmarks.plots import finish, load_rows  # noqa: E402
 
 
 def speed_name(label: str) -> str:
@@ -87,12 +87,18 @@ def frontier_table(entries: list[dict], reference: str | None) -> str:
     return "\n".join(lines)
 
 
-def curve_table(rows: list[dict]) -> str:
-    """Markdown table of test log p(x) at every evaluated epoch, mean over seeds."""
+def learning_curves(rows: list[dict]) -> dict[str, dict[int, list[float]]]:
+    """`{label: {epoch: [test log p(x) of each seed]}}` from the rows' `curve` points."""
     curves = defaultdict(lambda: defaultdict(list))
     for row in rows:
         for point in row.get("curve", []):
             curves[row["label"]][point["epoch"]].append(point["test_log_likelihood"])
+    return curves
+
+
+def curve_table(rows: list[dict]) -> str:
+    """Markdown table of test log p(x) at every evaluated epoch, mean over seeds."""
+    curves = learning_curves(rows)
     epochs = sorted({e for curve in curves.values() for e in curve})
     lines = ["| model | " + " | ".join(f"epoch {e}" for e in epochs) + " |", "| --- |" + " --- |" * len(epochs)]
     for label, curve in sorted(curves.items()):
@@ -109,28 +115,16 @@ def _scatter(entries: list[dict], cost: str, xlabel: str, path: str) -> None:
                     [max(seeds) - e["log_likelihood"]]], fmt="o" if e["frontier"] else "x", capsize=2)
         ax.annotate(e["label"], (e[cost], e["log_likelihood"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
     ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("test log-likelihood (nats; bars: range over seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish(fig, ax, xlabel, "test log-likelihood (nats; bars: range over seeds)", path)
 
 
 def plot_curves(rows: list[dict], path: str) -> None:
-    curves = defaultdict(lambda: defaultdict(list))
-    for row in rows:
-        for point in row.get("curve", []):
-            curves[row["label"]][point["epoch"]].append(point["test_log_likelihood"])
+    curves = learning_curves(rows)
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for label, curve in sorted(curves.items()):
         epochs = sorted(curve)
         ax.plot(epochs, [np.mean(curve[e]) for e in epochs], "o-", label=label, markersize=3)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test log-likelihood (nats, mean over seeds)")
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish(fig, ax, "epoch", "test log-likelihood (nats, mean over seeds)", path, legend_size=6)
 
 
 def write_frontier(rows: list[dict], speed: dict | None, reference: str | None, out_dir: str) -> list[str]:

@@ -28,6 +28,17 @@ def load_rows(paths: Sequence[str]) -> list[dict]:
     return rows
 
 
+def finish(fig, ax, xlabel: str, ylabel: str, path: str, legend_size: int | None = None) -> None:
+    """Labels the axes, adds the legend (if `legend_size`), saves the figure to `path` and closes it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if legend_size:
+        ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _aggregate(rows: list[dict], key) -> dict:
     """`{group: (mean log-likelihood, s.e.)}` over seeds of the rows grouped by `key(row)`."""
     groups = defaultdict(list)
@@ -53,12 +64,7 @@ def plot_vs_components(rows: list[dict], path: str) -> None:
         ms, means, ses = zip(*points)
         style = "o--" if len(points) == 1 else "o-"
         ax.errorbar(ms, means, yerr=ses, fmt=style, capsize=3, label=name)
-    ax.set_xlabel("number of components M")
-    ax.set_ylabel("test log-likelihood (nats)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish(fig, ax, "number of components M", "test log-likelihood (nats)", path, legend_size=7)
 
 
 def plot_vs_lambda(rows: list[dict], path: str) -> None:
@@ -75,12 +81,7 @@ def plot_vs_lambda(rows: list[dict], path: str) -> None:
         base = [r["test_log_likelihood"] for r in rows if r["method"] == method]
         if base:
             ax.axhline(float(np.mean(base)), linestyle=":", color="gray" if method == "vae" else "black", label=method)
-    ax.set_xlabel("lambda")
-    ax.set_ylabel("test log-likelihood (nats)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish(fig, ax, "lambda", "test log-likelihood (nats)", path, legend_size=7)
 
 
 def plot_vs_inference_time(rows: list[dict], path: str) -> None:
@@ -89,11 +90,7 @@ def plot_vs_inference_time(rows: list[dict], path: str) -> None:
         ax.scatter(row["inference_ms_batch100"], row["test_log_likelihood"], s=20)
         ax.annotate(row["label"], (row["inference_ms_batch100"], row["test_log_likelihood"]), fontsize=6)
     ax.set_xscale("log")
-    ax.set_xlabel("inference time per batch of 100 (ms, log scale)")
-    ax.set_ylabel("test log-likelihood (nats)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish(fig, ax, "inference time per batch of 100 (ms, log scale)", "test log-likelihood (nats)", path)
 
 
 def make_plots(rows: list[dict], out_dir: str) -> list[str]:
