@@ -258,25 +258,19 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
         m = self.max_components
         h = x
         if self.architecture == "conv":
-            channels = int(x.shape[-1])
-            if per:
-                h = tf.tile(h, [1, 1, 1, m])  # grouped layout: component c sees channels [c*C, (c+1)*C)
-            for kernel, bias in zip(self.conv_kernels, self.conv_biases):
-                kernel, bias = self._param(kernel), self._param(bias)
-                if per:  # [M, 3, 3, Cin, F] -> [3, 3, Cin, M*F]: one grouped convolution for all components
-                    filters = int(kernel.shape[-1])
-                    kernel = tf.reshape(tf.transpose(kernel, [1, 2, 3, 0, 4]), [3, 3, int(kernel.shape[3]), m * filters])
-                    bias = tf.reshape(bias, [m * filters])
-                h = act(tf.nn.conv2d(h, kernel, strides=2, padding="SAME") + bias)
-                channels = int(h.shape[-1])
-            batch = tf.shape(h)[0]
-            height, width = int(h.shape[1]), int(h.shape[2])
-            if per:  # grouped channels -> component-major features [M, B, h*w*F]
-                h = tf.reshape(h, [batch, height, width, m, channels // m])
-                h = tf.transpose(h, [3, 0, 1, 2, 4])
-                h = tf.reshape(h, [m, batch, height * width * (channels // m)])
-            else:
-                h = tf.reshape(h, [batch, height * width * channels])
+            kernels = [self._param(k) for k in self.conv_kernels]
+            biases = [self._param(b) for b in self.conv_biases]
+
+            def convolutions(h, component=None):  # [B, H, W, C] -> [B, h*w*F]
+                for kernel, bias in zip(kernels, biases):
+                    if component is not None:
+                        kernel, bias = kernel[component], bias[component]
+                    h = act(tf.nn.conv2d(h, kernel, strides=2, padding="SAME") + bias)
+                return tf.reshape(h, [tf.shape(h)[0], int(np.prod(h.shape[1:]))])
+
+            # One convolution stack per component, not one grouped convolution: TensorFlow has no CPU gradient for
+            # grouped convolutions ("Gradients for grouped convolutions are not supported on CPU").
+            h = tf.stack([convolutions(h, c) for c in range(m)]) if per else convolutions(h)  # [M, B, F] / [B, F]
         else:
             h = tf.reshape(h, [tf.shape(h)[0], int(np.prod(self._input_feature_shape))])
         for kernel, bias in zip(self.dense_kernels, self.dense_biases):
