@@ -28,12 +28,12 @@ EPOCHS = 3
 TINY = [
     "--hidden_units=16", "--latent_dim=4", "--num_components=2", "--epochs_per_component=1", "--batch_size=50",
     "--train_examples=400", "--eval_examples=50", "--iwae_samples=4", "--verbose=2", "--export_dir=",
-    f"--epochs={EPOCHS}", "--eps_search_every=3", "--validation_examples=100",
+    f"--epochs={EPOCHS}", "--eps_search_every=3", "--validation_examples=100", "--image_every_epochs=0",
 ]
 STEPS_PER_EPOCH = 400 // 50
 SCHEDULE = [float(RunConfig(num_components=2, epochs_per_component=1).active_components_at(e)) for e in range(EPOCHS)]
 LOSSES = ("loss", "elbo", "kl", "criterion", "weight_1")
-TIMEOUT = 150
+TIMEOUT = 300  # a guard against hangs: a run takes under a minute alone, minutes on a loaded 2-core machine
 
 
 def _command(model_dir, *extra):
