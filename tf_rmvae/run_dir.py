@@ -195,11 +195,8 @@ def read_metadata(path: str) -> dict:
             text = f.attrs.get(METADATA_ATTR)
     except OSError as error:  # h5py's "truncated file", "file signature not found", ...
         raise ValueError(f"unreadable ({str(error).splitlines()[0]})") from error
-    if text is not None:
-        metadata = json.loads(text)
-    else:
-        metadata = _legacy_metadata(path)
-    if not isinstance(metadata.get("epoch"), int) or metadata["epoch"] < 0:
+    metadata = json.loads(text) if text is not None else _legacy_metadata(path)
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("epoch"), int) or metadata["epoch"] < 0:
         raise ValueError(f"no valid epoch in its metadata ({metadata})")
     return metadata
 
@@ -229,7 +226,7 @@ def load_state(model: keras.Model, path: str, steps_per_epoch: int) -> int:
         model.optimizer.build(model.trainable_variables)
     try:
         model.load_weights(path)
-    except (OSError, ValueError, KeyError) as error:
+    except Exception as error:  # noqa: BLE001 - h5py and Keras fail in many ways on a damaged file
         raise ValueError(f"its weights cannot be loaded ({str(error).splitlines()[0]})") from error
     iterations = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
     if iterations != epoch * steps_per_epoch:
