@@ -145,7 +145,8 @@ def test_the_program_is_quiet_prints_one_line_per_stage_and_logs_pictures(tmp_pa
     model_dir = tmp_path / "run"
     env = _env()
     del env["TF_CPP_MIN_LOG_LEVEL"]  # the program's own default, as a user runs it
-    command = _command(model_dir, "--epochs=2", "--num_components=2", "--image_every_epochs=1", "--export_dir=")
+    command = _command(model_dir, "--epochs=2", "--num_components=2", "--image_every_epochs=1",
+                       f"--export_dir={tmp_path / 'exports'}")
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -154,7 +155,7 @@ def test_the_program_is_quiet_prints_one_line_per_stage_and_logs_pictures(tmp_pa
     assert not re.findall(r"^[IWEF]\d{4} .*$", output, re.M)  # no C++ (or absl INFO) log line at all
     stages = [line.split(":", 1)[0] for line in result.stdout.splitlines() if line.split(":", 1)[0] in STAGES]
     assert stages == list(STAGES)
-    assert "export: disabled" in result.stdout and "best validation ELBO" in result.stdout
+    assert f"export: {tmp_path / 'exports'}" in result.stdout and "best validation ELBO" in result.stdout
 
     train = _events(model_dir / "logs" / "train")
     assert train["reconstructions"] == [0, 1] and train["samples"] == [0, 1]
