@@ -86,7 +86,8 @@ def inference_times(config: SpeedConfig, mode: str) -> dict[str, dict[int, float
     jit = mode == "jit"
     vae_encoder = _encoder(config, 1)
     rme_encoder = _encoder(config, config.target_components)
-    savae = SemiAmortizedVAE(_encoder(config, 1), _decoder(config))
+    savae = SemiAmortizedVAE(
+        tf_rmvae.GaussianEncoder(config.latent_dim, hidden_units=config.hidden_units, seed=0), _decoder(config))
     savae.ensure_built((None, *IMAGE_SHAPE))
     functions = {
         "vae_encoder": tf.function(vae_encoder.compute_parameters, jit_compile=jit),

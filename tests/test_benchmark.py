@@ -101,7 +101,7 @@ def test_speed_benchmark_tiny_prints_ratios(capsys):
 
 
 def _tiny_savae(**kwargs):
-    encoder = tf_rmvae.RecursiveMixtureEncoder(4, 1, hidden_units=(32,), seed=0)
+    encoder = tf_rmvae.GaussianEncoder(4, hidden_units=(32,), seed=0)
     return SemiAmortizedVAE(encoder, tf_rmvae.BernoulliDecoder((28, 28, 1), hidden_units=(32,)), **kwargs)
 
 
@@ -132,5 +132,5 @@ def test_savae_unrolled_training_reaches_the_encoder_and_round_trips_config():
     assert any(not np.allclose(b, v.numpy()) for b, v in zip(before, model.encoder.trainable_variables))
     clone = SemiAmortizedVAE.from_config(model.get_config())
     assert clone.refine_steps == 2 and clone.encoder_objective == "unrolled"
-    with pytest.raises(ValueError):
-        SemiAmortizedVAE(tf_rmvae.RecursiveMixtureEncoder(4, 2), tf_rmvae.BernoulliDecoder((28, 28, 1)))
+    with pytest.raises(TypeError, match="GaussianEncoder"):
+        SemiAmortizedVAE(tf_rmvae.RecursiveMixtureEncoder(4, 1), tf_rmvae.BernoulliDecoder((28, 28, 1)))

@@ -206,7 +206,7 @@ def test_encoder_drops_into_a_third_party_vae(digits):
 def test_default_rme_keeps_training_every_active_component(digits):
     model, _ = fitted(tiny_model("rme", components=3), digits[:300])
     model.add_component()
-    before = model.encoder.loc_kernel.numpy().copy()
+    before = model.encoder.networks.loc_kernel.numpy().copy()
     fitted(model, digits[:300])
-    change = np.abs(model.encoder.loc_kernel.numpy() - before).max(axis=(1, 2))
+    change = np.abs(model.encoder.networks.loc_kernel.numpy() - before).max(axis=(1, 2))
     assert np.all(change[:2] > 0) and change[2] == 0  # both active components train; the inactive slot does not

@@ -38,12 +38,14 @@ def replica_batch_layout(batch: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
 
 
 class LatentVariableModel(keras.Model):
-    """Base of the models: `encoder` (a `RecursiveMixtureEncoder`) and `decoder` (`z [..., D]` -> image distribution)."""
+    """Base of the models: `encoder` (an `encoder_type`) and `decoder` (`z [..., D]` -> image distribution)."""
 
-    def __init__(self, encoder: RecursiveMixtureEncoder, decoder: keras.layers.Layer, **kwargs):
+    encoder_type: type = RecursiveMixtureEncoder  # what the subclass's encoder must be
+
+    def __init__(self, encoder: keras.layers.Layer, decoder: keras.layers.Layer, **kwargs):
         super().__init__(**kwargs)
-        if not isinstance(encoder, RecursiveMixtureEncoder):
-            raise TypeError(f"encoder must be a RecursiveMixtureEncoder; got {type(encoder).__name__}.")
+        if not isinstance(encoder, self.encoder_type):
+            raise TypeError(f"encoder must be a {self.encoder_type.__name__}; got {type(encoder).__name__}.")
         self.encoder = encoder
         self.decoder = decoder
         self._trackers: dict[str, keras.metrics.Metric] = {}

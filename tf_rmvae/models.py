@@ -60,9 +60,10 @@ class RecursiveMixtureVAE(LatentVariableModel):
     """VAE with a `RecursiveMixtureEncoder`, trained by RME or one of the baselines (see the module docstring).
 
     Args:
-      encoder: a `RecursiveMixtureEncoder`. The method decides its mixing setup when the model is built: "mixture"
-        and schedule "sweep" activate all components and make the proportions trainable; stage-wise methods make
-        them non-trainable (set by line search), whatever the encoder was constructed with.
+      encoder: a `RecursiveMixtureEncoder`. The method configures its mixing when the model is built
+        (`RecursiveMixtureEncoder.configure_mixing`): "mixture" and schedule "sweep" activate all components and
+        make the proportions trainable; stage-wise methods make them non-trainable (set by line search), whatever
+        the encoder was constructed with.
       decoder: a layer mapping `z [..., D]` to a distribution over images with event shape `[H, W, C]`
         (e.g. `BernoulliDecoder`).
       method: "rme" (default), "vae", "mixture" or "boosting".
@@ -169,15 +170,9 @@ class RecursiveMixtureVAE(LatentVariableModel):
 
     def build(self, input_shape):
         input_shape = tuple(input_shape)
-        encoder = self.encoder
-        if self.all_components_from_start:
-            encoder.initial_active_components = encoder.max_components
-            encoder.learn_mixing_proportions = True
+        joint = self.all_components_from_start
+        self.encoder.configure_mixing(all_active=joint, learn_proportions=joint)
         super().build(input_shape)
-        if self.all_components_from_start:
-            with tf.init_scope():  # build may run inside a scratch graph (Keras's symbolic build)
-                encoder.num_active_components.assign(encoder.max_components)
-        encoder.mixing_logits.trainable = self.all_components_from_start
         candidates = len(self.eps_grid) + 1
         self.eps_search_scores = self.add_weight(
             name="eps_search_scores", shape=(candidates,), initializer="zeros", trainable=False,

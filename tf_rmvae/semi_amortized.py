@@ -17,7 +17,7 @@ each example's refinement gradient is clipped to norm `refine_clip_norm` (0 turn
 
 Example:
 
-    encoder = RecursiveMixtureEncoder(latent_dim=32, max_components=1)
+    encoder = GaussianEncoder(latent_dim=32)
     model = SemiAmortizedVAE(encoder, BernoulliDecoder((28, 28, 1)), refine_steps=10, refine_lr=0.05)
     model.compile(keras.optimizers.Adam(1e-3))
     model.fit(images_dataset, epochs=10)
@@ -30,7 +30,7 @@ import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tf_rmvae.encoders import RecursiveMixtureEncoder
+from tf_rmvae.encoders import GaussianEncoder
 from tf_rmvae.latent_model import LatentVariableModel, replica_batch_layout
 
 tfd = tfp.distributions
@@ -43,7 +43,7 @@ class SemiAmortizedVAE(LatentVariableModel):
     """SA-VAE: amortized Gaussian encoder + per-example gradient refinement (see the module docstring).
 
     Args:
-      encoder: a `RecursiveMixtureEncoder` with `max_components=1` (its single Gaussian is `lambda_0`).
+      encoder: a `GaussianEncoder` (its Gaussian is `lambda_0`).
       decoder: a layer mapping `z [..., D]` to an image distribution (e.g. `BernoulliDecoder`).
       refine_steps: K >= 0 refinement steps (0 is a plain VAE).
       refine_lr: step size of the refinement (gradient *ascent* on each example's ELBO).
@@ -59,9 +59,11 @@ class SemiAmortizedVAE(LatentVariableModel):
     Metrics: `loss` (= -refined ELBO), `elbo` (refined), `amortized_elbo`, `refinement_gain`, `reconstruction`, `kl`.
     """
 
+    encoder_type = GaussianEncoder
+
     def __init__(
         self,
-        encoder: RecursiveMixtureEncoder,
+        encoder: GaussianEncoder,
         decoder: keras.layers.Layer,
         refine_steps: int = 10,
         refine_lr: float = 0.05,
@@ -72,8 +74,6 @@ class SemiAmortizedVAE(LatentVariableModel):
         **kwargs,
     ):
         super().__init__(encoder, decoder, **kwargs)
-        if encoder.max_components != 1:
-            raise ValueError("encoder must be a RecursiveMixtureEncoder with max_components=1.")
         if int(refine_steps) < 0 or refine_lr < 0 or not 0 <= refine_momentum < 1 or refine_clip_norm < 0:
             raise ValueError(
                 "Need refine_steps >= 0, refine_lr >= 0, 0 <= refine_momentum < 1 and refine_clip_norm >= 0; got "
@@ -99,8 +99,8 @@ class SemiAmortizedVAE(LatentVariableModel):
         """`x [B, ...]` -> `(loc [B, D], log_scale [B, D])` of the amortized encoder (lambda_0)."""
         x = tf.cast(x, tf.float32)
         self.ensure_built(x.shape)
-        _, loc, scale = self.encoder.compute_parameters(x)
-        return loc[:, 0], tf.math.log(scale[:, 0])
+        loc, scale = self.encoder.compute_parameters(x)
+        return loc, tf.math.log(scale)
 
     def per_example_elbo(self, x, loc, log_scale, num_samples: int = 1, return_terms: bool = False):
         """`[B]` single-Gaussian ELBO of each example at `(loc, log_scale) [B, D]` (closed-form KL)."""

@@ -47,7 +47,7 @@ from tf_rmvae import distribute, plots
 from tf_rmvae.callbacks import ComponentSchedule, NonFiniteInputGuard
 from tf_rmvae.config import ConfigError, RunConfig
 from tf_rmvae.decoders import make_decoder
-from tf_rmvae.encoders import RecursiveMixtureEncoder
+from tf_rmvae.encoders import GaussianEncoder, RecursiveMixtureEncoder
 from tf_rmvae.models import RecursiveMixtureVAE
 
 CONFIG_FILE = "config.json"
@@ -75,14 +75,18 @@ def build_networks(
     likelihood: str = "auto",
     seed: int | None = None,
     encoder_hidden_units: tuple[int, ...] | None = None,
-) -> tuple[RecursiveMixtureEncoder, keras.layers.Layer]:
+    gaussian: bool = False,
+) -> tuple[RecursiveMixtureEncoder | GaussianEncoder, keras.layers.Layer]:
     """Encoder and decoder for images `[H, W, C]` = `image_shape`: the decoder mirrors the encoder's widths and
     filters and is Bernoulli for `binary` data and Gaussian otherwise (unless `likelihood` names one).
-    `encoder_hidden_units` gives the encoder other widths than the decoder's mirror (e.g. a wider encoder)."""
-    encoder = RecursiveMixtureEncoder(
-        latent_dim=latent_dim, max_components=num_components, architecture=architecture,
-        hidden_units=encoder_hidden_units or hidden_units, conv_filters=conv_filters, seed=seed,
-    )
+    `encoder_hidden_units` gives the encoder other widths than the decoder's mirror (e.g. a wider encoder);
+    `gaussian` makes it a plain `GaussianEncoder` (SA-VAE; `num_components` is then ignored)."""
+    settings = dict(latent_dim=latent_dim, architecture=architecture,
+                    hidden_units=encoder_hidden_units or hidden_units, conv_filters=conv_filters, seed=seed)
+    if gaussian:
+        encoder = GaussianEncoder(**settings)
+    else:
+        encoder = RecursiveMixtureEncoder(max_components=num_components, **settings)
     likelihood = likelihood if likelihood != "auto" else ("bernoulli" if binary else "gaussian")
     decoder = make_decoder(
         likelihood, image_shape, architecture=architecture, hidden_units=tuple(reversed(hidden_units)),
