@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/ is not installed
+# benchmarks/ is not installed
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -57,7 +58,8 @@ def test_quick_harness_runs_every_method_end_to_end(tmp_path, capsys):
     equal, mixture = by_label["vae_equal_params_M2"], by_label["mixture_M2"]
     assert equal["encoder_parameters"] == pytest.approx(mixture["encoder_parameters"], rel=0.02)
     assert by_label["vae"]["encoder_parameters"] < 0.6 * equal["encoder_parameters"]
-    for row in rows:  # the learning curve: epoch 1 from the callback, the last epoch from the final evaluation
+    # The learning curve: epoch 1 from the callback, the last epoch from the final evaluation.
+    for row in rows:
         assert [p["epoch"] for p in row["curve"]] == [1, 2]
         assert row["curve"][-1]["test_log_likelihood"] == row["test_log_likelihood"]
         assert row["test_inference_gap"] == pytest.approx(row["test_log_likelihood"] - row["test_elbo"])

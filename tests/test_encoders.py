@@ -206,7 +206,8 @@ def test_component_networks_and_mixing_weights_are_serializable_layers():
     assert restored.get_config() == weights.get_config()
     weights.ensure_built()
     weights.activate_next(0.25)
-    np.testing.assert_allclose(np.exp(weights.log_weights().numpy()), [0.5 * 0.75, 0.5 * 0.75, 0.25], atol=1e-6)
+    expected = [0.5 * 0.75, 0.5 * 0.75, 0.25]  # eps = 1/2 for two components, then eps = 0.25
+    np.testing.assert_allclose(np.exp(weights.log_weights().numpy()), expected, atol=1e-6)
     with pytest.raises(ValueError, match="already active"):
         weights.activate_next(0.1)
 

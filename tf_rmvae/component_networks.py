@@ -1,7 +1,7 @@
 """`ComponentNetworks`: M Gaussian encoder networks `x -> (mu_m(x), sigma_m(x))` in batched weights.
 
-All M networks live in weights with a leading component axis `M` and run in one pass (batched matmuls for dense
-layers, one grouped convolution per conv layer): no Python loop over components at run time.
+All M networks live in weights with a leading component axis `M` and run in one pass (batched matmuls for
+dense layers, one grouped convolution per conv layer): no Python loop over components at run time.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ ARCHITECTURES = ("dense", "conv")
 
 
 def _uniform_init(fan_in: int, fan_out: int, seed):
-    """Glorot-uniform limits from the per-component fans (Keras's own would count the component axis as fan)."""
+    """Glorot-uniform limits from per-component fans (Keras's own would count the component axis)."""
     limit = float(np.sqrt(6.0 / (fan_in + fan_out)))
     return keras.initializers.RandomUniform(-limit, limit, seed=seed)
 
@@ -40,8 +40,8 @@ class ComponentNetworks(keras.layers.Layer):
       hidden_units: dense layer widths (after the convolutions for "conv").
       conv_filters: filters of each stride-2 convolution ("conv" only).
       activation: hidden activation.
-      shared_trunk: if True, one trunk feeds M per-component heads (fewer parameters). Default False: M independent
-        networks.
+      shared_trunk: if True, one trunk feeds M per-component heads (fewer parameters). Default False: M
+        independent networks.
       min_scale: floor added to the softplus scale (> 0).
       validate_inputs: check the finiteness of inputs (clear errors instead of NaN outputs); shapes are always
         checked.
@@ -77,7 +77,8 @@ class ComponentNetworks(keras.layers.Layer):
         self.hidden_units = tuple(int(u) for u in hidden_units)
         self.conv_filters = tuple(int(f) for f in conv_filters)
         self.activation = keras.activations.get(activation)
-        self._activation_name = activation if isinstance(activation, str) else keras.activations.serialize(activation)
+        self._activation_name = (
+            activation if isinstance(activation, str) else keras.activations.serialize(activation))
         self.shared_trunk = bool(shared_trunk)
         self.min_scale = float(min_scale)
         self.validate_inputs = bool(validate_inputs)
@@ -88,7 +89,9 @@ class ComponentNetworks(keras.layers.Layer):
     def _seed(self, offset: int):
         return None if self.seed is None else int(self.seed) + offset
 
-    def _component_weight(self, name: str, shape, fan_in: int, fan_out: int, offset: int, per_component: bool):
+    def _component_weight(
+        self, name: str, shape, fan_in: int, fan_out: int, offset: int, per_component: bool
+    ):
         full_shape = ((self.num_components,) if per_component else ()) + tuple(shape)
         # aggregation="mean": stage-wise training restores frozen slices with an assign in replica context.
         return self.add_weight(
@@ -137,7 +140,8 @@ class ComponentNetworks(keras.layers.Layer):
         d = self.latent_dim
         self.loc_kernel = self._component_weight("loc_kernel", (features, d), features, d, offset, True)
         self.loc_bias = self._bias("loc_bias", d, True)
-        self.scale_kernel = self._component_weight("scale_kernel", (features, d), features, d, offset + 1, True)
+        self.scale_kernel = self._component_weight(
+            "scale_kernel", (features, d), features, d, offset + 1, True)
         self.scale_bias = self._bias("scale_bias", d, True)
 
     @property
@@ -149,8 +153,8 @@ class ComponentNetworks(keras.layers.Layer):
 
     def copy_component(self, source: int, target: int, relative_noise: float, seed) -> None:
         """Sets network `target` to a copy of network `source` plus Gaussian noise of standard deviation
-        `relative_noise * std(weights)` per variable (numpy's generator seeded by `seed`, which fixes the weights
-        that every earlier run started its components from)."""
+        `relative_noise * std(weights)` per variable (numpy's generator seeded by `seed`, which fixes the
+        weights that every earlier run started its components from)."""
         rng = np.random.default_rng(seed)
         target_slot = tf.equal(tf.range(self.num_components), target)
         for variable in self.component_variables:
@@ -215,7 +219,8 @@ class ComponentNetworks(keras.layers.Layer):
             h = tf.reshape(h, [tf.shape(h)[0], int(np.prod(self._input_feature_shape))])
         for kernel, bias in zip(self.dense_kernels, self.dense_biases):
             kernel, bias = self._param(kernel), self._param(bias)
-            if per:  # batched matmul: [1 or M, B, I] x [M, I, O] -> [M, B, O] (cheaper than einsum's transposes)
+            # Batched matmul, [1 or M, B, I] x [M, I, O] -> [M, B, O]: cheaper than einsum's transposes.
+            if per:
                 h = act(tf.matmul(h if h.shape.rank == 3 else h[None], kernel) + bias[:, None, :])
             else:
                 h = act(tf.matmul(h, kernel) + bias)
@@ -227,8 +232,8 @@ class ComponentNetworks(keras.layers.Layer):
     def compute_parameters(self, x):
         """`x [B, ...]` -> `(loc, scale)`, `[B, M, D]` each, for a built layer.
 
-        Composite layers call this rather than `__call__`: no Keras name scope, so their compiled graphs keep the
-        op names, and Grappler's rewrites (hence the last bits of every float), that they had before the split.
+        Composite layers call this rather than `__call__`: without Keras's name scope their compiled graphs
+        keep the op names they had before the encoder was split, hence Grappler's rewrites and every float.
         """
         x = self._check_inputs(tf.cast(x, self.compute_dtype))
         features = self._trunk(x)

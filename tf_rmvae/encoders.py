@@ -1,9 +1,9 @@
 """Encoders that emit TFP distributions: `RecursiveMixtureEncoder` (the recursive mixture posterior) and
 `GaussianEncoder` (one Gaussian, e.g. for SA-VAE).
 
-Both run their networks as `ComponentNetworks` (batched `[M, ...]` weights, one pass for all components); the mixture
-encoder adds `RecursiveMixingWeights` (the proportions and the count of active components). The number of active
-components is a variable, so activating a component changes values, never shapes or traces.
+Both run their networks as `ComponentNetworks` (batched `[M, ...]` weights, one pass for all components); the
+mixture encoder adds `RecursiveMixingWeights` (the proportions and the count of active components). The number
+of active components is a variable, so activating a component changes values, never shapes or traces.
 """
 
 from __future__ import annotations
@@ -36,12 +36,13 @@ def make_mixture(
 
     Returns:
       `MixtureSameFamily` with batch shape `[B]`, event shape `[D]`, `Independent(Normal)` components and
-      `reparameterize=True` (so `sample()` carries gradients into `loc`, `scale` and the weights; pass False for
-      evaluation, where TFP's implicit reparameterisation gradient machinery only costs time).
+      `reparameterize=True` (so `sample()` carries gradients into `loc`, `scale` and the weights; pass False
+      for evaluation, where TFP's implicit reparameterisation gradient machinery only costs time).
     """
     return tfd.MixtureSameFamily(
         mixture_distribution=tfd.Categorical(logits=log_weights),
-        components_distribution=tfd.Independent(tfd.Normal(loc=loc, scale=scale), reinterpreted_batch_ndims=1),
+        components_distribution=tfd.Independent(
+            tfd.Normal(loc=loc, scale=scale), reinterpreted_batch_ndims=1),
         reparameterize=reparameterize,
     )
 
@@ -51,8 +52,8 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
     """Mixture-of-Gaussians encoder `q(z|x) = sum_m w_m N(mu_m(x), diag sigma_m(x)^2)` with recursive weights.
 
     Weights follow `q_m = (1 - eps_m) q_{m-1} + eps_m h_m` (see `tf_rmvae.mixing`); only the first
-    `num_active_components` slots have non-zero weight. The networks are a `ComponentNetworks` layer (`networks`),
-    the recursion state a `RecursiveMixingWeights` layer (`mixing`).
+    `num_active_components` slots have non-zero weight. The networks are a `ComponentNetworks` layer
+    (`networks`), the recursion state a `RecursiveMixingWeights` layer (`mixing`).
 
     Example (inside any Keras VAE; `tf_rmvae.recursion.RecursiveMixtureTrainer` trains it by RME):
 
@@ -72,15 +73,16 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
       shared_trunk: if True, one trunk feeds M per-component heads (fewer parameters; with stage-wise training
         earlier components are then no longer exactly frozen). Default False: M independent networks.
       min_scale: floor added to the softplus scale.
-      initial_active_components: active components at construction (1 for RME; M for a jointly trained mixture).
-      learn_mixing_proportions: whether `mixing_logits` is trainable (True for a jointly trained mixture; RME sets
-        proportions by line search instead). A training method may override both (`configure_mixing`).
-      new_component_init: "copy" (default: `add_component` starts the new component as a copy of the newest one
-        plus relative noise `init_noise`) or "random" (keep its own random initialisation).
+      initial_active_components: active components at construction (1 for RME; M for a jointly trained
+        mixture).
+      learn_mixing_proportions: whether `mixing_logits` is trainable (True for a jointly trained mixture; RME
+        sets proportions by line search instead). A training method may override both (`configure_mixing`).
+      new_component_init: "copy" (default: `add_component` starts the new component as a copy of the newest
+        one plus relative noise `init_noise`) or "random" (keep its own random initialisation).
       init_noise: relative standard deviation of the noise added to a copied component.
-      output_mode: "distribution" (default, returns the `MixtureSameFamily`) or "parameters" (returns the tensors
-        `(log_weights [B, M], loc [B, M, D], scale [B, M, D])` for Keras functional models; rebuild the
-        distribution with `make_mixture`).
+      output_mode: "distribution" (default, returns the `MixtureSameFamily`) or "parameters" (returns the
+        tensors `(log_weights [B, M], loc [B, M, D], scale [B, M, D])` for Keras functional models; rebuild
+        the distribution with `make_mixture`).
       validate_inputs: check shapes and finiteness of inputs (clear errors instead of NaN posteriors).
       seed: seed for initialisers and the noise of copied components.
     """
@@ -110,7 +112,8 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
         if output_mode not in OUTPUT_MODES:
             raise ValueError(f"output_mode must be one of {OUTPUT_MODES}; got {output_mode!r}.")
         if new_component_init not in NEW_COMPONENT_INITS:
-            raise ValueError(f"new_component_init must be one of {NEW_COMPONENT_INITS}; got {new_component_init!r}.")
+            raise ValueError(
+                f"new_component_init must be one of {NEW_COMPONENT_INITS}; got {new_component_init!r}.")
         self.networks = ComponentNetworks(
             max_components, latent_dim, architecture=architecture, hidden_units=hidden_units,
             conv_filters=conv_filters, activation=activation, shared_trunk=shared_trunk, min_scale=min_scale,
@@ -138,11 +141,12 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
 
     # ------------------------------------------------------------------ construction
     def build(self, input_shape):
-        self.networks.build(tuple(input_shape))  # variables first, mixing second: the order of every earlier run
+        # The networks' variables first, as before (unseeded initialisers draw their seeds in creation order).
+        self.networks.build(tuple(input_shape))
         self.mixing.build()
 
     def ensure_built(self, input_shape) -> None:
-        """Builds the layer for `input_shape` if needed (for direct calls of methods other than `__call__`)."""
+        """Builds the layer for `input_shape` if needed (methods other than `__call__` may come first)."""
         if not self.built:
             with tf.init_scope():
                 self.build(tuple(input_shape))
@@ -192,8 +196,9 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
     def compute_output_spec(self, inputs):
         if self.output_mode != "parameters":
             raise ValueError(
-                "A layer that returns a distribution cannot be used on symbolic Keras tensors (functional API). "
-                "Use RecursiveMixtureEncoder(..., output_mode='parameters') and tf_rmvae.make_mixture(*outputs)."
+                "A layer that returns a distribution cannot be used on symbolic Keras tensors (functional "
+                "API). Use RecursiveMixtureEncoder(..., output_mode='parameters') and "
+                "tf_rmvae.make_mixture(*outputs)."
             )
         batch = inputs.shape[0]
         m, d = self.max_components, self.latent_dim
@@ -209,8 +214,8 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
 
         The new component starts as a copy of the newest active one plus relative noise (`new_component_init=
         "copy"`) or from its own random initialisation ("random"). Its proportion eps starts at
-        `mixing_proportion` (default 0: the mixture, and hence the ELBO, is unchanged until a line search or the
-        optimizer moves eps). Raises `ValueError` when all `max_components` are active.
+        `mixing_proportion` (default 0: the mixture, and hence the ELBO, is unchanged until a line search or
+        the optimizer moves eps). Raises `ValueError` when all `max_components` are active.
         """
         if not self.built:
             raise RuntimeError(f"{self.name}: build the encoder (call it once) before adding components.")
@@ -264,8 +269,8 @@ class GaussianEncoder(keras.layers.Layer):
         loc, scale = encoder.compute_parameters(images)   # [B, 32] each
 
     Args:
-      latent_dim, architecture, hidden_units, conv_filters, activation, min_scale, validate_inputs, seed: as for
-        `RecursiveMixtureEncoder`.
+      latent_dim, architecture, hidden_units, conv_filters, activation, min_scale, validate_inputs, seed: as
+        for `RecursiveMixtureEncoder`.
     """
 
     def __init__(
@@ -294,7 +299,7 @@ class GaussianEncoder(keras.layers.Layer):
         self.networks.build(tuple(input_shape))
 
     def ensure_built(self, input_shape) -> None:
-        """Builds the layer for `input_shape` if needed (for direct calls of methods other than `__call__`)."""
+        """Builds the layer for `input_shape` if needed (methods other than `__call__` may come first)."""
         if not self.built:
             with tf.init_scope():
                 self.build(tuple(input_shape))

@@ -1,8 +1,8 @@
 """`RecursiveMixingWeights`: the state of the recursive mixture `q_k = (1 - eps_k) q_{k-1} + eps_k h_k`.
 
-The layer holds the proportions as logits `mixing_logits [M]` and the number of active components k; the weights
-follow from them (`tf_rmvae.mixing.recursive_log_weights`). Activating a component changes values, never shapes, so
-compiled steps are not retraced.
+The layer holds the proportions as logits `mixing_logits [M]` and the number of active components k; the
+weights follow from them (`tf_rmvae.mixing.recursive_log_weights`). Activating a component changes values,
+never shapes, so compiled steps are not retraced.
 """
 
 from __future__ import annotations
@@ -81,9 +81,10 @@ class RecursiveMixingWeights(keras.layers.Layer):
             self.built = True
 
     def configure(self, *, all_active: bool, learn_proportions: bool) -> None:
-        """How a training method uses the weights: all M slots active from the start (else as constructed), and
-        proportions learned by gradient (else set explicitly, e.g. by a line search). Applies now if built, else
-        when built; it is not part of the config (the model that trains the weights configures them again)."""
+        """How a training method uses the weights: all M slots active from the start (else as constructed),
+        and proportions learned by gradient (else set explicitly, e.g. by a line search). Applies now if
+        built, else when built; it is not part of the config (the model that trains the weights configures
+        them again)."""
         self._all_active = bool(all_active)
         self._learned = bool(learn_proportions)
         if self.built:
@@ -104,7 +105,8 @@ class RecursiveMixingWeights(keras.layers.Layer):
             raise ValueError(f"index must lie in [1, {self.max_components - 1}]; got {index}.")
         slot = tf.range(self.max_components)
         logit = tf.constant(mixing.eps_to_logit(mixing_proportion))
-        self.mixing_logits.assign(tf.where(tf.equal(slot, index), logit, tf.convert_to_tensor(self.mixing_logits)))
+        logits = tf.convert_to_tensor(self.mixing_logits)
+        self.mixing_logits.assign(tf.where(tf.equal(slot, index), logit, logits))
 
     def activate_next(self, mixing_proportion: float = 0.0) -> int:
         """Activates the next slot with proportion eps = `mixing_proportion`; returns the new active count.
