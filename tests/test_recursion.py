@@ -156,3 +156,5 @@ def test_joint_schedules_do_not_add_components_and_vae_needs_one_component():
         tf_rmvae.RecursiveMixtureTrainer(tf_rmvae.RecursiveMixtureEncoder(4, 2), method="vae")
     with pytest.raises(TypeError, match="RecursiveMixtureEncoder"):
         tf_rmvae.RecursiveMixtureTrainer(tf_rmvae.GaussianEncoder(4))
+    clone = tf_rmvae.RecursiveMixtureTrainer.from_config(model.rme.get_config())
+    assert clone.component_training == model.rme.component_training and clone.criterion == model.rme.criterion
