@@ -138,7 +138,7 @@ class RecursiveMixtureVAE(LatentVariableModel):
             raise ValueError(
                 f"nonfinite_inputs must be one of {NONFINITE_POLICIES}; got {nonfinite_inputs!r}.")
         self.nonfinite_inputs = nonfinite_inputs
-        for name in TRAINING_ARGUMENTS:  # read-only copies of the (validated) training settings
+        for name in TRAINING_ARGUMENTS:  # the validated settings, to read; the trainer holds those in use
             setattr(self, name, getattr(self.rme, name))
         self._trackers = {
             name: keras.metrics.Mean(name=name)
@@ -162,6 +162,7 @@ class RecursiveMixtureVAE(LatentVariableModel):
 
     @property
     def all_components_from_start(self) -> bool:
+        """Whether all M components are active from the first step, proportions learned."""
         return isinstance(self.rme.component_training, JointTraining)
 
     def build(self, input_shape):
