@@ -217,6 +217,7 @@ def build_model(config: BenchmarkConfig, cell: Cell) -> keras.Model:
         spec.image_shape, spec.binary, latent_dim=config.latent_dim, num_components=components,
         architecture=config.architecture, hidden_units=config.hidden_units, seed=cell.seed,
         encoder_hidden_units=encoder_hidden_units, shared_trunk=cell.shared_trunk,
+        gaussian=cell.method == "savae",
     )
     if cell.method == "savae":
         model = SemiAmortizedVAE(

@@ -116,7 +116,7 @@ def test_tfds_style_uint8_images_are_scaled_exactly_like_the_pipeline_does():
 @pytest.mark.parametrize("call", ["fit", "evaluate", "elbo", "log_likelihood", "savae_elbo"])
 def test_float_pixels_outside_the_unit_range_are_refused(call):
     raw = mnist_digits(20) * 255.0  # the usual mistake: intensities not divided by 255
-    model = SemiAmortizedVAE(tf_rmvae.RecursiveMixtureEncoder(4, 1, hidden_units=(16,)),
+    model = SemiAmortizedVAE(tf_rmvae.GaussianEncoder(4, hidden_units=(16,)),
                              tf_rmvae.BernoulliDecoder((28, 28, 1), hidden_units=(16,)), refine_steps=1) \
         if call == "savae_elbo" else compiled(tiny_model("rme", hidden=16))
     actions = {

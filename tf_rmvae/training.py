@@ -61,7 +61,7 @@ from tf_rmvae.best_checkpoint import BestCheckpoint, load_best, read_best, stop_
 from tf_rmvae.callbacks import ComponentSchedule, NonFiniteInputGuard
 from tf_rmvae.config import ConfigError, RunConfig
 from tf_rmvae.decoders import make_decoder
-from tf_rmvae.encoders import RecursiveMixtureEncoder
+from tf_rmvae.encoders import GaussianEncoder, RecursiveMixtureEncoder
 from tf_rmvae.guards import DivergenceGuard, chance_log_likelihood, check_exportable
 from tf_rmvae.models import RecursiveMixtureVAE
 from tf_rmvae.summaries import GroupedTensorBoard, ImageSummaries
@@ -91,16 +91,19 @@ def build_networks(
     seed: int | None = None,
     encoder_hidden_units: tuple[int, ...] | None = None,
     shared_trunk: bool = False,
-) -> tuple[RecursiveMixtureEncoder, keras.layers.Layer]:
+    gaussian: bool = False,
+) -> tuple[RecursiveMixtureEncoder | GaussianEncoder, keras.layers.Layer]:
     """Encoder and decoder for images `[H, W, C]` = `image_shape`: the decoder mirrors the encoder's widths and
     filters and is Bernoulli for `binary` data and Gaussian otherwise (unless `likelihood` names one).
     `encoder_hidden_units` gives the encoder other widths than the decoder's mirror (e.g. a wider encoder);
-    `shared_trunk` one trunk with a head per component (see `RecursiveMixtureEncoder`)."""
-    encoder = RecursiveMixtureEncoder(
-        latent_dim=latent_dim, max_components=num_components, architecture=architecture,
-        hidden_units=encoder_hidden_units or hidden_units, conv_filters=conv_filters, shared_trunk=shared_trunk,
-        seed=seed,
-    )
+    `shared_trunk` one trunk with a head per component (see `RecursiveMixtureEncoder`); `gaussian` makes it a
+    plain `GaussianEncoder` (SA-VAE; `num_components` and `shared_trunk` are then ignored)."""
+    settings = dict(latent_dim=latent_dim, architecture=architecture,
+                    hidden_units=encoder_hidden_units or hidden_units, conv_filters=conv_filters, seed=seed)
+    if gaussian:
+        encoder = GaussianEncoder(**settings)
+    else:
+        encoder = RecursiveMixtureEncoder(max_components=num_components, shared_trunk=shared_trunk, **settings)
     likelihood = likelihood if likelihood != "auto" else ("bernoulli" if binary else "gaussian")
     decoder = make_decoder(
         likelihood, image_shape, architecture=architecture, hidden_units=tuple(reversed(hidden_units)),
