@@ -13,7 +13,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tf_rmvae import inputs as image_inputs
-from tf_rmvae import objectives
+from tf_rmvae import legacy_weights, objectives
 from tf_rmvae.encoders import RecursiveMixtureEncoder
 
 tfd = tfp.distributions
@@ -42,6 +42,7 @@ class LatentVariableModel(keras.Model):
     """Base of the models: `encoder` (an `encoder_type`), `decoder` (`z [..., D]` -> image distribution)."""
 
     encoder_type: type = RecursiveMixtureEncoder  # what the subclass's encoder must be
+    weights_layout: str = legacy_weights.MIXTURE_LAYOUT  # how a 0.1 weights file maps onto this model
 
     def __init__(self, encoder: keras.layers.Layer, decoder: keras.layers.Layer, **kwargs):
         super().__init__(**kwargs)
@@ -66,6 +67,12 @@ class LatentVariableModel(keras.Model):
             self.decoder.build((None, self.encoder.latent_dim))
             self.decoder.built = True
         self.built = True
+
+    def load_weights(self, filepath, *args, **kwargs):
+        """`keras.Model.load_weights`; also reads `.weights.h5` files written by tf-rmvae 0.1 (an interrupted
+        run or benchmark cell of that version resumes; see `tf_rmvae.legacy_weights`)."""
+        with legacy_weights.upgraded_copy(filepath, self.weights_layout) as path:
+            return super().load_weights(path, *args, **kwargs)
 
     @property
     def metrics(self):

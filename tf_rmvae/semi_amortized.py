@@ -34,6 +34,7 @@ import tensorflow_probability as tfp
 
 from tf_rmvae.encoders import GaussianEncoder
 from tf_rmvae.latent_model import LatentVariableModel, replica_batch_layout
+from tf_rmvae.legacy_weights import GAUSSIAN_LAYOUT
 
 tfd = tfp.distributions
 
@@ -63,6 +64,7 @@ class SemiAmortizedVAE(LatentVariableModel):
     """
 
     encoder_type = GaussianEncoder
+    weights_layout = GAUSSIAN_LAYOUT
 
     def __init__(
         self,
