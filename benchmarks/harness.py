@@ -55,7 +55,8 @@ class BenchmarkConfig:
     and "mixture" (the decoder and proportions trained on the stratified ELBO or the stratified importance-weighted
     bound); `eval_epochs` are the epochs (besides the last) at which each cell is also evaluated on the test digits.
     `shared_trunk` gives the mixture methods (rme, mixture, boosting) one trunk with M heads (many components at
-    little cost) instead of M separate networks.
+    little cost) instead of M separate networks; `per_example_proportions` gives them per-example mixing
+    proportions eps_m(x) (`RecursiveMixtureEncoder(per_example_proportions=True)`, label suffix `_epsx`).
     `eval_examples = 0` / `train_examples = 0` use the full split. `rme_max_log_ratio < 0` runs RME (and boosting)
     with the uncapped criterion; `rme_train_previous = False` freezes earlier components (ablations of issue 8). `lambdas` apply to "rme" only (boosting and the
     other baselines have no lambda; their rows hold `lambda_kl = None`); `schedules` apply to "rme" and "boosting".
@@ -95,6 +96,7 @@ class BenchmarkConfig:
     bounds: Sequence[str] = ("elbo",)
     eval_epochs: Sequence[int] = ()
     shared_trunk: bool = False
+    per_example_proportions: bool = False
 
     def __post_init__(self):
         self.methods = tuple(self.methods)
@@ -146,6 +148,7 @@ class Cell:
     bound: str = "elbo"
     refine_steps: int | None = None  # SA-VAE only
     shared_trunk: bool = False  # mixture methods only
+    per_example_proportions: bool = False  # mixture methods only
 
     @property
     def label(self) -> str:
@@ -165,6 +168,8 @@ class Cell:
             parts.append(self.bound)
         if self.shared_trunk:
             parts.append("shared")
+        if self.per_example_proportions:
+            parts.append("epsx")
         return "_".join(parts)
 
     @property
@@ -183,14 +188,16 @@ def cells(config: BenchmarkConfig) -> list[Cell]:
                 continue
             for m in config.num_components:
                 bounds = config.bounds if method in BOUND_METHODS else ("elbo",)
-                shared = config.shared_trunk and method not in SINGLE_COMPONENT_METHODS
+                mixture = method not in SINGLE_COMPONENT_METHODS
+                options = dict(shared_trunk=config.shared_trunk and mixture,
+                               per_example_proportions=config.per_example_proportions and mixture)
                 if method in ("mixture", "vae_equal_params", "iwae"):
-                    result.extend(Cell(method, m, None, seed, None, bound=b, shared_trunk=shared) for b in bounds)
+                    result.extend(Cell(method, m, None, seed, None, bound=b, **options) for b in bounds)
                     continue
                 for schedule in config.schedules:
                     lambdas = config.lambdas if method == "rme" else (None,)
                     result.extend(
-                        Cell(method, m, lam, seed, schedule, bound=b, shared_trunk=shared)
+                        Cell(method, m, lam, seed, schedule, bound=b, **options)
                         for lam in lambdas for b in bounds)
     return result
 
@@ -217,6 +224,7 @@ def build_model(config: BenchmarkConfig, cell: Cell) -> keras.Model:
         spec.image_shape, spec.binary, latent_dim=config.latent_dim, num_components=components,
         architecture=config.architecture, hidden_units=config.hidden_units, seed=cell.seed,
         encoder_hidden_units=encoder_hidden_units, shared_trunk=cell.shared_trunk,
+        per_example_proportions=cell.per_example_proportions,
         gaussian=cell.method == "savae",
     )
     if cell.method == "savae":
@@ -408,9 +416,11 @@ def _fingerprint(config: BenchmarkConfig, cell: Cell) -> dict:
     values = {k: v for k, v in config.to_json().items() if k not in skip}
     if not config.eval_epochs:
         del values["eval_epochs"]
-    if not config.shared_trunk:
-        del values["shared_trunk"]
-    new_fields = {"bound": "elbo", "refine_steps": None, "shared_trunk": False}  # and their old behaviour
+    for option in ("shared_trunk", "per_example_proportions"):
+        if not values[option]:
+            del values[option]
+    # Added after results were committed, and their old behaviour:
+    new_fields = {"bound": "elbo", "refine_steps": None, "shared_trunk": False, "per_example_proportions": False}
     values["cell"] = {k: v for k, v in dataclasses.asdict(cell).items() if k not in new_fields}
     values["cell"].update({k: getattr(cell, k) for k, old in new_fields.items()
                            if k != "refine_steps" and getattr(cell, k) != old})

@@ -206,3 +206,15 @@ def test_shared_trunk_cells_have_many_heads_for_few_parameters():
     shared = encoder_parameters(cells["rme_M8_lambda0.3_shared"])
     separate = encoder_parameters(harness.Cell("rme", 8, 0.3, 0, "stagewise"))
     assert encoder_parameters(cells["vae"]) < shared < separate / 3
+
+
+def test_per_example_proportion_cells_are_labelled_and_build_the_head():
+    config = harness.quick_config(methods=("rme", "iwae"), num_components=(2,), per_example_proportions=True)
+    cells = {c.label: c for c in harness.cells(config)}
+    assert set(cells) == {"rme_M2_lambda0.3_epsx", "rme_M2_lambda1_epsx", "iwae_k2"}
+    model = harness.build_model(config, cells["rme_M2_lambda0.3_epsx"])
+    assert model.encoder.per_example_proportions and model.encoder.mixing.offset_head is not None
+    assert not harness.build_model(config, cells["iwae_k2"]).encoder.per_example_proportions
+    # The option enters a cell's fingerprint only when on: cells run before it existed still match.
+    plain = harness.quick_config(methods=("rme",), num_components=(2,))
+    assert "per_example_proportions" not in json.dumps(harness._fingerprint(plain, harness.cells(plain)[0]))

@@ -85,6 +85,9 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
         the distribution with `make_mixture`).
       validate_inputs: check shapes and finiteness of inputs (clear errors instead of NaN posteriors).
       seed: seed for initialisers and the noise of copied components.
+      per_example_proportions: per-example mixing proportions `eps_m(x)`: the shared logits plus a small
+        amortized head's bounded offsets (see `RecursiveMixingWeights`), trained on the mixture's bound;
+        default False (shared proportions, as in the paper).
     """
 
     def __init__(
@@ -104,6 +107,7 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
         output_mode: str = "distribution",
         validate_inputs: bool = True,
         seed: int | None = None,
+        per_example_proportions: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -120,9 +124,10 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
             validate_inputs=validate_inputs, seed=seed, dtype=self.dtype_policy, name="networks",
         )
         self.mixing = RecursiveMixingWeights(
-            max_components, initial_active_components, learn_mixing_proportions, dtype=self.dtype_policy,
-            name="mixing",
+            max_components, initial_active_components, learn_mixing_proportions,
+            per_example=per_example_proportions, dtype=self.dtype_policy, name="mixing",
         )
+        self.per_example_proportions = self.mixing.per_example
         self.latent_dim = self.networks.latent_dim
         self.max_components = self.networks.num_components
         self.architecture = architecture
@@ -143,7 +148,7 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
     def build(self, input_shape):
         # The networks' variables first, as before (unseeded initialisers draw their seeds in creation order).
         self.networks.build(tuple(input_shape))
-        self.mixing.build()
+        self.mixing.build(tuple(input_shape))
 
     def ensure_built(self, input_shape) -> None:
         """Builds the layer for `input_shape` if needed (methods other than `__call__` may come first)."""
@@ -179,12 +184,20 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
         """`[M]` current log-weights (inactive slots at `mixing.INACTIVE_LOG_WEIGHT`)."""
         return self.mixing.log_weights()
 
-    def compute_parameters(self, x):
-        """`x [B, ...]` -> `(log_weights [B, M], loc [B, M, D], scale [B, M, D])`."""
+    def compute_parameters(self, x, return_logit_offsets: bool = False):
+        """`x [B, ...]` -> `(log_weights [B, M], loc [B, M, D], scale [B, M, D])`, and the per-example logit
+        offsets `[B, M]` (zeros for shared proportions) if `return_logit_offsets`."""
         x = tf.cast(tf.convert_to_tensor(x), self.compute_dtype)
         self.ensure_built(x.shape)
         loc, scale = self.networks.compute_parameters(x)
-        log_weights = tf.broadcast_to(self.mixture_log_weights(), tf.shape(loc)[:2])
+        if self.per_example_proportions:
+            offsets = self.mixing.logit_offsets(x)
+            log_weights = self.mixing.log_weights(offsets)
+        else:
+            offsets = tf.zeros(tf.shape(loc)[:2])
+            log_weights = tf.broadcast_to(self.mixture_log_weights(), tf.shape(loc)[:2])
+        if return_logit_offsets:
+            return log_weights, loc, scale, offsets
         return log_weights, loc, scale
 
     def call(self, inputs):
@@ -252,6 +265,7 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
             output_mode=self.output_mode,
             validate_inputs=self.validate_inputs,
             seed=self.seed,
+            per_example_proportions=self.per_example_proportions,
         )
         return config
 

@@ -8,9 +8,14 @@ never shapes, so compiled steps are not retraced.
 from __future__ import annotations
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tf_rmvae import mixing
+
+# Largest per-example logit offset: the line search's "eps = 0" (logit -30) plus it stays below logit -20,
+# eps ~ 2e-9, so a component the search switched off stays off for every example.
+MAX_OFFSET = 10.0
 
 
 @keras.saving.register_keras_serializable(package="tf_rmvae")
@@ -26,10 +31,19 @@ class RecursiveMixingWeights(keras.layers.Layer):
         weights.activate_next(0.25)            # 2 active components
         tf.exp(weights.log_weights())          # [0.75, 0.25, 0.0]
 
+    Per-example proportions (`per_example=True`): `logit eps_m(x) = mixing_logits[m] + offset_m(x)`, where a small
+    head on the flattened input gives `offset(x) = max_offset * tanh(g(x))`, `[B, M]`. Its last layer starts at
+    zero, so a new model's proportions are the shared ones; the bounded offset keeps eps = 0 reachable (the line
+    search's eps = 0 is the logit -30, and -30 + `max_offset` still gives eps ~ 1e-11), so a joining component
+    can still be switched off and cannot lower the bound.
+
     Args:
       max_components: M >= 1 slots.
       initial_active_components: active slots at construction, in [1, M].
       learn_mixing_proportions: whether `mixing_logits` is trainable.
+      per_example: add the per-example offset head (trained on the mixture's bound).
+      offset_units: hidden width of the offset head.
+      max_offset: bound of each offset (logit units).
     """
 
     def __init__(
@@ -37,6 +51,9 @@ class RecursiveMixingWeights(keras.layers.Layer):
         max_components: int,
         initial_active_components: int = 1,
         learn_mixing_proportions: bool = False,
+        per_example: bool = False,
+        offset_units: int = 64,
+        max_offset: float = 5.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -50,11 +67,19 @@ class RecursiveMixingWeights(keras.layers.Layer):
         self.max_components = int(max_components)
         self.initial_active_components = int(initial_active_components)
         self.learn_mixing_proportions = bool(learn_mixing_proportions)
+        if int(offset_units) < 1 or not 0 < float(max_offset) <= MAX_OFFSET:
+            raise ValueError(
+                f"Need offset_units >= 1 and 0 < max_offset <= {MAX_OFFSET}; got {offset_units}, {max_offset}.")
+        self.per_example = bool(per_example)
+        self.offset_units = int(offset_units)
+        self.max_offset = float(max_offset)
+        self.offset_head = None
         # Set by `configure` (a training method's choice, not part of the config).
         self._all_active = False
         self._learned = self.learn_mixing_proportions
 
     def build(self, input_shape=None):
+        """`input_shape`: the encoder's input shape `[B, ...]` (needed only with `per_example`)."""
         self.mixing_logits = self.add_weight(
             name="mixing_logits",
             shape=(self.max_components,),
@@ -72,12 +97,21 @@ class RecursiveMixingWeights(keras.layers.Layer):
             trainable=False,
             aggregation="only_first_replica",
         )
+        if self.per_example:  # created last: without it, every other variable is created as before
+            if input_shape is None:
+                raise ValueError(f"{self.name}: per-example proportions need the input shape to build.")
+            features = int(np.prod(input_shape[1:]))
+            self.offset_head = keras.Sequential([
+                keras.layers.Dense(self.offset_units, activation="relu", name="hidden"),
+                keras.layers.Dense(self.max_components, kernel_initializer="zeros", name="offsets"),
+            ], name="offset_head")
+            self.offset_head.build((None, features))
 
-    def ensure_built(self) -> None:
+    def ensure_built(self, input_shape=None) -> None:
         """Creates the variables if needed (also from inside a traced function: they are created eagerly)."""
         if not self.built:
             with tf.init_scope():
-                self.build()
+                self.build(input_shape)
             self.built = True
 
     def configure(self, *, all_active: bool, learn_proportions: bool) -> None:
@@ -94,9 +128,20 @@ class RecursiveMixingWeights(keras.layers.Layer):
             self.mixing_logits.trainable = self._learned
 
     # ------------------------------------------------------------------ weights
-    def log_weights(self) -> tf.Tensor:
-        """`[M]` current log-weights (inactive slots at `mixing.INACTIVE_LOG_WEIGHT`)."""
-        return mixing.recursive_log_weights(self.mixing_logits, self.num_active_components)
+    def log_weights(self, logit_offsets: tf.Tensor | None = None) -> tf.Tensor:
+        """`[M]` current log-weights (inactive slots at `mixing.INACTIVE_LOG_WEIGHT`); `[B, M]` with
+        per-example `logit_offsets [B, M]`."""
+        logits = tf.convert_to_tensor(self.mixing_logits)
+        if logit_offsets is not None:
+            logits = logits + logit_offsets
+        return mixing.recursive_log_weights(logits, self.num_active_components)
+
+    def logit_offsets(self, x: tf.Tensor) -> tf.Tensor:
+        """`[B, M]` per-example logit offsets for inputs `x [B, ...]` (per-example proportions only)."""
+        if not self.per_example:
+            raise ValueError(f"{self.name}: constructed without per-example proportions.")
+        flat = tf.reshape(tf.cast(x, tf.float32), [tf.shape(x)[0], -1])
+        return self.max_offset * tf.tanh(tf.cast(self.offset_head(flat), tf.float32))
 
     # ------------------------------------------------------------------ recursion
     def set_mixing_proportion(self, index: int, mixing_proportion: float) -> None:
@@ -133,5 +178,8 @@ class RecursiveMixingWeights(keras.layers.Layer):
             max_components=self.max_components,
             initial_active_components=self.initial_active_components,
             learn_mixing_proportions=self.learn_mixing_proportions,
+            per_example=self.per_example,
+            offset_units=self.offset_units,
+            max_offset=self.max_offset,
         )
         return config

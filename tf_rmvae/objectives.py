@@ -147,13 +147,13 @@ def criterion_log_densities(
       log_h: `[S, B, M, M]` pairwise component log-densities (see the module docstring).
       log_h_fixed: the same with the gradient into the components' parameters stopped by the caller, so a
         criterion's gradient reaches `q_{m-1}` through z only.
-      mixing_logits: `[M]` logits (gradient stopped by the caller).
+      mixing_logits: `[M]` logits, or `[B, M]` per-example logits (gradient stopped by the caller).
 
     Returns:
       `(log_h_self, log_q_previous)`, `[S, B, M]` each. Slot 0 has no mixture before it: its `log_q_previous`
       is its own density, so its KL term vanishes and its criterion is its ELBO.
     """
-    previous_log_w = mixing.prefix_log_weights(mixing_logits)  # [M, M]: row m holds q_{m-1}'s weights
+    previous_log_w = mixing.prefix_log_weights(mixing_logits)  # [(B,) M, M]: row m holds q_{m-1}'s weights
     log_q_previous = tf.reduce_logsumexp(log_h_fixed + previous_log_w, axis=-1)
     log_h_self = tf.linalg.diag_part(log_h)
     has_previous = tf.range(log_h.shape[-1]) >= 1
@@ -279,6 +279,7 @@ def line_search_scores(
     candidate_logits: tf.Tensor,
     example_weight: tf.Tensor | None = None,
     bound: str = "elbo",
+    logit_offsets: tf.Tensor | None = None,
 ) -> tf.Tensor:
     """Mixture bound (batch mean) for each candidate value of the newest mixing proportion, components fixed.
 
@@ -290,11 +291,15 @@ def line_search_scores(
       example_weight: optional `[B]` weights of the examples (0 for skipped ones).
       bound: "elbo" (the stratified ELBO) or "iw" (the stratified importance-weighted bound, slots allocated
         by `mixing.slot_sources`).
+      logit_offsets: optional `[B, M]` per-example logit offsets (per-example proportions; see
+        `mixing.candidate_log_weights`).
 
     Returns:
       `[G]` weighted batch mean of the bound of `q_k` under each candidate.
     """
-    log_w = mixing.candidate_log_weights(mixing_logits, num_active, candidate_logits)[:, None, :]  # [G, 1, M]
+    log_w = mixing.candidate_log_weights(mixing_logits, num_active, candidate_logits, logit_offsets)
+    if logit_offsets is None:
+        log_w = log_w[:, None, :]  # [G, 1, M]; with offsets [G, B, M]
     log_q = mixture_log_density(log_h[:, None], log_w)  # [S, G, B, M]
     if bound == "iw":
         log_v = mixing.slot_log_weights(log_w, mixing.slot_sources(tf.shape(log_w)[-1], num_active))

@@ -67,6 +67,7 @@ class MixtureTerms(NamedTuple):
     log_joint: tf.Tensor  # [S, B, M] log p(x, z) at each slot's samples
     log_h: tf.Tensor  # [S, B, M, M] log h_j at the samples of slot i
     example_weight: tf.Tensor  # [B] 1, or 0 for a skipped example
+    logit_offsets: tf.Tensor | None = None  # [B, M] per-example proportions' logit offsets (zeros if shared)
 
 
 class Losses(NamedTuple):
@@ -266,7 +267,7 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
         self.ensure_built(x.shape)
         if example_weight is None:
             example_weight = tf.ones([tf.shape(x)[0]])
-        log_w, loc, scale = self.encoder.compute_parameters(x)  # [B, M], [B, M, D], [B, M, D]
+        log_w, loc, scale, offsets = self.encoder.compute_parameters(x, return_logit_offsets=True)
         if noise is None:
             noise = tf.random.normal(tf.concat([[num_samples or self.num_samples], tf.shape(loc)], 0))
         if self.bound == "iw":  # inactive slots draw from active components (see `mixing.slot_sources`)
@@ -288,18 +289,22 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
             bound = elbo
         return MixtureTerms(
             bound=bound, elbo=elbo, reconstruction=reconstruction, kl=reconstruction - elbo,
-            criterion=self._criteria(z, loc, scale, log_joint, log_h, entropy), log_weights=log_w,
+            criterion=self._criteria(z, loc, scale, log_joint, log_h, entropy, offsets), log_weights=log_w,
             entropy=entropy, log_joint=log_joint, log_h=log_h, example_weight=example_weight,
+            logit_offsets=offsets,
         )
 
-    def _criteria(self, z, loc, scale, log_joint, log_h, entropy) -> tf.Tensor:
+    def _criteria(self, z, loc, scale, log_joint, log_h, entropy, logit_offsets) -> tf.Tensor:
         """`[B, M]` criterion of every component (against the fixed mixture of the components before it)."""
         if not self.criterion.recursive:
             return self.criterion(log_joint, tf.linalg.diag_part(log_h))
         # q_{m-1} is held fixed: its parameters get no gradient, the samples z do.
         log_h_fixed = pairwise_log_prob(tf.stop_gradient(loc), tf.stop_gradient(scale), z)
+        logits = tf.convert_to_tensor(self.encoder.mixing_logits)
+        if self.encoder.per_example_proportions:
+            logits = logits + logit_offsets  # [B, M]: each example's own earlier mixtures
         log_h_self, log_q_previous = objectives.criterion_log_densities(
-            log_h, log_h_fixed, tf.stop_gradient(self.encoder.mixing_logits))
+            log_h, log_h_fixed, tf.stop_gradient(logits))
         return self.criterion(log_joint, log_h_self, log_q_previous, entropy)
 
     def newest(self, per_component: tf.Tensor) -> tf.Tensor:
@@ -380,6 +385,7 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
         scores = objectives.line_search_scores(
             tf.stop_gradient(terms.log_joint), tf.stop_gradient(terms.log_h), logits, active, candidates,
             terms.example_weight, bound=self.bound,
+            logit_offsets=tf.stop_gradient(terms.logit_offsets) if encoder.per_example_proportions else None,
         )
         context = tf.distribute.get_replica_context()
         if context is not None and tf.distribute.get_strategy().num_replicas_in_sync > 1:

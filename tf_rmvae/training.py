@@ -92,18 +92,22 @@ def build_networks(
     encoder_hidden_units: tuple[int, ...] | None = None,
     shared_trunk: bool = False,
     gaussian: bool = False,
+    per_example_proportions: bool = False,
 ) -> tuple[RecursiveMixtureEncoder | GaussianEncoder, keras.layers.Layer]:
     """Encoder and decoder for images `[H, W, C]` = `image_shape`: the decoder mirrors the encoder's widths and
     filters and is Bernoulli for `binary` data and Gaussian otherwise (unless `likelihood` names one).
     `encoder_hidden_units` gives the encoder other widths than the decoder's mirror (e.g. a wider encoder);
     `shared_trunk` one trunk with a head per component (see `RecursiveMixtureEncoder`); `gaussian` makes it a
-    plain `GaussianEncoder` (SA-VAE; `num_components` and `shared_trunk` are then ignored)."""
+    plain `GaussianEncoder` (SA-VAE; `num_components` and `shared_trunk` are then ignored);
+    `per_example_proportions` gives the mixture per-example proportions eps_m(x)."""
     settings = dict(latent_dim=latent_dim, architecture=architecture,
                     hidden_units=encoder_hidden_units or hidden_units, conv_filters=conv_filters, seed=seed)
     if gaussian:
         encoder = GaussianEncoder(**settings)
     else:
-        encoder = RecursiveMixtureEncoder(max_components=num_components, shared_trunk=shared_trunk, **settings)
+        encoder = RecursiveMixtureEncoder(
+            max_components=num_components, shared_trunk=shared_trunk,
+            per_example_proportions=per_example_proportions, **settings)
     likelihood = likelihood if likelihood != "auto" else ("bernoulli" if binary else "gaussian")
     decoder = make_decoder(
         likelihood, image_shape, architecture=architecture, hidden_units=tuple(reversed(hidden_units)),
