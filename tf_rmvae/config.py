@@ -14,11 +14,18 @@ import math
 import os
 from typing import Any
 
-from tf_rmvae.distribute import PRECISIONS, STRATEGIES
-from tf_rmvae.encoders import ARCHITECTURES
-from tf_rmvae.models import BOUNDS, METHODS, SCHEDULES
+from tf_rmvae.choices import (
+    ARCHITECTURES,
+    BOUNDS,
+    DECODERS,
+    METHODS,
+    NONFINITE_POLICIES,
+    PRECISIONS,
+    SCHEDULES,
+    STRATEGIES,
+)
+from tf_rmvae.files import write_json_atomic
 
-DECODERS = ("auto", "bernoulli", "gaussian")
 MODEL_DIR_PLACEHOLDER = "<model_dir>"
 # Exports land in the run directory; publishing one into a served directory is a separate step (`export.publish`).
 DEFAULT_EXPORT_DIR = f"{MODEL_DIR_PLACEHOLDER}/export"
@@ -154,8 +161,8 @@ class RunConfig:
         check(self.lambda_kl >= 0, f"--lambda_kl must be a number >= 0; got {self.lambda_kl}.")
         check(self.epochs >= 1, f"--epochs must be >= 1; got {self.epochs}.")
         check(self.epochs_per_component >= 1, f"--epochs_per_component must be >= 1; got {self.epochs_per_component}.")
-        check(self.nonfinite_inputs in ("raise", "skip"),
-              f"--nonfinite_inputs must be raise or skip; got {self.nonfinite_inputs!r}.")
+        check(self.nonfinite_inputs in NONFINITE_POLICIES,
+              f"--nonfinite_inputs must be {' or '.join(NONFINITE_POLICIES)}; got {self.nonfinite_inputs!r}.")
         check(self.eps_search_every >= 1, f"--eps_search_every must be >= 1; got {self.eps_search_every}.")
         check(self.batch_size >= 1, f"--batch_size must be >= 1; got {self.batch_size}.")
         check(not 0 < self.train_examples < self.batch_size,
@@ -231,12 +238,7 @@ class RunConfig:
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the config as JSON (atomically: a temporary file renamed into place)."""
-        path = os.fspath(path)
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
+        write_json_atomic(path, self.to_dict(), sort_keys=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> RunConfig:
