@@ -1,5 +1,5 @@
-"""`RunConfig` is the one definition of every setting: it imports no TensorFlow, and the program's flags are made
-from its fields (same names, defaults and help), so a flag cannot drift from its field."""
+"""`RunConfig` is the one definition of every setting: it imports no TensorFlow, and the program's flags are
+made from its fields (same names, defaults and help), so a flag cannot drift from its field."""
 
 from __future__ import annotations
 
@@ -81,8 +81,8 @@ def test_flags_build_the_config_they_name():
 
 
 def test_json_ready_writes_non_finite_numbers_as_null_and_finite_ones_unchanged(tmp_path):
-    value = {"a": np.float32(0.5), "b": [math.nan, -math.inf, np.int64(3)], 1: (np.array([1.5, np.nan]), True),
-             "c": None, "d": np.bool_(True)}
+    value = {"a": np.float32(0.5), "b": [math.nan, -math.inf, np.int64(3)],
+             1: (np.array([1.5, np.nan]), True), "c": None, "d": np.bool_(True)}
     assert files.json_ready(value) == {"a": 0.5, "b": [None, None, 3], "1": [[1.5, None], True], "c": None,
                                        "d": True}
     path = tmp_path / "x.json"

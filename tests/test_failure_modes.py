@@ -182,9 +182,10 @@ def test_a_model_below_chance_is_refused_unless_asked_for():
     with pytest.raises(ExportRefused, match=r"below chance \(-543.43.*--export_below_chance"):
         run_evaluation.check_test_metrics(model, tiny_config("run"), test)
     run_evaluation.check_test_metrics(model, tiny_config("run", export_below_chance=True), test)
-    run_evaluation.check_test_metrics(model, tiny_config("run", export_dir=""), test)  # nothing would be served
+    run_evaluation.check_test_metrics(model, tiny_config("run", export_dir=""), test)  # nothing to serve
     with pytest.raises(ExportRefused, match="not finite"):
-        run_evaluation.check_test_metrics(model, tiny_config("run", export_below_chance=True), dict(test, elbo_mean=math.inf))
+        run_evaluation.check_test_metrics(model, tiny_config("run", export_below_chance=True),
+                                          dict(test, elbo_mean=math.inf))
 
 
 def test_chance_level_follows_the_decoder_and_image_size():

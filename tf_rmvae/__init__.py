@@ -2,9 +2,10 @@
 
 Kim & Pavlovic, "Recursive Inference for Variational Autoencoders", NeurIPS 2020 (arXiv:2011.08544).
 
-The names below are imported on first use (PEP 562 module `__getattr__`), so that `import tf_rmvae.config` (settings,
-no TensorFlow) does not import TensorFlow through this package. `from tf_rmvae import RecursiveMixtureVAE` works as
-usual; to load a `.keras` file, import the classes it holds first (that registers them with Keras).
+The names below are imported on first use (PEP 562 module `__getattr__`), so that
+`import tf_rmvae.config` (settings, no TensorFlow) does not import TensorFlow through this package.
+`from tf_rmvae import RecursiveMixtureVAE` works as usual; to load a `.keras` file, import the classes it
+holds first (that registers them with Keras).
 """
 
 from __future__ import annotations

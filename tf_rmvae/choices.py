@@ -1,11 +1,11 @@
 """The allowed values of the settings that name a choice, in one place without TensorFlow.
 
-`tf_rmvae.config` validates a `RunConfig` against them (and `trainers/train.py` makes them its enum flags) without
-importing TensorFlow; the modules that implement each choice import them from here.
+`tf_rmvae.config` validates a `RunConfig` against them (and `trainers/train.py` makes them its enum flags)
+without importing TensorFlow; the modules that implement each choice import them from here.
 """
 
-#: Training methods of `RecursiveMixtureVAE`: Recursive Mixture Estimation, one Gaussian, a jointly trained mixture,
-#: boosting variational inference.
+#: Training methods of `RecursiveMixtureVAE`: Recursive Mixture Estimation, one Gaussian, a jointly trained
+#: mixture, boosting variational inference.
 METHODS = ("rme", "vae", "mixture", "boosting")
 #: Methods that add components one at a time (recursively).
 RECURSIVE_METHODS = ("rme", "boosting")

@@ -56,18 +56,20 @@ class ConfigError(ValueError):
 
 
 def setting(default: Any, help: str, *, choices: tuple[str, ...] = (), required: bool = False) -> Any:
-    """A `RunConfig` field: its default and its help text, which is also the help of its flag in `trainers/train.py`.
+    """A `RunConfig` field: its default and its help text, which is also the help of its flag in
+    `trainers/train.py`.
 
-    `choices`: the allowed values (`tf_rmvae.choices`; the flag is an enum). `required`: the flag has no default and
-    the program refuses to start without it.
+    `choices`: the allowed values (`tf_rmvae.choices`; the flag is an enum). `required`: the flag has no
+    default and the program refuses to start without it.
     """
-    return dataclasses.field(default=default, metadata={"help": help, "choices": tuple(choices), "required": required})
+    metadata = {"help": help, "choices": tuple(choices), "required": required}
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """Settings of one training run. Each setting is defined once below with its default and help text (`setting`);
-    `trainers/train.py` makes a flag of the same name, default and help from each field.
+    """Settings of one training run. Each setting is defined once below with its default and help text
+    (`setting`); `trainers/train.py` makes a flag of the same name, default and help from each field.
 
     Groups: data, model, training, evaluation, output (the run directory and export), hardware (strategy and
     precision; `batch_size` is the GLOBAL batch, split evenly over the replicas), and a testing aid.
@@ -88,14 +90,17 @@ class RunConfig:
     method: str = setting(
         "rme", "rme: Recursive Mixture Estimation; vae: single Gaussian; mixture: jointly trained mixture; "
         "boosting: boosting VI.", choices=METHODS)
-    num_components: int = setting(4, "Mixture components M (default 1 for --method=vae, which allows only 1).")
+    num_components: int = setting(
+        4, "Mixture components M (default 1 for --method=vae, which allows only 1).")
     latent_dim: int = setting(32, "Latent dimension D.")
     architecture: str = setting("dense", "Encoder and decoder networks.", choices=ARCHITECTURES)
-    hidden_units: tuple[int, ...] = setting((200, 200), "Encoder dense widths (comma list); the decoder mirrors them.")
+    hidden_units: tuple[int, ...] = setting(
+        (200, 200), "Encoder dense widths (comma list); the decoder mirrors them.")
     conv_filters: tuple[int, ...] = setting(
         (32, 64), "Encoder conv filters for --architecture=conv (2 values); the decoder mirrors them.")
     decoder: str = setting(
-        "auto", "Likelihood p(x|z); auto: Bernoulli for binary datasets, Gaussian otherwise.", choices=DECODERS)
+        "auto", "Likelihood p(x|z); auto: Bernoulli for binary datasets, Gaussian otherwise.",
+        choices=DECODERS)
     lambda_kl: float = setting(0.3, "RME's KL weight lambda (>= 0; 1 collapses components).")
     max_log_ratio: float = setting(
         5.0, "Cap of each sample's log h - log q_prev in RME's KL term (< 0: uncapped, which runs off).")
@@ -120,13 +125,15 @@ class RunConfig:
     learning_rate: float = setting(1e-3, "Adam learning rate.")
     seed: int = setting(0, "Seed of initialisation, shuffling and binarization.")
     jit_compile: bool = setting(False, "Compile the train step with XLA.")
-    verbose: int = setting(1, "Keras progress: 0 silent, 1 progress bar, 2 one line per epoch.")  # and stage lines
+    # verbose > 0 also prints the stage lines (`tf_rmvae.report`).
+    verbose: int = setting(1, "Keras progress: 0 silent, 1 progress bar, 2 one line per epoch.")
     # Evaluation
     eval_examples: int = setting(1000, "Test examples evaluated (0 = the whole test split).")
     iwae_samples: int = setting(100, "Importance samples K of the test log-likelihood.")
     eval_chunk_size: int = setting(100, "Importance samples drawn at once.")
     # Output. In `export_dir`, a leading `<model_dir>` stands for the run directory (`resolved_export_dir`).
-    model_dir: str = setting("", "Run directory: config, checkpoints, logs, metrics, figures. Required.", required=True)
+    model_dir: str = setting(
+        "", "Run directory: config, checkpoints, logs, metrics, figures. Required.", required=True)
     export_dir: str = setting(
         DEFAULT_EXPORT_DIR,
         "Base directory of TF-Serving exports, inside the run directory by default ('' disables export). "
@@ -141,7 +148,8 @@ class RunConfig:
     # Hardware
     strategy: str = setting(
         "default", "tf.distribute strategy: default (one device), mirrored (all GPUs of this host), "
-        "multi_worker_mirrored (the cluster in TF_CONFIG), tpu. May change when resuming a run.", choices=STRATEGIES)
+        "multi_worker_mirrored (the cluster in TF_CONFIG), tpu. May change when resuming a run.",
+        choices=STRATEGIES)
     mixed_precision: str = setting(
         "float32", "Keras dtype policy; distributions are always computed in float32.", choices=PRECISIONS)
     # Testing

@@ -31,7 +31,8 @@ its time grows linearly with B x num_samples. An empty batch gives an empty resu
 
 Each version directory also holds `assets.extra/rmvae_metadata.json` (model config, image shape, latent size,
 method, active components and mixing weights at export, signatures, training metrics if given, versions of the
-libraries; a non-finite number is written as null, `tf_rmvae.files`). TF Serving ignores `assets.extra/` apart from its warm-up file; `read_metadata(version_dir)` reads it.
+libraries; a non-finite number is written as null, `tf_rmvae.files`). TF Serving ignores `assets.extra/` apart
+from its warm-up file; `read_metadata(version_dir)` reads it.
 
 Versions are written atomically: the SavedModel is written to a hidden temporary directory beside the version
 directories and renamed into place, so a crash never leaves a half-written version for the server to load. Version
@@ -53,6 +54,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import tf_rmvae
 from tf_rmvae.files import json_ready, json_text
 from tf_rmvae.inputs import IMAGE_RANGE_MESSAGE, assert_unit_range
 
@@ -196,8 +198,6 @@ def _signature_table(endpoints: dict) -> dict:
 
 
 def _metadata(model, kind, name, version, image_shape, signatures, metrics, limits) -> dict:
-    import tf_rmvae  # the package imports this module's siblings; imported here to avoid an import cycle
-
     encoder = model.encoder
     weights = np.exp(keras.ops.convert_to_numpy(encoder.mixture_log_weights()))
     signatures = dict(signatures)

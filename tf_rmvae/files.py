@@ -4,13 +4,13 @@
     write_text_atomic("runs/quick/history.csv", text)          # a rewritten history
     json_ready({"elbo": np.float32(-98.1), "se": float("nan")})  # {"elbo": -98.1..., "se": None}
 
-NaN policy: a non-finite float (NaN, +-Infinity, also inside NumPy arrays and scalars) becomes JSON `null`. Strict JSON
-has no NaN or Infinity, and `null` reads back as "no value" in every JSON reader, so every file stays valid JSON;
-finite values are written unchanged. NumPy scalars and arrays become Python numbers and lists, tuples become lists,
-dict keys become strings, and any other object its `str`.
+NaN policy: a non-finite float (NaN, +-Infinity, also inside NumPy arrays and scalars) becomes JSON `null`.
+Strict JSON has no NaN or Infinity, and `null` reads back as "no value" in every JSON reader, so every file
+stays valid JSON; finite values are written unchanged. NumPy scalars and arrays become Python numbers and
+lists, tuples become lists, dict keys become strings, and any other object its `str`.
 
-Atomic: the text goes to `<path>.tmp`, which is then renamed over `path` (`os.replace`), so a reader (or a rerun after
-a kill) sees the old file or the new one, never half of one. This module imports no TensorFlow.
+Atomic: the text goes to `<path>.tmp`, which is then renamed over `path` (`os.replace`), so a reader (or a
+rerun after a kill) sees the old file or the new one, never half of one. This module imports no TensorFlow.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The model a `RunConfig` describes: networks, the compiled `RecursiveMixtureVAE`, and a trained run's model.
 
-    model = build_compiled_model(config, (28, 28, 1), binary=True)    # built and compiled, ready for `fit`
-    model = load_trained_model("runs/quick")                           # the run's model with its saved weights
+    model = build_compiled_model(config, (28, 28, 1), binary=True)  # built and compiled, ready for `fit`
+    model = load_trained_model("runs/quick")                         # the run's model, its saved weights
     encoder, decoder = build_networks((28, 28, 1), True, latent_dim=32, num_components=4)
-    equal_parameter_hidden_units((28, 28, 1), (200, 200), 4, latent_dim=32)   # one encoder as big as 4: (585, 585)
+    equal_parameter_hidden_units((28, 28, 1), (200, 200), 4, latent_dim=32)   # as big as 4: (585, 585)
 """
 
 from __future__ import annotations
@@ -120,4 +120,5 @@ def load_trained_model(model_dir: str, checkpoint: str | None = None) -> Recursi
             return model
         except Exception as error:  # noqa: BLE001 - a damaged file may fail in h5py or in Keras: try the next one
             problems.append(f"{path}: {str(error).splitlines()[0]}")
-    raise FileNotFoundError(f"No loadable weights in {model_dir} ({run_dir.BACKUP_DIR}/ or {run_dir.CHECKPOINT_DIR}/): {problems}")
+    raise FileNotFoundError(f"No loadable weights in {model_dir} ({run_dir.BACKUP_DIR}/ or "
+                            f"{run_dir.CHECKPOINT_DIR}/): {problems}")

@@ -3,9 +3,9 @@
     callbacks = make_callbacks(config, initial_epoch=resumed_from, validation=True, preview=x_validation[:16])
     model.fit(..., initial_epoch=resumed_from, callbacks=callbacks)
 
-History (`ResumableCSVLogger`), TensorBoard (`tf_rmvae.summaries`), the divergence and input guards, the component
-schedule (`tf_rmvae.callbacks`), the best checkpoint (`tf_rmvae.best_checkpoint`) and, last, the resume state
-(`tf_rmvae.run_dir.SaveState`).
+History (`ResumableCSVLogger`), TensorBoard (`tf_rmvae.summaries`), the divergence and input guards, the
+component schedule (`tf_rmvae.callbacks`), the best checkpoint (`tf_rmvae.best_checkpoint`) and, last, the
+resume state (`tf_rmvae.run_dir.SaveState`).
 """
 
 from __future__ import annotations

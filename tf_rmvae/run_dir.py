@@ -13,9 +13,10 @@ metadata cannot disagree. Loading checks the file against itself and against the
 must equal `epoch x steps_per_epoch`, so a truncated, half-written or edited state is refused, and the newest
 intact state (the backup, else the per-epoch checkpoints, newest first) is used instead, with a warning.
 
-The run's other files: `config.json` (a rerun with different settings that matter is refused: `check_run_dir`),
-`history.csv` (one row per completed epoch; `read_history`, `truncate_history` drops the rows of epochs a resumed run
-trains again) and `metrics.json` (`"completed": true` marks a finished run, which a rerun only reports).
+The run's other files: `config.json` (a rerun with different settings that matter is refused:
+`check_run_dir`), `history.csv` (one row per completed epoch; `read_history`, `truncate_history` drops the
+rows of epochs a resumed run trains again) and `metrics.json` (`"completed": true` marks a finished run, which
+a rerun only reports).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What a trained run produces: test metrics, their check before anything is served, figures, the export.
 
     test = evaluate_run(model, x_test, config)   # ELBO, IWAE log-likelihood (mean, s.e.), weights, entropies
-    check_test_metrics(model, config, test)      # guards.ExportRefused: non-finite, or below chance when exporting
+    check_test_metrics(model, config, test)      # ExportRefused: not finite, or below chance and exported
     save_figures(model, x_test, history, config) # reconstructions.png, samples.png, mixture_weights.png
     export_run(model, config, metrics)           # the TF-Serving export under `config.resolved_export_dir`
 """

@@ -39,8 +39,8 @@ stopping derived from it, survives an interruption.
 
 What can go wrong (each fault refused with a clear error, nothing half-written): see "Failure modes" in README.md.
 
-The pieces, one module each: the model (`tf_rmvae.model_factory`), the callbacks (`tf_rmvae.run_callbacks`), the run
-directory's files, lock and resume state (`tf_rmvae.run_dir`), test metrics, figures and export
+The pieces, one module each: the model (`tf_rmvae.model_factory`), the callbacks (`tf_rmvae.run_callbacks`),
+the run directory's files, lock and resume state (`tf_rmvae.run_dir`), test metrics, figures and export
 (`tf_rmvae.run_evaluation`), strategies (`tf_rmvae.distribute`); this module runs them in order.
 """
 
@@ -64,7 +64,7 @@ from tf_rmvae.config import ConfigError, RunConfig
 from tf_rmvae.data import DatasetSpec, DatasetUnavailableError, get_dataset_spec, holdout_splits, load_numpy
 from tf_rmvae.data.pipeline import load_epochs, split_size
 from tf_rmvae.files import json_ready, write_json_atomic
-from tf_rmvae.model_factory import (  # noqa: F401 - also re-exported: callers of `tf_rmvae.training` before the split
+from tf_rmvae.model_factory import (
     build_compiled_model,
     build_model,
     build_networks,
@@ -72,6 +72,17 @@ from tf_rmvae.model_factory import (  # noqa: F401 - also re-exported: callers o
     load_trained_model,
 )
 from tf_rmvae.run_callbacks import make_callbacks
+
+# The model factory's names are re-exported for the callers of `tf_rmvae.training` from before the split.
+__all__ = [
+    "build_compiled_model",
+    "build_model",
+    "build_networks",
+    "check_before_writing",
+    "equal_parameter_hidden_units",
+    "load_trained_model",
+    "train",
+]
 
 
 def train(config: RunConfig) -> dict[str, Any]:
@@ -108,7 +119,8 @@ def train(config: RunConfig) -> dict[str, Any]:
 
 
 def _make_strategy(config: RunConfig) -> tf.distribute.Strategy:
-    """`config.strategy`; `ConfigError` if it cannot be made here or its replicas do not divide the global batch."""
+    """`config.strategy`; `ConfigError` if it cannot be made here or if its replicas do not divide the global
+    batch."""
     try:
         strategy = distribute.make_strategy(config.strategy)
     except distribute.StrategyError as e:
@@ -191,7 +203,7 @@ def _train_in_strategy(config: RunConfig, strategy, chief: bool, worker_dir: str
 
 @dataclasses.dataclass(frozen=True)
 class _RunData:
-    """The run's dataset, its training and validation splits and the steps of one epoch (no batches loaded)."""
+    """The run's dataset, its training and validation splits, the steps of one epoch (no batch loaded)."""
 
     spec: DatasetSpec
     train_split: str
@@ -206,28 +218,30 @@ class _RunData:
                                                            data_dir=config.data_dir or None)
         except ValueError as e:
             raise ConfigError(f"--validation_examples: {e}") from e
-        _, steps_per_epoch = _epochs(config, train_split, config.epochs, config.epochs)  # no batches: the count
+        _, steps_per_epoch = _epochs(config, train_split, config.epochs, config.epochs)  # the count only
         if steps_per_epoch < 1:
             raise ConfigError(f"--batch_size={config.batch_size} is larger than the "
-                              f"{config.train_examples or 'whole'} training examples: an epoch would have no step.")
+                              f"{config.train_examples or 'whole'} training examples: an epoch would have no "
+                              "step.")
         return cls(spec, train_split, validation_split, steps_per_epoch)
 
 
 def _epochs(config: RunConfig, train_split: str, first_epoch: int, last_epoch: int):
     """`(tf.data of the batches of epochs [first_epoch, last_epoch), steps per epoch)`.
 
-    Epoch e's batches are a function of (seed, e): a resumed run sees the data the uninterrupted run saw. Every step
-    has the full global batch (the last incomplete batch of an epoch is dropped) on any strategy.
+    Epoch e's batches are a function of (seed, e): a resumed run sees the data the uninterrupted run saw. Every
+    step has the full global batch (the last incomplete batch of an epoch is dropped) on any strategy.
     """
     return load_epochs(
         config.dataset, train_split, config.batch_size, first_epoch, last_epoch,
-        seed=config.seed, data_dir=config.data_dir or None, take=config.train_examples or None, drop_remainder=True,
+        seed=config.seed, data_dir=config.data_dir or None, take=config.train_examples or None,
+        drop_remainder=True,
     )
 
 
 def _fit(model, config: RunConfig, data: _RunData, chief: bool, worker_dir: str | None,
          resumed_from: int) -> np.ndarray | None:
-    """Trains the epochs after `resumed_from` with the run's callbacks; returns the validation images (or None)."""
+    """Trains the epochs after `resumed_from` with the run's callbacks; returns the validation images or None."""
     # Early stopping decided after the saved epochs (a run killed after it stopped): train no further epoch.
     epochs = resumed_from if run_dir.early_stop_reached(config, resumed_from) else config.epochs
     train_data, _ = _epochs(config, data.train_split, min(resumed_from, epochs), epochs)
@@ -285,8 +299,9 @@ def _evaluate_and_publish(model, config: RunConfig, data: _RunData, summary: dic
     epochs_completed = summary["epochs_completed"]
     metrics = dict(
         summary, completed=epochs_completed >= config.epochs or summary["stopped_early"],
-        resumed_from_epoch=resumed_from, wall_time_s=time.perf_counter() - start, train_time_s=train_end - start,
-        figures=figures, exports=exports, config=config.to_dict(), history=history,
+        resumed_from_epoch=resumed_from, wall_time_s=time.perf_counter() - start,
+        train_time_s=train_end - start, figures=figures, exports=exports, config=config.to_dict(),
+        history=history,
     )
     metrics = json_ready(metrics)
     write_json_atomic(os.path.join(config.model_dir, run_dir.METRICS_FILE), metrics)

@@ -42,8 +42,8 @@ _INT_LIST = tuple[int, ...]
 def define_flags() -> None:
     """One flag per `RunConfig` field, with the field's name, default and help (`tf_rmvae.config.setting`).
 
-    A field with choices is an enum flag, a tuple of ints a comma list (`DEFINE_list`), a required field's flag has
-    no default (`run` marks it required); bool, int, float and str fields get flags of their type.
+    A field with choices is an enum flag, a tuple of ints a comma list (`DEFINE_list`), a required field's
+    flag has no default (`run` marks it required); bool, int, float and str fields get flags of their type.
     """
     define = {bool: flags.DEFINE_boolean, int: flags.DEFINE_integer, float: flags.DEFINE_float,
               str: flags.DEFINE_string}
@@ -96,8 +96,8 @@ def main(argv: list[str]) -> None:
     quiet.quiet_python_logs()
     try:
         config = config_from_flags()
-        # Imported after the flags are parsed: it pulls in tensorflow_datasets, which defines absl flags of its own
-        # (e.g. --tfds_debug_list_dir) that are no flags of this program.
+        # Imported after the flags are parsed: it pulls in tensorflow_datasets, which defines absl flags of
+        # its own (e.g. --tfds_debug_list_dir) that are no flags of this program.
         from tf_rmvae.training import train
 
         metrics = train(config)
