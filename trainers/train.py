@@ -125,7 +125,9 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """Console-script entry point (`rmvae-train`)."""
-    flags.mark_flag_as_required("model_dir")
+    for field in dataclasses.fields(RunConfig):
+        if field.metadata["required"]:
+            flags.mark_flag_as_required(field.name)
     app.run(main)
 
 
