@@ -34,7 +34,7 @@ import tensorflow as tf
 
 import tf_rmvae
 from tf_rmvae import data as rm_data
-from tf_rmvae import evaluation, training
+from tf_rmvae import evaluation, model_factory
 from tf_rmvae.semi_amortized import SemiAmortizedVAE
 
 ALL_METHODS = ("vae", "mixture", "boosting", "rme", "savae", "vae_equal_params", "iwae")
@@ -217,10 +217,10 @@ def build_model(config: BenchmarkConfig, cell: Cell) -> keras.Model:
     components = 1 if cell.method in SINGLE_COMPONENT_METHODS else cell.num_components
     encoder_hidden_units = None
     if cell.method == "vae_equal_params":
-        encoder_hidden_units = training.equal_parameter_hidden_units(
+        encoder_hidden_units = model_factory.equal_parameter_hidden_units(
             spec.image_shape, config.hidden_units, cell.num_components, latent_dim=config.latent_dim,
             architecture=config.architecture)
-    encoder, decoder = training.build_networks(
+    encoder, decoder = model_factory.build_networks(
         spec.image_shape, spec.binary, latent_dim=config.latent_dim, num_components=components,
         architecture=config.architecture, hidden_units=config.hidden_units, seed=cell.seed,
         encoder_hidden_units=encoder_hidden_units, shared_trunk=cell.shared_trunk,

@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 import tf_rmvae
-from tf_rmvae import evaluation, training
+from tf_rmvae import evaluation, model_factory
 from tf_rmvae.semi_amortized import SemiAmortizedVAE
 
 IMAGE_SHAPE = (28, 28, 1)
@@ -88,7 +88,7 @@ def inference_times(config: SpeedConfig, mode: str) -> dict[str, dict[int, float
     m = config.target_components
     vae_encoder = _encoder(config, 1)
     rme_encoder = _encoder(config, m)
-    equal_encoder = _encoder(config, 1, training.equal_parameter_hidden_units(
+    equal_encoder = _encoder(config, 1, model_factory.equal_parameter_hidden_units(
         IMAGE_SHAPE, tuple(config.hidden_units), m, latent_dim=config.latent_dim))
     savae = SemiAmortizedVAE(
         tf_rmvae.GaussianEncoder(config.latent_dim, hidden_units=config.hidden_units, seed=0), _decoder(config))

@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-ARCHITECTURES = ("dense", "conv")
+from tf_rmvae.choices import ARCHITECTURES
 
 
 def _uniform_init(fan_in: int, fan_out: int, seed):

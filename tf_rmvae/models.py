@@ -40,6 +40,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tf_rmvae import mixing
+from tf_rmvae.choices import NONFINITE_POLICIES
 from tf_rmvae.encoders import RecursiveMixtureEncoder, make_mixture
 from tf_rmvae.latent_model import LatentVariableModel
 from tf_rmvae.recursion import (  # noqa: F401  (re-exported: the names users import from here)
@@ -55,7 +56,6 @@ from tf_rmvae.recursion import (  # noqa: F401  (re-exported: the names users im
 
 tfd = tfp.distributions
 
-NONFINITE_POLICIES = ("raise", "skip")
 # The constructor arguments that configure the training (held by the model's `RecursiveMixtureTrainer`).
 TRAINING_ARGUMENTS = (
     "method", "lambda_kl", "max_log_ratio", "schedule", "train_previous", "num_samples", "bound", "eps_grid",

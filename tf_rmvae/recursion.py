@@ -33,15 +33,12 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tf_rmvae import mixing, objectives
+from tf_rmvae.choices import BOUNDS, METHODS, RECURSIVE_METHODS, SCHEDULES
 from tf_rmvae.encoders import RecursiveMixtureEncoder
 from tf_rmvae.latent_model import replica_batch_layout, standard_normal_log_prob
 
 tfd = tfp.distributions
 
-METHODS = ("rme", "vae", "mixture", "boosting")
-SCHEDULES = ("stagewise", "sweep")
-BOUNDS = ("elbo", "iw")
-RECURSIVE_METHODS = ("rme", "boosting")
 
 # `log p(x | z)`: images `x [B, ...]` and latents `z [S, B, M, D]` -> `[S, B, M]` (e.g.
 # `lambda x, z: decoder(z).log_prob(x[None, :, None])` for a decoder that returns a distribution).
