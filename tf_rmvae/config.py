@@ -117,6 +117,8 @@ class RunConfig:
         "importance-weighted bound; with --method=vae and --num_samples=k: IWAE).", choices=BOUNDS)
     num_samples: int = setting(1, "Reparameterised samples per component per step.")
     eps_search_every: int = setting(50, "Steps between mixing-proportion line searches.")
+    per_example_proportions: bool = setting(
+        False, "Per-example mixing proportions eps_m(x): the searched logit plus a small head's bounded offset.")
     # Training
     epochs: int = setting(10, "Training epochs (a larger value extends a finished or resumed run).")
     epochs_per_component: int = setting(2, "Stage-wise RME/boosting: epochs before the next component joins.")
