@@ -1,8 +1,9 @@
 """Side-by-side benchmark of RME against the inference methods a user would pick instead (issues 8 and 11).
 
-Every method gets the same data, encoder/decoder architecture, latent size, optimizer, epochs and seeds. One *cell*
-is one (method, schedule, lambda, number of components, bound, SA-VAE steps, seed); each cell trains, is evaluated on the same test
-digits (fixed binarization, so per-example differences pair), and is stored in its own directory:
+Every method gets the same data, encoder/decoder architecture, latent size, optimizer, epochs and seeds. One
+*cell* is one (method, schedule, lambda, number of components, bound, SA-VAE steps, seed); each cell trains, is
+evaluated on the same test digits (fixed binarization, so per-example differences pair), and is stored in its
+own directory:
 
     <output_dir>/<run_name>_cells/<cell key>/backup/           keras BackupAndRestore (per epoch) while training
     <output_dir>/<run_name>_cells/<cell key>/result.json       the finished row
@@ -58,8 +59,9 @@ class BenchmarkConfig:
     little cost) instead of M separate networks; `per_example_proportions` gives them per-example mixing
     proportions eps_m(x) (`RecursiveMixtureEncoder(per_example_proportions=True)`, label suffix `_epsx`).
     `eval_examples = 0` / `train_examples = 0` use the full split. `rme_max_log_ratio < 0` runs RME (and boosting)
-    with the uncapped criterion; `rme_train_previous = False` freezes earlier components (ablations of issue 8). `lambdas` apply to "rme" only (boosting and the
-    other baselines have no lambda; their rows hold `lambda_kl = None`); `schedules` apply to "rme" and "boosting".
+    with the uncapped criterion; `rme_train_previous = False` freezes earlier components (ablations of issue 8).
+    `lambdas` apply to "rme" only (boosting and the other baselines have no lambda; their rows hold
+    `lambda_kl = None`); `schedules` apply to "rme" and "boosting".
     """
 
     dataset: str = "rmvae_mnist"

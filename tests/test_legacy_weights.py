@@ -67,7 +67,8 @@ def test_a_0_1_rme_file_restores_weights_recursion_state_and_optimizer():
 def test_a_0_1_savae_file_loads_into_the_gaussian_encoder():
     expected = json.load(open(fixture("expected.json")))
     model = compiled(SemiAmortizedVAE(
-        tf_rmvae.GaussianEncoder(2, hidden_units=(3,), seed=7), tf_rmvae.BernoulliDecoder((28, 28, 1), hidden_units=(3,)),
+        tf_rmvae.GaussianEncoder(2, hidden_units=(3,), seed=7),
+        tf_rmvae.BernoulliDecoder((28, 28, 1), hidden_units=(3,)),
         refine_steps=1,
     ), lambda m: m.trainable_variables)
     model.load_weights(fixture("savae.weights.h5"))

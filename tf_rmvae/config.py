@@ -35,7 +35,8 @@ DEFAULT_EXPORT_DIR = f"{MODEL_DIR_PLACEHOLDER}/export"
 # match the run's saved `config.json`.
 RESUMABLE_FIELDS = frozenset({
     "epochs", "verbose", "iwae_samples", "eval_examples", "eval_chunk_size", "jit_compile", "export_dir",
-    "export_name", "export_encoder", "export_below_chance", "keep_checkpoints", "model_dir", "data_dir", "debug_batch_sleep",
+    "export_name", "export_encoder", "export_below_chance", "keep_checkpoints", "model_dir", "data_dir",
+    "debug_batch_sleep",
     # The training state (weights, recursion state, optimizer, epoch) is device-independent and every epoch's data is
     # a function of (seed, epoch) with the same global batch on any strategy: a run may resume on other hardware.
     "strategy",

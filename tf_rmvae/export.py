@@ -5,13 +5,13 @@
 `keras.export.ExportArchive`, with these signatures (batch dimension `None` everywhere; `H, W, C` the model's image
 shape, `M` its component slots, `D` its latent size):
 
-| signature                     | inputs                                          | outputs                                   |
-|-------------------------------|-------------------------------------------------|-------------------------------------------|
-| `serving_default`, `encode`   | `images` float32 `[B, H, W, C]` in [0, 1]        | `mixture_weights` `[B, M]`, `loc` `[B, M, D]`, `scale` `[B, M, D]`, `posterior_mean` `[B, D]` |
-| `reconstruct`                 | `images`                                        | `reconstruction` `[B, H, W, C]` (decoder mean at the posterior mean) |
-| `log_likelihood`              | `images`, `num_samples` int32 scalar             | `log_likelihood` `[B]` (importance-weighted estimate, K = num_samples) |
-| `generate`                    | `z` float32 `[B, D]`                             | `images` `[B, H, W, C]` (decoder mean)     |
-| `sample`                      | `num_images` int32 scalar, `seed` int32 scalar   | `images` `[num_images, H, W, C]` (same as `model.generate(num_images, seed)`) |
+- `serving_default`, `encode`: `images` float32 `[B, H, W, C]` in [0, 1] -> `mixture_weights` `[B, M]`,
+  `loc` `[B, M, D]`, `scale` `[B, M, D]`, `posterior_mean` `[B, D]`;
+- `reconstruct`: `images` -> `reconstruction` `[B, H, W, C]` (decoder mean at the posterior mean);
+- `log_likelihood`: `images`, `num_samples` int32 scalar -> `log_likelihood` `[B]` (importance-weighted estimate,
+  K = num_samples);
+- `generate`: `z` float32 `[B, D]` -> `images` `[B, H, W, C]` (decoder mean);
+- `sample`: `num_images`, `seed` int32 scalars -> `images` `[num_images, H, W, C]` (as `model.generate`).
 
 `export_encoder(model, base_dir, name)` writes `base_dir/name_encoder/VERSION/` with `encode` (= `serving_default`)
 only and the encoder's variables only.
@@ -71,7 +71,8 @@ def existing_versions(model_dir: str) -> list[int]:
     if not os.path.isdir(model_dir):
         return []
     return sorted(
-        int(entry) for entry in os.listdir(model_dir) if entry.isdigit() and os.path.isdir(os.path.join(model_dir, entry))
+        int(entry) for entry in os.listdir(model_dir)
+        if entry.isdigit() and os.path.isdir(os.path.join(model_dir, entry))
     )
 
 
@@ -152,7 +153,8 @@ def _add_full_endpoints(archive, model, image_shape, latent_dim, limits) -> dict
     scalar = lambda name: tf.TensorSpec((), tf.int32, name=name)
 
     def reconstruct(images):
-        return {"reconstruction": model.decoder(_encode_outputs(model.encoder, images, image_shape)["posterior_mean"]).mean()}
+        posterior_mean = _encode_outputs(model.encoder, images, image_shape)["posterior_mean"]
+        return {"reconstruction": model.decoder(posterior_mean).mean()}
 
     def log_likelihood(images, num_samples):
         num_samples = _checked_count(num_samples, 1, limits["max_num_samples"], "num_samples")

@@ -74,7 +74,8 @@ _CONVERTERS = dict(
     lambdas=lambda v: tuple(float(x) for x in v), num_components=lambda v: tuple(int(x) for x in v),
     seeds=lambda v: tuple(int(x) for x in v), hidden_units=lambda v: tuple(int(x) for x in v),
     methods=tuple, schedules=tuple, bounds=tuple, savae_steps=lambda v: tuple(int(x) for x in v),
-    eval_epochs=lambda v: tuple(int(x) for x in v), jit_compile=lambda v: {"auto": "auto", "true": True, "false": False}[v],
+    eval_epochs=lambda v: tuple(int(x) for x in v),
+    jit_compile=lambda v: {"auto": "auto", "true": True, "false": False}[v],
 )
 
 

@@ -110,7 +110,8 @@ def main(argv: list[str]) -> None:
             raise
         _fail(f"{e}. Free some space and rerun the same command: the last saved epoch is intact.", 1)
     if not metrics.get("chief", True):
-        print(f"{config.model_dir}: worker finished {metrics['epochs_completed']} epochs; the chief writes the metrics.")
+        print(f"{config.model_dir}: worker finished {metrics['epochs_completed']} epochs; "
+              "the chief writes the metrics.")
         return
     test = metrics["test"]
     status = "already finished; nothing trained" if metrics.get("skipped") else f"{metrics['wall_time_s']:.0f} s"
