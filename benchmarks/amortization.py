@@ -37,6 +37,7 @@ import tf_rmvae
 from benchmarks import harness
 from tf_rmvae import data as rm_data
 from tf_rmvae import evaluation
+from tf_rmvae.encoders import GaussianEncoder
 from tf_rmvae.semi_amortized import SemiAmortizedVAE
 
 METHODS = ("vae", "vae_equal_params", "iwae", "rme", "savae")
@@ -131,8 +132,13 @@ def per_example_bounds(model, x: np.ndarray, config: AmortizationConfig) -> dict
 
 def optimised_gaussians(vae: keras.Model, x: np.ndarray, config: AmortizationConfig) -> dict:
     """The floor: the VAE encoder's Gaussians refined by `floor_steps` ascent steps on each example's ELBO."""
-    floor = SemiAmortizedVAE(vae.encoder, vae.decoder, refine_steps=config.floor_steps)
+    networks = vae.encoder.networks  # the VAE's one-component mixture encoder, as a plain Gaussian encoder
+    gaussian = GaussianEncoder(
+        networks.latent_dim, architecture=networks.architecture, hidden_units=networks.hidden_units,
+        conv_filters=networks.conv_filters, min_scale=networks.min_scale)
+    floor = SemiAmortizedVAE(gaussian, vae.decoder, refine_steps=config.floor_steps)
     floor.ensure_built((None, *x.shape[1:]))
+    gaussian.networks.set_weights(networks.get_weights())
     return per_example_bounds(floor, x, config)
 
 

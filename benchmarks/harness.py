@@ -1,8 +1,9 @@
 """Side-by-side benchmark of RME against the inference methods a user would pick instead (issues 8 and 11).
 
-Every method gets the same data, encoder/decoder architecture, latent size, optimizer, epochs and seeds. One *cell*
-is one (method, schedule, lambda, number of components, bound, SA-VAE steps, seed); each cell trains, is evaluated on the same test
-digits (fixed binarization, so per-example differences pair), and is stored in its own directory:
+Every method gets the same data, encoder/decoder architecture, latent size, optimizer, epochs and seeds. One
+*cell* is one (method, schedule, lambda, number of components, bound, SA-VAE steps, seed); each cell trains, is
+evaluated on the same test digits (fixed binarization, so per-example differences pair), and is stored in its
+own directory:
 
     <output_dir>/<run_name>_cells/<cell key>/backup/           keras BackupAndRestore (per epoch) while training
     <output_dir>/<run_name>_cells/<cell key>/result.json       the finished row
@@ -34,7 +35,7 @@ import tensorflow as tf
 
 import tf_rmvae
 from tf_rmvae import data as rm_data
-from tf_rmvae import evaluation, training
+from tf_rmvae import evaluation, model_factory
 from tf_rmvae.semi_amortized import SemiAmortizedVAE
 
 ALL_METHODS = ("vae", "mixture", "boosting", "rme", "savae", "vae_equal_params", "iwae")
@@ -55,10 +56,12 @@ class BenchmarkConfig:
     and "mixture" (the decoder and proportions trained on the stratified ELBO or the stratified importance-weighted
     bound); `eval_epochs` are the epochs (besides the last) at which each cell is also evaluated on the test digits.
     `shared_trunk` gives the mixture methods (rme, mixture, boosting) one trunk with M heads (many components at
-    little cost) instead of M separate networks.
+    little cost) instead of M separate networks; `per_example_proportions` gives them per-example mixing
+    proportions eps_m(x) (`RecursiveMixtureEncoder(per_example_proportions=True)`, label suffix `_epsx`).
     `eval_examples = 0` / `train_examples = 0` use the full split. `rme_max_log_ratio < 0` runs RME (and boosting)
-    with the uncapped criterion; `rme_train_previous = False` freezes earlier components (ablations of issue 8). `lambdas` apply to "rme" only (boosting and the
-    other baselines have no lambda; their rows hold `lambda_kl = None`); `schedules` apply to "rme" and "boosting".
+    with the uncapped criterion; `rme_train_previous = False` freezes earlier components (ablations of issue 8).
+    `lambdas` apply to "rme" only (boosting and the other baselines have no lambda; their rows hold
+    `lambda_kl = None`); `schedules` apply to "rme" and "boosting".
     """
 
     dataset: str = "rmvae_mnist"
@@ -95,6 +98,7 @@ class BenchmarkConfig:
     bounds: Sequence[str] = ("elbo",)
     eval_epochs: Sequence[int] = ()
     shared_trunk: bool = False
+    per_example_proportions: bool = False
 
     def __post_init__(self):
         self.methods = tuple(self.methods)
@@ -146,6 +150,7 @@ class Cell:
     bound: str = "elbo"
     refine_steps: int | None = None  # SA-VAE only
     shared_trunk: bool = False  # mixture methods only
+    per_example_proportions: bool = False  # mixture methods only
 
     @property
     def label(self) -> str:
@@ -165,6 +170,8 @@ class Cell:
             parts.append(self.bound)
         if self.shared_trunk:
             parts.append("shared")
+        if self.per_example_proportions:
+            parts.append("epsx")
         return "_".join(parts)
 
     @property
@@ -183,14 +190,16 @@ def cells(config: BenchmarkConfig) -> list[Cell]:
                 continue
             for m in config.num_components:
                 bounds = config.bounds if method in BOUND_METHODS else ("elbo",)
-                shared = config.shared_trunk and method not in SINGLE_COMPONENT_METHODS
+                mixture = method not in SINGLE_COMPONENT_METHODS
+                options = dict(shared_trunk=config.shared_trunk and mixture,
+                               per_example_proportions=config.per_example_proportions and mixture)
                 if method in ("mixture", "vae_equal_params", "iwae"):
-                    result.extend(Cell(method, m, None, seed, None, bound=b, shared_trunk=shared) for b in bounds)
+                    result.extend(Cell(method, m, None, seed, None, bound=b, **options) for b in bounds)
                     continue
                 for schedule in config.schedules:
                     lambdas = config.lambdas if method == "rme" else (None,)
                     result.extend(
-                        Cell(method, m, lam, seed, schedule, bound=b, shared_trunk=shared)
+                        Cell(method, m, lam, seed, schedule, bound=b, **options)
                         for lam in lambdas for b in bounds)
     return result
 
@@ -210,13 +219,15 @@ def build_model(config: BenchmarkConfig, cell: Cell) -> keras.Model:
     components = 1 if cell.method in SINGLE_COMPONENT_METHODS else cell.num_components
     encoder_hidden_units = None
     if cell.method == "vae_equal_params":
-        encoder_hidden_units = training.equal_parameter_hidden_units(
+        encoder_hidden_units = model_factory.equal_parameter_hidden_units(
             spec.image_shape, config.hidden_units, cell.num_components, latent_dim=config.latent_dim,
             architecture=config.architecture)
-    encoder, decoder = training.build_networks(
+    encoder, decoder = model_factory.build_networks(
         spec.image_shape, spec.binary, latent_dim=config.latent_dim, num_components=components,
         architecture=config.architecture, hidden_units=config.hidden_units, seed=cell.seed,
         encoder_hidden_units=encoder_hidden_units, shared_trunk=cell.shared_trunk,
+        per_example_proportions=cell.per_example_proportions,
+        gaussian=cell.method == "savae",
     )
     if cell.method == "savae":
         model = SemiAmortizedVAE(
@@ -407,9 +418,11 @@ def _fingerprint(config: BenchmarkConfig, cell: Cell) -> dict:
     values = {k: v for k, v in config.to_json().items() if k not in skip}
     if not config.eval_epochs:
         del values["eval_epochs"]
-    if not config.shared_trunk:
-        del values["shared_trunk"]
-    new_fields = {"bound": "elbo", "refine_steps": None, "shared_trunk": False}  # and their old behaviour
+    for option in ("shared_trunk", "per_example_proportions"):
+        if not values[option]:
+            del values[option]
+    # Added after results were committed, and their old behaviour:
+    new_fields = {"bound": "elbo", "refine_steps": None, "shared_trunk": False, "per_example_proportions": False}
     values["cell"] = {k: v for k, v in dataclasses.asdict(cell).items() if k not in new_fields}
     values["cell"].update({k: getattr(cell, k) for k, old in new_fields.items()
                            if k != "refine_steps" and getattr(cell, k) != old})

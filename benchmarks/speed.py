@@ -1,4 +1,4 @@
-"""Inference and training-step speed of RME against a plain VAE and SA-VAE (issue 8), as ratios in one process.
+"""Inference and training-step speed of RME against a plain VAE and SA-VAE (issue 8), as ratios.
 
 Inference for the same inputs at each batch size: (a) the mixture encoder's single batched pass (M components),
 (b) a plain VAE encoder (M = 1; also IWAE's test-time inference), (c) a VAE encoder with as many parameters as the
@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 import tf_rmvae
-from tf_rmvae import evaluation, training
+from tf_rmvae import evaluation, model_factory
 from tf_rmvae.semi_amortized import SemiAmortizedVAE
 
 IMAGE_SHAPE = (28, 28, 1)
@@ -88,9 +88,10 @@ def inference_times(config: SpeedConfig, mode: str) -> dict[str, dict[int, float
     m = config.target_components
     vae_encoder = _encoder(config, 1)
     rme_encoder = _encoder(config, m)
-    equal_encoder = _encoder(config, 1, training.equal_parameter_hidden_units(
+    equal_encoder = _encoder(config, 1, model_factory.equal_parameter_hidden_units(
         IMAGE_SHAPE, tuple(config.hidden_units), m, latent_dim=config.latent_dim))
-    savae = SemiAmortizedVAE(_encoder(config, 1), _decoder(config))
+    savae = SemiAmortizedVAE(
+        tf_rmvae.GaussianEncoder(config.latent_dim, hidden_units=config.hidden_units, seed=0), _decoder(config))
     savae.ensure_built((None, *IMAGE_SHAPE))
     functions = {
         "vae_encoder": tf.function(vae_encoder.compute_parameters, jit_compile=jit),
@@ -98,7 +99,8 @@ def inference_times(config: SpeedConfig, mode: str) -> dict[str, dict[int, float
         f"vae_equal_params_encoder_M{m}": tf.function(equal_encoder.compute_parameters, jit_compile=jit),
     }
     for steps in config.savae_steps:
-        functions[f"savae_{steps}"] = tf.function(lambda x, k=steps: savae.refine(x, steps=k), jit_compile=jit)
+        functions[f"savae_{steps}"] = tf.function(
+            lambda x, k=steps: savae.refine(x, steps=k), jit_compile=jit)
     times: dict[str, dict[int, float]] = {name: {} for name in functions}
     for batch in config.batch_sizes:
         x = _images(batch)
@@ -112,7 +114,8 @@ def train_step_times(config: SpeedConfig, mode: str) -> dict[str, float]:
     jit = mode == "jit"
     x = _images(config.train_batch_size, seed=1)
     times = {}
-    for name, method, components in [("vae", "vae", 1)] + [(f"rme_M{m}", "rme", m) for m in config.components]:
+    models = [("vae", "vae", 1)] + [(f"rme_M{m}", "rme", m) for m in config.components]
+    for name, method, components in models:
         keras.utils.set_random_seed(0)
         model = tf_rmvae.RecursiveMixtureVAE(_encoder(config, components), _decoder(config), method=method)
         model.compile(optimizer=keras.optimizers.Adam(1e-3))
@@ -133,15 +136,16 @@ def ratios_and_targets(config: SpeedConfig, inference: dict, training: dict) -> 
     for batch in config.batch_sizes:
         ratios[f"rme_M{m}/vae_encoder@{batch}"] = inference[rme][batch] / inference[vae][batch]
         for steps in config.savae_steps:
-            ratios[f"savae_{steps}/rme_M{m}@{batch}"] = inference[f"savae_{steps}"][batch] / inference[rme][batch]
+            savae_time = inference[f"savae_{steps}"][batch]
+            ratios[f"savae_{steps}/rme_M{m}@{batch}"] = savae_time / inference[rme][batch]
     for components in config.components:
         ratios[f"train_rme_M{components}/train_vae@{config.train_batch_size}"] = (
             training[f"rme_M{components}"] / training["vae"]
         )
     small, large = min(config.batch_sizes), max(config.batch_sizes)
     targets = [
-        dict(name=f"batch {small}: RME(M={m}) <= 2 x VAE encoder", value=ratios[f"rme_M{m}/vae_encoder@{small}"],
-             bound=2.0, kind="<="),
+        dict(name=f"batch {small}: RME(M={m}) <= 2 x VAE encoder",
+             value=ratios[f"rme_M{m}/vae_encoder@{small}"], bound=2.0, kind="<="),
         dict(name=f"batch {small}: SA-VAE({config.reference_steps}) >= 10 x RME(M={m})",
              value=ratios[f"savae_{config.reference_steps}/rme_M{m}@{small}"], bound=10.0, kind=">="),
         dict(name=f"batch {large}: RME(M={m}) <= 1.25 x M x VAE encoder",
@@ -153,7 +157,8 @@ def ratios_and_targets(config: SpeedConfig, inference: dict, training: dict) -> 
             value=ratios[f"train_rme_M{m}/train_vae@{config.train_batch_size}"], bound=1.25 * m, kind="<=",
         ))
     for target in targets:
-        ok = target["value"] <= target["bound"] if target["kind"] == "<=" else target["value"] >= target["bound"]
+        value, bound = target["value"], target["bound"]
+        ok = value <= bound if target["kind"] == "<=" else value >= bound
         target["status"] = "PASS" if ok else "FAIL"
     return ratios, targets
 
@@ -169,7 +174,8 @@ def run(config: SpeedConfig, log=print) -> dict:
         training = train_step_times(config, mode)
         ratios, targets = ratios_and_targets(config, inference, training)
         result["modes"][mode] = dict(
-            inference_ms={name: {str(b): 1000 * t for b, t in by_batch.items()} for name, by_batch in inference.items()},
+            inference_ms={name: {str(b): 1000 * t for b, t in by_batch.items()}
+                          for name, by_batch in inference.items()},
             train_step_ms={name: 1000 * t for name, t in training.items()}, ratios=ratios, targets=targets,
         )
         log(f"== {mode} ({'XLA' if mode == 'jit' else 'tf.function graph'}), {result['device']}")
@@ -181,7 +187,8 @@ def run(config: SpeedConfig, log=print) -> dict:
         for name, value in ratios.items():
             log(f"  ratio {name} = {value:.2f}")
         for target in targets:
-            log(f"  [{target['status']}] {target['name']}: {target['value']:.2f} (bound {target['bound']:.2f})")
+            log(f"  [{target['status']}] {target['name']}: {target['value']:.2f} "
+                f"(bound {target['bound']:.2f})")
         if config.output:  # after every mode, so a slow later mode cannot lose the earlier one
             os.makedirs(os.path.dirname(config.output) or ".", exist_ok=True)
             with open(config.output, "w") as f:
@@ -199,10 +206,12 @@ def _device() -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tiny", action="store_true", help="seconds-long smoke run (small networks, few repeats)")
+    parser.add_argument(
+        "--tiny", action="store_true", help="seconds-long smoke run (small networks, few repeats)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--batch_sizes", default=None, help="comma-separated, e.g. 1,100,1000")
-    parser.add_argument("--components", default=None, help="comma-separated M of the training-step measurement")
+    parser.add_argument(
+        "--components", default=None, help="comma-separated M of the training-step measurement")
     parser.add_argument("--hidden_units", default=None, help="comma-separated encoder/decoder widths")
     parser.add_argument("--modes", default=None, help="function,jit")
     parser.add_argument("--savae_steps", default=None, help="comma-separated SA-VAE refinement steps")

@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/ is not installed
+# benchmarks/ is not installed
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -58,7 +59,8 @@ def test_quick_harness_runs_every_method_end_to_end(tmp_path, capsys):
     equal, mixture = by_label["vae_equal_params_M2"], by_label["mixture_M2"]
     assert equal["encoder_parameters"] == pytest.approx(mixture["encoder_parameters"], rel=0.02)
     assert by_label["vae"]["encoder_parameters"] < 0.6 * equal["encoder_parameters"]
-    for row in rows:  # the learning curve: epoch 1 from the callback, the last epoch from the final evaluation
+    # The learning curve: epoch 1 from the callback, the last epoch from the final evaluation.
+    for row in rows:
         assert [p["epoch"] for p in row["curve"]] == [1, 2]
         assert row["curve"][-1]["test_log_likelihood"] == row["test_log_likelihood"]
         assert row["test_inference_gap"] == pytest.approx(row["test_log_likelihood"] - row["test_elbo"])
@@ -138,7 +140,7 @@ def test_speed_benchmark_tiny_prints_ratios(capsys):
 
 
 def _tiny_savae(**kwargs):
-    encoder = tf_rmvae.RecursiveMixtureEncoder(4, 1, hidden_units=(32,), seed=0)
+    encoder = tf_rmvae.GaussianEncoder(4, hidden_units=(32,), seed=0)
     return SemiAmortizedVAE(encoder, tf_rmvae.BernoulliDecoder((28, 28, 1), hidden_units=(32,)), **kwargs)
 
 
@@ -169,8 +171,8 @@ def test_savae_unrolled_training_reaches_the_encoder_and_round_trips_config():
     assert any(not np.allclose(b, v.numpy()) for b, v in zip(before, model.encoder.trainable_variables))
     clone = SemiAmortizedVAE.from_config(model.get_config())
     assert clone.refine_steps == 2 and clone.encoder_objective == "unrolled"
-    with pytest.raises(ValueError):
-        SemiAmortizedVAE(tf_rmvae.RecursiveMixtureEncoder(4, 2), tf_rmvae.BernoulliDecoder((28, 28, 1)))
+    with pytest.raises(TypeError, match="GaussianEncoder"):
+        SemiAmortizedVAE(tf_rmvae.RecursiveMixtureEncoder(4, 1), tf_rmvae.BernoulliDecoder((28, 28, 1)))
 
 
 def test_fixed_decoder_study_trains_encoders_only_and_reports_gaps(tmp_path):
@@ -204,3 +206,15 @@ def test_shared_trunk_cells_have_many_heads_for_few_parameters():
     shared = encoder_parameters(cells["rme_M8_lambda0.3_shared"])
     separate = encoder_parameters(harness.Cell("rme", 8, 0.3, 0, "stagewise"))
     assert encoder_parameters(cells["vae"]) < shared < separate / 3
+
+
+def test_per_example_proportion_cells_are_labelled_and_build_the_head():
+    config = harness.quick_config(methods=("rme", "iwae"), num_components=(2,), per_example_proportions=True)
+    cells = {c.label: c for c in harness.cells(config)}
+    assert set(cells) == {"rme_M2_lambda0.3_epsx", "rme_M2_lambda1_epsx", "iwae_k2"}
+    model = harness.build_model(config, cells["rme_M2_lambda0.3_epsx"])
+    assert model.encoder.per_example_proportions and model.encoder.mixing.offset_head is not None
+    assert not harness.build_model(config, cells["iwae_k2"]).encoder.per_example_proportions
+    # The option enters a cell's fingerprint only when on: cells run before it existed still match.
+    plain = harness.quick_config(methods=("rme",), num_components=(2,))
+    assert "per_example_proportions" not in json.dumps(harness._fingerprint(plain, harness.cells(plain)[0]))

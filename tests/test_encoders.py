@@ -65,7 +65,8 @@ def test_sample_is_reparameterized_into_every_active_component():
     with tf.GradientTape() as tape:
         z = encoder(x).sample(seed=3)
         loss = tf.reduce_sum(tf.square(z - 1.0))
-    grads = tape.gradient(loss, [encoder.loc_kernel, encoder.scale_kernel, encoder.mixing_logits])
+    networks = encoder.networks
+    grads = tape.gradient(loss, [networks.loc_kernel, networks.scale_kernel, encoder.mixing_logits])
     for grad in grads[:2]:
         norms = tf.norm(tf.reshape(grad, [4, -1]), axis=1).numpy()
         assert np.all(norms[:2] > 0) and np.all(norms[2:] == 0)
@@ -76,10 +77,11 @@ def test_batched_pass_equals_each_component_network_run_alone():
     encoder = encoder_with(3, latent_dim=4, init_noise=0.5)
     x = tf.random.stateless_normal([6, 5], seed=[7, 8])
     _, loc, scale = encoder.compute_parameters(x)
+    net = encoder.networks
     for m in range(4):
-        hidden = tf.nn.relu(x @ encoder.dense_kernels[0][m] + encoder.dense_biases[0][m])
-        np.testing.assert_allclose(loc[:, m], hidden @ encoder.loc_kernel[m] + encoder.loc_bias[m], atol=1e-5)
-        raw = hidden @ encoder.scale_kernel[m] + encoder.scale_bias[m]
+        hidden = tf.nn.relu(x @ net.dense_kernels[0][m] + net.dense_biases[0][m])
+        np.testing.assert_allclose(loc[:, m], hidden @ net.loc_kernel[m] + net.loc_bias[m], atol=1e-5)
+        raw = hidden @ net.scale_kernel[m] + net.scale_bias[m]
         np.testing.assert_allclose(scale[:, m], tf.nn.softplus(raw) + encoder.min_scale, atol=1e-5)
 
 
@@ -175,3 +177,48 @@ def test_bad_inputs_raise_clear_errors():
         graph_call(tf.constant([[0.0, np.inf, 0.0, 0.0, 0.0]]))
     with pytest.raises(ValueError, match=r"conv.*\[B, H, W, C\]"):
         RecursiveMixtureEncoder(2, 2, architecture="conv")(tf.ones([2, 5]))
+
+
+def test_gaussian_encoder_equals_a_one_component_mixture_encoder_with_the_same_seed():
+    x = tf.random.stateless_normal([3, 12, 12, 1], seed=[4, 4])
+    settings = dict(architecture="conv", conv_filters=(4, 8), hidden_units=(16,), seed=9)
+    gaussian = tf_rmvae.GaussianEncoder(3, **settings)
+    mixture = RecursiveMixtureEncoder(3, 1, **settings)
+    loc, scale = gaussian.compute_parameters(x)
+    _, mixture_loc, mixture_scale = mixture.compute_parameters(x)
+    np.testing.assert_array_equal(loc.numpy(), mixture_loc[:, 0].numpy())
+    np.testing.assert_array_equal(scale.numpy(), mixture_scale[:, 0].numpy())
+    assert gaussian(x).event_shape == (3,)
+    clone = tf_rmvae.GaussianEncoder.from_config(gaussian.get_config())
+    np.testing.assert_array_equal(clone.compute_parameters(x)[0].numpy(), loc.numpy())
+
+
+def test_component_networks_and_mixing_weights_are_serializable_layers():
+    import keras
+
+    networks = tf_rmvae.ComponentNetworks(2, 3, hidden_units=(8,), seed=1)
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(networks))
+    x = tf.ones([2, 5])
+    for a, b in zip(networks(x), restored(x)):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    weights = tf_rmvae.RecursiveMixingWeights(3, initial_active_components=2, learn_mixing_proportions=True)
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(weights))
+    assert restored.get_config() == weights.get_config()
+    weights.ensure_built()
+    weights.activate_next(0.25)
+    expected = [0.5 * 0.75, 0.5 * 0.75, 0.25]  # eps = 1/2 for two components, then eps = 0.25
+    np.testing.assert_allclose(np.exp(weights.log_weights().numpy()), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="already active"):
+        weights.activate_next(0.1)
+
+
+@pytest.mark.parametrize("built", [False, True])
+def test_configure_mixing_sets_the_active_count_and_trainability_before_or_after_the_build(built):
+    encoder = RecursiveMixtureEncoder(2, 3, hidden_units=(4,), learn_mixing_proportions=True)
+    if built:
+        encoder(tf.ones([1, 5]))
+    encoder.configure_mixing(all_active=True, learn_proportions=False)
+    encoder(tf.ones([1, 5]))
+    assert int(encoder.num_active_components.numpy()) == 3
+    assert not encoder.mixing_logits.trainable
+    assert encoder.get_config()["learn_mixing_proportions"]  # the config keeps the constructor arguments

@@ -194,7 +194,8 @@ def test_export_writes_a_tf_serving_version_directory_with_metadata(exported):
     assert meta["mixing_weights"] == pytest.approx([0.7, 0.3, 0.0])
     assert meta["method"] == "rme" and meta["metrics"] == {"test_elbo": -123.5}
     assert meta["model_config"]["encoder"]["config"]["latent_dim"] == LATENT_DIM
-    assert set(meta["signatures"]) == {"serving_default", "encode", "reconstruct", "log_likelihood", "generate", "sample"}
+    assert set(meta["signatures"]) == {
+        "serving_default", "encode", "reconstruct", "log_likelihood", "generate", "sample"}
     assert meta["signatures"]["log_likelihood"]["inputs"]["num_samples"] == {"dtype": "int32", "shape": []}
     assert meta["signatures"]["encode"]["outputs"]["loc"]["shape"] == [-1, COMPONENTS, LATENT_DIM]
 

@@ -24,7 +24,7 @@ import tensorflow as tf
 
 import tf_rmvae
 from tests.helpers import mnist_digits, tiny_model
-from tf_rmvae import export, run_dir, training
+from tf_rmvae import export, model_factory, run_dir, run_evaluation, training
 from tf_rmvae.config import RunConfig
 from tf_rmvae.guards import ExportRefused, chance_log_likelihood
 from tf_rmvae.semi_amortized import SemiAmortizedVAE
@@ -116,7 +116,7 @@ def test_tfds_style_uint8_images_are_scaled_exactly_like_the_pipeline_does():
 @pytest.mark.parametrize("call", ["fit", "evaluate", "elbo", "log_likelihood", "savae_elbo"])
 def test_float_pixels_outside_the_unit_range_are_refused(call):
     raw = mnist_digits(20) * 255.0  # the usual mistake: intensities not divided by 255
-    model = SemiAmortizedVAE(tf_rmvae.RecursiveMixtureEncoder(4, 1, hidden_units=(16,)),
+    model = SemiAmortizedVAE(tf_rmvae.GaussianEncoder(4, hidden_units=(16,)),
                              tf_rmvae.BernoulliDecoder((28, 28, 1), hidden_units=(16,)), refine_steps=1) \
         if call == "savae_elbo" else compiled(tiny_model("rme", hidden=16))
     actions = {
@@ -168,8 +168,9 @@ def test_a_diverged_run_stops_with_an_error_exits_1_and_exports_nothing(tmp_path
 def test_a_run_with_non_finite_test_metrics_is_neither_exported_nor_marked_finished(run_copy, monkeypatch):
     shutil.rmtree(run_copy / "export")
     (run_copy / "metrics.json").unlink()  # as if killed during evaluation: the rerun only evaluates and exports
-    evaluate_run = training.evaluate_run
-    monkeypatch.setattr(training, "evaluate_run", lambda *args: dict(evaluate_run(*args), elbo_mean=float("nan")))
+    evaluate_run = run_evaluation.evaluate_run
+    monkeypatch.setattr(run_evaluation, "evaluate_run",
+                        lambda *args: dict(evaluate_run(*args), elbo_mean=float("nan")))
     with pytest.raises(ExportRefused, match=r"not finite \(elbo_mean=nan\).*not exported"):
         training.train(tiny_config(run_copy))
     assert not (run_copy / "export").exists() and not (run_copy / "metrics.json").exists()
@@ -179,11 +180,12 @@ def test_a_model_below_chance_is_refused_unless_asked_for():
     model = tiny_model("rme", hidden=16)
     test = {"elbo_mean": -9550.0, "log_likelihood_mean": -9000.0}  # what --learning_rate=10 produced
     with pytest.raises(ExportRefused, match=r"below chance \(-543.43.*--export_below_chance"):
-        training.check_test_metrics(model, tiny_config("run"), test)
-    training.check_test_metrics(model, tiny_config("run", export_below_chance=True), test)
-    training.check_test_metrics(model, tiny_config("run", export_dir=""), test)  # nothing would be served
+        run_evaluation.check_test_metrics(model, tiny_config("run"), test)
+    run_evaluation.check_test_metrics(model, tiny_config("run", export_below_chance=True), test)
+    run_evaluation.check_test_metrics(model, tiny_config("run", export_dir=""), test)  # nothing to serve
     with pytest.raises(ExportRefused, match="not finite"):
-        training.check_test_metrics(model, tiny_config("run", export_below_chance=True), dict(test, elbo_mean=math.inf))
+        run_evaluation.check_test_metrics(model, tiny_config("run", export_below_chance=True),
+                                          dict(test, elbo_mean=math.inf))
 
 
 def test_chance_level_follows_the_decoder_and_image_size():
@@ -241,7 +243,7 @@ def test_a_second_trainer_is_refused_naming_the_holder_and_a_dead_holders_lock_i
 
 # ---------------------------------------------------------------------------------------------- 6. resume state
 def _restored_epoch(model_dir) -> int:
-    model = training.build_compiled_model(tiny_config(model_dir), (28, 28, 1), True)
+    model = model_factory.build_compiled_model(tiny_config(model_dir), (28, 28, 1), True)
     return run_dir.restore(model, str(model_dir), STEPS)
 
 
@@ -265,7 +267,7 @@ def test_an_edited_epoch_count_is_refused_by_the_optimizer_step_check(run_copy):
 
 def test_the_state_is_one_atomic_file_a_crash_mid_save_leaves_the_previous_one(run_copy, monkeypatch):
     assert sorted(os.listdir(run_copy / "backup")) == ["latest.weights.h5"]  # weights and metadata together
-    model = training.build_compiled_model(tiny_config(run_copy), (28, 28, 1), True)
+    model = model_factory.build_compiled_model(tiny_config(run_copy), (28, 28, 1), True)
     run_dir.restore(model, str(run_copy), STEPS)
 
     def killed(path):
@@ -367,7 +369,7 @@ def test_disk_full_while_saving_the_backup_keeps_the_previous_state_and_exits_1(
 def test_a_state_that_cannot_fit_is_refused_before_hdf5_writes_anything(run_copy, monkeypatch):
     """On a really full disk HDF5 failed mid-write and the process died of a segfault (tried on a small tmpfs):
     a save is refused up front when the free space is smaller than the state."""
-    model = training.build_compiled_model(tiny_config(run_copy), (28, 28, 1), True)
+    model = model_factory.build_compiled_model(tiny_config(run_copy), (28, 28, 1), True)
     run_dir.restore(model, str(run_copy), STEPS)
     almost_full = os.statvfs_result((4096, 4096, 1000, 20, 20, 1000, 900, 900, 0, 255))  # 80 KiB free
 

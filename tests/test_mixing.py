@@ -59,3 +59,23 @@ def test_tiny_proportions_stay_finite():
     log_w = mixing.recursive_log_weights(mixing.eps_to_logit([1.0, 1e-8, 0.0]), 3)
     assert np.all(np.isfinite(log_w.numpy()))
     assert tf.reduce_sum(tf.exp(log_w)).numpy() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_prefix_weights_of_per_example_logits_are_each_rows_prefix_weights():
+    logits = np.stack([mixing.eps_to_logit([0.5, 0.4, 0.25]), mixing.eps_to_logit([0.5, 0.9, 0.05])])  # [B=2, M]
+    batched = mixing.prefix_log_weights(logits).numpy()  # [2, 3, 3]
+    for b in range(2):
+        np.testing.assert_array_equal(batched[b], mixing.prefix_log_weights(logits[b]).numpy())
+
+
+def test_candidate_weights_with_offsets_shift_every_candidate_by_the_examples_offsets():
+    logits, candidates = mixing.eps_to_logit([0.5, 0.3, 0.2]), mixing.eps_to_logit([0.0, 0.1, 0.6])
+    offsets = np.array([[0.0, 1.0, -2.0], [0.0, -0.5, 3.0]], np.float32)  # [B=2, M]
+    with_offsets = mixing.candidate_log_weights(logits, 2, candidates, offsets).numpy()  # [G, B, M]
+    for g, candidate in enumerate(candidates):
+        for b in range(2):
+            shifted = np.array([logits[0], candidate, logits[2]]) + offsets[b]
+            np.testing.assert_allclose(
+                with_offsets[g, b], mixing.recursive_log_weights(shifted, 2).numpy(), rtol=1e-6)
+    # eps = 0 (logit -30) stays off whatever the example's offset (bounded by MAX_OFFSET in the layer).
+    assert np.all(np.exp(with_offsets[0, :, 1]) < 1e-8)

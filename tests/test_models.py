@@ -35,7 +35,8 @@ def test_training_raises_the_test_elbo(digits):
     model = tiny_model("rme", components=3, eps_search_every=10)
     model.ensure_built(train.shape)
     before = mean_elbo(model, test)
-    model, history = fitted(model, train, epochs=3, callbacks=[tf_rmvae.ComponentSchedule(epochs_per_component=1)])
+    schedule = tf_rmvae.ComponentSchedule(epochs_per_component=1)
+    model, history = fitted(model, train, epochs=3, callbacks=[schedule])
     after = mean_elbo(model, test)
     assert after > before + 100.0, (before, after)
     assert history["active_components"] == [1.0, 2.0, 3.0]
@@ -58,7 +59,8 @@ def test_adding_components_does_not_lower_iwae_on_a_fixed_decoder(digits):
     tf.random.set_seed(1)
     before = model.log_likelihood(test, num_samples=200).numpy()
     model.decoder.trainable = False  # the decoder is fixed; only the new components and their eps move
-    model, history = fitted(model, train, epochs=2, callbacks=[tf_rmvae.ComponentSchedule(epochs_per_component=1)])
+    schedule = tf_rmvae.ComponentSchedule(epochs_per_component=1)
+    model, history = fitted(model, train, epochs=2, callbacks=[schedule])
     tf.random.set_seed(1)
     after = model.log_likelihood(test, num_samples=200).numpy()
     diff = after - before
@@ -76,7 +78,7 @@ def test_rme_criterion_gives_no_gradient_to_earlier_components(digits):
     model.encoder.set_mixing_proportion(2, 0.3)
     variables = model.encoder.component_variables
     with tf.GradientTape(persistent=True) as tape:
-        criteria = tf.reduce_sum(model._terms(tf.constant(digits[:16]), 1)["criterion"], axis=0)  # [M]
+        criteria = tf.reduce_sum(model.terms(tf.constant(digits[:16]), 1).criterion, axis=0)  # [M]
         per_component = [criteria[m] for m in range(3)]
     for m in range(3):
         grads = tape.gradient(per_component[m], variables)
@@ -109,7 +111,8 @@ def test_line_search_moves_eps_to_the_best_candidate_of_the_grid(digits):
     np.testing.assert_allclose(weights.sum(), 1.0, atol=1e-6)
 
 
-@pytest.mark.parametrize("method,schedule", [("mixture", "stagewise"), ("rme", "sweep"), ("boosting", "stagewise")])
+@pytest.mark.parametrize(
+    "method,schedule", [("mixture", "stagewise"), ("rme", "sweep"), ("boosting", "stagewise")])
 def test_baselines_and_options_train(digits, method, schedule):
     model = tiny_model(method, components=3, schedule=schedule, eps_search_every=5)
     callbacks = [tf_rmvae.ComponentSchedule(epochs_per_component=1)] if model.line_search else []
@@ -118,15 +121,16 @@ def test_baselines_and_options_train(digits, method, schedule):
     if model.all_components_from_start:
         assert history["active_components"] == [3.0, 3.0]
         assert model.encoder.mixing_logits.trainable
-        assert not np.allclose(model.encoder.mixing_logits.numpy()[1:], tf_rmvae.mixing.uniform_mixing_logits(3)[1:])
+        uniform = tf_rmvae.mixing.uniform_mixing_logits(3)
+        assert not np.allclose(model.encoder.mixing_logits.numpy()[1:], uniform[1:])
     else:
         assert history["active_components"] == [1.0, 2.0]
 
 
 def test_vae_needs_one_component():
     with pytest.raises(ValueError, match="max_components=1"):
-        tf_rmvae.RecursiveMixtureVAE(tf_rmvae.RecursiveMixtureEncoder(4, 2), tf_rmvae.BernoulliDecoder((28, 28, 1)),
-                                     method="vae")
+        tf_rmvae.RecursiveMixtureVAE(
+            tf_rmvae.RecursiveMixtureEncoder(4, 2), tf_rmvae.BernoulliDecoder((28, 28, 1)), method="vae")
     with pytest.raises(ValueError, match="lambda_kl"):
         tiny_model(lambda_kl=-1.0)
     with pytest.raises(ValueError, match="method"):
@@ -137,7 +141,7 @@ def test_one_component_kl_matches_closed_form(digits):
     model = tiny_model("vae")
     x = tf.constant(digits[:4])
     model.ensure_built(x.shape)
-    kl_mc = model._terms(x, 20000)["kl"].numpy()
+    kl_mc = model.terms(x, 20000).kl.numpy()
     _, loc, scale = model.encoder.compute_parameters(x)
     q = tfd.MultivariateNormalDiag(loc[:, 0], scale[:, 0])
     closed = tfd.kl_divergence(q, tfd.MultivariateNormalDiag(tf.zeros(8))).numpy()
@@ -206,9 +210,9 @@ def test_encoder_drops_into_a_third_party_vae(digits):
 def test_default_rme_keeps_training_every_active_component(digits):
     model, _ = fitted(tiny_model("rme", components=3), digits[:300])
     model.add_component()
-    before = model.encoder.loc_kernel.numpy().copy()
+    before = model.encoder.networks.loc_kernel.numpy().copy()
     fitted(model, digits[:300])
-    change = np.abs(model.encoder.loc_kernel.numpy() - before).max(axis=(1, 2))
+    change = np.abs(model.encoder.networks.loc_kernel.numpy() - before).max(axis=(1, 2))
     assert np.all(change[:2] > 0) and change[2] == 0  # both active components train; the inactive slot does not
 
 

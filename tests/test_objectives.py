@@ -18,7 +18,8 @@ def test_importance_weighted_estimate_is_exact_for_the_true_posterior():
         return tfd.Normal(0.0, 1.0).log_prob(z) + tfd.Normal(z, 1.0).log_prob(x) - posterior.log_prob(z)
 
     estimate = objectives.importance_weighted_log_likelihood(log_weights, num_samples=250, chunk_size=64)
-    np.testing.assert_allclose(estimate.numpy(), tfd.Normal(0.0, np.float32(np.sqrt(2.0))).log_prob(x).numpy(), atol=1e-4)
+    exact = tfd.Normal(0.0, np.float32(np.sqrt(2.0))).log_prob(x).numpy()
+    np.testing.assert_allclose(estimate.numpy(), exact, atol=1e-4)
 
 
 def test_chunked_estimate_equals_log_mean_exp_of_all_samples():
@@ -157,7 +158,8 @@ def test_stratified_importance_weighted_bound_is_unbiased_for_p_of_x():
     log_joint = tfd.Normal(0.0, 1.0).log_prob(z) + tfd.Normal(z, 1.0).log_prob(x)
     log_v = mixing.slot_log_weights(log_w, sources)
     np.testing.assert_allclose(np.exp(log_v.numpy()).sum(), 1.0, rtol=1e-5)
-    # One sample per slot per "example" (S = 1, B = 20000): 20000 independent estimates of p(x); their mean must match p(x).
+    # One sample per slot per "example" (S = 1, B = 20000): 20000 independent estimates of p(x); their mean must
+    # match p(x).
     estimates = np.exp(objectives.stratified_importance_weighted_bound(log_joint[None], log_q[None], log_v).numpy())
     p_x = np.exp(tfd.Normal(0.0, np.sqrt(2.0)).log_prob(x).numpy())
     assert abs(estimates.mean() - p_x) < 4 * estimates.std() / np.sqrt(len(estimates))

@@ -72,10 +72,10 @@ def test_extreme_inputs_and_tiny_weights_stay_finite():
     head = model.decoder.head
     head.kernel.assign(head.kernel * 1e4)
     with tf.GradientTape() as tape:
-        terms = model._terms(tf.constant(images), 2)
-        loss = -tf.reduce_sum(terms["elbo"]) - tf.reduce_sum(terms["criterion"])
+        terms = model.terms(tf.constant(images), 2)
+        loss = -tf.reduce_sum(terms.elbo) - tf.reduce_sum(terms.criterion)
     grads = tape.gradient(loss, model.trainable_variables)
-    assert np.all(np.isfinite(terms["elbo"].numpy()))
+    assert np.all(np.isfinite(terms.elbo.numpy()))
     assert all(np.all(np.isfinite(g.numpy())) for g in grads if g is not None)
     assert np.all(np.isfinite(model.log_likelihood(images, num_samples=16).numpy()))
     weights = np.exp(model.encoder.mixture_log_weights().numpy())
@@ -110,8 +110,8 @@ def test_mixed_precision_training_keeps_distributions_in_float32(policy):
 def test_encoder_shapes_and_log_prob_over_random_configurations(batch, features, latent, slots, active,
                                                                  magnitude, draws):
     active = min(active, slots)
-    encoder = tf_rmvae.RecursiveMixtureEncoder(latent, slots, hidden_units=(4,), initial_active_components=active,
-                                               seed=0)
+    encoder = tf_rmvae.RecursiveMixtureEncoder(
+        latent, slots, hidden_units=(4,), initial_active_components=active, seed=0)
     x = tf.random.stateless_normal([batch, features], seed=[batch, features]) * magnitude
     q = encoder(x)
     z = q.sample(draws, seed=1)

@@ -257,7 +257,7 @@ def test_a_config_saved_before_validation_existed_resumes_without_a_hold_out(tmp
 
 
 def test_history_keeps_only_the_rows_of_saved_epochs(tmp_path):
-    from tf_rmvae.training import read_history, truncate_history
+    from tf_rmvae.run_dir import read_history, truncate_history
 
     path = tmp_path / "history.csv"
     path.write_text("epoch,loss,val_loss\n0,3.5,NA\n1,2.5,NA\n2,1.5,NA\n")
@@ -268,12 +268,12 @@ def test_history_keeps_only_the_rows_of_saved_epochs(tmp_path):
 
 
 def test_nonfinite_policy_is_validated_and_reaches_the_model():
-    from tf_rmvae import training
+    from tf_rmvae import model_factory, run_callbacks
     from tf_rmvae.config import ConfigError, RunConfig
 
     with pytest.raises(ConfigError, match="nonfinite_inputs"):
         RunConfig(nonfinite_inputs="ignore").validate()
     config = RunConfig(nonfinite_inputs="skip", hidden_units=(8,), latent_dim=2)
-    model = training.build_model(config, (28, 28, 1), True)
+    model = model_factory.build_model(config, (28, 28, 1), True)
     assert model.nonfinite_inputs == "skip"
-    assert not any(type(c).__name__ == "NonFiniteInputGuard" for c in training.make_callbacks(config))
+    assert not any(type(c).__name__ == "NonFiniteInputGuard" for c in run_callbacks.make_callbacks(config))

@@ -1,24 +1,55 @@
 """tf-rmvae: Recursive Mixture Estimation for variational autoencoders (Keras 3 + TFP).
 
 Kim & Pavlovic, "Recursive Inference for Variational Autoencoders", NeurIPS 2020 (arXiv:2011.08544).
+
+The names below are imported on first use (PEP 562 module `__getattr__`), so that
+`import tf_rmvae.config` (settings, no TensorFlow) does not import TensorFlow through this package.
+`from tf_rmvae import RecursiveMixtureVAE` works as usual; to load a `.keras` file, import the classes it
+holds first (that registers them with Keras), e.g. `import tf_rmvae.models`.
 """
 
-from tf_rmvae import export, mixing, objectives
-from tf_rmvae.callbacks import ComponentSchedule, NonFiniteInputGuard
-from tf_rmvae.decoders import BernoulliDecoder, GaussianDecoder, ImageDecoder, make_decoder
-from tf_rmvae.encoders import RecursiveMixtureEncoder, make_mixture
-from tf_rmvae.models import METHODS, SCHEDULES, RecursiveMixtureVAE
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+# {public name: the module that defines it}; a name equal to its module's last part is the module itself.
+_LAZY = {
+    "export": "tf_rmvae.export",
+    "mixing": "tf_rmvae.mixing",
+    "objectives": "tf_rmvae.objectives",
+    "recursion": "tf_rmvae.recursion",
+    "ComponentSchedule": "tf_rmvae.callbacks",
+    "NonFiniteInputGuard": "tf_rmvae.callbacks",
+    "ComponentNetworks": "tf_rmvae.component_networks",
+    "BernoulliDecoder": "tf_rmvae.decoders",
+    "GaussianDecoder": "tf_rmvae.decoders",
+    "ImageDecoder": "tf_rmvae.decoders",
+    "make_decoder": "tf_rmvae.decoders",
+    "GaussianEncoder": "tf_rmvae.encoders",
+    "RecursiveMixtureEncoder": "tf_rmvae.encoders",
+    "make_mixture": "tf_rmvae.encoders",
+    "RecursiveMixingWeights": "tf_rmvae.mixing_weights",
+    "RecursiveMixtureVAE": "tf_rmvae.models",
+    "METHODS": "tf_rmvae.recursion",
+    "SCHEDULES": "tf_rmvae.recursion",
+    "RecursiveMixtureTrainer": "tf_rmvae.recursion",
+}
+
 __all__ = [
     "BernoulliDecoder",
+    "ComponentNetworks",
     "ComponentSchedule",
     "GaussianDecoder",
+    "GaussianEncoder",
     "ImageDecoder",
     "METHODS",
     "NonFiniteInputGuard",
+    "RecursiveMixingWeights",
     "RecursiveMixtureEncoder",
+    "RecursiveMixtureTrainer",
     "RecursiveMixtureVAE",
     "SCHEDULES",
     "make_decoder",
@@ -26,4 +57,28 @@ __all__ = [
     "make_mixture",
     "mixing",
     "objectives",
+    "recursion",
 ]
+
+if TYPE_CHECKING:  # what static analysis and IDEs see
+    from tf_rmvae import export, mixing, objectives, recursion
+    from tf_rmvae.callbacks import ComponentSchedule, NonFiniteInputGuard
+    from tf_rmvae.component_networks import ComponentNetworks
+    from tf_rmvae.decoders import BernoulliDecoder, GaussianDecoder, ImageDecoder, make_decoder
+    from tf_rmvae.encoders import GaussianEncoder, RecursiveMixtureEncoder, make_mixture
+    from tf_rmvae.mixing_weights import RecursiveMixingWeights
+    from tf_rmvae.models import RecursiveMixtureVAE
+    from tf_rmvae.recursion import METHODS, SCHEDULES, RecursiveMixtureTrainer
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'tf_rmvae' has no attribute {name!r}")
+    module = importlib.import_module(_LAZY[name])
+    value = module if _LAZY[name] == f"tf_rmvae.{name}" else getattr(module, name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -23,6 +23,8 @@ import os
 
 import keras
 
+from tf_rmvae.files import write_json_atomic
+
 BEST_WEIGHTS_FILE = "best.weights.h5"
 BEST_STATE_FILE = "best.json"
 
@@ -52,14 +54,6 @@ def load_best(model: keras.Model, directory: str) -> dict | None:
         return None
     model.load_weights(weights)
     return best
-
-
-def _write_json_atomic(path: str, value: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 class BestCheckpoint(keras.callbacks.Callback):
@@ -106,7 +100,7 @@ class BestCheckpoint(keras.callbacks.Callback):
         self.model.save_weights(tmp, overwrite=True)
         os.replace(tmp, os.path.join(self.write_directory, BEST_WEIGHTS_FILE))
         self.best = {"epoch": int(epoch), "value": float(value), "monitor": self.monitor}
-        _write_json_atomic(os.path.join(self.write_directory, BEST_STATE_FILE), self.best)
+        write_json_atomic(os.path.join(self.write_directory, BEST_STATE_FILE), self.best)
 
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get(self.monitor)

@@ -14,11 +14,18 @@ import math
 import os
 from typing import Any
 
-from tf_rmvae.distribute import PRECISIONS, STRATEGIES
-from tf_rmvae.encoders import ARCHITECTURES
-from tf_rmvae.models import BOUNDS, METHODS, SCHEDULES
+from tf_rmvae.choices import (
+    ARCHITECTURES,
+    BOUNDS,
+    DECODERS,
+    METHODS,
+    NONFINITE_POLICIES,
+    PRECISIONS,
+    SCHEDULES,
+    STRATEGIES,
+)
+from tf_rmvae.files import write_json_atomic
 
-DECODERS = ("auto", "bernoulli", "gaussian")
 MODEL_DIR_PLACEHOLDER = "<model_dir>"
 # Exports land in the run directory; publishing one into a served directory is a separate step (`export.publish`).
 DEFAULT_EXPORT_DIR = f"{MODEL_DIR_PLACEHOLDER}/export"
@@ -28,7 +35,8 @@ DEFAULT_EXPORT_DIR = f"{MODEL_DIR_PLACEHOLDER}/export"
 # match the run's saved `config.json`.
 RESUMABLE_FIELDS = frozenset({
     "epochs", "verbose", "iwae_samples", "eval_examples", "eval_chunk_size", "jit_compile", "export_dir",
-    "export_name", "export_encoder", "export_below_chance", "keep_checkpoints", "model_dir", "data_dir", "debug_batch_sleep",
+    "export_name", "export_encoder", "export_below_chance", "keep_checkpoints", "model_dir", "data_dir",
+    "debug_batch_sleep",
     # The training state (weights, recursion state, optimizer, epoch) is device-independent and every epoch's data is
     # a function of (seed, epoch) with the same global batch on any strategy: a run may resume on other hardware.
     "strategy",
@@ -48,77 +56,107 @@ class ConfigError(ValueError):
     """An invalid setting, or a setting that contradicts the run already in `model_dir`."""
 
 
+def setting(default: Any, help: str, *, choices: tuple[str, ...] = (), required: bool = False) -> Any:
+    """A `RunConfig` field: its default and its help text, which is also the help of its flag in
+    `trainers/train.py`.
+
+    `choices`: the allowed values (`tf_rmvae.choices`; the flag is an enum). `required`: the flag has no
+    default and the program refuses to start without it.
+    """
+    metadata = {"help": help, "choices": tuple(choices), "required": required}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """Settings of one training run (flags of `trainers/train.py` have the same names).
+    """Settings of one training run. Each setting is defined once below with its default and help text
+    (`setting`); `trainers/train.py` makes a flag of the same name, default and help from each field.
 
-    Data: `dataset`, `data_dir`, `train_examples` (0 = all the training examples left after the validation hold-out),
-      `validation_examples` (the last examples of the training split, held out of training and evaluated after every
-      epoch; -1 = the default `min(10000, N // 6)` of a training split of N, 10000 for MNIST; 0 = no validation),
-      `batch_size`.
-    Model: `method` ("rme", "vae", "mixture", "boosting"), `num_components` (M; 1 for "vae"), `latent_dim`,
-      `architecture` ("dense"|"conv"), `hidden_units`, `conv_filters`, `decoder` ("auto": Bernoulli for binary
-      datasets, Gaussian otherwise), `lambda_kl`, `max_log_ratio` (cap of RME's per-sample KL log-ratio; < 0:
-      uncapped), `train_previous` (keep training earlier components), `schedule` ("stagewise"|"sweep"), `bound`
-      ("elbo": the decoder and proportions train on the stratified ELBO; "iw": on the stratified importance-weighted
-      bound), `num_samples` (samples per component per step; `method="vae"`, `bound="iw"`, `num_samples=k` is IWAE),
-      `eps_search_every`, `nonfinite_inputs` ("raise": stop at a batch with NaN/Inf pixels; "skip": skip such
-      examples).
-    Training: `epochs`, `epochs_per_component` (stage-wise recursive methods: epochs per stage), `learning_rate`,
-      `seed`, `jit_compile`, `verbose` (Keras progress: 0 silent, 1 bar, 2 one line per epoch; also the stage lines),
-      `early_stopping_patience` (stop after this many epochs without a better validation ELBO; 0 = never).
-    Evaluation: `eval_examples` (0 = the whole test split), `iwae_samples` (K of the IWAE bound), `eval_chunk_size`.
-    Output: `model_dir`, `export_dir` (default `<model_dir>/export`; a leading `<model_dir>` stands for the run
-      directory; "" disables export), `export_name` ("" = `<dataset>_<method>`), `export_encoder`,
-      `export_below_chance` (export even a model whose test ELBO is below chance), `keep_checkpoints` (per-epoch
-      checkpoints kept; 0 keeps all), `image_every_epochs` (TensorBoard reconstructions and samples every this many
-      epochs and after the last; 0 = none).
-    Hardware: `strategy` ("default", "mirrored", "multi_worker_mirrored", "tpu"; see `tf_rmvae.distribute`; may change
-      when resuming), `mixed_precision` ("float32", "mixed_float16", "mixed_bfloat16": Keras's global dtype policy).
-      `batch_size` is the GLOBAL batch, split evenly over the replicas (it must be a multiple of their number).
-    `debug_batch_sleep`: seconds slept after every training batch (tests use it to interrupt runs mid-epoch).
+    Groups: data, model, training, evaluation, output (the run directory and export), hardware (strategy and
+    precision; `batch_size` is the GLOBAL batch, split evenly over the replicas), and a testing aid.
     """
 
-    dataset: str = "rmvae_mnist"
-    data_dir: str = ""
-    train_examples: int = 0
-    validation_examples: int = AUTO_VALIDATION
-    batch_size: int = 100
-    method: str = "rme"
-    num_components: int = 4
-    latent_dim: int = 32
-    architecture: str = "dense"
-    hidden_units: tuple[int, ...] = (200, 200)
-    conv_filters: tuple[int, ...] = (32, 64)
-    decoder: str = "auto"
-    lambda_kl: float = 0.3
-    max_log_ratio: float = 5.0
-    train_previous: bool = True
-    nonfinite_inputs: str = "raise"
-    schedule: str = "stagewise"
-    bound: str = "elbo"
-    num_samples: int = 1
-    eps_search_every: int = 50
-    epochs: int = 10
-    epochs_per_component: int = 2
-    early_stopping_patience: int = 0
-    learning_rate: float = 1e-3
-    seed: int = 0
-    jit_compile: bool = False
-    verbose: int = 1
-    eval_examples: int = 1000
-    iwae_samples: int = 100
-    eval_chunk_size: int = 100
-    model_dir: str = ""
-    export_dir: str = DEFAULT_EXPORT_DIR
-    export_name: str = ""
-    export_encoder: bool = False
-    export_below_chance: bool = False
-    keep_checkpoints: int = 3
-    image_every_epochs: int = 2
-    strategy: str = "default"
-    mixed_precision: str = "float32"
-    debug_batch_sleep: float = 0.0
+    # Data
+    dataset: str = setting("rmvae_mnist", "Dataset name (tf_rmvae.data.SUPPORTED_DATASETS).")
+    data_dir: str = setting("", "tfds data directory ('' = tfds default).")
+    train_examples: int = setting(
+        0, "Use the first N training examples (0 = all those left after the validation hold-out).")
+    validation_examples: int = setting(
+        AUTO_VALIDATION,
+        f"Hold out the last N examples of the training split for validation after every epoch "
+        f"({AUTO_VALIDATION} = min(10000, a sixth of the split): 10000 for MNIST; 0 = no validation).")
+    batch_size: int = setting(
+        100, "GLOBAL training batch size: split evenly over all replicas (a multiple of their number).")
+    # Model
+    method: str = setting(
+        "rme", "rme: Recursive Mixture Estimation; vae: single Gaussian; mixture: jointly trained mixture; "
+        "boosting: boosting VI.", choices=METHODS)
+    num_components: int = setting(
+        4, "Mixture components M (default 1 for --method=vae, which allows only 1).")
+    latent_dim: int = setting(32, "Latent dimension D.")
+    architecture: str = setting("dense", "Encoder and decoder networks.", choices=ARCHITECTURES)
+    hidden_units: tuple[int, ...] = setting(
+        (200, 200), "Encoder dense widths (comma list); the decoder mirrors them.")
+    conv_filters: tuple[int, ...] = setting(
+        (32, 64), "Encoder conv filters for --architecture=conv (2 values); the decoder mirrors them.")
+    decoder: str = setting(
+        "auto", "Likelihood p(x|z); auto: Bernoulli for binary datasets, Gaussian otherwise.",
+        choices=DECODERS)
+    lambda_kl: float = setting(0.3, "RME's KL weight lambda (>= 0; 1 collapses components).")
+    max_log_ratio: float = setting(
+        5.0, "Cap of each sample's log h - log q_prev in RME's KL term (< 0: uncapped, which runs off).")
+    train_previous: bool = setting(
+        True, "Stage-wise: keep training earlier components on their criteria (false: freeze them).")
+    nonfinite_inputs: str = setting(
+        "raise", "A batch with NaN/Inf pixels: raise (stop, naming the batch) or skip those examples.",
+        choices=NONFINITE_POLICIES)
+    schedule: str = setting(
+        "stagewise", "stagewise: components join one at a time (RME); sweep: all components every step.",
+        choices=SCHEDULES)
+    bound: str = setting(
+        "elbo", "What the decoder and mixing proportions train on: elbo (stratified ELBO) or iw (stratified "
+        "importance-weighted bound; with --method=vae and --num_samples=k: IWAE).", choices=BOUNDS)
+    num_samples: int = setting(1, "Reparameterised samples per component per step.")
+    eps_search_every: int = setting(50, "Steps between mixing-proportion line searches.")
+    per_example_proportions: bool = setting(
+        False, "Per-example mixing proportions eps_m(x): the searched logit plus a small head's bounded offset.")
+    # Training
+    epochs: int = setting(10, "Training epochs (a larger value extends a finished or resumed run).")
+    epochs_per_component: int = setting(2, "Stage-wise RME/boosting: epochs before the next component joins.")
+    early_stopping_patience: int = setting(
+        0, "Stop after this many epochs without a better validation ELBO (0 = train every epoch).")
+    learning_rate: float = setting(1e-3, "Adam learning rate.")
+    seed: int = setting(0, "Seed of initialisation, shuffling and binarization.")
+    jit_compile: bool = setting(False, "Compile the train step with XLA.")
+    # verbose > 0 also prints the stage lines (`tf_rmvae.report`).
+    verbose: int = setting(1, "Keras progress: 0 silent, 1 progress bar, 2 one line per epoch.")
+    # Evaluation
+    eval_examples: int = setting(1000, "Test examples evaluated (0 = the whole test split).")
+    iwae_samples: int = setting(100, "Importance samples K of the test log-likelihood.")
+    eval_chunk_size: int = setting(100, "Importance samples drawn at once.")
+    # Output. In `export_dir`, a leading `<model_dir>` stands for the run directory (`resolved_export_dir`).
+    model_dir: str = setting(
+        "", "Run directory: config, checkpoints, logs, metrics, figures. Required.", required=True)
+    export_dir: str = setting(
+        DEFAULT_EXPORT_DIR,
+        "Base directory of TF-Serving exports, inside the run directory by default ('' disables export). "
+        "Publish an export for serving with `python -m trainers.publish`.")
+    export_name: str = setting("", "Served model name ('' = <dataset>_<method>).")
+    export_encoder: bool = setting(False, "Also export the encoder alone (<name>_encoder).")
+    export_below_chance: bool = setting(
+        False, "Export even a model whose test ELBO is below chance (refused by default).")
+    keep_checkpoints: int = setting(3, "Per-epoch checkpoints kept (0 = all).")
+    image_every_epochs: int = setting(
+        2, "TensorBoard reconstructions and samples every N epochs and after the last (0 = none).")
+    # Hardware
+    strategy: str = setting(
+        "default", "tf.distribute strategy: default (one device), mirrored (all GPUs of this host), "
+        "multi_worker_mirrored (the cluster in TF_CONFIG), tpu. May change when resuming a run.",
+        choices=STRATEGIES)
+    mixed_precision: str = setting(
+        "float32", "Keras dtype policy; distributions are always computed in float32.", choices=PRECISIONS)
+    # Testing
+    debug_batch_sleep: float = setting(0.0, "Testing only: seconds to sleep after every training batch.")
 
     def __post_init__(self):
         # Lists (from JSON or flags) become tuples so configs compare and hash by value.
@@ -154,8 +192,8 @@ class RunConfig:
         check(self.lambda_kl >= 0, f"--lambda_kl must be a number >= 0; got {self.lambda_kl}.")
         check(self.epochs >= 1, f"--epochs must be >= 1; got {self.epochs}.")
         check(self.epochs_per_component >= 1, f"--epochs_per_component must be >= 1; got {self.epochs_per_component}.")
-        check(self.nonfinite_inputs in ("raise", "skip"),
-              f"--nonfinite_inputs must be raise or skip; got {self.nonfinite_inputs!r}.")
+        check(self.nonfinite_inputs in NONFINITE_POLICIES,
+              f"--nonfinite_inputs must be {' or '.join(NONFINITE_POLICIES)}; got {self.nonfinite_inputs!r}.")
         check(self.eps_search_every >= 1, f"--eps_search_every must be >= 1; got {self.eps_search_every}.")
         check(self.batch_size >= 1, f"--batch_size must be >= 1; got {self.batch_size}.")
         check(not 0 < self.train_examples < self.batch_size,
@@ -231,12 +269,7 @@ class RunConfig:
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the config as JSON (atomically: a temporary file renamed into place)."""
-        path = os.fspath(path)
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
+        write_json_atomic(path, self.to_dict(), sort_keys=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> RunConfig:

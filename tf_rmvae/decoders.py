@@ -12,9 +12,10 @@ import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from tf_rmvae.choices import ARCHITECTURES
+
 tfd = tfp.distributions
 
-ARCHITECTURES = ("dense", "conv")
 
 
 class ImageDecoder(keras.layers.Layer):

@@ -24,8 +24,8 @@ import os
 import keras
 import tensorflow as tf
 
-STRATEGIES = ("default", "mirrored", "multi_worker_mirrored", "tpu")
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+from tf_rmvae.choices import PRECISIONS, STRATEGIES
+
 CPU_DEVICES_ENV = "RMVAE_CPU_DEVICES"
 
 

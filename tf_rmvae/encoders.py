@@ -1,8 +1,9 @@
-"""`RecursiveMixtureEncoder`: a Keras layer that emits the recursive mixture posterior as a TFP distribution.
+"""Encoders that emit TFP distributions: `RecursiveMixtureEncoder` (the recursive mixture posterior) and
+`GaussianEncoder` (one Gaussian, e.g. for SA-VAE).
 
-All `max_components` component networks live in batched weights with a leading component axis `M` and run in one
-pass (batched matmuls for dense layers, grouped convolution for conv layers): no Python loop over components at run time.
-The number of active components is a variable, so activating a component changes values, never shapes or traces.
+Both run their networks as `ComponentNetworks` (batched `[M, ...]` weights, one pass for all components); the
+mixture encoder adds `RecursiveMixingWeights` (the proportions and the count of active components). The number
+of active components is a variable, so activating a component changes values, never shapes or traces.
 """
 
 from __future__ import annotations
@@ -10,15 +11,16 @@ from __future__ import annotations
 from typing import Sequence
 
 import keras
-import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tf_rmvae import mixing
+from tf_rmvae.component_networks import ARCHITECTURES, ComponentNetworks
+from tf_rmvae.mixing_weights import RecursiveMixingWeights
 
 tfd = tfp.distributions
 
-ARCHITECTURES = ("dense", "conv")
+__all__ = ["ARCHITECTURES", "GaussianEncoder", "RecursiveMixtureEncoder", "make_mixture"]
+
 OUTPUT_MODES = ("distribution", "parameters")
 NEW_COMPONENT_INITS = ("copy", "random")
 
@@ -34,20 +36,15 @@ def make_mixture(
 
     Returns:
       `MixtureSameFamily` with batch shape `[B]`, event shape `[D]`, `Independent(Normal)` components and
-      `reparameterize=True` (so `sample()` carries gradients into `loc`, `scale` and the weights; pass False for
-      evaluation, where TFP's implicit reparameterisation gradient machinery only costs time).
+      `reparameterize=True` (so `sample()` carries gradients into `loc`, `scale` and the weights; pass False
+      for evaluation, where TFP's implicit reparameterisation gradient machinery only costs time).
     """
     return tfd.MixtureSameFamily(
         mixture_distribution=tfd.Categorical(logits=log_weights),
-        components_distribution=tfd.Independent(tfd.Normal(loc=loc, scale=scale), reinterpreted_batch_ndims=1),
+        components_distribution=tfd.Independent(
+            tfd.Normal(loc=loc, scale=scale), reinterpreted_batch_ndims=1),
         reparameterize=reparameterize,
     )
-
-
-def _uniform_init(fan_in: int, fan_out: int, seed):
-    """Glorot-uniform limits from the per-component fans (Keras's own would count the component axis as fan)."""
-    limit = float(np.sqrt(6.0 / (fan_in + fan_out)))
-    return keras.initializers.RandomUniform(-limit, limit, seed=seed)
 
 
 @keras.saving.register_keras_serializable(package="tf_rmvae")
@@ -55,9 +52,10 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
     """Mixture-of-Gaussians encoder `q(z|x) = sum_m w_m N(mu_m(x), diag sigma_m(x)^2)` with recursive weights.
 
     Weights follow `q_m = (1 - eps_m) q_{m-1} + eps_m h_m` (see `tf_rmvae.mixing`); only the first
-    `num_active_components` slots have non-zero weight.
+    `num_active_components` slots have non-zero weight. The networks are a `ComponentNetworks` layer
+    (`networks`), the recursion state a `RecursiveMixingWeights` layer (`mixing`).
 
-    Example (inside any Keras VAE):
+    Example (inside any Keras VAE; `tf_rmvae.recursion.RecursiveMixtureTrainer` trains it by RME):
 
         encoder = RecursiveMixtureEncoder(latent_dim=32, max_components=4)
         q = encoder(images)          # MixtureSameFamily, batch [B], event [32]
@@ -75,17 +73,21 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
       shared_trunk: if True, one trunk feeds M per-component heads (fewer parameters; with stage-wise training
         earlier components are then no longer exactly frozen). Default False: M independent networks.
       min_scale: floor added to the softplus scale.
-      initial_active_components: active components at construction (1 for RME; M for a jointly trained mixture).
-      learn_mixing_proportions: whether `mixing_logits` is trainable (True for a jointly trained mixture; RME sets
-        proportions by line search instead).
-      new_component_init: "copy" (default: `add_component` starts the new component as a copy of the newest one
-        plus relative noise `init_noise`) or "random" (keep its own random initialisation).
+      initial_active_components: active components at construction (1 for RME; M for a jointly trained
+        mixture).
+      learn_mixing_proportions: whether `mixing_logits` is trainable (True for a jointly trained mixture; RME
+        sets proportions by line search instead). A training method may override both (`configure_mixing`).
+      new_component_init: "copy" (default: `add_component` starts the new component as a copy of the newest
+        one plus relative noise `init_noise`) or "random" (keep its own random initialisation).
       init_noise: relative standard deviation of the noise added to a copied component.
-      output_mode: "distribution" (default, returns the `MixtureSameFamily`) or "parameters" (returns the tensors
-        `(log_weights [B, M], loc [B, M, D], scale [B, M, D])` for Keras functional models; rebuild the
-        distribution with `make_mixture`).
+      output_mode: "distribution" (default, returns the `MixtureSameFamily`) or "parameters" (returns the
+        tensors `(log_weights [B, M], loc [B, M, D], scale [B, M, D])` for Keras functional models; rebuild
+        the distribution with `make_mixture`).
       validate_inputs: check shapes and finiteness of inputs (clear errors instead of NaN posteriors).
       seed: seed for initialisers and the noise of copied components.
+      per_example_proportions: per-example mixing proportions `eps_m(x)`: the shared logits plus a small
+        amortized head's bounded offsets (see `RecursiveMixingWeights`), trained on the mixture's bound;
+        default False (shared proportions, as in the paper).
     """
 
     def __init__(
@@ -105,205 +107,97 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
         output_mode: str = "distribution",
         validate_inputs: bool = True,
         seed: int | None = None,
+        per_example_proportions: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if int(latent_dim) < 1:
-            raise ValueError(f"latent_dim must be >= 1; got {latent_dim}.")
         if int(max_components) < 1:
             raise ValueError(f"max_components must be >= 1; got {max_components}.")
-        if not 1 <= int(initial_active_components) <= int(max_components):
-            raise ValueError(
-                f"initial_active_components must lie in [1, max_components={max_components}]; "
-                f"got {initial_active_components}."
-            )
-        if architecture not in ARCHITECTURES:
-            raise ValueError(f"architecture must be one of {ARCHITECTURES}; got {architecture!r}.")
         if output_mode not in OUTPUT_MODES:
             raise ValueError(f"output_mode must be one of {OUTPUT_MODES}; got {output_mode!r}.")
         if new_component_init not in NEW_COMPONENT_INITS:
-            raise ValueError(f"new_component_init must be one of {NEW_COMPONENT_INITS}; got {new_component_init!r}.")
-        if min_scale <= 0:
-            raise ValueError(f"min_scale must be > 0; got {min_scale}.")
-        self.latent_dim = int(latent_dim)
-        self.max_components = int(max_components)
+            raise ValueError(
+                f"new_component_init must be one of {NEW_COMPONENT_INITS}; got {new_component_init!r}.")
+        self.networks = ComponentNetworks(
+            max_components, latent_dim, architecture=architecture, hidden_units=hidden_units,
+            conv_filters=conv_filters, activation=activation, shared_trunk=shared_trunk, min_scale=min_scale,
+            validate_inputs=validate_inputs, seed=seed, dtype=self.dtype_policy, name="networks",
+        )
+        self.mixing = RecursiveMixingWeights(
+            max_components, initial_active_components, learn_mixing_proportions,
+            per_example=per_example_proportions, dtype=self.dtype_policy, name="mixing",
+        )
+        self.per_example_proportions = self.mixing.per_example
+        self.latent_dim = self.networks.latent_dim
+        self.max_components = self.networks.num_components
         self.architecture = architecture
-        self.hidden_units = tuple(int(u) for u in hidden_units)
-        self.conv_filters = tuple(int(f) for f in conv_filters)
-        self.activation = keras.activations.get(activation)
-        self._activation_name = activation if isinstance(activation, str) else keras.activations.serialize(activation)
-        self.shared_trunk = bool(shared_trunk)
-        self.min_scale = float(min_scale)
-        self.initial_active_components = int(initial_active_components)
-        self.learn_mixing_proportions = bool(learn_mixing_proportions)
+        self.hidden_units = self.networks.hidden_units
+        self.conv_filters = self.networks.conv_filters
+        self._activation_name = self.networks._activation_name
+        self.shared_trunk = self.networks.shared_trunk
+        self.min_scale = self.networks.min_scale
+        self.initial_active_components = self.mixing.initial_active_components
+        self.learn_mixing_proportions = self.mixing.learn_mixing_proportions
         self.new_component_init = new_component_init
         self.init_noise = float(init_noise)
         self.output_mode = output_mode
         self.validate_inputs = bool(validate_inputs)
         self.seed = seed
-        self._input_feature_shape = None
 
     # ------------------------------------------------------------------ construction
-    def _seed(self, offset: int):
-        return None if self.seed is None else int(self.seed) + offset
-
-    def _component_weight(self, name: str, shape, fan_in: int, fan_out: int, offset: int, per_component: bool):
-        full_shape = ((self.max_components,) if per_component else ()) + tuple(shape)
-        # aggregation="mean": stage-wise training restores frozen slices with an assign in replica context.
-        return self.add_weight(
-            name=name, shape=full_shape, initializer=_uniform_init(fan_in, fan_out, self._seed(offset)),
-            aggregation="mean",
-        )
-
-    def _bias(self, name: str, size: int, per_component: bool):
-        shape = (self.max_components, size) if per_component else (size,)
-        return self.add_weight(name=name, shape=shape, initializer="zeros", aggregation="mean")
-
     def build(self, input_shape):
-        input_shape = tuple(input_shape)
-        if len(input_shape) < 2:
-            raise ValueError(f"RecursiveMixtureEncoder needs inputs of rank >= 2 ([B, ...]); got shape {input_shape}.")
-        if any(d is None for d in input_shape[1:]):
-            raise ValueError(f"All non-batch input dimensions must be known; got {input_shape}.")
-        if self.architecture == "conv" and len(input_shape) != 4:
-            raise ValueError(f"architecture='conv' needs images [B, H, W, C]; got shape {input_shape}.")
-        self._input_feature_shape = tuple(int(d) for d in input_shape[1:])
-        per = not self.shared_trunk
-        offset = 0
-        self.conv_kernels, self.conv_biases = [], []
-        if self.architecture == "conv":
-            height, width, channels = self._input_feature_shape
-            for i, filters in enumerate(self.conv_filters):
-                self.conv_kernels.append(
-                    self._component_weight(
-                        f"conv{i}_kernel", (3, 3, channels, filters), 9 * channels, 9 * filters, offset, per
-                    )
-                )
-                self.conv_biases.append(self._bias(f"conv{i}_bias", filters, per))
-                offset += 1
-                height, width, channels = -(-height // 2), -(-width // 2), filters
-            features = height * width * channels
-        else:
-            features = int(np.prod(self._input_feature_shape))
-        self.dense_kernels, self.dense_biases = [], []
-        for i, units in enumerate(self.hidden_units):
-            self.dense_kernels.append(
-                self._component_weight(f"dense{i}_kernel", (features, units), features, units, offset, per)
-            )
-            self.dense_biases.append(self._bias(f"dense{i}_bias", units, per))
-            offset += 1
-            features = units
-        d = self.latent_dim
-        self.loc_kernel = self._component_weight("loc_kernel", (features, d), features, d, offset, True)
-        self.loc_bias = self._bias("loc_bias", d, True)
-        self.scale_kernel = self._component_weight("scale_kernel", (features, d), features, d, offset + 1, True)
-        self.scale_bias = self._bias("scale_bias", d, True)
-        self.mixing_logits = self.add_weight(
-            name="mixing_logits",
-            shape=(self.max_components,),
-            initializer=lambda shape, dtype=None: tf.constant(mixing.uniform_mixing_logits(shape[0])),
-            trainable=self.learn_mixing_proportions,
-            autocast=False,  # the weights stay float32 under a mixed-precision policy
-            aggregation="only_first_replica",
-        )
-        self.num_active_components = self.add_weight(
-            name="num_active_components",
-            shape=(),
-            dtype="int32",
-            initializer=keras.initializers.Constant(self.initial_active_components),
-            trainable=False,
-            aggregation="only_first_replica",
-        )
+        # The networks' variables first, as before (unseeded initialisers draw their seeds in creation order).
+        self.networks.build(tuple(input_shape))
+        self.mixing.build(tuple(input_shape))
 
     def ensure_built(self, input_shape) -> None:
-        """Builds the layer for `input_shape` if needed (for direct calls of methods other than `__call__`)."""
+        """Builds the layer for `input_shape` if needed (methods other than `__call__` may come first)."""
         if not self.built:
             with tf.init_scope():
                 self.build(tuple(input_shape))
             self._build_shapes_dict = {"input_shape": tuple(input_shape)}
             self.built = True
 
+    def configure_mixing(self, *, all_active: bool, learn_proportions: bool) -> None:
+        """Sets how a training method uses the mixing weights (see `RecursiveMixingWeights.configure`): all M
+        components active from the start (else as constructed), proportions learned by gradient (else set by
+        `add_component`, `set_mixing_proportion` or a line search). Works before and after the build."""
+        self.mixing.configure(all_active=all_active, learn_proportions=learn_proportions)
+
+    @property
+    def mixing_logits(self):
+        """`[M]` variable: logits of the mixing proportions eps_m (slot 0 ignored)."""
+        return self.mixing.mixing_logits
+
+    @property
+    def num_active_components(self):
+        """int32 scalar variable: the number of active component slots."""
+        return self.mixing.num_active_components
+
     @property
     def component_variables(self) -> list:
         """Variables with a leading component axis `[M, ...]` (one slice per component network)."""
-        trunk = [] if self.shared_trunk else self.conv_kernels + self.conv_biases + self.dense_kernels + self.dense_biases
-        return trunk + [self.loc_kernel, self.loc_bias, self.scale_kernel, self.scale_bias]
+        return self.networks.component_variables
 
     # ------------------------------------------------------------------ forward pass
-    def _check_inputs(self, x):
-        shape = tuple(x.shape)
-        expected = self._input_feature_shape
-        if len(shape) != len(expected) + 1 or any(
-            s is not None and s != e for s, e in zip(shape[1:], expected)
-        ):
-            raise ValueError(
-                f"{self.name}: expected inputs of shape (batch,) + {expected}, got {shape}."
-            )
-        if not self.validate_inputs:
-            return x
-        if tf.executing_eagerly():
-            if not bool(tf.reduce_all(tf.math.is_finite(x))):
-                raise ValueError(f"{self.name}: inputs contain NaN or Inf values.")
-            return x
-        return tf.debugging.assert_all_finite(x, f"{self.name}: inputs contain NaN or Inf values.")
-
-    def _param(self, variable):
-        """A variable's value in the compute dtype (explicit: methods other than `__call__` get no autocast)."""
-        return tf.cast(tf.convert_to_tensor(variable), self.compute_dtype)
-
-    def _trunk(self, x):
-        """`[B, ...]` -> features `[M, B, F]` (independent trunks) or `[B, F]` (shared trunk)."""
-        act = self.activation
-        per = not self.shared_trunk
-        m = self.max_components
-        h = x
-        if self.architecture == "conv":
-            kernels = [self._param(k) for k in self.conv_kernels]
-            biases = [self._param(b) for b in self.conv_biases]
-
-            def convolutions(h, component=None):  # [B, H, W, C] -> [B, h*w*F]
-                for kernel, bias in zip(kernels, biases):
-                    if component is not None:
-                        kernel, bias = kernel[component], bias[component]
-                    h = act(tf.nn.conv2d(h, kernel, strides=2, padding="SAME") + bias)
-                return tf.reshape(h, [tf.shape(h)[0], int(np.prod(h.shape[1:]))])
-
-            # One convolution stack per component, not one grouped convolution: TensorFlow has no CPU gradient for
-            # grouped convolutions ("Gradients for grouped convolutions are not supported on CPU").
-            h = tf.stack([convolutions(h, c) for c in range(m)]) if per else convolutions(h)  # [M, B, F] / [B, F]
-        else:
-            h = tf.reshape(h, [tf.shape(h)[0], int(np.prod(self._input_feature_shape))])
-        for kernel, bias in zip(self.dense_kernels, self.dense_biases):
-            kernel, bias = self._param(kernel), self._param(bias)
-            if per:  # batched matmul: [1 or M, B, I] x [M, I, O] -> [M, B, O] (cheaper than einsum's transposes)
-                h = act(tf.matmul(h if h.shape.rank == 3 else h[None], kernel) + bias[:, None, :])
-            else:
-                h = act(tf.matmul(h, kernel) + bias)
-        return h
-
     def mixture_log_weights(self) -> tf.Tensor:
         """`[M]` current log-weights (inactive slots at `mixing.INACTIVE_LOG_WEIGHT`)."""
-        return mixing.recursive_log_weights(self.mixing_logits, self.num_active_components)
+        return self.mixing.log_weights()
 
-    def compute_parameters(self, x):
-        """`x [B, ...]` -> `(log_weights [B, M], loc [B, M, D], scale [B, M, D])`."""
+    def compute_parameters(self, x, return_logit_offsets: bool = False):
+        """`x [B, ...]` -> `(log_weights [B, M], loc [B, M, D], scale [B, M, D])`, and the per-example logit
+        offsets `[B, M]` (zeros for shared proportions) if `return_logit_offsets`."""
         x = tf.cast(tf.convert_to_tensor(x), self.compute_dtype)
         self.ensure_built(x.shape)
-        x = self._check_inputs(x)
-        features = self._trunk(x)
-        if features.shape.rank == 2:
-            features = features[None]  # shared trunk: broadcast over the M heads
-
-        def head(kernel, bias):  # [M, B, F] x [M, F, D] -> [B, M, D]
-            out = tf.matmul(features, self._param(kernel)) + self._param(bias)[:, None, :]
-            return tf.transpose(out, [1, 0, 2])
-
-        loc = head(self.loc_kernel, self.loc_bias)
-        raw_scale = head(self.scale_kernel, self.scale_bias)
-        # Distributions are computed in float32 even under a mixed-precision policy.
-        loc = tf.cast(loc, tf.float32)
-        scale = tf.nn.softplus(tf.cast(raw_scale, tf.float32)) + self.min_scale
-        log_weights = tf.broadcast_to(self.mixture_log_weights(), tf.shape(loc)[:2])
+        loc, scale = self.networks.compute_parameters(x)
+        if self.per_example_proportions:
+            offsets = self.mixing.logit_offsets(x)
+            log_weights = self.mixing.log_weights(offsets)
+        else:
+            offsets = tf.zeros(tf.shape(loc)[:2])
+            log_weights = tf.broadcast_to(self.mixture_log_weights(), tf.shape(loc)[:2])
+        if return_logit_offsets:
+            return log_weights, loc, scale, offsets
         return log_weights, loc, scale
 
     def call(self, inputs):
@@ -315,8 +209,9 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
     def compute_output_spec(self, inputs):
         if self.output_mode != "parameters":
             raise ValueError(
-                "A layer that returns a distribution cannot be used on symbolic Keras tensors (functional API). "
-                "Use RecursiveMixtureEncoder(..., output_mode='parameters') and tf_rmvae.make_mixture(*outputs)."
+                "A layer that returns a distribution cannot be used on symbolic Keras tensors (functional "
+                "API). Use RecursiveMixtureEncoder(..., output_mode='parameters') and "
+                "tf_rmvae.make_mixture(*outputs)."
             )
         batch = inputs.shape[0]
         m, d = self.max_components, self.latent_dim
@@ -332,38 +227,25 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
 
         The new component starts as a copy of the newest active one plus relative noise (`new_component_init=
         "copy"`) or from its own random initialisation ("random"). Its proportion eps starts at
-        `mixing_proportion` (default 0: the mixture, and hence the ELBO, is unchanged until a line search or the
-        optimizer moves eps). Raises `ValueError` when all `max_components` are active.
+        `mixing_proportion` (default 0: the mixture, and hence the ELBO, is unchanged until a line search or
+        the optimizer moves eps). Raises `ValueError` when all `max_components` are active.
         """
         if not self.built:
             raise RuntimeError(f"{self.name}: build the encoder (call it once) before adding components.")
-        active = int(keras.ops.convert_to_numpy(self.num_active_components))
+        active = self.mixing.active_count()
         if active >= self.max_components:
             raise ValueError(
                 f"{self.name}: all max_components={self.max_components} components are already active; "
                 "construct the encoder with a larger max_components to add more."
             )
         if self.new_component_init == "copy":
-            rng = np.random.default_rng(None if self.seed is None else [int(self.seed), active])
-            for variable in self.component_variables:
-                values = keras.ops.convert_to_numpy(variable)
-                source = values[active - 1]
-                noise = rng.standard_normal(source.shape) * self.init_noise * (np.std(source) + 1e-8)
-                values[active] = source + noise.astype(values.dtype)
-                variable.assign(values)
-        logits = keras.ops.convert_to_numpy(self.mixing_logits).copy()
-        logits[active] = mixing.eps_to_logit(mixing_proportion)
-        self.mixing_logits.assign(logits)
-        self.num_active_components.assign(active + 1)
-        return active + 1
+            seed = None if self.seed is None else [int(self.seed), active]
+            self.networks.copy_component(active - 1, active, self.init_noise, seed)
+        return self.mixing.activate_next(mixing_proportion)
 
     def set_mixing_proportion(self, index: int, mixing_proportion: float) -> None:
         """Sets eps of component slot `index` (>= 1)."""
-        if not 1 <= index < self.max_components:
-            raise ValueError(f"index must lie in [1, {self.max_components - 1}]; got {index}.")
-        logits = keras.ops.convert_to_numpy(self.mixing_logits).copy()
-        logits[index] = mixing.eps_to_logit(mixing_proportion)
-        self.mixing_logits.assign(logits)
+        self.mixing.set_mixing_proportion(index, mixing_proportion)
 
     def get_config(self):
         config = super().get_config()
@@ -383,5 +265,82 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
             output_mode=self.output_mode,
             validate_inputs=self.validate_inputs,
             seed=self.seed,
+            per_example_proportions=self.per_example_proportions,
         )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="tf_rmvae")
+class GaussianEncoder(keras.layers.Layer):
+    """Gaussian encoder `q(z|x) = N(mu(x), diag sigma(x)^2)`: one network of `ComponentNetworks`.
+
+    With the same arguments and seed its weights equal those of a one-component `RecursiveMixtureEncoder`.
+
+    Example:
+
+        encoder = GaussianEncoder(latent_dim=32, hidden_units=(200, 200), seed=0)
+        q = encoder(images)                        # Independent(Normal), batch [B], event [32]
+        loc, scale = encoder.compute_parameters(images)   # [B, 32] each
+
+    Args:
+      latent_dim, architecture, hidden_units, conv_filters, activation, min_scale, validate_inputs, seed: as
+        for `RecursiveMixtureEncoder`.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        architecture: str = "dense",
+        hidden_units: Sequence[int] = (500, 500),
+        conv_filters: Sequence[int] = (32, 64),
+        activation: str = "relu",
+        min_scale: float = 1e-4,
+        validate_inputs: bool = True,
+        seed: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.networks = ComponentNetworks(
+            1, latent_dim, architecture=architecture, hidden_units=hidden_units, conv_filters=conv_filters,
+            activation=activation, min_scale=min_scale, validate_inputs=validate_inputs, seed=seed,
+            dtype=self.dtype_policy, name="networks",
+        )
+        self.latent_dim = self.networks.latent_dim
+        self.architecture = architecture
+        self.seed = seed
+
+    def build(self, input_shape):
+        self.networks.build(tuple(input_shape))
+
+    def ensure_built(self, input_shape) -> None:
+        """Builds the layer for `input_shape` if needed (methods other than `__call__` may come first)."""
+        if not self.built:
+            with tf.init_scope():
+                self.build(tuple(input_shape))
+            self._build_shapes_dict = {"input_shape": tuple(input_shape)}
+            self.built = True
+
+    def compute_parameters(self, x):
+        """`x [B, ...]` -> `(loc [B, D], scale [B, D])`."""
+        x = tf.cast(tf.convert_to_tensor(x), self.compute_dtype)
+        self.ensure_built(x.shape)
+        loc, scale = self.networks.compute_parameters(x)
+        return loc[:, 0], scale[:, 0]
+
+    def call(self, inputs):
+        loc, scale = self.compute_parameters(inputs)
+        return tfd.Independent(tfd.Normal(loc, scale), reinterpreted_batch_ndims=1)
+
+    def compute_output_spec(self, inputs):
+        raise ValueError(
+            "A layer that returns a distribution cannot be used on symbolic Keras tensors (functional API); "
+            "call GaussianEncoder.compute_parameters in a custom layer instead."
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        networks = self.networks.get_config()
+        config.update({key: networks[key] for key in (
+            "latent_dim", "architecture", "hidden_units", "conv_filters", "activation", "min_scale",
+            "validate_inputs", "seed")})
         return config

@@ -5,13 +5,13 @@
 `keras.export.ExportArchive`, with these signatures (batch dimension `None` everywhere; `H, W, C` the model's image
 shape, `M` its component slots, `D` its latent size):
 
-| signature                     | inputs                                          | outputs                                   |
-|-------------------------------|-------------------------------------------------|-------------------------------------------|
-| `serving_default`, `encode`   | `images` float32 `[B, H, W, C]` in [0, 1]        | `mixture_weights` `[B, M]`, `loc` `[B, M, D]`, `scale` `[B, M, D]`, `posterior_mean` `[B, D]` |
-| `reconstruct`                 | `images`                                        | `reconstruction` `[B, H, W, C]` (decoder mean at the posterior mean) |
-| `log_likelihood`              | `images`, `num_samples` int32 scalar             | `log_likelihood` `[B]` (importance-weighted estimate, K = num_samples) |
-| `generate`                    | `z` float32 `[B, D]`                             | `images` `[B, H, W, C]` (decoder mean)     |
-| `sample`                      | `num_images` int32 scalar, `seed` int32 scalar   | `images` `[num_images, H, W, C]` (same as `model.generate(num_images, seed)`) |
+- `serving_default`, `encode`: `images` float32 `[B, H, W, C]` in [0, 1] -> `mixture_weights` `[B, M]`,
+  `loc` `[B, M, D]`, `scale` `[B, M, D]`, `posterior_mean` `[B, D]`;
+- `reconstruct`: `images` -> `reconstruction` `[B, H, W, C]` (decoder mean at the posterior mean);
+- `log_likelihood`: `images`, `num_samples` int32 scalar -> `log_likelihood` `[B]` (importance-weighted estimate,
+  K = num_samples);
+- `generate`: `z` float32 `[B, D]` -> `images` `[B, H, W, C]` (decoder mean);
+- `sample`: `num_images`, `seed` int32 scalars -> `images` `[num_images, H, W, C]` (as `model.generate`).
 
 `export_encoder(model, base_dir, name)` writes `base_dir/name_encoder/VERSION/` with `encode` (= `serving_default`)
 only and the encoder's variables only.
@@ -31,7 +31,8 @@ its time grows linearly with B x num_samples. An empty batch gives an empty resu
 
 Each version directory also holds `assets.extra/rmvae_metadata.json` (model config, image shape, latent size,
 method, active components and mixing weights at export, signatures, training metrics if given, versions of the
-libraries). TF Serving ignores `assets.extra/` apart from its warm-up file; `read_metadata(version_dir)` reads it.
+libraries; a non-finite number is written as null, `tf_rmvae.files`). TF Serving ignores `assets.extra/` apart
+from its warm-up file; `read_metadata(version_dir)` reads it.
 
 Versions are written atomically: the SavedModel is written to a hidden temporary directory beside the version
 directories and renamed into place, so a crash never leaves a half-written version for the server to load. Version
@@ -53,6 +54,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import tf_rmvae
+from tf_rmvae.files import json_ready, json_text
 from tf_rmvae.inputs import IMAGE_RANGE_MESSAGE, assert_unit_range
 
 METADATA_DIR = "assets.extra"
@@ -68,7 +71,8 @@ def existing_versions(model_dir: str) -> list[int]:
     if not os.path.isdir(model_dir):
         return []
     return sorted(
-        int(entry) for entry in os.listdir(model_dir) if entry.isdigit() and os.path.isdir(os.path.join(model_dir, entry))
+        int(entry) for entry in os.listdir(model_dir)
+        if entry.isdigit() and os.path.isdir(os.path.join(model_dir, entry))
     )
 
 
@@ -149,7 +153,8 @@ def _add_full_endpoints(archive, model, image_shape, latent_dim, limits) -> dict
     scalar = lambda name: tf.TensorSpec((), tf.int32, name=name)
 
     def reconstruct(images):
-        return {"reconstruction": model.decoder(_encode_outputs(model.encoder, images, image_shape)["posterior_mean"]).mean()}
+        posterior_mean = _encode_outputs(model.encoder, images, image_shape)["posterior_mean"]
+        return {"reconstruction": model.decoder(posterior_mean).mean()}
 
     def log_likelihood(images, num_samples):
         num_samples = _checked_count(num_samples, 1, limits["max_num_samples"], "num_samples")
@@ -177,20 +182,6 @@ def _add_full_endpoints(archive, model, image_shape, latent_dim, limits) -> dict
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def _json_safe(value):
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (np.generic, np.ndarray)):
-        return _json_safe(value.tolist())
-    if isinstance(value, float) and not np.isfinite(value):
-        return str(value)  # strict JSON has no NaN / Infinity
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
-
-
 def _signature_table(endpoints: dict) -> dict:
     """`{signature: {"inputs": {name: {dtype, shape}}, "outputs": {...}}}` with -1 for unknown sizes."""
     table = {}
@@ -209,13 +200,11 @@ def _signature_table(endpoints: dict) -> dict:
 
 
 def _metadata(model, kind, name, version, image_shape, signatures, metrics, limits) -> dict:
-    import tf_rmvae  # the package imports this module's siblings; imported here to avoid an import cycle
-
     encoder = model.encoder
     weights = np.exp(keras.ops.convert_to_numpy(encoder.mixture_log_weights()))
     signatures = dict(signatures)
     signatures["serving_default"] = signatures["encode"]
-    return _json_safe({
+    return json_ready({
         "format": METADATA_FORMAT,
         "kind": kind,
         "name": name,
@@ -305,7 +294,7 @@ def _export(model, model_dir, name, version, kind, metrics, limits) -> str:
         meta = _metadata(model, kind, name, number, image_shape, signatures, metrics, limits)
         os.makedirs(os.path.join(tmp, METADATA_DIR), exist_ok=True)
         with open(os.path.join(tmp, METADATA_DIR, METADATA_FILE), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2, sort_keys=True)
+            f.write(json_text(meta, sort_keys=True))
 
     return _write_version(model_dir, version, write)
 
@@ -390,6 +379,6 @@ def publish(version_dir: str, base_dir: str = "saved_models", name: str | None =
         shutil.copytree(version_dir, tmp, dirs_exist_ok=True)
         copied = dict(metadata, version=number, name=name, published_from=os.path.abspath(version_dir))
         with open(os.path.join(tmp, METADATA_DIR, METADATA_FILE), "w", encoding="utf-8") as f:
-            json.dump(copied, f, indent=2, sort_keys=True)
+            f.write(json_text(copied, sort_keys=True))
 
     return _write_version(os.path.join(os.fspath(base_dir), name), None, write)

@@ -1,9 +1,9 @@
 """`LatentVariableModel`: what every VAE-style model here shares (RME and its baselines, SA-VAE).
 
-An encoder (`RecursiveMixtureEncoder`), a decoder `p(x | z)` and the prior `N(0, I)`; building on first use,
-batch unpacking, metric trackers, reconstruction, prior samples, the importance-weighted log-likelihood and Keras
-serialization of the two sub-layers. Subclasses provide `posterior_mean(x)`, the importance proposal
-`proposal(x)` and their own `train_step`/`test_step`.
+An encoder (`RecursiveMixtureEncoder`, or `GaussianEncoder` for SA-VAE), a decoder `p(x | z)` and the prior
+`N(0, I)`; building on first use, batch unpacking, metric trackers, reconstruction, prior samples, the
+importance-weighted log-likelihood and Keras serialization of the two sub-layers. Subclasses provide
+`posterior_mean(x)`, the importance proposal `proposal(x)` and their own `train_step`/`test_step`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tf_rmvae import inputs as image_inputs
-from tf_rmvae import objectives
+from tf_rmvae import legacy_weights, objectives
 from tf_rmvae.encoders import RecursiveMixtureEncoder
 
 tfd = tfp.distributions
@@ -39,12 +39,15 @@ def replica_batch_layout(batch: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
 
 
 class LatentVariableModel(keras.Model):
-    """Base of the models: `encoder` (a `RecursiveMixtureEncoder`) and `decoder` (`z [..., D]` -> image distribution)."""
+    """Base of the models: `encoder` (an `encoder_type`), `decoder` (`z [..., D]` -> image distribution)."""
 
-    def __init__(self, encoder: RecursiveMixtureEncoder, decoder: keras.layers.Layer, **kwargs):
+    encoder_type: type = RecursiveMixtureEncoder  # what the subclass's encoder must be
+    weights_layout: str = legacy_weights.MIXTURE_LAYOUT  # how a 0.1 weights file maps onto this model
+
+    def __init__(self, encoder: keras.layers.Layer, decoder: keras.layers.Layer, **kwargs):
         super().__init__(**kwargs)
-        if not isinstance(encoder, RecursiveMixtureEncoder):
-            raise TypeError(f"encoder must be a RecursiveMixtureEncoder; got {type(encoder).__name__}.")
+        if not isinstance(encoder, self.encoder_type):
+            raise TypeError(f"encoder must be a {self.encoder_type.__name__}; got {type(encoder).__name__}.")
         self.encoder = encoder
         self.decoder = decoder
         self._trackers: dict[str, keras.metrics.Metric] = {}
@@ -52,7 +55,7 @@ class LatentVariableModel(keras.Model):
 
     # ------------------------------------------------------------------ construction
     def ensure_built(self, input_shape) -> None:
-        """Builds the model for `input_shape` (also from inside a traced step: variables are created eagerly)."""
+        """Builds the model for `input_shape` (also inside a traced step: variables are created eagerly)."""
         if not self.built:
             with tf.init_scope():
                 self.build(tuple(input_shape))
@@ -64,6 +67,12 @@ class LatentVariableModel(keras.Model):
             self.decoder.build((None, self.encoder.latent_dim))
             self.decoder.built = True
         self.built = True
+
+    def load_weights(self, filepath, *args, **kwargs):
+        """`keras.Model.load_weights`; also reads `.weights.h5` files written by tf-rmvae 0.1 (an interrupted
+        run or benchmark cell of that version resumes; see `tf_rmvae.legacy_weights`)."""
+        with legacy_weights.upgraded_copy(filepath, self.weights_layout) as path:
+            return super().load_weights(path, *args, **kwargs)
 
     @property
     def metrics(self):
@@ -114,11 +123,12 @@ class LatentVariableModel(keras.Model):
 
     def generate(self, num_images: int, seed: int | None = None) -> tf.Tensor:
         """Mean images decoded from prior samples, `[num_images, H, W, C]` (stateless in `seed`)."""
-        z = tf.random.stateless_normal([num_images, self.encoder.latent_dim], seed=[0, 0 if seed is None else seed])
+        seed = [0, 0 if seed is None else seed]
+        z = tf.random.stateless_normal([num_images, self.encoder.latent_dim], seed=seed)
         return self.decoder(z).mean()
 
     def log_likelihood(self, x, num_samples: int = 5000, chunk_size: int = 100) -> tf.Tensor:
-        """`[B]` importance-weighted estimate of `log p(x)` with K = `num_samples` proposal samples, in chunks.
+        """`[B]` importance-weighted estimate of `log p(x)`: K = `num_samples` proposal samples, in chunks.
 
         `num_samples` may be a Python int or an int32 scalar tensor (e.g. a serving input). An empty batch gives an
         empty result. Memory grows with B x `chunk_size` (the decoder runs on `[chunk_size, B, D]` latents): split

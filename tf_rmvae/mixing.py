@@ -68,20 +68,21 @@ def prefix_log_weights(mixing_logits: tf.Tensor) -> tf.Tensor:
     """Log-weights of every earlier mixture `q_{m-1}`, for each slot m.
 
     Args:
-      mixing_logits: `[M]` logits.
+      mixing_logits: `[..., M]` logits (e.g. `[M]`, or `[B, M]` with per-example proportions).
 
     Returns:
-      `[M, M]` tensor whose row m holds the log-weights of `q_{m-1}` (the mixture of components `< m`);
+      `[..., M, M]` tensor whose row m holds the log-weights of `q_{m-1}` (the mixture of components `< m`);
       row 0 is all inactive (there is no mixture before the first component).
     """
     mixing_logits = tf.convert_to_tensor(mixing_logits, tf.float32)
     num_slots = tf.shape(mixing_logits)[-1]
-    tiled = tf.tile(mixing_logits[None, :], [num_slots, 1])
+    shape = tf.concat([tf.shape(mixing_logits)[:-1], [num_slots, num_slots]], 0)
+    tiled = tf.broadcast_to(mixing_logits[..., None, :], shape)
     return recursive_log_weights(tiled, tf.range(num_slots))
 
 
 def candidate_log_weights(
-    mixing_logits: tf.Tensor, num_active: tf.Tensor, candidate_logits: tf.Tensor
+    mixing_logits: tf.Tensor, num_active: tf.Tensor, candidate_logits: tf.Tensor, logit_offsets=None
 ) -> tf.Tensor:
     """Log-weights of `q_k` for each candidate value of the newest proportion eps_k.
 
@@ -89,14 +90,18 @@ def candidate_log_weights(
       mixing_logits: `[M]` current logits.
       num_active: scalar k >= 1; slot `k - 1` is the newest component.
       candidate_logits: `[G]` logits of the candidate eps values.
+      logit_offsets: optional `[B, M]` per-example offsets added to every candidate's logits (per-example
+        proportions: the candidates are values of the shared logit, the offsets stay as they are).
 
     Returns:
-      `[G, M]` log-weights, row g with `eps_k = sigmoid(candidate_logits[g])`.
+      `[G, M]` log-weights, row g with `eps_k = sigmoid(candidate_logits[g])`; `[G, B, M]` with offsets.
     """
     mixing_logits = tf.convert_to_tensor(mixing_logits, tf.float32)
     candidate_logits = tf.convert_to_tensor(candidate_logits, tf.float32)
     newest = tf.equal(tf.range(tf.shape(mixing_logits)[-1]), tf.cast(num_active, tf.int32) - 1)
     logits = tf.where(newest[None, :], candidate_logits[:, None], mixing_logits[None, :])
+    if logit_offsets is not None:
+        logits = logits[:, None, :] + tf.convert_to_tensor(logit_offsets, tf.float32)[None]
     return recursive_log_weights(logits, num_active)
 
 

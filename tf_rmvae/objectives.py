@@ -1,14 +1,17 @@
 """Objectives of recursive mixture estimation: pure functions of log-densities and weights.
 
 Shape conventions: `S` samples per component, `B` examples, `M` component slots, `K` importance samples.
-`log_joint[s, b, i] = log p(x_b, z_sbi)` for `z_sbi ~ h_i(z | x_b)`; `log_h[s, b, i, j] = log h_j(z_sbi | x_b)`
-(the density of component j at a sample drawn from component i); log-weights are `[B, M]` or `[M]`.
-Nothing here holds model state, so each objective can be tested against closed forms.
+`log_joint[s, b, i] = log p(x_b, z_sbi)` for `z_sbi ~ h_i(z | x_b)`;
+`log_h[s, b, i, j] = log h_j(z_sbi | x_b)` (the density of component j at a sample drawn from component i);
+log-weights are `[B, M]` or `[M]`. Nothing here holds model state, so each objective can be tested against
+closed forms. The per-component criteria of the training methods are small callables
+(`component_criterion(method, ...)` picks one).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+from typing import Callable, ClassVar
 
 import tensorflow as tf
 
@@ -20,7 +23,8 @@ def mixture_log_density(log_h: tf.Tensor, log_weights: tf.Tensor) -> tf.Tensor:
 
     Args:
       log_h: `[..., M_i, M_j]` component log-densities at samples from component i.
-      log_weights: log-weights broadcastable to `[..., M_j]` (e.g. `[B, M]` with `log_h` of shape `[S, B, M, M]`).
+      log_weights: log-weights broadcastable to `[..., M_j]` (e.g. `[B, M]` with `log_h` of shape
+        `[S, B, M, M]`).
 
     Returns:
       `[..., M_i]` mixture log-density at each component's samples.
@@ -29,7 +33,7 @@ def mixture_log_density(log_h: tf.Tensor, log_weights: tf.Tensor) -> tf.Tensor:
 
 
 def weighted_sum(per_component: tf.Tensor, log_weights: tf.Tensor) -> tf.Tensor:
-    """`sum_i w_i f_i` over the last axis, with exactly-zero weights contributing exactly zero (even if f is inf)."""
+    """`sum_i w_i f_i` over the last axis; exactly-zero weights contribute exactly zero (even if f is inf)."""
     weights = tf.exp(log_weights)
     return tf.reduce_sum(tf.where(weights > 0, weights * per_component, 0.0), axis=-1)
 
@@ -54,16 +58,17 @@ def stratified_importance_weighted_bound(
 ) -> tf.Tensor:
     """Stratified importance-weighted (multiple importance sampling) bound of a mixture.
 
-    `log (1/S) sum_s sum_i v_i p(x, z_si) / q(z_si | x)` with `z_si` drawn from the component that feeds slot i
-    and `v_i` the slot's weight: the component's mixture weight divided by the number of slots drawing from it
-    (see `mixing.slot_log_weights`). Its expectation is `p(x)`, so its log is a lower bound on `log p(x)`; by
-    Jensen it is at least the stratified ELBO on the same samples. With one component and `S = k` samples it is
-    the IWAE bound (Burda et al., 2016).
+    `log (1/S) sum_s sum_i v_i p(x, z_si) / q(z_si | x)` with `z_si` drawn from the component that feeds slot
+    i and `v_i` the slot's weight: the component's mixture weight divided by the number of slots drawing from
+    it (see `mixing.slot_log_weights`). Its expectation is `p(x)`, so its log is a lower bound on `log p(x)`;
+    by Jensen it is at least the stratified ELBO on the same samples. With one component and `S = k` samples
+    it is the IWAE bound (Burda et al., 2016).
 
     Args:
       log_joint: `[S, B, M]` `log p(x, z)` at each slot's samples (or `[S, ..., M]`).
       log_q: `[S, B, M]` mixture log-density at the same samples.
-      log_slot_weights: `[B, M]` (or broadcastable) slot log-weights; a sum over slots of their exponentials is 1.
+      log_slot_weights: `[B, M]` (or broadcastable) slot log-weights; a sum over slots of their exponentials
+        is 1.
 
     Returns:
       `[B]` (`[...]`) per-example bound.
@@ -74,7 +79,7 @@ def stratified_importance_weighted_bound(
 
 
 def elbo(log_joint: tf.Tensor, log_q: tf.Tensor) -> tf.Tensor:
-    """Monte Carlo ELBO `E_q[log p(x, z) - log q(z)]` averaged over the leading sample axis: `[S, ...] -> [...]`."""
+    """Monte Carlo ELBO `E_q[log p(x, z) - log q(z)]` over the leading sample axis: `[S, ...] -> [...]`."""
     return tf.reduce_mean(log_joint - log_q, axis=0)
 
 
@@ -87,13 +92,15 @@ def rme_criterion(
 ) -> tf.Tensor:
     """RME criterion of a new component: `ELBO(h) + lambda * KL(h || q_prev)` by Monte Carlo.
 
-    `E_h[log p(x,z) - log h(z)] + lambda * E_h[log h(z) - log q_prev(z)]`, with z ~ h reparameterised. The caller
-    stops gradients into q_prev's parameters (not into z). Equal to `E_h[log p] - lambda E_h[log q_prev] +
-    (1 - lambda) H(h)`: at lambda = 1 the entropy of h drops out and h may collapse to a point.
+    `E_h[log p(x,z) - log h(z)] + lambda * E_h[log h(z) - log q_prev(z)]`, with z ~ h reparameterised. The
+    caller stops gradients into q_prev's parameters (not into z). Equal to
+    `E_h[log p] - lambda E_h[log q_prev] + (1 - lambda) H(h)`: at lambda = 1 the entropy of h drops out and h
+    may collapse to a point.
 
-    The KL reward is unbounded: along a latent direction where q_prev has variance `s^2 < lambda` and the decoder
-    does not bind z, `log p(x, z) - lambda log q_prev(z)` grows like `(lambda / s^2 - 1) z^2 / 2`, so h runs off to
-    infinity. `max_log_ratio` caps each sample's `log h(z) - log q_prev(z)` (no reward, and no gradient, beyond it).
+    The KL reward is unbounded: along a latent direction where q_prev has variance `s^2 < lambda` and the
+    decoder does not bind z, `log p(x, z) - lambda log q_prev(z)` grows like `(lambda / s^2 - 1) z^2 / 2`, so
+    h runs off to infinity. `max_log_ratio` caps each sample's `log h(z) - log q_prev(z)` (no reward, and no
+    gradient, beyond it).
 
     Args:
       log_joint, log_h_self, log_q_previous: `[S, ...]` at samples of h.
@@ -119,15 +126,104 @@ def boosting_criterion(
 ) -> tf.Tensor:
     """Residual ELBO of boosting VI (Locatello et al., 2018): `E_h[log p(x,z) - log q_prev(z)] + c H(h)`.
 
-    The entropy of the new component (closed form, `[...]`) replaces RME's KL to the current mixture. Written as
-    `E_h[log p - log h + (log h - log q_prev)] + c H(h)`, i.e. RME's criterion at lambda = 1 plus `c H(h)`, so its
-    reward for leaving q_prev is unbounded in the same way; `max_log_ratio` caps the per-sample log-ratio as in
-    `rme_criterion`.
+    The entropy of the new component (closed form, `[...]`) replaces RME's KL to the current mixture. Written
+    as `E_h[log p - log h + (log h - log q_prev)] + c H(h)`, i.e. RME's criterion at lambda = 1 plus `c H(h)`,
+    so its reward for leaving q_prev is unbounded in the same way; `max_log_ratio` caps the per-sample
+    log-ratio as in `rme_criterion`.
     """
     log_ratio = log_h_self - log_q_previous
     if max_log_ratio is not None:
         log_ratio = tf.minimum(log_ratio, max_log_ratio)
     return tf.reduce_mean(log_joint - log_h_self + log_ratio, axis=0) + entropy_weight * entropy
+
+
+def criterion_log_densities(
+    log_h: tf.Tensor, log_h_fixed: tf.Tensor, mixing_logits: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """What every component's criterion compares at its own samples: `log h_m(z)` and `log q_{m-1}(z)`, the
+    density of the mixture of the components before m.
+
+    Args:
+      log_h: `[S, B, M, M]` pairwise component log-densities (see the module docstring).
+      log_h_fixed: the same with the gradient into the components' parameters stopped by the caller, so a
+        criterion's gradient reaches `q_{m-1}` through z only.
+      mixing_logits: `[M]` logits, or `[B, M]` per-example logits (gradient stopped by the caller).
+
+    Returns:
+      `(log_h_self, log_q_previous)`, `[S, B, M]` each. Slot 0 has no mixture before it: its `log_q_previous`
+      is its own density, so its KL term vanishes and its criterion is its ELBO.
+    """
+    previous_log_w = mixing.prefix_log_weights(mixing_logits)  # [(B,) M, M]: row m holds q_{m-1}'s weights
+    log_q_previous = tf.reduce_logsumexp(log_h_fixed + previous_log_w, axis=-1)
+    log_h_self = tf.linalg.diag_part(log_h)
+    has_previous = tf.range(log_h.shape[-1]) >= 1
+    return log_h_self, tf.where(has_previous, log_q_previous, log_h_self)
+
+
+# ---------------------------------------------------------------------- per-component criteria
+# Each maps `log_joint, log_h_self, log_q_previous [S, B, M]` (log p(x, z), log h_m(z) and log q_{m-1}(z) at
+# the samples of component m) and `entropy [B, M]` to `[B, M]`. `recursive` says whether the component
+# networks train on it (against the fixed mixture before them) or on the mixture's own bound (it is then only
+# reported).
+
+
+@dataclasses.dataclass(frozen=True)
+class ComponentELBO:
+    """Each component's own ELBO `E_h[log p(x, z) - log h(z)]`; methods "vae" and "mixture" report it and
+    train the components on the mixture's bound instead."""
+
+    recursive: ClassVar[bool] = False
+
+    def __call__(self, log_joint, log_h_self, log_q_previous=None, entropy=None) -> tf.Tensor:
+        return elbo(log_joint, log_h_self)
+
+
+@dataclasses.dataclass(frozen=True)
+class RMECriterion:
+    """RME: `ELBO(h_m) + lambda KL(h_m || q_{m-1})` with capped log-ratios (`rme_criterion`)."""
+
+    lambda_kl: float
+    max_log_ratio: float | None = None
+    recursive: ClassVar[bool] = True
+
+    def __call__(self, log_joint, log_h_self, log_q_previous, entropy=None) -> tf.Tensor:
+        return rme_criterion(log_joint, log_h_self, log_q_previous, self.lambda_kl, self.max_log_ratio)
+
+
+@dataclasses.dataclass(frozen=True)
+class BoostingCriterion:
+    """Boosting VI: the residual ELBO `boosting_criterion` for m >= 1, the ELBO for the first component."""
+
+    entropy_weight: float = 1.0
+    max_log_ratio: float | None = None
+    recursive: ClassVar[bool] = True
+
+    def __call__(self, log_joint, log_h_self, log_q_previous, entropy) -> tf.Tensor:
+        has_previous = tf.range(log_joint.shape[-1]) >= 1
+        residual = boosting_criterion(
+            log_joint, log_h_self, log_q_previous, entropy, self.entropy_weight, self.max_log_ratio,
+        )
+        return tf.where(has_previous, residual, elbo(log_joint, log_h_self))
+
+
+Criterion = ComponentELBO | RMECriterion | BoostingCriterion
+
+
+def component_criterion(
+    method: str,
+    *,
+    lambda_kl: float = 0.3,
+    max_log_ratio: float | None = 5.0,
+    boosting_entropy_weight: float = 1.0,
+) -> Criterion:
+    """The per-component criterion of a training method: "rme", "boosting", or "vae"/"mixture" (own ELBO)."""
+    if method == "rme":
+        return RMECriterion(lambda_kl, max_log_ratio)
+    if method == "boosting":
+        return BoostingCriterion(boosting_entropy_weight, max_log_ratio)
+    if method in ("vae", "mixture"):
+        return ComponentELBO()
+    raise ValueError(f"Unknown method {method!r}.")
 
 
 def log_mean_exp(log_values: tf.Tensor, axis: int = 0) -> tf.Tensor:
@@ -158,7 +254,8 @@ def importance_weighted_log_likelihood(
     if isinstance(num_samples, int) and num_samples < 1 or isinstance(chunk_size, int) and chunk_size < 1:
         raise ValueError(f"num_samples and chunk_size must be >= 1; got {num_samples}, {chunk_size}.")
     num_samples = tf.convert_to_tensor(num_samples, tf.int32)
-    with tf.control_dependencies([tf.debugging.assert_positive(num_samples, message="num_samples must be >= 1")]):
+    positive = tf.debugging.assert_positive(num_samples, message="num_samples must be >= 1")
+    with tf.control_dependencies([positive]):
         num_samples = tf.identity(num_samples)  # a tensor K < 1 (e.g. a serving input) fails here, not as NaN
     chunk_size = tf.minimum(tf.convert_to_tensor(chunk_size, tf.int32), num_samples)
     first = log_importance_weights_fn(chunk_size)
@@ -182,6 +279,7 @@ def line_search_scores(
     candidate_logits: tf.Tensor,
     example_weight: tf.Tensor | None = None,
     bound: str = "elbo",
+    logit_offsets: tf.Tensor | None = None,
 ) -> tf.Tensor:
     """Mixture bound (batch mean) for each candidate value of the newest mixing proportion, components fixed.
 
@@ -193,11 +291,15 @@ def line_search_scores(
       example_weight: optional `[B]` weights of the examples (0 for skipped ones).
       bound: "elbo" (the stratified ELBO) or "iw" (the stratified importance-weighted bound, slots allocated
         by `mixing.slot_sources`).
+      logit_offsets: optional `[B, M]` per-example logit offsets (per-example proportions; see
+        `mixing.candidate_log_weights`).
 
     Returns:
       `[G]` weighted batch mean of the bound of `q_k` under each candidate.
     """
-    log_w = mixing.candidate_log_weights(mixing_logits, num_active, candidate_logits)[:, None, :]  # [G, 1, M]
+    log_w = mixing.candidate_log_weights(mixing_logits, num_active, candidate_logits, logit_offsets)
+    if logit_offsets is None:
+        log_w = log_w[:, None, :]  # [G, 1, M]; with offsets [G, B, M]
     log_q = mixture_log_density(log_h[:, None], log_w)  # [S, G, B, M]
     if bound == "iw":
         log_v = mixing.slot_log_weights(log_w, mixing.slot_sources(tf.shape(log_w)[-1], num_active))

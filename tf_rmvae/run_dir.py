@@ -12,10 +12,16 @@ to disk and renamed over the previous state, so the state on disk is always one 
 metadata cannot disagree. Loading checks the file against itself and against the run: the optimizer's step counter
 must equal `epoch x steps_per_epoch`, so a truncated, half-written or edited state is refused, and the newest
 intact state (the backup, else the per-epoch checkpoints, newest first) is used instead, with a warning.
+
+The run's other files: `config.json` (a rerun with different settings that matter is refused:
+`check_run_dir`), `history.csv` (one row per completed epoch; `read_history`, `truncate_history` drops the
+rows of epochs a resumed run trains again) and `metrics.json` (`"completed": true` marks a finished run, which
+a rerun only reports).
 """
 
 from __future__ import annotations
 
+import csv
 import errno
 import fcntl
 import glob
@@ -29,9 +35,15 @@ import keras
 import numpy as np
 from absl import logging
 
-from tf_rmvae.config import ConfigError
+from tf_rmvae.best_checkpoint import read_best, stop_reached
+from tf_rmvae.config import ConfigError, RunConfig
+from tf_rmvae.files import write_text_atomic
 
 LOCK_FILE = ".lock"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+HISTORY_FILE = "history.csv"
+LOG_DIR = "logs"
 BACKUP_DIR = "backup"
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "latest.weights.h5"
@@ -325,3 +337,65 @@ class SaveState(keras.callbacks.Callback):
         if self.keep > 0:
             for stale in sorted(glob.glob(os.path.join(self.checkpoint_dir, "epoch_*.weights.h5")))[:-self.keep]:
                 os.remove(stale)
+
+
+# ---------------------------------------------------------------------------------------------- the run's files
+def read_history(path: str) -> list[dict[str, float]]:
+    """Rows of a Keras CSV history (`epoch` 0-based) as dicts of floats; `[]` if the file does not exist."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    # CSVLogger writes "NA" for metrics an epoch lacks (e.g. the val_* columns of a run without validation).
+    return [{key: _to_number(value) for key, value in row.items() if value not in ("", "NA")} for row in rows]
+
+
+def _to_number(value: str) -> float | int:
+    number = float(value)
+    return int(number) if number.is_integer() and abs(number) < 2**53 else number
+
+
+def truncate_history(path: str, epochs: int) -> None:
+    """Keeps the header and the rows with `epoch < epochs` of a CSV history (rewritten atomically)."""
+    if not os.path.exists(path):
+        return
+    with open(path, newline="", encoding="utf-8") as f:
+        lines = f.read().splitlines(keepends=True)
+    if not lines:
+        return
+    kept = [lines[0]] + [line for line in lines[1:] if line.strip() and int(float(line.split(",", 1)[0])) < epochs]
+    if epochs == 0:
+        kept = []  # a fresh start: let CSVLogger write its header again
+    if len(kept) != len(lines):
+        write_text_atomic(path, "".join(kept))
+
+
+def early_stop_reached(config: RunConfig, epochs_completed: int) -> bool:
+    """Whether early stopping ended (or ends) the run of `config` after `epochs_completed` epochs."""
+    best = read_best(os.path.join(config.model_dir, CHECKPOINT_DIR))
+    return stop_reached(best, epochs_completed, config.early_stopping_patience)
+
+
+def check_run_dir(config: RunConfig) -> dict | None:
+    """Refuses a `model_dir` that holds a different run; returns its metrics if that run already finished."""
+    config_path = os.path.join(config.model_dir, CONFIG_FILE)
+    if not os.path.exists(config_path):
+        if has_state(config.model_dir):
+            raise ConfigError(f"{config.model_dir} holds training state but no {CONFIG_FILE}; use a new --model_dir.")
+        return None
+    saved = RunConfig.load(config_path)
+    differences = saved.mismatches(config)
+    if differences:
+        lines = "\n".join(f"  --{name}: saved {old!r}, now {new!r}" for name, (old, new) in sorted(differences.items()))
+        raise ConfigError(
+            f"{config.model_dir} holds a run with different settings:\n{lines}\n"
+            "Rerun with the saved settings to resume it, or choose a new --model_dir."
+        )
+    metrics_path = os.path.join(config.model_dir, METRICS_FILE)
+    if os.path.exists(metrics_path):
+        with open(metrics_path, encoding="utf-8") as f:
+            metrics = json.load(f)
+        done = metrics.get("epochs_completed", 0)
+        if metrics.get("completed") and (done >= config.epochs or early_stop_reached(config, done)):
+            return metrics
+    return None

@@ -1,23 +1,25 @@
-"""`SemiAmortizedVAE`: the semi-amortized VAE (SA-VAE) baseline of Kim, Wiseman, Miller, Sontag & Rush (ICML 2018).
+"""`SemiAmortizedVAE`: the semi-amortized VAE (SA-VAE) of Kim, Wiseman, Miller, Sontag & Rush (ICML 2018).
 
-An amortized Gaussian encoder proposes `lambda_0 = (loc, log_scale)` for each example; `refine_steps` gradient
-ascent steps of size `refine_lr` (plain SGD, or heavy-ball momentum `refine_momentum`) on each example's own ELBO
+An amortized Gaussian encoder (`GaussianEncoder`) proposes `lambda_0 = (loc, log_scale)` for each example;
+`refine_steps` gradient ascent steps of size `refine_lr` (plain SGD, or heavy-ball momentum `refine_momentum`)
+on each example's own ELBO
 
     ELBO(lambda; x) = E_{N(z; loc, exp(log_scale)^2)}[log p(x | z)] - KL(N(loc, scale^2) || N(0, I))
 
 (one reparameterised sample per step, closed-form KL) turn it into `lambda_K`, at training and at test time.
 
 Training (default `encoder_objective="unrolled"`, as Kim et al. do): the decoder takes the partial gradient of
-`ELBO(lambda_K)` (lambda_K held fixed); the encoder takes the gradient of `ELBO(lambda_K)` backpropagated through
-the unrolled refinement (nested `tf.GradientTape`s: the inner tape's gradients are recorded by the outer one, so the
-update contains Hessian-vector products of the decoder). Kim et al. additionally clip the refinement gradients; here
-each example's refinement gradient is clipped to norm `refine_clip_norm` (0 turns clipping off).
-`encoder_objective="amortized"` is the cheaper, first-order option: the encoder trains on the amortized
-`ELBO(lambda_0)` and the refinement runs under `stop_gradient` (the decoder still trains on `ELBO(lambda_K)`).
+`ELBO(lambda_K)` (lambda_K held fixed); the encoder takes the gradient of `ELBO(lambda_K)` backpropagated
+through the unrolled refinement (nested `tf.GradientTape`s: the inner tape's gradients are recorded by the
+outer one, so the update contains Hessian-vector products of the decoder). Kim et al. additionally clip the
+refinement gradients; here each example's refinement gradient is clipped to norm `refine_clip_norm` (0 turns
+clipping off). `encoder_objective="amortized"` is the cheaper, first-order option: the encoder trains on the
+amortized `ELBO(lambda_0)` and the refinement runs under `stop_gradient` (the decoder still trains on
+`ELBO(lambda_K)`).
 
 Example:
 
-    encoder = RecursiveMixtureEncoder(latent_dim=32, max_components=1)
+    encoder = GaussianEncoder(latent_dim=32)
     model = SemiAmortizedVAE(encoder, BernoulliDecoder((28, 28, 1)), refine_steps=10, refine_lr=0.05)
     model.compile(keras.optimizers.Adam(1e-3))
     model.fit(images_dataset, epochs=10)
@@ -30,8 +32,9 @@ import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tf_rmvae.encoders import RecursiveMixtureEncoder
+from tf_rmvae.encoders import GaussianEncoder
 from tf_rmvae.latent_model import LatentVariableModel, replica_batch_layout
+from tf_rmvae.legacy_weights import GAUSSIAN_LAYOUT
 
 tfd = tfp.distributions
 
@@ -43,7 +46,7 @@ class SemiAmortizedVAE(LatentVariableModel):
     """SA-VAE: amortized Gaussian encoder + per-example gradient refinement (see the module docstring).
 
     Args:
-      encoder: a `RecursiveMixtureEncoder` with `max_components=1` (its single Gaussian is `lambda_0`).
+      encoder: a `GaussianEncoder` (its Gaussian is `lambda_0`).
       decoder: a layer mapping `z [..., D]` to an image distribution (e.g. `BernoulliDecoder`).
       refine_steps: K >= 0 refinement steps (0 is a plain VAE).
       refine_lr: step size of the refinement (gradient *ascent* on each example's ELBO).
@@ -51,17 +54,21 @@ class SemiAmortizedVAE(LatentVariableModel):
       refine_clip_norm: per-example clip of the refinement gradient's norm (0: no clipping).
       encoder_objective: "unrolled" (default, Kim et al.: backprop through the refinement) or "amortized".
 
-    Differences from `RecursiveMixtureVAE` worth knowing when comparing: the ELBO uses the closed-form Gaussian KL
-    (TFP) with a Monte Carlo reconstruction term, as Kim et al. do, and the training noise is stateful
-    (`tf.random.normal`), so SA-VAE runs are seeded but a resumed run does not repeat the same noise.
+    Differences from `RecursiveMixtureVAE` worth knowing when comparing: the ELBO uses the closed-form
+    Gaussian KL (TFP) with a Monte Carlo reconstruction term, as Kim et al. do, and the training noise is
+    stateful (`tf.random.normal`), so SA-VAE runs are seeded but a resumed run does not repeat the same noise.
       num_samples: reparameterised samples for the ELBO of the training loss.
 
-    Metrics: `loss` (= -refined ELBO), `elbo` (refined), `amortized_elbo`, `refinement_gain`, `reconstruction`, `kl`.
+    Metrics: `loss` (= -refined ELBO), `elbo` (refined), `amortized_elbo`, `refinement_gain`,
+    `reconstruction`, `kl`.
     """
+
+    encoder_type = GaussianEncoder
+    weights_layout = GAUSSIAN_LAYOUT
 
     def __init__(
         self,
-        encoder: RecursiveMixtureEncoder,
+        encoder: GaussianEncoder,
         decoder: keras.layers.Layer,
         refine_steps: int = 10,
         refine_lr: float = 0.05,
@@ -72,15 +79,14 @@ class SemiAmortizedVAE(LatentVariableModel):
         **kwargs,
     ):
         super().__init__(encoder, decoder, **kwargs)
-        if encoder.max_components != 1:
-            raise ValueError("encoder must be a RecursiveMixtureEncoder with max_components=1.")
         if int(refine_steps) < 0 or refine_lr < 0 or not 0 <= refine_momentum < 1 or refine_clip_norm < 0:
             raise ValueError(
-                "Need refine_steps >= 0, refine_lr >= 0, 0 <= refine_momentum < 1 and refine_clip_norm >= 0; got "
-                f"{refine_steps}, {refine_lr}, {refine_momentum}, {refine_clip_norm}."
+                "Need refine_steps >= 0, refine_lr >= 0, 0 <= refine_momentum < 1 and refine_clip_norm >= 0; "
+                f"got {refine_steps}, {refine_lr}, {refine_momentum}, {refine_clip_norm}."
             )
         if encoder_objective not in ENCODER_OBJECTIVES:
-            raise ValueError(f"encoder_objective must be one of {ENCODER_OBJECTIVES}; got {encoder_objective!r}.")
+            raise ValueError(
+                f"encoder_objective must be one of {ENCODER_OBJECTIVES}; got {encoder_objective!r}.")
         if int(num_samples) < 1:
             raise ValueError(f"num_samples must be >= 1; got {num_samples}.")
         self.refine_steps = int(refine_steps)
@@ -99,21 +105,22 @@ class SemiAmortizedVAE(LatentVariableModel):
         """`x [B, ...]` -> `(loc [B, D], log_scale [B, D])` of the amortized encoder (lambda_0)."""
         x = tf.cast(x, tf.float32)
         self.ensure_built(x.shape)
-        _, loc, scale = self.encoder.compute_parameters(x)
-        return loc[:, 0], tf.math.log(scale[:, 0])
+        loc, scale = self.encoder.compute_parameters(x)
+        return loc, tf.math.log(scale)
 
     def per_example_elbo(self, x, loc, log_scale, num_samples: int = 1, return_terms: bool = False):
         """`[B]` single-Gaussian ELBO of each example at `(loc, log_scale) [B, D]` (closed-form KL)."""
         noise = tf.random.normal(tf.concat([[num_samples], tf.shape(loc)], 0))
         z = loc + tf.exp(log_scale) * noise  # [S, B, D]
         reconstruction = tf.reduce_mean(self.decoder(z).log_prob(x[None]), axis=0)
-        kl = tf.reduce_sum(tfd.kl_divergence(tfd.Normal(loc, tf.exp(log_scale)), tfd.Normal(0.0, 1.0)), axis=-1)
+        kl = tf.reduce_sum(
+            tfd.kl_divergence(tfd.Normal(loc, tf.exp(log_scale)), tfd.Normal(0.0, 1.0)), axis=-1)
         if return_terms:
             return reconstruction - kl, reconstruction, kl
         return reconstruction - kl
 
     def _refine_from(self, x, loc, log_scale, steps):
-        """Runs `steps` ascent steps from `(loc, log_scale)`; differentiable when called under an outer tape."""
+        """Runs `steps` ascent steps from `(loc, log_scale)`; differentiable under an outer tape."""
         velocity_loc = tf.zeros_like(loc)
         velocity_scale = tf.zeros_like(log_scale)
         for _ in range(steps):
@@ -135,14 +142,15 @@ class SemiAmortizedVAE(LatentVariableModel):
         return loc, log_scale
 
     def refine(self, x, steps: int | None = None):
-        """`x [B, ...]` -> refined `(loc [B, D], log_scale [B, D])` after `steps` (default `refine_steps`) steps.
+        """`x [B, ...]` -> refined `(loc [B, D], log_scale [B, D])` after `steps` (default: `refine_steps`).
 
-        Gradients do not flow back into the encoder (inference use); training uses the unrolled form internally.
+        Gradients do not flow back into the encoder (inference use); training uses the unrolled form itself.
         """
         x = tf.cast(x, tf.float32)
         loc, log_scale = self.amortized_parameters(x)
         loc, log_scale = tf.stop_gradient(loc), tf.stop_gradient(log_scale)
-        loc, log_scale = self._refine_from(x, loc, log_scale, self.refine_steps if steps is None else int(steps))
+        steps = self.refine_steps if steps is None else int(steps)
+        loc, log_scale = self._refine_from(x, loc, log_scale, steps)
         return tf.stop_gradient(loc), tf.stop_gradient(log_scale)
 
     def variational_parameters(self, x):
@@ -208,7 +216,8 @@ class SemiAmortizedVAE(LatentVariableModel):
         encoder_vars = self.encoder.trainable_variables
         gradients = tape.gradient(decoder_loss, decoder_vars) + tape.gradient(encoder_loss, encoder_vars)
         del tape
-        gradients = [tf.zeros_like(v) if g is None else g for g, v in zip(gradients, decoder_vars + encoder_vars)]
+        gradients = [
+            tf.zeros_like(v) if g is None else g for g, v in zip(gradients, decoder_vars + encoder_vars)]
         self.optimizer.apply_gradients(zip(gradients, decoder_vars + encoder_vars))
         return self._update_metrics(refined, amortized, reconstruction, kl)
 
@@ -217,7 +226,8 @@ class SemiAmortizedVAE(LatentVariableModel):
         loc0, log_scale0 = self.amortized_parameters(x)
         amortized = self.per_example_elbo(x, loc0, log_scale0, self.num_samples)
         loc, log_scale = self.refine(x)
-        refined, reconstruction, kl = self.per_example_elbo(x, loc, log_scale, self.num_samples, return_terms=True)
+        refined, reconstruction, kl = self.per_example_elbo(
+            x, loc, log_scale, self.num_samples, return_terms=True)
         return self._update_metrics(refined, amortized, reconstruction, kl)
 
     # ------------------------------------------------------------------ serialization

@@ -55,6 +55,8 @@ flags.DEFINE_enum("savae_encoder_objective", _DEFAULT.savae_encoder_objective, [
 flags.DEFINE_list("bounds", list(_DEFAULT.bounds),
                   "Bounds of rme and mixture: elbo (stratified ELBO) and/or iw (stratified importance-weighted).")
 flags.DEFINE_bool("shared_trunk", False, "Mixture methods: one trunk with M heads instead of M networks.")
+flags.DEFINE_bool("per_example_proportions", False,
+                  "Mixture methods: per-example mixing proportions eps_m(x) (label suffix _epsx).")
 flags.DEFINE_list("eval_epochs", [], "Epochs (besides the last) at which every cell is also evaluated.")
 flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"], "XLA for training (auto: on GPU only).")
 flags.DEFINE_string("output_dir", _DEFAULT.output_dir, "Where <run_name>.json and the per-cell dirs go.")
@@ -72,7 +74,8 @@ _CONVERTERS = dict(
     lambdas=lambda v: tuple(float(x) for x in v), num_components=lambda v: tuple(int(x) for x in v),
     seeds=lambda v: tuple(int(x) for x in v), hidden_units=lambda v: tuple(int(x) for x in v),
     methods=tuple, schedules=tuple, bounds=tuple, savae_steps=lambda v: tuple(int(x) for x in v),
-    eval_epochs=lambda v: tuple(int(x) for x in v), jit_compile=lambda v: {"auto": "auto", "true": True, "false": False}[v],
+    eval_epochs=lambda v: tuple(int(x) for x in v),
+    jit_compile=lambda v: {"auto": "auto", "true": True, "false": False}[v],
 )
 
 

@@ -1,0 +1,91 @@
+"""`RunConfig` is the one definition of every setting: it imports no TensorFlow, and the program's flags are
+made from its fields (same names, defaults and help), so a flag cannot drift from its field."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from absl import flags
+
+from tf_rmvae import choices, files
+from tf_rmvae.config import ConfigError, RunConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_importing_the_config_loads_no_tensorflow():
+    code = ("import sys, tf_rmvae.config, tf_rmvae.choices, tf_rmvae.files; "
+            "print(sorted(m for m in ('tensorflow', 'keras', 'tensorflow_probability') if m in sys.modules))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
+
+
+def _program_flags() -> dict[str, flags.Flag]:
+    from trainers import train as program
+
+    return {flag.name: flag for flag in flags.FLAGS.get_flags_for_module(program)}
+
+
+def test_every_field_has_a_flag_with_its_default_and_help_and_every_flag_is_a_field():
+    program_flags = _program_flags()
+    fields = {field.name: field for field in dataclasses.fields(RunConfig)}
+    assert set(program_flags) == set(fields)
+    for name, field in fields.items():
+        flag = program_flags[name]
+        if field.metadata["required"]:
+            assert flag.default is None, name
+        elif isinstance(field.default, tuple):
+            assert tuple(int(v) for v in flag.default) == field.default, name
+        else:
+            assert flag.default == field.default and type(flag.default) is type(field.default), name
+        assert flag.help.endswith(field.metadata["help"]), name
+        if field.metadata["choices"]:
+            assert tuple(flag.parser.enum_values) == field.metadata["choices"], name
+            assert field.default in field.metadata["choices"], name
+
+
+def test_choice_fields_take_their_values_from_the_choices_module():
+    fields = {field.name: field.metadata["choices"] for field in dataclasses.fields(RunConfig)}
+    assert fields["method"] == choices.METHODS and fields["strategy"] == choices.STRATEGIES
+    assert fields["mixed_precision"] == choices.PRECISIONS and fields["architecture"] == choices.ARCHITECTURES
+    with pytest.raises(ConfigError, match="--bound must be one of elbo, iw"):
+        RunConfig(model_dir="a", bound="kl").validate()
+
+
+def test_flags_build_the_config_they_name():
+    from trainers import train as program
+
+    try:
+        flags.FLAGS(["train", "--model_dir=runs/a", "--hidden_units=8,4", "--method=vae", "--nojit_compile",
+                     "--learning_rate=0.01", "--decoder=gaussian"])
+        config = program.config_from_flags()
+    finally:
+        flags.FLAGS.unparse_flags()
+    assert config == RunConfig(model_dir="runs/a", hidden_units=(8, 4), method="vae", num_components=1,
+                               learning_rate=0.01, decoder="gaussian")
+    try:
+        flags.FLAGS(["train", "--model_dir=runs/a", "--conv_filters=8,x"])
+        with pytest.raises(ConfigError, match="--conv_filters must be a comma-separated list of integers"):
+            program.config_from_flags()
+    finally:
+        flags.FLAGS.unparse_flags()
+
+
+def test_json_ready_writes_non_finite_numbers_as_null_and_finite_ones_unchanged(tmp_path):
+    value = {"a": np.float32(0.5), "b": [math.nan, -math.inf, np.int64(3)],
+             1: (np.array([1.5, np.nan]), True), "c": None, "d": np.bool_(True)}
+    assert files.json_ready(value) == {"a": 0.5, "b": [None, None, 3], "1": [[1.5, None], True], "c": None,
+                                       "d": True}
+    path = tmp_path / "x.json"
+    files.write_json_atomic(path, {"b": 2, "a": math.nan}, sort_keys=True)
+    assert path.read_text() == '{\n  "a": null,\n  "b": 2\n}\n'
+    assert not (tmp_path / "x.json.tmp").exists()

@@ -1,0 +1,25 @@
+"""The allowed values of the settings that name a choice, in one place without TensorFlow.
+
+`tf_rmvae.config` validates a `RunConfig` against them (and `trainers/train.py` makes them its enum flags)
+without importing TensorFlow; the modules that implement each choice import them from here.
+"""
+
+#: Training methods of `RecursiveMixtureVAE`: Recursive Mixture Estimation, one Gaussian, a jointly trained
+#: mixture, boosting variational inference.
+METHODS = ("rme", "vae", "mixture", "boosting")
+#: Methods that add components one at a time (recursively).
+RECURSIVE_METHODS = ("rme", "boosting")
+#: When components train: one joins per stage, or all of them every step.
+SCHEDULES = ("stagewise", "sweep")
+#: What the decoder and the mixing proportions train on: the stratified ELBO or importance-weighted bound.
+BOUNDS = ("elbo", "iw")
+#: What a batch with NaN/Inf pixels does: stop naming the batch, or skip those examples.
+NONFINITE_POLICIES = ("raise", "skip")
+#: Encoder and decoder networks.
+ARCHITECTURES = ("dense", "conv")
+#: Likelihoods p(x|z) of a run; "auto": Bernoulli for binary datasets, Gaussian otherwise.
+DECODERS = ("auto", "bernoulli", "gaussian")
+#: `tf.distribute` strategies by name (`tf_rmvae.distribute.make_strategy`).
+STRATEGIES = ("default", "mirrored", "multi_worker_mirrored", "tpu")
+#: Keras global dtype policies (`tf_rmvae.distribute.set_precision`).
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
