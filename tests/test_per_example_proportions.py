@@ -72,3 +72,19 @@ def test_the_export_serves_per_example_weights(tmp_path):
     served = tf.saved_model.load(path).signatures["serving_default"](images=tf.constant(test))
     np.testing.assert_allclose(served["mixture_weights"].numpy(), np.exp(expected), rtol=1e-5, atol=1e-6)
     assert np.ptp(expected[:, 1]) > 0  # the served weights are per example
+
+
+def test_reported_weights_are_the_batch_mean_of_the_per_example_weights():
+    test = mnist_digits(50, "test")
+    model = model_with_per_example_proportions(components=2)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    model.ensure_built(test.shape)
+    model.add_component()
+    model.encoder.set_mixing_proportion(1, 0.4)
+    head = model.encoder.mixing.offset_head.get_layer("offsets")
+    kernel, bias = head.get_weights()
+    head.set_weights([kernel + 0.05 * np.random.default_rng(0).standard_normal(kernel.shape), bias])
+    metrics = model.evaluate(test, batch_size=50, verbose=0, return_dict=True)
+    expected = np.exp(model.encoder.compute_parameters(test)[0].numpy()).mean(axis=0)
+    np.testing.assert_allclose([metrics["weight_0"], metrics["weight_1"]], expected, rtol=1e-5)
+    assert abs(metrics["weight_1"] - 0.4) > 1e-4  # not the shared logit's weight

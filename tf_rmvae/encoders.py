@@ -194,11 +194,11 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
             offsets = self.mixing.logit_offsets(x)
             log_weights = self.mixing.log_weights(offsets)
         else:
-            offsets = tf.zeros(tf.shape(loc)[:2])
+            offsets = None
             log_weights = tf.broadcast_to(self.mixture_log_weights(), tf.shape(loc)[:2])
-        if return_logit_offsets:
-            return log_weights, loc, scale, offsets
-        return log_weights, loc, scale
+        if not return_logit_offsets:
+            return log_weights, loc, scale
+        return log_weights, loc, scale, tf.zeros(tf.shape(loc)[:2]) if offsets is None else offsets
 
     def call(self, inputs):
         params = self.compute_parameters(inputs)

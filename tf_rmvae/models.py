@@ -253,6 +253,10 @@ class RecursiveMixtureVAE(LatentVariableModel):
             tf.cast(tf.convert_to_tensor(self.encoder.num_active_components), tf.float32)
         )
         weights = tf.exp(self.encoder.mixture_log_weights())
+        if self.encoder.per_example_proportions:  # the batch's mean weights, not the shared logits' weights
+            example_weight = terms.example_weight[:, None]
+            weights = tf.reduce_sum(tf.exp(terms.log_weights) * example_weight, 0) / tf.maximum(
+                tf.reduce_sum(example_weight), 1.0)
         entropy = tf.reduce_mean(terms.entropy, axis=0)
         for m in range(self.encoder.max_components):
             self._trackers[f"weight_{m}"].update_state(weights[m])
