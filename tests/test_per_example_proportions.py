@@ -14,6 +14,18 @@ def model_with_per_example_proportions(components=3, **kwargs):
     return tf_rmvae.RecursiveMixtureVAE(encoder, decoder, eps_search_every=5, **kwargs)
 
 
+def two_components_with_varied_offsets(input_shape, head_noise):
+    """Two active components, shared eps = 0.4, and an offset head perturbed so the proportions vary by example."""
+    model = model_with_per_example_proportions(components=2)
+    model.ensure_built(input_shape)
+    model.add_component()
+    model.encoder.set_mixing_proportion(1, 0.4)
+    head = model.encoder.mixing.offset_head.get_layer("offsets")
+    kernel, bias = head.get_weights()
+    head.set_weights([kernel + head_noise * np.random.default_rng(0).standard_normal(kernel.shape), bias])
+    return model
+
+
 def test_a_new_encoder_has_the_shared_proportions_and_a_config_round_trip():
     x = mnist_digits(16)
     shared = tf_rmvae.RecursiveMixtureEncoder(8, 3, hidden_units=(32,), seed=3)
@@ -60,13 +72,7 @@ def test_eps_zero_switches_a_component_off_for_every_example():
 
 def test_the_export_serves_per_example_weights(tmp_path):
     test = mnist_digits(8, "test")
-    model = model_with_per_example_proportions(components=2)
-    model.ensure_built(test.shape)
-    model.add_component()
-    model.encoder.set_mixing_proportion(1, 0.4)
-    head = model.encoder.mixing.offset_head.get_layer("offsets")
-    kernel, bias = head.get_weights()
-    head.set_weights([kernel + 0.01 * np.random.default_rng(0).standard_normal(kernel.shape), bias])
+    model = two_components_with_varied_offsets(test.shape, head_noise=0.01)
     expected = model.encoder.compute_parameters(test)[0].numpy()
     path = tf_rmvae.export.export_encoder(model, str(tmp_path), "epsx", version=1)
     served = tf.saved_model.load(path).signatures["serving_default"](images=tf.constant(test))
@@ -76,14 +82,8 @@ def test_the_export_serves_per_example_weights(tmp_path):
 
 def test_reported_weights_are_the_batch_mean_of_the_per_example_weights():
     test = mnist_digits(50, "test")
-    model = model_with_per_example_proportions(components=2)
+    model = two_components_with_varied_offsets(test.shape, head_noise=0.05)
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
-    model.ensure_built(test.shape)
-    model.add_component()
-    model.encoder.set_mixing_proportion(1, 0.4)
-    head = model.encoder.mixing.offset_head.get_layer("offsets")
-    kernel, bias = head.get_weights()
-    head.set_weights([kernel + 0.05 * np.random.default_rng(0).standard_normal(kernel.shape), bias])
     metrics = model.evaluate(test, batch_size=50, verbose=0, return_dict=True)
     expected = np.exp(model.encoder.compute_parameters(test)[0].numpy()).mean(axis=0)
     np.testing.assert_allclose([metrics["weight_0"], metrics["weight_1"]], expected, rtol=1e-5)
