@@ -57,7 +57,9 @@ class BenchmarkConfig:
     bound); `eval_epochs` are the epochs (besides the last) at which each cell is also evaluated on the test digits.
     `shared_trunk` gives the mixture methods (rme, mixture, boosting) one trunk with M heads (many components at
     little cost) instead of M separate networks; `per_example_proportions` gives them per-example mixing
-    proportions eps_m(x) (`RecursiveMixtureEncoder(per_example_proportions=True)`, label suffix `_epsx`).
+    proportions eps_m(x) (`RecursiveMixtureEncoder(per_example_proportions=True)`, label suffix `_epsx`);
+    `component_bound="iw"` gives "rme" the importance-weighted bound in each component's criterion
+    (`RecursiveMixtureVAE(component_bound="iw")`, label suffix `_ciw`).
     `eval_examples = 0` / `train_examples = 0` use the full split. `rme_max_log_ratio < 0` runs RME (and boosting)
     with the uncapped criterion; `rme_train_previous = False` freezes earlier components (ablations of issue 8).
     `lambdas` apply to "rme" only (boosting and the other baselines have no lambda; their rows hold
@@ -99,6 +101,7 @@ class BenchmarkConfig:
     eval_epochs: Sequence[int] = ()
     shared_trunk: bool = False
     per_example_proportions: bool = False
+    component_bound: str = "elbo"
 
     def __post_init__(self):
         self.methods = tuple(self.methods)
@@ -116,6 +119,8 @@ class BenchmarkConfig:
         self.eval_epochs = tuple(sorted({int(e) for e in self.eval_epochs if 0 < int(e) < self.epochs}))
         if set(self.bounds) - {"elbo", "iw"} or not self.bounds:
             raise ValueError(f"bounds must be a non-empty subset of ('elbo', 'iw'); got {self.bounds}.")
+        if self.component_bound not in ("elbo", "iw"):
+            raise ValueError(f"component_bound must be 'elbo' or 'iw'; got {self.component_bound!r}.")
         if min(self.savae_steps, default=0) < 1:
             raise ValueError(f"savae_steps must be >= 1; got {self.savae_steps}.")
         if min(self.num_components, default=0) < 1 or not self.seeds or not self.lambdas:
@@ -151,6 +156,7 @@ class Cell:
     refine_steps: int | None = None  # SA-VAE only
     shared_trunk: bool = False  # mixture methods only
     per_example_proportions: bool = False  # mixture methods only
+    component_bound: str = "elbo"  # rme only
 
     @property
     def label(self) -> str:
@@ -172,6 +178,8 @@ class Cell:
             parts.append("shared")
         if self.per_example_proportions:
             parts.append("epsx")
+        if self.component_bound != "elbo":
+            parts.append(f"c{self.component_bound}")
         return "_".join(parts)
 
     @property
@@ -198,6 +206,8 @@ def cells(config: BenchmarkConfig) -> list[Cell]:
                     continue
                 for schedule in config.schedules:
                     lambdas = config.lambdas if method == "rme" else (None,)
+                    if method == "rme":
+                        options["component_bound"] = config.component_bound
                     result.extend(
                         Cell(method, m, lam, seed, schedule, bound=b, **options)
                         for lam in lambdas for b in bounds)
@@ -244,6 +254,8 @@ def build_model(config: BenchmarkConfig, cell: Cell) -> keras.Model:
         kwargs = {} if cell.lambda_kl is None else {"lambda_kl": cell.lambda_kl}
         if cell.bound != "elbo":
             kwargs["bound"] = cell.bound
+        if cell.component_bound != "elbo":
+            kwargs["component_bound"] = cell.component_bound
         if cell.method in STAGEWISE_METHODS:  # rme and boosting share the cap and the earlier-component rule
             kwargs.update(
                 max_log_ratio=None if config.rme_max_log_ratio < 0 else config.rme_max_log_ratio,
@@ -266,15 +278,14 @@ def epochs_per_component(config: BenchmarkConfig, cell: Cell) -> int:
 
 
 def _mixture_summary(model, x: np.ndarray) -> tuple[list[float], list[float]]:
-    """Final mixture weights and each component's mean entropy (nats) on `x`."""
+    """Final mixture weights (per-example proportions: their mean) and each component's mean entropy (nats) on
+    the first 500 examples of `x`."""
     if isinstance(model, SemiAmortizedVAE):
         _, scale = model.variational_parameters(tf.constant(x[:500]))
         entropy = tf.reduce_sum(0.5 * np.log(2 * np.pi * np.e) + tf.math.log(scale), -1)
         return [1.0], [float(tf.reduce_mean(entropy))]
-    weights = np.exp(keras.ops.convert_to_numpy(model.encoder.mixture_log_weights()))
-    _, _, scale = model.encoder.compute_parameters(tf.constant(x[:500]))
-    entropy = tf.reduce_sum(0.5 * np.log(2 * np.pi * np.e) + tf.math.log(scale), -1)  # [B, M]
-    return [float(w) for w in weights], [float(e) for e in tf.reduce_mean(entropy, 0).numpy()]
+    weights, entropies = evaluation.mixture_summary(model.encoder, x[:500])
+    return [float(w) for w in weights], [float(e) for e in entropies]
 
 
 def _finite(value):
@@ -421,8 +432,10 @@ def _fingerprint(config: BenchmarkConfig, cell: Cell) -> dict:
     for option in ("shared_trunk", "per_example_proportions"):
         if not values[option]:
             del values[option]
+    del values["component_bound"]  # an rme cell's own field records it; the other methods do not depend on it
     # Added after results were committed, and their old behaviour:
-    new_fields = {"bound": "elbo", "refine_steps": None, "shared_trunk": False, "per_example_proportions": False}
+    new_fields = {"bound": "elbo", "refine_steps": None, "shared_trunk": False, "per_example_proportions": False,
+                  "component_bound": "elbo"}
     values["cell"] = {k: v for k, v in dataclasses.asdict(cell).items() if k not in new_fields}
     values["cell"].update({k: getattr(cell, k) for k, old in new_fields.items()
                            if k != "refine_steps" and getattr(cell, k) != old})

@@ -218,3 +218,20 @@ def test_per_example_proportion_cells_are_labelled_and_build_the_head():
     # The option enters a cell's fingerprint only when on: cells run before it existed still match.
     plain = harness.quick_config(methods=("rme",), num_components=(2,))
     assert "per_example_proportions" not in json.dumps(harness._fingerprint(plain, harness.cells(plain)[0]))
+
+
+def test_importance_weighted_component_cells_are_rme_only_and_labelled():
+    config = harness.quick_config(methods=("rme", "iwae"), num_components=(2,), lambdas=(0.3,), bounds=("iw",),
+                                  component_bound="iw")
+    cells = {c.label: c for c in harness.cells(config)}
+    assert set(cells) == {"rme_M2_lambda0.3_iw_ciw", "iwae_k2"}
+    assert harness.build_model(config, cells["rme_M2_lambda0.3_iw_ciw"]).rme.component_bound == "iw"
+    assert harness.build_model(config, cells["iwae_k2"]).rme.component_bound == "elbo"
+    # Like every later option, it enters a cell's fingerprint only when on.
+    plain = harness.quick_config(methods=("rme",), num_components=(2,))
+    assert "component_bound" not in json.dumps(harness._fingerprint(plain, harness.cells(plain)[0]))
+    assert "component_bound" in json.dumps(harness._fingerprint(config, cells["rme_M2_lambda0.3_iw_ciw"]))
+    # The baselines of the same run keep their fingerprints: their finished cells are reused, not retrained.
+    without = harness.quick_config(methods=("rme", "iwae"), num_components=(2,), lambdas=(0.3,), bounds=("iw",))
+    iwae = [c for c in harness.cells(without) if c.method == "iwae"][0]
+    assert harness._fingerprint(config, cells["iwae_k2"]) == harness._fingerprint(without, iwae)

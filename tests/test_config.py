@@ -59,6 +59,8 @@ def test_choice_fields_take_their_values_from_the_choices_module():
     assert fields["mixed_precision"] == choices.PRECISIONS and fields["architecture"] == choices.ARCHITECTURES
     with pytest.raises(ConfigError, match="--bound must be one of elbo, iw"):
         RunConfig(model_dir="a", bound="kl").validate()
+    with pytest.raises(ConfigError, match="--component_bound=iw applies to --method=rme only"):
+        RunConfig(model_dir="a", method="mixture", component_bound="iw").validate()
 
 
 def test_flags_build_the_config_they_name():

@@ -6,6 +6,7 @@ import tensorflow_probability as tfp
 
 import tf_rmvae
 from tests.helpers import mnist_digits, tiny_model
+from tf_rmvae import objectives
 
 tfd = tfp.distributions
 
@@ -228,3 +229,21 @@ def test_importance_weighted_bound_trains_and_lies_above_the_elbo(digits, method
     assert all(-loss >= elbo - 1e-4 for loss, elbo in zip(history["loss"], history["elbo"]))
     assert -history["loss"][-1] > history["elbo"][-1] + 0.1  # strictly tighter in practice
     assert tf_rmvae.RecursiveMixtureVAE.from_config(model.get_config()).bound == "iw"
+
+
+def test_importance_weighted_components_make_the_first_stage_iwae_and_train_every_component(digits):
+    # With bound="iw" and component_bound="iw", one active component's criterion is the IWAE bound with
+    # k = M samples: the same number as the mixture's bound on the same samples.
+    model = tiny_model("rme", components=3, bound="iw", component_bound="iw", eps_search_every=5)
+    model.ensure_built((None, 28, 28, 1))
+    x = tf.constant(digits[:20])
+    terms = model.terms(x, noise=model.rme.training_noise(x, tf.constant(0)))
+    np.testing.assert_allclose(terms.criterion[:, 0].numpy(), terms.bound.numpy(), rtol=1e-5)
+    schedule = tf_rmvae.ComponentSchedule(epochs_per_component=1)
+    model, history = fitted(model, digits[:500], epochs=3, callbacks=[schedule])
+    assert history["active_components"] == [1.0, 2.0, 3.0] and np.all(np.isfinite(history["loss"]))
+    weights = np.exp(model.encoder.mixture_log_weights().numpy())
+    assert np.all(weights > 0.01), weights  # the line search took the joining components into the mixture
+    clone = tf_rmvae.RecursiveMixtureVAE.from_config(model.get_config())
+    assert clone.rme.component_bound == "iw"
+    assert isinstance(clone.rme.criterion, objectives.RMEImportanceWeightedCriterion)

@@ -3,7 +3,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tf_rmvae import objectives
+from tf_rmvae import mixing, objectives
 
 tfd = tfp.distributions
 
@@ -163,3 +163,65 @@ def test_stratified_importance_weighted_bound_is_unbiased_for_p_of_x():
     estimates = np.exp(objectives.stratified_importance_weighted_bound(log_joint[None], log_q[None], log_v).numpy())
     p_x = np.exp(tfd.Normal(0.0, np.sqrt(2.0)).log_prob(x).numpy())
     assert abs(estimates.mean() - p_x) < 4 * estimates.std() / np.sqrt(len(estimates))
+
+
+def _random_slot_terms(seed, samples=3, batch=5, slots=4):
+    rng = np.random.default_rng(seed)
+    log_joint = tf.constant(rng.normal(-100.0, 5.0, [samples, batch, slots]), tf.float32)
+    log_h_self = tf.constant(rng.normal(-20.0, 3.0, [samples, batch, slots]), tf.float32)
+    log_q_previous = tf.constant(rng.normal(-22.0, 3.0, [samples, batch, slots]), tf.float32)
+    return log_joint, log_h_self, log_q_previous
+
+
+def test_importance_weighted_rme_criterion_is_the_rme_criterion_with_one_sample_per_component():
+    log_joint, log_h_self, log_q_previous = _random_slot_terms(0, samples=1)
+    sources = tf.range(4)
+    iw = objectives.rme_importance_weighted_criterion(log_joint, log_h_self, log_q_previous, sources, 0.3, 5.0)
+    plain = objectives.rme_criterion(log_joint, log_h_self, log_q_previous, 0.3, 5.0)
+    np.testing.assert_allclose(iw.numpy(), plain.numpy(), rtol=1e-6)
+
+
+def test_importance_weighted_rme_criterion_pools_the_samples_of_every_slot_drawing_from_a_component():
+    log_joint, log_h_self, log_q_previous = _random_slot_terms(1)
+    sources = tf.constant([0, 1, 0, 1])  # two active components, each feeding two slots
+    lam, cap = 0.3, 1.0
+    got = objectives.rme_importance_weighted_criterion(log_joint, log_h_self, log_q_previous, sources, lam, cap)
+    a, h, q = (t.numpy().astype(np.float64) for t in (log_joint, log_h_self, log_q_previous))
+    for m, slots in ((0, [0, 2]), (1, [1, 3])):
+        log_w = (a - h)[:, :, slots]  # [S, B, 2]: the 6 samples of component m
+        top = log_w.max(axis=(0, 2))
+        pooled = np.log(np.mean(np.exp(log_w - top[None, :, None]), axis=(0, 2))) + top
+        kl = np.minimum(h - q, cap)[:, :, slots].mean(axis=(0, 2))
+        np.testing.assert_allclose(got.numpy()[:, m], pooled + lam * kl, rtol=1e-5)
+    # The components no slot draws from (2, 3) keep their slot's plain criterion (they do not train).
+    plain = objectives.rme_criterion(log_joint, log_h_self, log_q_previous, lam, cap).numpy()
+    np.testing.assert_allclose(got.numpy()[:, 2:], plain[:, 2:], rtol=1e-6)
+
+
+def test_criterion_densities_of_a_slot_are_those_of_the_component_it_draws_from():
+    rng = np.random.default_rng(3)
+    log_h = tf.constant(rng.normal(-20.0, 3.0, [2, 3, 4, 4]), tf.float32)  # [S, B, slot i, component j]
+    logits = tf.constant([0.0, 0.5, -0.3, 1.0])
+    sources = tf.constant([0, 1, 0, 1])
+    log_h_self, log_q_previous = objectives.criterion_log_densities(log_h, log_h, logits, sources)
+    previous = tf.exp(mixing.prefix_log_weights(logits)).numpy()  # row m: the weights of q_{m-1}
+    h = log_h.numpy().astype(np.float64)
+    for slot, component in enumerate([0, 1, 0, 1]):
+        np.testing.assert_allclose(log_h_self[..., slot], h[..., slot, component], rtol=1e-6)
+        if component == 0:  # no mixture before the first component: its own density
+            expected = h[..., slot, 0]
+        else:
+            expected = np.log(np.sum(np.exp(h[..., slot, :]) * previous[component], axis=-1))
+        np.testing.assert_allclose(log_q_previous[..., slot], expected, rtol=1e-5)
+    # Without sources, slot i is component i: the densities every existing criterion used.
+    plain_self, plain_previous = objectives.criterion_log_densities(log_h, log_h, logits)
+    np.testing.assert_array_equal(plain_self.numpy(), tf.linalg.diag_part(log_h).numpy())
+    same_self, same_previous = objectives.criterion_log_densities(log_h, log_h, logits, tf.range(4))
+    np.testing.assert_array_equal(plain_previous.numpy(), same_previous.numpy())
+
+
+def test_component_bound_iw_is_for_rme_only():
+    assert isinstance(objectives.component_criterion("rme", component_bound="iw"),
+                      objectives.RMEImportanceWeightedCriterion)
+    with pytest.raises(ValueError, match="applies to method .rme. only"):
+        objectives.component_criterion("boosting", component_bound="iw")

@@ -3,9 +3,11 @@
 import keras
 import numpy as np
 import tensorflow as tf
+import tensorflow_probability as tfp
 
 import tf_rmvae
 from tests.helpers import mnist_digits
+from tf_rmvae.evaluation import mixture_summary
 
 
 def model_with_per_example_proportions(components=3, **kwargs):
@@ -88,3 +90,48 @@ def test_reported_weights_are_the_batch_mean_of_the_per_example_weights():
     expected = np.exp(model.encoder.compute_parameters(test)[0].numpy()).mean(axis=0)
     np.testing.assert_allclose([metrics["weight_0"], metrics["weight_1"]], expected, rtol=1e-5)
     assert abs(metrics["weight_1"] - 0.4) > 1e-4  # not the shared logit's weight
+
+
+def test_the_export_metadata_says_the_weights_are_per_example(tmp_path):
+    test = mnist_digits(8, "test")
+    model = two_components_with_varied_offsets(test.shape, head_noise=0.01)
+    path = tf_rmvae.export.export_encoder(model, str(tmp_path), "epsx", version=1)
+    meta = tf_rmvae.export.read_metadata(path)
+    assert meta["per_example_proportions"] is True
+    assert meta["mixing_weights"] == [0.6, 0.4]  # the shared proportions (every offset zero)
+
+
+def test_the_mixture_summary_reports_the_mean_of_the_per_example_weights():
+    test = mnist_digits(50, "test")
+    model = two_components_with_varied_offsets(test.shape, head_noise=0.05)
+    weights, entropies = mixture_summary(model.encoder, test, batch_size=20)
+    per_example = np.exp(model.encoder.compute_parameters(test)[0].numpy())
+    np.testing.assert_allclose(weights, per_example.mean(axis=0), rtol=1e-5)
+    assert abs(weights[1] - 0.4) > 1e-4  # not the shared logit's weight
+    _, loc, scale = model.encoder.compute_parameters(test)
+    expected = tfp.distributions.MultivariateNormalDiag(loc, scale).entropy().numpy().mean(axis=0)
+    np.testing.assert_allclose(entropies, expected, rtol=1e-5)
+
+
+def test_shared_proportions_report_the_encoder_weights_exactly():
+    test = mnist_digits(30, "test")
+    encoder = tf_rmvae.RecursiveMixtureEncoder(8, 3, hidden_units=(32,), seed=3)
+    encoder.ensure_built(test.shape)
+    encoder.add_component()
+    encoder.set_mixing_proportion(1, 0.25)
+    weights, _ = mixture_summary(encoder, test, batch_size=7)
+    np.testing.assert_array_equal(weights, np.exp(encoder.mixture_log_weights().numpy()))
+    np.testing.assert_allclose(weights, [0.75, 0.25, 0.0], atol=1e-6)
+
+
+def test_the_offset_head_is_seeded_by_the_encoder_seed():
+    x = mnist_digits(4)
+
+    def hidden_kernel(seed, global_seed):
+        keras.utils.set_random_seed(global_seed)
+        encoder = tf_rmvae.RecursiveMixtureEncoder(8, 2, hidden_units=(16,), seed=seed, per_example_proportions=True)
+        encoder.ensure_built(x.shape)
+        return encoder.mixing.offset_head.get_layer("hidden").get_weights()[0]
+
+    np.testing.assert_array_equal(hidden_kernel(1, global_seed=0), hidden_kernel(1, global_seed=1))
+    assert not np.allclose(hidden_kernel(1, global_seed=0), hidden_kernel(2, global_seed=0))

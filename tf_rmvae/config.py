@@ -116,6 +116,10 @@ class RunConfig:
     bound: str = setting(
         "elbo", "What the decoder and mixing proportions train on: elbo (stratified ELBO) or iw (stratified "
         "importance-weighted bound; with --method=vae and --num_samples=k: IWAE).", choices=BOUNDS)
+    component_bound: str = setting(
+        "elbo", "RME: the bound in each component's criterion: elbo (the paper's ELBO + lambda KL) or iw (the "
+        "component's importance-weighted bound over every sample drawn from it; first stage = IWAE with "
+        "--bound=iw).", choices=BOUNDS)
     num_samples: int = setting(1, "Reparameterised samples per component per step.")
     eps_search_every: int = setting(50, "Steps between mixing-proportion line searches.")
     per_example_proportions: bool = setting(
@@ -172,6 +176,10 @@ class RunConfig:
 
         check(self.method in METHODS, f"--method must be one of {', '.join(METHODS)}; got {self.method!r}.")
         check(self.bound in BOUNDS, f"--bound must be one of {', '.join(BOUNDS)}; got {self.bound!r}.")
+        check(self.component_bound in BOUNDS,
+              f"--component_bound must be one of {', '.join(BOUNDS)}; got {self.component_bound!r}.")
+        check(self.component_bound == "elbo" or self.method == "rme",
+              f"--component_bound=iw applies to --method=rme only; got --method={self.method}.")
         check(self.num_samples >= 1, f"--num_samples must be >= 1; got {self.num_samples}.")
         check(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}.")
         check(self.architecture in ARCHITECTURES,

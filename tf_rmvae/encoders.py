@@ -23,6 +23,8 @@ __all__ = ["ARCHITECTURES", "GaussianEncoder", "RecursiveMixtureEncoder", "make_
 
 OUTPUT_MODES = ("distribution", "parameters")
 NEW_COMPONENT_INITS = ("copy", "random")
+# The offset head's initialiser seed is the encoder's seed plus this, apart from the networks' `seed + i`.
+OFFSET_HEAD_SEED_OFFSET = 10_000
 
 
 def make_mixture(
@@ -84,7 +86,8 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
         tensors `(log_weights [B, M], loc [B, M, D], scale [B, M, D])` for Keras functional models; rebuild
         the distribution with `make_mixture`).
       validate_inputs: check shapes and finiteness of inputs (clear errors instead of NaN posteriors).
-      seed: seed for initialisers and the noise of copied components.
+      seed: seed for initialisers (the networks' and the per-example proportions' head) and the noise of copied
+        components.
       per_example_proportions: per-example mixing proportions `eps_m(x)`: the shared logits plus a small
         amortized head's bounded offsets (see `RecursiveMixingWeights`), trained on the mixture's bound;
         default False (shared proportions, as in the paper).
@@ -126,6 +129,7 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
         self.mixing = RecursiveMixingWeights(
             max_components, initial_active_components, learn_mixing_proportions,
             per_example=per_example_proportions, dtype=self.dtype_policy, name="mixing",
+            seed=None if seed is None else int(seed) + OFFSET_HEAD_SEED_OFFSET,
         )
         self.per_example_proportions = self.mixing.per_example
         self.latent_dim = self.networks.latent_dim

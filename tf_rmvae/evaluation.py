@@ -103,6 +103,26 @@ def evaluate(
     )
 
 
+def mixture_summary(encoder, x: np.ndarray, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    """Mixture weights and each component's mean entropy `H(h_m(z | x))` (nats) on `x [N, ...]`: `([M], [M])`.
+
+    With shared proportions the weights are the encoder's current ones; with per-example proportions
+    (`per_example_proportions=True`) they are the mean over `x` of each example's `eps_m(x)`.
+    """
+    entropy_sum = np.zeros([encoder.max_components], np.float64)
+    weight_sum = np.zeros([encoder.max_components], np.float64)
+    for start in range(0, len(x), batch_size):
+        log_weights, _, scale = encoder.compute_parameters(tf.constant(x[start:start + batch_size]))
+        # The entropy of a diagonal Gaussian: sum_d log(scale_d) + D/2 log(2 pi e).
+        entropy = tf.reduce_sum(tf.math.log(scale), -1) + 0.5 * scale.shape[-1] * np.log(2 * np.pi * np.e)
+        entropy_sum += np.sum(entropy.numpy(), axis=0)
+        weight_sum += np.sum(np.exp(log_weights.numpy()), axis=0)
+    count = max(len(x), 1)
+    if not getattr(encoder, "per_example_proportions", False):
+        return np.exp(tf.convert_to_tensor(encoder.mixture_log_weights()).numpy()), entropy_sum / count
+    return weight_sum / count, entropy_sum / count
+
+
 def inference_function(model) -> Callable[[tf.Tensor], object]:
     """The test-time inference of `model` (what a served encoder computes for a batch of images).
 

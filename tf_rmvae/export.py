@@ -30,8 +30,9 @@ model at K = 100: the process grew by 96 MB at B = 100 and 208 MB at B = 4000, a
 its time grows linearly with B x num_samples. An empty batch gives an empty result.
 
 Each version directory also holds `assets.extra/rmvae_metadata.json` (model config, image shape, latent size,
-method, active components and mixing weights at export, signatures, training metrics if given, versions of the
-libraries; a non-finite number is written as null, `tf_rmvae.files`). TF Serving ignores `assets.extra/` apart
+method, active components and mixing weights at export (the shared ones; `per_example_proportions` says whether
+each image's own differ), signatures, training metrics if given, versions of the libraries; a non-finite number
+is written as null, `tf_rmvae.files`). TF Serving ignores `assets.extra/` apart
 from its warm-up file; `read_metadata(version_dir)` reads it.
 
 Versions are written atomically: the SavedModel is written to a hidden temporary directory beside the version
@@ -215,6 +216,9 @@ def _metadata(model, kind, name, version, image_shape, signatures, metrics, limi
         "max_components": encoder.max_components,
         "active_components": int(keras.ops.convert_to_numpy(encoder.num_active_components)),
         "mixing_weights": [round(float(w), 6) for w in weights],
+        # With per-example proportions the weights above are the shared ones (every offset 0); the served
+        # `mixture_weights` are each image's own.
+        "per_example_proportions": bool(getattr(encoder, "per_example_proportions", False)),
         "method": model.method,
         "decoder": type(model.decoder).__name__,
         "input": {

@@ -44,6 +44,7 @@ class RecursiveMixingWeights(keras.layers.Layer):
       per_example: add the per-example offset head (trained on the mixture's bound).
       offset_units: hidden width of the offset head.
       max_offset: bound of each offset (logit units).
+      seed: seed of the offset head's hidden-layer initialiser; None draws from Keras's global seed.
     """
 
     def __init__(
@@ -54,6 +55,7 @@ class RecursiveMixingWeights(keras.layers.Layer):
         per_example: bool = False,
         offset_units: int = 64,
         max_offset: float = 5.0,
+        seed: int | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -73,6 +75,7 @@ class RecursiveMixingWeights(keras.layers.Layer):
         self.per_example = bool(per_example)
         self.offset_units = int(offset_units)
         self.max_offset = float(max_offset)
+        self.seed = seed
         self.offset_head = None
         # Set by `configure` (a training method's choice, not part of the config).
         self._all_active = False
@@ -102,7 +105,8 @@ class RecursiveMixingWeights(keras.layers.Layer):
                 raise ValueError(f"{self.name}: per-example proportions need the input shape to build.")
             features = int(np.prod(input_shape[1:]))
             self.offset_head = keras.Sequential([
-                keras.layers.Dense(self.offset_units, activation="relu", name="hidden"),
+                keras.layers.Dense(self.offset_units, activation="relu", name="hidden",
+                                   kernel_initializer=keras.initializers.GlorotUniform(seed=self.seed)),
                 keras.layers.Dense(self.max_components, kernel_initializer="zeros", name="offsets"),
             ], name="offset_head")
             self.offset_head.build((None, features))
@@ -181,5 +185,6 @@ class RecursiveMixingWeights(keras.layers.Layer):
             per_example=self.per_example,
             offset_units=self.offset_units,
             max_offset=self.max_offset,
+            seed=self.seed,
         )
         return config

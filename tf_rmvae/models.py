@@ -59,7 +59,7 @@ tfd = tfp.distributions
 # The constructor arguments that configure the training (held by the model's `RecursiveMixtureTrainer`).
 TRAINING_ARGUMENTS = (
     "method", "lambda_kl", "max_log_ratio", "schedule", "train_previous", "num_samples", "bound", "eps_grid",
-    "eps_search_every", "boosting_entropy_weight", "noise_seed",
+    "eps_search_every", "boosting_entropy_weight", "noise_seed", "component_bound",
 )
 
 
@@ -88,7 +88,7 @@ class RecursiveMixtureVAE(LatentVariableModel):
         (default), the stratified mixture ELBO; or "iw", the stratified importance-weighted bound
         (`objectives.stratified_importance_weighted_bound`) whose inactive slots draw extra samples from the
         active components, so every slot's decoder pass counts (`method="vae"` with `num_samples=k` is IWAE).
-        The components' own criteria are unchanged.
+        The components' own criteria are unchanged unless `component_bound="iw"`.
       eps_grid: candidate mixing proportions for the line search (stage-wise recursive methods).
       eps_search_every: steps between line searches.
       boosting_entropy_weight: c in boosting's residual ELBO.
@@ -100,6 +100,11 @@ class RecursiveMixtureVAE(LatentVariableModel):
       noise_seed: seed of the training noise. Each step draws its reparameterisation noise statelessly from
         `(noise_seed, optimizer.iterations)` for the whole global batch and takes this replica's slice, so a
         run is reproducible, a resumed run repeats the same noise, and N replicas see the noise of one device.
+      component_bound: method "rme": the bound in each component's criterion, "elbo" (default, the paper's
+        `ELBO(h_m) + lambda KL`) or "iw", the importance-weighted bound of `h_m` over every sample drawn from it
+        (`objectives.rme_importance_weighted_criterion`). With `bound="iw"` the first stage is then IWAE with
+        k = M x `num_samples` samples (the inactive slots draw from the active components); once every
+        component is active and `num_samples=1`, it is the paper's criterion.
 
     Call `fit(dataset_of_images)`: batches are image tensors `[B, H, W, C]` (or `(x,)` / `(x, y)` tuples, y
     ignored). Reported metrics: `loss` (= -mixture bound), `elbo`, `reconstruction`, `kl`, `criterion` (the
@@ -125,6 +130,7 @@ class RecursiveMixtureVAE(LatentVariableModel):
         boosting_entropy_weight: float = 1.0,
         nonfinite_inputs: str = "raise",
         noise_seed: int = 0,
+        component_bound: str = "elbo",
         **kwargs,
     ):
         super().__init__(encoder, decoder, **kwargs)
@@ -132,7 +138,7 @@ class RecursiveMixtureVAE(LatentVariableModel):
             encoder, method=method, lambda_kl=lambda_kl, max_log_ratio=max_log_ratio, schedule=schedule,
             train_previous=train_previous, num_samples=num_samples, bound=bound, eps_grid=eps_grid,
             eps_search_every=eps_search_every, boosting_entropy_weight=boosting_entropy_weight,
-            noise_seed=noise_seed,
+            noise_seed=noise_seed, component_bound=component_bound,
         )
         if nonfinite_inputs not in NONFINITE_POLICIES:
             raise ValueError(

@@ -116,6 +116,51 @@ def rme_criterion(
     return tf.reduce_mean(log_joint - log_h_self + lambda_kl * log_ratio, axis=0)
 
 
+def rme_importance_weighted_criterion(
+    log_joint: tf.Tensor,
+    log_h_self: tf.Tensor,
+    log_q_previous: tf.Tensor,
+    sources: tf.Tensor,
+    lambda_kl: float,
+    max_log_ratio: float | None = None,
+) -> tf.Tensor:
+    """RME criterion with the component's importance-weighted bound in place of its ELBO:
+    `log (1/n) sum_j p(x, z_j) / h(z_j) + lambda * KL(h || q_prev)` over the `n` samples of `h`.
+
+    The samples of component m are those of every slot drawing from it (`mixing.slot_sources`): with one
+    active component of M slots and S samples per slot, its criterion is the IWAE bound with k = M S samples
+    (Burda et al., 2016);
+    with every slot its own component and one sample each, it is `rme_criterion`. The KL term is the capped
+    estimate of `rme_criterion` averaged over the same samples.
+
+    Args:
+      log_joint, log_h_self, log_q_previous: `[S, B, M]` per slot, at the slot's samples (the densities of
+        the slot's source component; `criterion_log_densities(..., sources)`).
+      sources: `[M]` int, the component each slot draws from.
+      lambda_kl, max_log_ratio: as for `rme_criterion`.
+
+    Returns:
+      `[B, M]` each component's criterion (to be maximised); a component no slot draws from gets its slot's
+      `rme_criterion` (it is inactive and not trained).
+    """
+    num_slots = log_joint.shape[-1]
+    member = tf.equal(sources[:, None], tf.range(num_slots)[None, :])  # [M slots, M components]
+    count = tf.reduce_sum(tf.cast(member, log_joint.dtype), axis=0)  # [M] samples' slots per component
+    num_samples = tf.cast(tf.shape(log_joint)[0], log_joint.dtype)
+    # log sum over the S samples of each slot, then over the slots of each component.
+    per_slot = tf.reduce_logsumexp(log_joint - log_h_self, axis=0)  # [B, M slots]
+    # Other components' slots masked with a finite value (defensive: no -inf - -inf in an all-masked column).
+    masked = tf.where(member, per_slot[..., :, None], tf.constant(-1e30, log_joint.dtype))  # [B, M, M]
+    bound = tf.reduce_logsumexp(masked, axis=-2) - tf.math.log(num_samples * tf.maximum(count, 1.0))
+    log_ratio = log_h_self - log_q_previous
+    if max_log_ratio is not None:
+        log_ratio = tf.minimum(log_ratio, max_log_ratio)
+    ratio_sum = tf.reduce_sum(tf.where(member, tf.reduce_sum(log_ratio, axis=0)[..., :, None], 0.0), axis=-2)
+    kl = ratio_sum / (num_samples * tf.maximum(count, 1.0))  # [B, M]
+    own = rme_criterion(log_joint, log_h_self, log_q_previous, lambda_kl, max_log_ratio)
+    return tf.where(count > 0, bound + lambda_kl * kl, own)
+
+
 def boosting_criterion(
     log_joint: tf.Tensor,
     log_h_self: tf.Tensor,
@@ -138,7 +183,7 @@ def boosting_criterion(
 
 
 def criterion_log_densities(
-    log_h: tf.Tensor, log_h_fixed: tf.Tensor, mixing_logits: tf.Tensor
+    log_h: tf.Tensor, log_h_fixed: tf.Tensor, mixing_logits: tf.Tensor, sources: tf.Tensor | None = None
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """What every component's criterion compares at its own samples: `log h_m(z)` and `log q_{m-1}(z)`, the
     density of the mixture of the components before m.
@@ -148,16 +193,22 @@ def criterion_log_densities(
       log_h_fixed: the same with the gradient into the components' parameters stopped by the caller, so a
         criterion's gradient reaches `q_{m-1}` through z only.
       mixing_logits: `[M]` logits, or `[B, M]` per-example logits (gradient stopped by the caller).
+      sources: optional `[M]` component each slot's samples come from (`mixing.slot_sources`); slot i then
+        gets the densities of component `sources[i]`. Default: slot i draws from component i.
 
     Returns:
-      `(log_h_self, log_q_previous)`, `[S, B, M]` each. Slot 0 has no mixture before it: its `log_q_previous`
-      is its own density, so its KL term vanishes and its criterion is its ELBO.
+      `(log_h_self, log_q_previous)`, `[S, B, M]` each, per slot. Component 0 has no mixture before it: its
+      slots' `log_q_previous` is its own density, so its KL term vanishes and its criterion is its own bound.
     """
     previous_log_w = mixing.prefix_log_weights(mixing_logits)  # [(B,) M, M]: row m holds q_{m-1}'s weights
+    if sources is None:
+        sources = tf.range(log_h.shape[-1])
+    else:  # slot i compares against q_{c-1}, c = sources[i], at its own samples
+        previous_log_w = tf.gather(previous_log_w, sources, axis=-2)
+        log_h = tf.gather(log_h, sources, axis=-1)  # [..., i, k] = log h_{sources[k]}(z_i); the diagonal is wanted
     log_q_previous = tf.reduce_logsumexp(log_h_fixed + previous_log_w, axis=-1)
     log_h_self = tf.linalg.diag_part(log_h)
-    has_previous = tf.range(log_h.shape[-1]) >= 1
-    return log_h_self, tf.where(has_previous, log_q_previous, log_h_self)
+    return log_h_self, tf.where(sources >= 1, log_q_previous, log_h_self)
 
 
 # ---------------------------------------------------------------------- per-component criteria
@@ -206,7 +257,22 @@ class BoostingCriterion:
         return tf.where(has_previous, residual, elbo(log_joint, log_h_self))
 
 
-Criterion = ComponentELBO | RMECriterion | BoostingCriterion
+@dataclasses.dataclass(frozen=True)
+class RMEImportanceWeightedCriterion:
+    """RME with each component's importance-weighted bound over all the samples drawn from it in place of its
+    ELBO (`rme_importance_weighted_criterion`): with one active component of M slots it is IWAE's bound."""
+
+    lambda_kl: float
+    max_log_ratio: float | None = None
+    recursive: ClassVar[bool] = True
+    uses_sources: ClassVar[bool] = True
+
+    def __call__(self, log_joint, log_h_self, log_q_previous, entropy=None, sources=None) -> tf.Tensor:
+        return rme_importance_weighted_criterion(
+            log_joint, log_h_self, log_q_previous, sources, self.lambda_kl, self.max_log_ratio)
+
+
+Criterion = ComponentELBO | RMECriterion | RMEImportanceWeightedCriterion | BoostingCriterion
 
 
 def component_criterion(
@@ -215,9 +281,19 @@ def component_criterion(
     lambda_kl: float = 0.3,
     max_log_ratio: float | None = 5.0,
     boosting_entropy_weight: float = 1.0,
+    component_bound: str = "elbo",
 ) -> Criterion:
-    """The per-component criterion of a training method: "rme", "boosting", or "vae"/"mixture" (own ELBO)."""
+    """The per-component criterion of a training method: "rme", "boosting", or "vae"/"mixture" (own ELBO).
+
+    `component_bound="iw"` (method "rme" only) puts each component's importance-weighted bound in place of
+    its ELBO in the RME criterion (`RMEImportanceWeightedCriterion`)."""
+    if component_bound not in ("elbo", "iw"):
+        raise ValueError(f"component_bound must be 'elbo' or 'iw'; got {component_bound!r}.")
+    if component_bound == "iw" and method != "rme":
+        raise ValueError(f"component_bound='iw' applies to method 'rme' only; got method {method!r}.")
     if method == "rme":
+        if component_bound == "iw":
+            return RMEImportanceWeightedCriterion(lambda_kl, max_log_ratio)
         return RMECriterion(lambda_kl, max_log_ratio)
     if method == "boosting":
         return BoostingCriterion(boosting_entropy_weight, max_log_ratio)

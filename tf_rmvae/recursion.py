@@ -155,8 +155,8 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
     Args:
       encoder: the `RecursiveMixtureEncoder` to train; the method configures its mixing (`configure_mixing`).
       method, lambda_kl, max_log_ratio, schedule, train_previous, num_samples, bound, eps_grid,
-      eps_search_every,
-        boosting_entropy_weight, noise_seed: as for `tf_rmvae.RecursiveMixtureVAE`.
+        eps_search_every, boosting_entropy_weight, noise_seed, component_bound: as for
+        `tf_rmvae.RecursiveMixtureVAE`.
     """
 
     def __init__(
@@ -173,6 +173,7 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
         eps_search_every: int = 50,
         boosting_entropy_weight: float = 1.0,
         noise_seed: int = 0,
+        component_bound: str = "elbo",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -184,8 +185,8 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
             raise ValueError(f"schedule must be one of {SCHEDULES}; got {schedule!r}.")
         if not np.isfinite(lambda_kl) or lambda_kl < 0:
             raise ValueError(f"lambda_kl must be a finite number >= 0; got {lambda_kl}.")
-        if bound not in BOUNDS:
-            raise ValueError(f"bound must be one of {BOUNDS}; got {bound!r}.")
+        if bound not in BOUNDS or component_bound not in BOUNDS:
+            raise ValueError(f"bound and component_bound must be one of {BOUNDS}; got {bound!r}, {component_bound!r}.")
         if int(num_samples) < 1 or int(eps_search_every) < 1:
             raise ValueError("num_samples and eps_search_every must be >= 1.")
         if method == "vae" and encoder.max_components != 1:
@@ -205,9 +206,10 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
         self.eps_search_every = int(eps_search_every)
         self.boosting_entropy_weight = float(boosting_entropy_weight)
         self.noise_seed = int(noise_seed)
+        self.component_bound = component_bound
         self.criterion = objectives.component_criterion(
             method, lambda_kl=self.lambda_kl, max_log_ratio=self.max_log_ratio,
-            boosting_entropy_weight=self.boosting_entropy_weight,
+            boosting_entropy_weight=self.boosting_entropy_weight, component_bound=component_bound,
         )
         self.component_training = component_training(method, schedule, self.train_previous)
         self.component_training.configure(encoder)
@@ -271,6 +273,7 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
             sources = mixing.slot_sources(self.encoder.max_components, self.encoder.num_active_components)
             z = tf.gather(loc, sources, axis=1) + tf.gather(scale, sources, axis=1) * noise  # [S, B, M, D]
         else:
+            sources = tf.range(self.encoder.max_components)
             z = loc + scale * noise  # [S, B, M, D], reparameterised sample of every component
         entropy = tfd.Independent(tfd.Normal(loc, scale), reinterpreted_batch_ndims=1).entropy()  # [B, M]
         log_h = pairwise_log_prob(loc, scale, z)  # [S, B, M, M]: density of h_j at samples of h_i
@@ -286,13 +289,14 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
             bound = elbo
         return MixtureTerms(
             bound=bound, elbo=elbo, reconstruction=reconstruction, kl=reconstruction - elbo,
-            criterion=self._criteria(z, loc, scale, log_joint, log_h, entropy, offsets), log_weights=log_w,
+            criterion=self._criteria(z, loc, scale, log_joint, log_h, entropy, offsets, sources), log_weights=log_w,
             entropy=entropy, log_joint=log_joint, log_h=log_h, example_weight=example_weight,
             logit_offsets=offsets,
         )
 
-    def _criteria(self, z, loc, scale, log_joint, log_h, entropy, logit_offsets) -> tf.Tensor:
-        """`[B, M]` criterion of every component (against the fixed mixture of the components before it)."""
+    def _criteria(self, z, loc, scale, log_joint, log_h, entropy, logit_offsets, sources) -> tf.Tensor:
+        """`[B, M]` criterion of every component (against the fixed mixture of the components before it).
+        `sources [M]`: the component each slot's samples come from."""
         if not self.criterion.recursive:
             return self.criterion(log_joint, tf.linalg.diag_part(log_h))
         # q_{m-1} is held fixed: its parameters get no gradient, the samples z do.
@@ -300,9 +304,13 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
         logits = tf.convert_to_tensor(self.encoder.mixing_logits)
         if self.encoder.per_example_proportions:
             logits = logits + logit_offsets  # [B, M]: each example's own earlier mixtures
+        if not getattr(self.criterion, "uses_sources", False):  # each slot's own component, as ever
+            log_h_self, log_q_previous = objectives.criterion_log_densities(
+                log_h, log_h_fixed, tf.stop_gradient(logits))
+            return self.criterion(log_joint, log_h_self, log_q_previous, entropy)
         log_h_self, log_q_previous = objectives.criterion_log_densities(
-            log_h, log_h_fixed, tf.stop_gradient(logits))
-        return self.criterion(log_joint, log_h_self, log_q_previous, entropy)
+            log_h, log_h_fixed, tf.stop_gradient(logits), sources)
+        return self.criterion(log_joint, log_h_self, log_q_previous, entropy, sources=sources)
 
     def newest(self, per_component: tf.Tensor) -> tf.Tensor:
         """Picks the newest active component's column of `[..., M]`."""
@@ -423,6 +431,7 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
             eps_search_every=self.eps_search_every,
             boosting_entropy_weight=self.boosting_entropy_weight,
             noise_seed=self.noise_seed,
+            component_bound=self.component_bound,
         )
         return config
 

@@ -8,17 +8,15 @@
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from tf_rmvae import export, plots
 from tf_rmvae.config import RunConfig
-from tf_rmvae.evaluation import evaluate
+from tf_rmvae.evaluation import evaluate, mixture_summary
 from tf_rmvae.guards import chance_log_likelihood, check_exportable
 from tf_rmvae.models import RecursiveMixtureVAE
 
@@ -27,24 +25,13 @@ SAMPLES_FILE = "samples.png"
 MIXTURE_WEIGHTS_FILE = "mixture_weights.png"
 
 
-def component_entropies(model: RecursiveMixtureVAE, x: np.ndarray, batch_size: int = 500) -> np.ndarray:
-    """`[M]` mean over `x [N, H, W, C]` of each component's entropy `H(h_m(z | x))` (nats)."""
-    total = np.zeros([model.encoder.max_components], np.float64)
-    for start in range(0, len(x), batch_size):
-        _, _, scale = model.encoder.compute_parameters(tf.constant(x[start:start + batch_size]))
-        dim = scale.shape[-1]
-        entropy = tf.reduce_sum(tf.math.log(scale), -1) + 0.5 * dim * math.log(2 * math.pi * math.e)  # [B, M]
-        total += np.sum(entropy.numpy(), axis=0)
-    return total / max(len(x), 1)
-
-
 def evaluate_run(model: RecursiveMixtureVAE, x_test: np.ndarray, config: RunConfig) -> dict[str, Any]:
-    """Test metrics: ELBO and IWAE log-likelihood (mean, s.e.), mixture weights and component entropies."""
+    """Test metrics: ELBO and IWAE log-likelihood (mean, s.e.), mixture weights (with per-example proportions:
+    their mean over `x_test`) and component entropies."""
     result = evaluate(model, x_test, iwae_samples=config.iwae_samples, chunk_size=config.eval_chunk_size,
                       seed=config.seed)
     active = int(keras.ops.convert_to_numpy(model.encoder.num_active_components))
-    weights = np.exp(keras.ops.convert_to_numpy(model.encoder.mixture_log_weights()))
-    entropies = component_entropies(model, x_test)
+    weights, entropies = mixture_summary(model.encoder, x_test)
     return dict(
         examples=int(len(x_test)),
         elbo_mean=result["elbo_mean"], elbo_se=result["elbo_se"],

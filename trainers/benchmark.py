@@ -57,6 +57,8 @@ flags.DEFINE_list("bounds", list(_DEFAULT.bounds),
 flags.DEFINE_bool("shared_trunk", False, "Mixture methods: one trunk with M heads instead of M networks.")
 flags.DEFINE_bool("per_example_proportions", False,
                   "Mixture methods: per-example mixing proportions eps_m(x) (label suffix _epsx).")
+flags.DEFINE_enum("component_bound", _DEFAULT.component_bound, ["elbo", "iw"],
+                  "rme: the bound in each component's criterion (iw: importance-weighted, label suffix _ciw).")
 flags.DEFINE_list("eval_epochs", [], "Epochs (besides the last) at which every cell is also evaluated.")
 flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"], "XLA for training (auto: on GPU only).")
 flags.DEFINE_string("output_dir", _DEFAULT.output_dir, "Where <run_name>.json and the per-cell dirs go.")
