@@ -222,9 +222,10 @@ def test_per_example_proportion_cells_are_labelled_and_build_the_head():
 
 def test_importance_weighted_component_cells_are_rme_only_and_labelled():
     config = harness.quick_config(methods=("rme", "iwae"), num_components=(2,), lambdas=(0.3,), bounds=("iw",),
-                                  component_bound="iw")
+                                  component_bounds=("elbo", "iw"))
     cells = {c.label: c for c in harness.cells(config)}
-    assert set(cells) == {"rme_M2_lambda0.3_iw_ciw", "iwae_k2"}
+    assert set(cells) == {"rme_M2_lambda0.3_iw", "rme_M2_lambda0.3_iw_ciw", "iwae_k2"}
+    assert harness.build_model(config, cells["rme_M2_lambda0.3_iw"]).rme.component_bound == "elbo"
     assert harness.build_model(config, cells["rme_M2_lambda0.3_iw_ciw"]).rme.component_bound == "iw"
     assert harness.build_model(config, cells["iwae_k2"]).rme.component_bound == "elbo"
     # Like every later option, it enters a cell's fingerprint only when on.

@@ -57,8 +57,8 @@ flags.DEFINE_list("bounds", list(_DEFAULT.bounds),
 flags.DEFINE_bool("shared_trunk", False, "Mixture methods: one trunk with M heads instead of M networks.")
 flags.DEFINE_bool("per_example_proportions", False,
                   "Mixture methods: per-example mixing proportions eps_m(x) (label suffix _epsx).")
-flags.DEFINE_enum("component_bound", _DEFAULT.component_bound, ["elbo", "iw"],
-                  "rme: the bound in each component's criterion (iw: importance-weighted, label suffix _ciw).")
+flags.DEFINE_list("component_bounds", list(_DEFAULT.component_bounds),
+                  "Bounds in rme's component criteria: elbo and/or iw (importance-weighted, label suffix _ciw).")
 flags.DEFINE_list("eval_epochs", [], "Epochs (besides the last) at which every cell is also evaluated.")
 flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"], "XLA for training (auto: on GPU only).")
 flags.DEFINE_string("output_dir", _DEFAULT.output_dir, "Where <run_name>.json and the per-cell dirs go.")
@@ -75,7 +75,8 @@ FLAGS = flags.FLAGS
 _CONVERTERS = dict(
     lambdas=lambda v: tuple(float(x) for x in v), num_components=lambda v: tuple(int(x) for x in v),
     seeds=lambda v: tuple(int(x) for x in v), hidden_units=lambda v: tuple(int(x) for x in v),
-    methods=tuple, schedules=tuple, bounds=tuple, savae_steps=lambda v: tuple(int(x) for x in v),
+    methods=tuple, schedules=tuple, bounds=tuple, component_bounds=tuple,
+    savae_steps=lambda v: tuple(int(x) for x in v),
     eval_epochs=lambda v: tuple(int(x) for x in v),
     jit_compile=lambda v: {"auto": "auto", "true": True, "false": False}[v],
 )
