@@ -16,6 +16,7 @@ from typing import Callable, ClassVar
 import tensorflow as tf
 
 from tf_rmvae import mixing
+from tf_rmvae.choices import BOUNDS
 
 
 def mixture_log_density(log_h: tf.Tensor, log_weights: tf.Tensor) -> tf.Tensor:
@@ -146,17 +147,18 @@ def rme_importance_weighted_criterion(
     num_slots = log_joint.shape[-1]
     member = tf.equal(sources[:, None], tf.range(num_slots)[None, :])  # [M slots, M components]
     count = tf.reduce_sum(tf.cast(member, log_joint.dtype), axis=0)  # [M] samples' slots per component
-    num_samples = tf.cast(tf.shape(log_joint)[0], log_joint.dtype)
+    # n: the samples of each component, S per slot drawing from it (at least 1: no log 0 for unused ones).
+    pooled = tf.cast(tf.shape(log_joint)[0], log_joint.dtype) * tf.maximum(count, 1.0)  # [M]
     # log sum over the S samples of each slot, then over the slots of each component.
     per_slot = tf.reduce_logsumexp(log_joint - log_h_self, axis=0)  # [B, M slots]
     # Other components' slots masked with a finite value (defensive: no -inf - -inf in an all-masked column).
     masked = tf.where(member, per_slot[..., :, None], tf.constant(-1e30, log_joint.dtype))  # [B, M, M]
-    bound = tf.reduce_logsumexp(masked, axis=-2) - tf.math.log(num_samples * tf.maximum(count, 1.0))
+    bound = tf.reduce_logsumexp(masked, axis=-2) - tf.math.log(pooled)
     log_ratio = log_h_self - log_q_previous
     if max_log_ratio is not None:
         log_ratio = tf.minimum(log_ratio, max_log_ratio)
     ratio_sum = tf.reduce_sum(tf.where(member, tf.reduce_sum(log_ratio, axis=0)[..., :, None], 0.0), axis=-2)
-    kl = ratio_sum / (num_samples * tf.maximum(count, 1.0))  # [B, M]
+    kl = ratio_sum / pooled  # [B, M]
     own = rme_criterion(log_joint, log_h_self, log_q_previous, lambda_kl, max_log_ratio)
     return tf.where(count > 0, bound + lambda_kl * kl, own)
 
@@ -287,8 +289,8 @@ def component_criterion(
 
     `component_bound="iw"` (method "rme" only) puts each component's importance-weighted bound in place of
     its ELBO in the RME criterion (`RMEImportanceWeightedCriterion`)."""
-    if component_bound not in ("elbo", "iw"):
-        raise ValueError(f"component_bound must be 'elbo' or 'iw'; got {component_bound!r}.")
+    if component_bound not in BOUNDS:
+        raise ValueError(f"component_bound must be one of {BOUNDS}; got {component_bound!r}.")
     if component_bound == "iw" and method != "rme":
         raise ValueError(f"component_bound='iw' applies to method 'rme' only; got method {method!r}.")
     if method == "rme":
