@@ -253,10 +253,8 @@ def build_model(config: BenchmarkConfig, cell: Cell) -> keras.Model:
         )
     else:
         kwargs = {} if cell.lambda_kl is None else {"lambda_kl": cell.lambda_kl}
-        if cell.bound != "elbo":
-            kwargs["bound"] = cell.bound
-        if cell.component_bound != "elbo":
-            kwargs["component_bound"] = cell.component_bound
+        # Always named: a cell's label says its bounds, whatever the library's default ("auto").
+        kwargs.update(bound=cell.bound, component_bound=cell.component_bound)
         if cell.method in STAGEWISE_METHODS:  # rme and boosting share the cap and the earlier-component rule
             kwargs.update(
                 max_log_ratio=None if config.rme_max_log_ratio < 0 else config.rme_max_log_ratio,

@@ -57,10 +57,28 @@ def test_choice_fields_take_their_values_from_the_choices_module():
     fields = {field.name: field.metadata["choices"] for field in dataclasses.fields(RunConfig)}
     assert fields["method"] == choices.METHODS and fields["strategy"] == choices.STRATEGIES
     assert fields["mixed_precision"] == choices.PRECISIONS and fields["architecture"] == choices.ARCHITECTURES
-    with pytest.raises(ConfigError, match="--bound must be one of elbo, iw"):
+    with pytest.raises(ConfigError, match="--bound must be one of auto, elbo, iw"):
         RunConfig(model_dir="a", bound="kl").validate()
     with pytest.raises(ConfigError, match="--component_bound=iw applies to --method=rme only"):
         RunConfig(model_dir="a", method="mixture", component_bound="iw").validate()
+
+
+def test_the_auto_bound_is_each_methods_default_and_old_run_directories_keep_the_elbo():
+    # RME trains on the importance-weighted bound (README "Results"); the paper's RME is --bound=elbo; the other
+    # methods train on the ELBO unless told.
+    assert choices.resolve_bound("rme", "auto") == "iw"
+    for method in ("vae", "mixture", "boosting"):
+        assert choices.resolve_bound(method, "auto") == "elbo"
+    assert choices.resolve_bound("rme", "elbo") == "elbo" and choices.resolve_bound("vae", "iw") == "iw"
+    assert RunConfig(model_dir="a").bound == "auto" and RunConfig(model_dir="a").component_bound == "elbo"
+    # A run directory saved before the bound was a setting trained on the ELBO, and resumes so.
+    saved = {k: v for k, v in RunConfig(model_dir="a").to_dict().items() if k != "bound"}
+    assert RunConfig.from_dict(saved).bound == "elbo"
+    # A run resumes under "auto" where that names the bound it trained on, and is refused where it does not.
+    assert RunConfig(model_dir="a", bound="iw").mismatches(RunConfig(model_dir="a")) == {}
+    mixture = RunConfig(model_dir="a", method="mixture", num_components=2)
+    assert mixture.replace(bound="elbo").mismatches(mixture) == {}
+    assert RunConfig(model_dir="a", bound="elbo").mismatches(RunConfig(model_dir="a")) == {"bound": ("elbo", "auto")}
 
 
 def test_flags_build_the_config_they_name():

@@ -231,6 +231,22 @@ def test_importance_weighted_bound_trains_and_lies_above_the_elbo(digits, method
     assert tf_rmvae.RecursiveMixtureVAE.from_config(model.get_config()).bound == "iw"
 
 
+def test_rme_defaults_to_the_importance_weighted_bound_saved_resolved_and_old_models_keep_the_elbo():
+    model = tiny_model("rme")
+    assert (model.bound, model.rme.component_bound) == ("iw", "elbo")
+    assert isinstance(model.rme.criterion, objectives.RMECriterion)  # the paper's component criterion
+    config = model.get_config()
+    assert config["bound"] == "iw"  # resolved: a later default cannot move a saved model
+    # A model saved before the bound was an argument trained on the ELBO, and loads so.
+    old = tf_rmvae.RecursiveMixtureVAE.from_config({k: v for k, v in config.items() if k != "bound"})
+    assert old.bound == "elbo"
+    trainer = {k: v for k, v in model.rme.get_config().items() if k != "bound"}
+    assert tf_rmvae.RecursiveMixtureTrainer.from_config(trainer).bound == "elbo"
+    assert tiny_model("rme", bound="elbo").bound == "elbo"  # the paper's RME
+    for method in ("vae", "mixture", "boosting"):
+        assert tiny_model(method).bound == "elbo", method
+
+
 def test_importance_weighted_components_make_the_first_stage_iwae_and_train_every_component(digits):
     # With bound="iw" and component_bound="iw", one active component's criterion is the IWAE bound with
     # k = M samples: the same number as the mixture's bound on the same samples.

@@ -58,7 +58,8 @@ def test_run_writes_config_metrics_figures_checkpoints_and_export_and_a_rerun_do
     for name in ("config.json", "metrics.json", "history.csv", "reconstructions.png", "samples.png",
                  "mixture_weights.png"):
         assert (model_dir / name).is_file(), name
-    assert RunConfig.load(model_dir / "config.json").latent_dim == 8
+    saved = RunConfig.load(model_dir / "config.json")
+    assert saved.latent_dim == 8 and saved.bound == "iw"  # the bound trained on, not "auto"
     assert sorted(os.listdir(model_dir / "checkpoints")) == [
         "best.json", "best.weights.h5", "epoch_001.weights.h5", "epoch_002.weights.h5"]
     assert os.listdir(model_dir / "logs" / "train")  # TensorBoard event file
@@ -277,3 +278,13 @@ def test_nonfinite_policy_is_validated_and_reaches_the_model():
     model = model_factory.build_model(config, (28, 28, 1), True)
     assert model.nonfinite_inputs == "skip"
     assert not any(type(c).__name__ == "NonFiniteInputGuard" for c in run_callbacks.make_callbacks(config))
+
+
+def test_the_runs_bound_reaches_the_model_resolved():
+    from tf_rmvae import model_factory
+    from tf_rmvae.config import RunConfig
+
+    config = RunConfig(hidden_units=(8,), latent_dim=2)  # --bound=auto
+    resolved = {name: model_factory.build_model(run, (28, 28, 1), True).bound for name, run in [
+        ("default", config), ("paper", config.replace(bound="elbo")), ("mixture", config.replace(method="mixture"))]}
+    assert resolved == {"default": "iw", "paper": "elbo", "mixture": "elbo"}

@@ -16,6 +16,7 @@ from typing import Any
 
 from tf_rmvae.choices import (
     ARCHITECTURES,
+    BOUND_SETTINGS,
     BOUNDS,
     DECODERS,
     METHODS,
@@ -23,6 +24,7 @@ from tf_rmvae.choices import (
     PRECISIONS,
     SCHEDULES,
     STRATEGIES,
+    resolve_bound,
 )
 from tf_rmvae.files import write_json_atomic
 
@@ -45,8 +47,9 @@ RESUMABLE_FIELDS = frozenset({
 })
 
 # Values of fields that a saved `config.json` may lack because it was written before the field existed: the behaviour
-# of that version (runs saved before issue 14 held no validation examples out of training).
-LEGACY_DEFAULTS = {"validation_examples": 0}
+# of that version (runs saved before issue 14 held no validation examples out of training; before `bound` was a
+# setting, every method trained on the ELBO).
+LEGACY_DEFAULTS = {"validation_examples": 0, "bound": "elbo"}
 
 #: `validation_examples` value that asks for the default hold-out (`tf_rmvae.data.default_validation_examples`).
 AUTO_VALIDATION = -1
@@ -114,8 +117,9 @@ class RunConfig:
         "stagewise", "stagewise: components join one at a time (RME); sweep: all components every step.",
         choices=SCHEDULES)
     bound: str = setting(
-        "elbo", "What the decoder and mixing proportions train on: elbo (stratified ELBO) or iw (stratified "
-        "importance-weighted bound; with --method=vae and --num_samples=k: IWAE).", choices=BOUNDS)
+        "auto", "What the decoder and mixing proportions train on: elbo (stratified ELBO) or iw (stratified "
+        "importance-weighted bound; with --method=vae and --num_samples=k: IWAE); auto: iw for --method=rme, "
+        "elbo otherwise.", choices=BOUND_SETTINGS)
     component_bound: str = setting(
         "elbo", "RME: the bound in each component's criterion: elbo (the paper's ELBO + lambda KL) or iw (the "
         "component's importance-weighted bound over every sample drawn from it; first stage = IWAE with "
@@ -175,7 +179,8 @@ class RunConfig:
                 raise ConfigError(message)
 
         check(self.method in METHODS, f"--method must be one of {', '.join(METHODS)}; got {self.method!r}.")
-        check(self.bound in BOUNDS, f"--bound must be one of {', '.join(BOUNDS)}; got {self.bound!r}.")
+        check(self.bound in BOUND_SETTINGS,
+              f"--bound must be one of {', '.join(BOUND_SETTINGS)}; got {self.bound!r}.")
         check(self.component_bound in BOUNDS,
               f"--component_bound must be one of {', '.join(BOUNDS)}; got {self.component_bound!r}.")
         check(self.component_bound == "elbo" or self.method == "rme",
@@ -250,12 +255,23 @@ class RunConfig:
         return self.export_name or f"{self.dataset}_{self.method}"
 
     # ------------------------------------------------------------------ comparison and JSON
+    @property
+    def resolved_bound(self) -> str:
+        """The bound the run trains on ("auto": the method's default, `choices.resolve_bound`)."""
+        return resolve_bound(self.method, self.bound)
+
     def mismatches(self, other: RunConfig) -> dict[str, tuple[Any, Any]]:
-        """`{field: (self's value, other's value)}` for fields that differ and are not in `RESUMABLE_FIELDS`."""
+        """`{field: (self's value, other's value)}` for fields that differ and are not in `RESUMABLE_FIELDS`;
+        `bound` differs only if the bounds the two runs train on do (a run saved with "elbo" resumes under "auto"
+        where that means "elbo")."""
+        def differ(name: str) -> bool:
+            unequal = getattr(self, name) != getattr(other, name)
+            return unequal and (name != "bound" or self.resolved_bound != other.resolved_bound)
+
         return {
             f.name: (getattr(self, f.name), getattr(other, f.name))
             for f in dataclasses.fields(self)
-            if f.name not in RESUMABLE_FIELDS and getattr(self, f.name) != getattr(other, f.name)
+            if f.name not in RESUMABLE_FIELDS and differ(f.name)
         }
 
     def replace(self, **changes) -> RunConfig:

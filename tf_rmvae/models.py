@@ -2,10 +2,11 @@
 
 Training (method "rme", schedule "stagewise": the default, the recursion that the method's name describes):
 
-1. Component 1 and the decoder train as a plain VAE (component 1's criterion is its own ELBO).
+1. Component 1 and the decoder train alone (component 1's criterion is its own ELBO; the decoder's bound, below,
+   is importance-weighted over the M slots' samples, all drawn from component 1).
 2. Components join one at a time (`add_component()`, usually from the `ComponentSchedule` callback). A new
    component `h_k` starts as a copy of `h_{k-1}` plus noise with proportion `eps_k = 0`, so the mixture and
-   its ELBO are unchanged when it joins.
+   its bound are unchanged when it joins.
 3. Every step, each active component `h_m` trains on its RME criterion
    `ELBO(h_m) + lambda * KL(h_m || q_{m-1})` against the mixture of the components before it, `q_{m-1}`, held
    fixed (no gradient into its parameters; the gradient reaches z only). The KL term is a Monte Carlo estimate
@@ -13,10 +14,13 @@ Training (method "rme", schedule "stagewise": the default, the recursion that th
    the reward is unbounded (`objectives.rme_criterion`) and new components ran off and collapsed in every run
    we tried. `train_previous=False` freezes the earlier components instead (restored after every optimizer
    step, so Adam's momentum cannot move them); they then go stale while the decoder keeps training.
-4. `eps_k` is set by a line search: every `eps_search_every` steps, the mixture ELBO of `q_k` accumulated over
-   those steps for each candidate in `eps_grid` (0 and the current value included) picks the best eps. Since
-   eps = 0 reproduces `q_{k-1}`, a new component cannot lower the (batch-estimated) training ELBO.
-5. The decoder always trains on the stratified ELBO of the current mixture,
+4. `eps_k` is set by a line search: every `eps_search_every` steps, the mixture's bound of `q_k` accumulated
+   over those steps for each candidate in `eps_grid` (0 and the current value included) picks the best eps.
+   Since eps = 0 reproduces `q_{k-1}`, a new component cannot lower the (batch-estimated) training bound.
+5. The decoder trains on the mixture's bound (`bound`). RME's default ("auto" = "iw") is the stratified
+   importance-weighted bound `log sum_i v_i p(x, z_i) / q(z_i | x)` over one sample per slot (idle slots draw
+   from the active components): above the paper's ELBO in every budget and seed we measured (README "Results";
+   with the stage-wise schedule and one sample per component). `bound="elbo"` is the paper's stratified ELBO
    `sum_j w_j E_{h_j}[log p(x, z) - log q(z | x)]`, one reparameterised sample per component.
 
 Schedule "sweep" (the option): all `M` components are active from the start and every step trains each
@@ -45,6 +49,7 @@ from tf_rmvae.encoders import RecursiveMixtureEncoder, make_mixture
 from tf_rmvae.latent_model import LatentVariableModel
 from tf_rmvae.recursion import (  # noqa: F401  (re-exported: the names users import from here)
     BOUNDS,
+    LEGACY_ARGUMENTS,
     METHODS,
     RECURSIVE_METHODS,
     SCHEDULES,
@@ -84,11 +89,13 @@ class RecursiveMixtureVAE(LatentVariableModel):
       train_previous: stage-wise only: keep training earlier components on their own criteria (default True;
         False freezes them).
       num_samples: reparameterised samples per component per step (S).
-      bound: what the decoder and the mixing proportions are trained on (and the line search scores): "elbo"
-        (default), the stratified mixture ELBO; or "iw", the stratified importance-weighted bound
+      bound: what the decoder and the mixing proportions are trained on (and the line search scores): "elbo",
+        the stratified mixture ELBO; "iw", the stratified importance-weighted bound
         (`objectives.stratified_importance_weighted_bound`) whose inactive slots draw extra samples from the
-        active components, so every slot's decoder pass counts (`method="vae"` with `num_samples=k` is IWAE).
-        The components' own criteria are unchanged unless `component_bound="iw"`.
+        active components, so every slot's decoder pass counts (`method="vae"` with `num_samples=k` is IWAE);
+        or "auto" (default): "iw" for method "rme", "elbo" otherwise (`choices.resolve_bound`; the model holds
+        and saves the resolved value). The paper's RME is `bound="elbo"`. The components' own criteria are
+        unchanged unless `component_bound="iw"`.
       eps_grid: candidate mixing proportions for the line search (stage-wise recursive methods).
       eps_search_every: steps between line searches.
       boosting_entropy_weight: c in boosting's residual ELBO.
@@ -124,7 +131,7 @@ class RecursiveMixtureVAE(LatentVariableModel):
         schedule: str = "stagewise",
         train_previous: bool = True,
         num_samples: int = 1,
-        bound: str = "elbo",
+        bound: str = "auto",
         eps_grid=mixing.DEFAULT_EPS_GRID,
         eps_search_every: int = 50,
         boosting_entropy_weight: float = 1.0,
@@ -276,3 +283,7 @@ class RecursiveMixtureVAE(LatentVariableModel):
         config.update({name: training[name] for name in TRAINING_ARGUMENTS})
         config.update(nonfinite_inputs=self.nonfinite_inputs)
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        return super().from_config({**LEGACY_ARGUMENTS, **config})

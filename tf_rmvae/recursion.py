@@ -33,7 +33,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tf_rmvae import mixing, objectives
-from tf_rmvae.choices import BOUNDS, METHODS, RECURSIVE_METHODS, SCHEDULES
+from tf_rmvae.choices import BOUND_SETTINGS, BOUNDS, METHODS, RECURSIVE_METHODS, SCHEDULES, resolve_bound
 from tf_rmvae.encoders import RecursiveMixtureEncoder
 from tf_rmvae.latent_model import replica_batch_layout, standard_normal_log_prob
 
@@ -50,6 +50,10 @@ def pairwise_log_prob(loc: tf.Tensor, scale: tf.Tensor, z: tf.Tensor) -> tf.Tens
     components = tfd.Independent(tfd.Normal(loc[:, None], scale[:, None]), reinterpreted_batch_ndims=1)
     return components.log_prob(z[..., None, :])
 
+
+# Arguments that a config saved before they existed lacks, with the behaviour of then: before `bound` was an
+# argument (its default is now "auto", the method's default), every method trained on the ELBO.
+LEGACY_ARGUMENTS = {"bound": "elbo"}
 
 class MixtureTerms(NamedTuple):
     """Per-example terms of one batch: `S` samples per component slot, `B` examples, `M` slots."""
@@ -168,7 +172,7 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
         schedule: str = "stagewise",
         train_previous: bool = True,
         num_samples: int = 1,
-        bound: str = "elbo",
+        bound: str = "auto",
         eps_grid=mixing.DEFAULT_EPS_GRID,
         eps_search_every: int = 50,
         boosting_entropy_weight: float = 1.0,
@@ -185,8 +189,11 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
             raise ValueError(f"schedule must be one of {SCHEDULES}; got {schedule!r}.")
         if not np.isfinite(lambda_kl) or lambda_kl < 0:
             raise ValueError(f"lambda_kl must be a finite number >= 0; got {lambda_kl}.")
-        if bound not in BOUNDS or component_bound not in BOUNDS:
-            raise ValueError(f"bound and component_bound must be one of {BOUNDS}; got {bound!r}, {component_bound!r}.")
+        if bound not in BOUND_SETTINGS:
+            raise ValueError(f"bound must be one of {BOUND_SETTINGS}; got {bound!r}.")
+        if component_bound not in BOUNDS:
+            raise ValueError(f"component_bound must be one of {BOUNDS}; got {component_bound!r}.")
+        bound = resolve_bound(method, bound)  # "auto": the method's default
         if int(num_samples) < 1 or int(eps_search_every) < 1:
             raise ValueError("num_samples and eps_search_every must be >= 1.")
         if method == "vae" and encoder.max_components != 1:
@@ -437,6 +444,6 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
 
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
+        config = {**LEGACY_ARGUMENTS, **config}
         config["encoder"] = keras.saving.deserialize_keras_object(config["encoder"])
         return cls(**config)
