@@ -29,6 +29,7 @@ import tensorflow as tf
 
 import tf_rmvae
 from tf_rmvae import evaluation, model_factory
+from tf_rmvae.choices import BOUND_SETTINGS
 from tf_rmvae.semi_amortized import SemiAmortizedVAE
 
 IMAGE_SHAPE = (28, 28, 1)
@@ -220,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--modes", default=None, help="function,jit")
     parser.add_argument("--savae_steps", default=None, help="comma-separated SA-VAE refinement steps")
     parser.add_argument("--output", default=None, help="JSON path ('' to write nothing)")
-    parser.add_argument("--bound", default=None, choices=("elbo", "iw", "auto"),
+    parser.add_argument("--bound", default=None, choices=BOUND_SETTINGS,
                         help="the bound RME's training step is timed on (default elbo)")
     args = parser.parse_args(argv)
     config = tiny_config() if args.tiny else SpeedConfig()

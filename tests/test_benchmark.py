@@ -131,8 +131,9 @@ def test_frontier_keeps_models_no_other_beats_at_equal_or_lower_cost():
 
 
 def test_speed_benchmark_tiny_prints_ratios(capsys):
-    result = speed.main(["--tiny", "--output", ""])
+    result = speed.main(["--tiny", "--output", "", "--bound", "auto"])  # times the default RME's training step
     out = capsys.readouterr().out
+    assert result["config"]["bound"] == "auto" and speed.SpeedConfig().bound == "elbo"
     assert "ratio rme_M2/vae_encoder@1" in out and "ratio train_rme_M2/train_vae@8" in out
     assert "PASS" in out or "FAIL" in out
     targets = result["modes"]["function"]["targets"]

@@ -55,6 +55,7 @@ def pairwise_log_prob(loc: tf.Tensor, scale: tf.Tensor, z: tf.Tensor) -> tf.Tens
 # argument (its default is now "auto", the method's default), every method trained on the ELBO.
 LEGACY_ARGUMENTS = {"bound": "elbo"}
 
+
 class MixtureTerms(NamedTuple):
     """Per-example terms of one batch: `S` samples per component slot, `B` examples, `M` slots."""
 
