@@ -37,7 +37,10 @@ def speed_name(label: str) -> str:
     if label.startswith("savae"):
         return f"savae_{label[len('savae'):] or 10}"
     m = re.search(r"_M(\d+)", label)
-    return f"rme_encoder_M{m.group(1)}" if m else label
+    if not m:
+        return label
+    shared = "_shared" in label  # one trunk and M heads (the harness's `--shared_trunk`)
+    return f"rme_{'shared_' if shared else ''}encoder_M{m.group(1)}"
 
 
 def summarize(rows: list[dict], speed: dict | None, mode: str = "function") -> list[dict]:

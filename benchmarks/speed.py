@@ -2,10 +2,12 @@
 
 Inference for the same inputs at each batch size: (a) the mixture encoder's single batched pass (M components),
 (b) a plain VAE encoder (M = 1; also IWAE's test-time inference), (c) a VAE encoder with as many parameters as the
-M encoders (`vae_equal_params`), (d) SA-VAE with `savae_steps` refinement steps. Training: one `train_step` of
+M encoders (`vae_equal_params`), (d) SA-VAE with `savae_steps` refinement steps, (e) mixture encoders with one
+shared trunk and M heads for each M in `shared_components`. Training: one `train_step` of
 `rme` with M = 2, 4, 8 (all M components active) relative to `vae`, at batch 100. Every number is the median of
 `repeats` calls after warm-up (outputs fetched to the host), measured both as a `tf.function` graph and with
-`jit_compile=True` (XLA). Networks are untrained: speed does not depend on the weights.
+`jit_compile=True` (XLA); the inference models are called in turn in every round, so a slowdown of the shared
+machine hits them alike. Networks are untrained: speed does not depend on the weights.
 
     python -m benchmarks.speed                     # full measurement, writes benchmarks/results/speed.json
     python -m benchmarks.speed --tiny              # seconds-long smoke run (tests)
@@ -42,6 +44,7 @@ class SpeedConfig:
     components: Sequence[int] = (2, 4, 8)
     target_components: int = 4
     savae_steps: Sequence[int] = (5, 10, 20)
+    shared_components: Sequence[int] = ()  # M of the shared-trunk encoders timed for inference
     hidden_units: Sequence[int] = (500, 500)
     latent_dim: int = 32
     train_batch_size: int = 100
@@ -68,10 +71,12 @@ def tiny_config(**overrides) -> SpeedConfig:
     return SpeedConfig(**values)
 
 
-def _encoder(config: SpeedConfig, components: int, hidden_units=None) -> tf_rmvae.RecursiveMixtureEncoder:
+def _encoder(
+    config: SpeedConfig, components: int, hidden_units=None, shared_trunk: bool = False
+) -> tf_rmvae.RecursiveMixtureEncoder:
     encoder = tf_rmvae.RecursiveMixtureEncoder(
         config.latent_dim, components, hidden_units=hidden_units or config.hidden_units,
-        initial_active_components=components, seed=0,
+        initial_active_components=components, shared_trunk=shared_trunk, seed=0,
     )
     encoder.ensure_built((None, *IMAGE_SHAPE))
     return encoder
@@ -102,14 +107,16 @@ def inference_times(config: SpeedConfig, mode: str) -> dict[str, dict[int, float
         f"rme_encoder_M{m}": tf.function(rme_encoder.compute_parameters, jit_compile=jit),
         f"vae_equal_params_encoder_M{m}": tf.function(equal_encoder.compute_parameters, jit_compile=jit),
     }
+    for components in config.shared_components:
+        shared = _encoder(config, components, shared_trunk=True)
+        functions[f"rme_shared_encoder_M{components}"] = tf.function(shared.compute_parameters, jit_compile=jit)
     for steps in config.savae_steps:
         functions[f"savae_{steps}"] = tf.function(
             lambda x, k=steps: savae.refine(x, steps=k), jit_compile=jit)
     times: dict[str, dict[int, float]] = {name: {} for name in functions}
-    for batch in config.batch_sizes:
-        x = _images(batch)
-        for name, fn in functions.items():
-            times[name][batch] = evaluation.time_function(fn, x, repeats=config.repeats)
+    for batch in config.batch_sizes:  # the models in turn in every round (`time_functions`): side by side
+        for name, seconds in evaluation.time_functions(functions, _images(batch), repeats=config.repeats).items():
+            times[name][batch] = seconds
     return times
 
 
@@ -220,6 +227,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--hidden_units", default=None, help="comma-separated encoder/decoder widths")
     parser.add_argument("--modes", default=None, help="function,jit")
     parser.add_argument("--savae_steps", default=None, help="comma-separated SA-VAE refinement steps")
+    parser.add_argument(
+        "--shared_components", default=None, help="comma-separated M of shared-trunk encoders to time")
     parser.add_argument("--output", default=None, help="JSON path ('' to write nothing)")
     parser.add_argument("--bound", default=None, choices=BOUND_SETTINGS,
                         help="the bound RME's training step is timed on (default elbo)")
@@ -238,6 +247,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         config.modes = tuple(args.modes.split(","))
     if args.savae_steps:
         config.savae_steps = ints(args.savae_steps)
+    if args.shared_components:
+        config.shared_components = ints(args.shared_components)
     if args.output is not None:
         config.output = args.output or None
     if args.bound:

@@ -128,11 +128,14 @@ def test_frontier_keeps_models_no_other_beats_at_equal_or_lower_cost():
     assert frontier.speed_name("savae2") == "savae_2"
     assert frontier.speed_name("vae_equal_params_M4") == "vae_equal_params_encoder_M4"
     assert frontier.speed_name("mixture_M4_iw") == "rme_encoder_M4"
+    assert frontier.speed_name("rme_M8_lambda0.3_iw_shared") == "rme_shared_encoder_M8"
 
 
 def test_speed_benchmark_tiny_prints_ratios(capsys):
-    result = speed.main(["--tiny", "--output", "", "--bound", "auto"])  # times the default RME's training step
+    # Times the default RME's training step, and a shared-trunk encoder beside the others.
+    result = speed.main(["--tiny", "--output", "", "--bound", "auto", "--shared_components", "3"])
     out = capsys.readouterr().out
+    assert "rme_shared_encoder_M3: b1=" in out
     assert result["config"]["bound"] == "auto" and speed.SpeedConfig().bound == "elbo"
     assert "ratio rme_M2/vae_encoder@1" in out and "ratio train_rme_M2/train_vae@8" in out
     assert "PASS" in out or "FAIL" in out
@@ -237,3 +240,11 @@ def test_importance_weighted_component_cells_are_rme_only_and_labelled():
     without = harness.quick_config(methods=("rme", "iwae"), num_components=(2,), lambdas=(0.3,), bounds=("iw",))
     iwae = [c for c in harness.cells(without) if c.method == "iwae"][0]
     assert harness._fingerprint(config, cells["iwae_k2"]) == harness._fingerprint(without, iwae)
+
+
+def test_time_functions_calls_the_models_in_turn_in_every_round():
+    calls = []
+    functions = {name: (lambda x, n=name: calls.append(n) or tf.constant(x)) for name in ("a", "b")}
+    times = evaluation.time_functions(functions, 1.0, repeats=3, warmup=1)
+    assert set(times) == {"a", "b"} and all(t >= 0 for t in times.values())
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up, then one call of each per round

@@ -5,6 +5,7 @@ import tensorflow_probability as tfp
 
 import tf_rmvae
 from tf_rmvae import RecursiveMixtureEncoder
+from tf_rmvae.component_networks import ComponentNetworks
 
 tfd = tfp.distributions
 
@@ -222,3 +223,32 @@ def test_configure_mixing_sets_the_active_count_and_trainability_before_or_after
     assert int(encoder.num_active_components.numpy()) == 3
     assert not encoder.mixing_logits.trainable
     assert encoder.get_config()["learn_mixing_proportions"]  # the config keeps the constructor arguments
+
+
+@pytest.mark.parametrize("shared_trunk", [False, True])
+def test_two_layer_networks_and_gradients_match_a_batched_matmul_reference(shared_trunk):
+    networks = ComponentNetworks(3, 4, hidden_units=(8, 6), shared_trunk=shared_trunk, seed=2)
+    x = tf.random.stateless_uniform([5, 7], seed=[3, 4])
+    networks(x)
+    weights = tf.random.stateless_normal([5, 3, 4], seed=[5, 6])
+
+    def reference():  # the broadcast batched matmuls of the M networks, written out
+        h = x[None]
+        for kernel, bias in zip(networks.dense_kernels, networks.dense_biases):
+            h = tf.nn.relu(tf.matmul(h, kernel) + (bias if shared_trunk else bias[:, None, :]))
+        loc = tf.transpose(tf.matmul(h, networks.loc_kernel) + networks.loc_bias[:, None, :], [1, 0, 2])
+        raw = tf.transpose(tf.matmul(h, networks.scale_kernel) + networks.scale_bias[:, None, :], [1, 0, 2])
+        return loc, tf.nn.softplus(raw) + networks.min_scale
+
+    results = []
+    for forward in (lambda: networks.compute_parameters(x), reference):
+        with tf.GradientTape() as tape:
+            loc, scale = forward()
+            loss = tf.reduce_sum(weights * loc) + tf.reduce_sum(weights * scale)
+        results.append((loc, scale, tape.gradient(loss, networks.trainable_variables)))
+    (loc, scale, grads), (loc_ref, scale_ref, grads_ref) = results
+    np.testing.assert_allclose(loc, loc_ref, atol=1e-6)
+    np.testing.assert_allclose(scale, scale_ref, atol=1e-6)
+    assert len(grads) == len(grads_ref) == len(networks.trainable_variables)
+    for grad, grad_ref in zip(grads, grads_ref):
+        np.testing.assert_allclose(grad, grad_ref, atol=1e-5)

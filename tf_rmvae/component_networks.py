@@ -1,7 +1,7 @@
 """`ComponentNetworks`: M Gaussian encoder networks `x -> (mu_m(x), sigma_m(x))` in batched weights.
 
-All M networks live in weights with a leading component axis `M` and run in one pass (batched matmuls for
-dense layers; conv layers run one small convolution stack per component).
+All M networks live in weights with a leading component axis `M` and run in one pass (one matmul per
+component for dense layers; conv layers run one small convolution stack per component).
 """
 
 from __future__ import annotations
@@ -212,12 +212,23 @@ class ComponentNetworks(keras.layers.Layer):
             h = tf.reshape(h, [tf.shape(h)[0], int(np.prod(self._input_feature_shape))])
         for kernel, bias in zip(self.dense_kernels, self.dense_biases):
             kernel, bias = self._param(kernel), self._param(bias)
-            # Batched matmul, [1 or M, B, I] x [M, I, O] -> [M, B, O]: cheaper than einsum's transposes.
-            if per:
-                h = act(tf.matmul(h if h.shape.rank == 3 else h[None], kernel) + bias[:, None, :])
-            else:
-                h = act(tf.matmul(h, kernel) + bias)
+            h = act(self._per_component_dense(h, kernel, bias)) if per else act(tf.matmul(h, kernel) + bias)
         return h
+
+    def _per_component_dense(self, h, kernel, bias):
+        """`h [B, I]` (the same input for every component) or `[M, B, I]`, kernel `[M, I, O]`, bias `[M, O]` ->
+        `[M, B, O]`.
+
+        M plain matmuls rather than one batched matmul: on CPU about 1.3 times faster for the M = 4 encoder at
+        batch 100 (`benchmarks.speed`), with the same floats. The heads of a shared trunk keep the batched matmul
+        that broadcasts the trunk's features: its gradient sums the M heads' contributions in one op, and M
+        matmuls would sum them in another order.
+        """
+        if h.shape.rank == 2 and self.shared_trunk:
+            return tf.matmul(h[None], kernel) + bias[:, None, :]
+        inputs = [h] * self.num_components if h.shape.rank == 2 else tf.unstack(h, self.num_components)
+        products = [tf.matmul(h_m, kernel_m) for h_m, kernel_m in zip(inputs, tf.unstack(kernel))]
+        return tf.stack(products) + bias[:, None, :]  # the bias added after the stack: its gradient as before
 
     def call(self, inputs):
         return self.compute_parameters(inputs)
@@ -229,12 +240,10 @@ class ComponentNetworks(keras.layers.Layer):
         keep the op names they had before the encoder was split, hence Grappler's rewrites and every float.
         """
         x = self._check_inputs(tf.cast(x, self.compute_dtype))
-        features = self._trunk(x)
-        if features.shape.rank == 2:
-            features = features[None]  # shared trunk: broadcast over the M heads
+        features = self._trunk(x)  # [M, B, F], or [B, F] from a shared trunk
 
-        def head(kernel, bias):  # [M, B, F] x [M, F, D] -> [B, M, D]
-            out = tf.matmul(features, self._param(kernel)) + self._param(bias)[:, None, :]
+        def head(kernel, bias):  # -> [B, M, D]
+            out = self._per_component_dense(features, self._param(kernel), self._param(bias))
             return tf.transpose(out, [1, 0, 2])
 
         loc = head(self.loc_kernel, self.loc_bias)

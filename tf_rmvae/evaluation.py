@@ -136,17 +136,25 @@ def inference_function(model) -> Callable[[tf.Tensor], object]:
 
 def time_function(fn: Callable, *args, repeats: int = 20, warmup: int = 3) -> float:
     """Median wall time in seconds of `fn(*args)` (outputs fetched to host) after `warmup` calls."""
-    def run():
+    return time_functions({"fn": fn}, *args, repeats=repeats, warmup=warmup)["fn"]
+
+
+def time_functions(functions: dict[str, Callable], *args, repeats: int = 20, warmup: int = 3) -> dict[str, float]:
+    """`{name: median seconds of fn(*args)}`, the functions called in turn in every round: a slowdown of a shared
+    machine then hits all of them alike, and their ratios stay comparable."""
+    def run(fn):
         return tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, fn(*args))
 
-    for _ in range(max(warmup, 1)):
-        run()
-    times = []
+    for fn in functions.values():
+        for _ in range(max(warmup, 1)):
+            run(fn)
+    times = {name: [] for name in functions}
     for _ in range(max(repeats, 1)):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+        for name, fn in functions.items():
+            start = time.perf_counter()
+            run(fn)
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(values)) for name, values in times.items()}
 
 
 def inference_time(model, x: np.ndarray, repeats: int = 20, jit_compile: bool = False) -> float:
