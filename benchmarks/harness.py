@@ -94,6 +94,9 @@ class BenchmarkConfig:
     jit_compile: str | bool = "auto"
     output_dir: str = "benchmarks/results"
     run_name: str = "benchmark"
+    # The results JSON `<table_name>[.partial].json` ("": run_name). Commands over other cells of one run (another
+    # M, a shared trunk) write their own tables instead of overwriting each other's.
+    table_name: str = ""
     resume: bool = True
     data_dir: str | None = None
     verbose: int = 0
@@ -423,8 +426,8 @@ def _fingerprint(config: BenchmarkConfig, cell: Cell) -> dict:
     committed cells still match: `eval_epochs` when non-empty, the cell's bound when not "elbo"; SA-VAE's steps
     as the old scalar `savae_steps`.
     """
-    skip = {"methods", "lambdas", "num_components", "schedules", "seeds", "output_dir", "run_name", "resume",
-            "verbose", "eval_batch_size", "jit_compile", "bounds", "savae_steps"}
+    skip = {"methods", "lambdas", "num_components", "schedules", "seeds", "output_dir", "run_name", "table_name",
+            "resume", "verbose", "eval_batch_size", "jit_compile", "bounds", "savae_steps"}
     values = {k: v for k, v in config.to_json().items() if k not in skip}
     if not config.eval_epochs:
         del values["eval_epochs"]
@@ -486,9 +489,10 @@ def load_eval_data(config: BenchmarkConfig) -> tuple[np.ndarray, np.ndarray]:
 def run_benchmark(
     config: BenchmarkConfig, log: Callable[[str], None] = print, finished_only: bool = False
 ) -> list[dict]:
-    """Trains and evaluates every cell (skipping finished ones when `resume`), writes `<run_name>.json`.
+    """Trains and evaluates every cell (skipping finished ones when `resume`), writes `<table_name>.json`
+    (`table_name` defaults to `run_name`; the cells live in `<run_name>_cells/` either way).
 
-    `finished_only` trains nothing: the finished cells go to `<run_name>.partial.json`, marked `"partial": true`
+    `finished_only` trains nothing: the finished cells go to `<table_name>.partial.json`, marked `"partial": true`
     with the keys of the missing cells (to commit the results of a run that is still going).
     """
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -525,7 +529,8 @@ def run_benchmark(
     if finished_only:
         result.update(partial=True, missing=missing)
     os.makedirs(config.output_dir, exist_ok=True)
-    path = os.path.join(config.output_dir, f"{config.run_name}{'.partial' if finished_only else ''}.json")
+    table = config.table_name or config.run_name
+    path = os.path.join(config.output_dir, f"{table}{'.partial' if finished_only else ''}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     log(f"wrote {path}")

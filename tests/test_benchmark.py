@@ -93,6 +93,12 @@ def test_quick_harness_runs_every_method_end_to_end(tmp_path, capsys):
         stored_partial = json.load(f)
     assert stored_partial["partial"] and len(partial) == len(rows)
     assert stored_partial["missing"] == [c.key for c in harness.cells(bigger) if c.seed == 1]
+    # Another table over the same cells: its own file, and the cells still count as finished.
+    harness.run_benchmark(dataclasses.replace(config, methods=("vae",), table_name="vae_only"), finished_only=True)
+    with open(tmp_path / "vae_only.partial.json") as f:
+        assert [r["label"] for r in json.load(f)["rows"]] == ["vae"]
+    with open(tmp_path / "quick.partial.json") as f:
+        assert json.load(f) == stored_partial
     # Resume: a rerun loads every finished cell instead of training it again.
     capsys.readouterr()
     again = harness.run_benchmark(config)

@@ -63,6 +63,9 @@ flags.DEFINE_list("eval_epochs", [], "Epochs (besides the last) at which every c
 flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"], "XLA for training (auto: on GPU only).")
 flags.DEFINE_string("output_dir", _DEFAULT.output_dir, "Where <run_name>.json and the per-cell dirs go.")
 flags.DEFINE_string("run_name", _DEFAULT.run_name, "Name of the run (its JSON file and cell directory).")
+flags.DEFINE_string("table_name", _DEFAULT.table_name,
+                    "Name of the results JSON (default: run_name), so several commands over one run's cells each "
+                    "write their own table.")
 flags.DEFINE_string("data_dir", None, "tfds data directory (default: tfds's).")
 flags.DEFINE_bool("resume", True, "Skip finished cells and continue unfinished ones from their last epoch.")
 flags.DEFINE_bool("finished_only", False,
