@@ -201,7 +201,12 @@ def test_fixed_decoder_study_trains_encoders_only_and_reports_gaps(tmp_path):
     decoder = amortization.train_decoder(config, str(tmp_path / "amortization_cells"))  # loaded, not retrained
     model = amortization.train_encoder(config, "rme", decoder)
     assert all(np.array_equal(a, b) for a, b in zip(decoder.get_weights(), model.decoder.get_weights()))
-    assert int(model.encoder.num_active_components.numpy()) == 2
+    assert int(model.encoder.num_active_components.numpy()) == 2 and not model.encoder.shared_trunk
+    # The optional shared-trunk RME: one trunk, M heads.
+    assert amortization._cell(config, "rme_shared").shared_trunk and not amortization._cell(config, "rme").shared_trunk
+    assert amortization._cell(config, "rme_shared").label == "rme_M2_lambda0.3_shared"
+    with pytest.raises(ValueError, match="unknown method"):
+        amortization._cell(config, "rme_typo")
 
 
 def test_shared_trunk_cells_have_many_heads_for_few_parameters():
