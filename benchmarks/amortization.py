@@ -70,8 +70,9 @@ class AmortizationConfig:
     verbose: int = 2
 
     def benchmark_config(self, epochs: int) -> harness.BenchmarkConfig:
+        methods = tuple(dict.fromkeys(_cell(self, m).method for m in self.methods))  # rme_shared is an rme cell
         return harness.BenchmarkConfig(
-            methods=tuple(self.methods), lambdas=(self.lambda_kl,), num_components=(self.num_components,),
+            methods=methods, lambdas=(self.lambda_kl,), num_components=(self.num_components,),
             epochs=epochs, epochs_per_component=self.epochs_per_component, seeds=(self.seed,),
             hidden_units=tuple(self.hidden_units), latent_dim=self.latent_dim, train_examples=self.train_examples,
             savae_steps=(self.savae_steps,), iwae_samples=self.iwae_samples, eval_examples=self.eval_examples,
