@@ -61,15 +61,16 @@ flags.DEFINE_list("component_bounds", list(_DEFAULT.component_bounds),
                   "Bounds in rme's component criteria: elbo and/or iw (importance-weighted, label suffix _ciw).")
 flags.DEFINE_list("eval_epochs", [], "Epochs (besides the last) at which every cell is also evaluated.")
 flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"], "XLA for training (auto: on GPU only).")
-flags.DEFINE_string("output_dir", _DEFAULT.output_dir, "Where <run_name>.json and the per-cell dirs go.")
-flags.DEFINE_string("run_name", _DEFAULT.run_name, "Name of the run (its JSON file and cell directory).")
+flags.DEFINE_string("output_dir", _DEFAULT.output_dir, "Where the results JSON and the per-cell dirs go.")
+flags.DEFINE_string("run_name", _DEFAULT.run_name,
+                    "Name of the run: its cell directory, and its JSON unless --table_name.")
 flags.DEFINE_string("table_name", _DEFAULT.table_name,
                     "Name of the results JSON (default: run_name), so several commands over one run's cells each "
                     "write their own table.")
 flags.DEFINE_string("data_dir", None, "tfds data directory (default: tfds's).")
 flags.DEFINE_bool("resume", True, "Skip finished cells and continue unfinished ones from their last epoch.")
 flags.DEFINE_bool("finished_only", False,
-                  "Train nothing: write the finished cells to <run_name>.partial.json (a run still going).")
+                  "Train nothing: write the finished cells to <table_name>.partial.json (a run still going).")
 flags.DEFINE_bool("quick", False, "Tiny everything (smoke test); other flags given explicitly still apply.")
 flags.DEFINE_integer("verbose", 2, "Keras fit verbosity.")
 
