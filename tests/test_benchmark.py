@@ -255,7 +255,8 @@ def test_importance_weighted_component_cells_are_rme_only_and_labelled():
 
 def test_time_functions_calls_the_models_in_turn_in_every_round():
     calls = []
-    functions = {name: (lambda x, n=name: calls.append(n) or tf.constant(x)) for name in ("a", "b")}
-    times = evaluation.time_functions(functions, 1.0, repeats=3, warmup=1)
-    assert set(times) == {"a", "b"} and all(t >= 0 for t in times.values())
-    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up, then one call of each per round
+    functions = {name: (lambda x, n=name: calls.append(n) or tf.constant(x)) for name in ("a", "b", "c")}
+    times = evaluation.time_functions(functions, 1.0, repeats=4, warmup=1)
+    assert set(times) == {"a", "b", "c"} and all(t >= 0 for t in times.values())
+    # Warm-up, then one call of each per round, each round starting one function later.
+    assert calls == ["a", "b", "c"] + ["a", "b", "c"] + ["b", "c", "a"] + ["c", "a", "b"] + ["a", "b", "c"]

@@ -141,7 +141,8 @@ def time_function(fn: Callable, *args, repeats: int = 20, warmup: int = 3) -> fl
 
 def time_functions(functions: dict[str, Callable], *args, repeats: int = 20, warmup: int = 3) -> dict[str, float]:
     """`{name: median seconds of fn(*args)}`, the functions called in turn in every round: a slowdown of a shared
-    machine then hits all of them alike, and their ratios stay comparable."""
+    machine then hits all of them alike, and their ratios stay comparable. Each round starts one function later
+    than the last, so no function always runs right after the same neighbour (caches, allocator state)."""
     def run(fn):
         return tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, fn(*args))
 
@@ -149,8 +150,10 @@ def time_functions(functions: dict[str, Callable], *args, repeats: int = 20, war
         for _ in range(max(warmup, 1)):
             run(fn)
     times = {name: [] for name in functions}
-    for _ in range(max(repeats, 1)):
-        for name, fn in functions.items():
+    order = list(functions.items())
+    for round_index in range(max(repeats, 1)):
+        shift = round_index % len(order)
+        for name, fn in order[shift:] + order[:shift]:
             start = time.perf_counter()
             run(fn)
             times[name].append(time.perf_counter() - start)
