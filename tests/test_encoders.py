@@ -225,15 +225,29 @@ def test_configure_mixing_sets_the_active_count_and_trainability_before_or_after
     assert encoder.get_config()["learn_mixing_proportions"]  # the config keeps the constructor arguments
 
 
+@pytest.mark.parametrize("architecture", ["dense", "conv"])
+@pytest.mark.parametrize("components", [1, 3])
 @pytest.mark.parametrize("shared_trunk", [False, True])
-def test_two_layer_networks_and_gradients_match_a_batched_matmul_reference(shared_trunk):
-    networks = ComponentNetworks(3, 4, hidden_units=(8, 6), shared_trunk=shared_trunk, seed=2)
-    x = tf.random.stateless_uniform([5, 7], seed=[3, 4])
+def test_two_layer_networks_and_gradients_match_a_batched_matmul_reference(shared_trunk, components, architecture):
+    networks = ComponentNetworks(components, 4, architecture=architecture, conv_filters=(3, 5), hidden_units=(8, 6),
+                                 shared_trunk=shared_trunk, seed=2)
+    x = tf.random.stateless_uniform([5, 7] if architecture == "dense" else [5, 6, 6, 2], seed=[3, 4])
     networks(x)
-    weights = tf.random.stateless_normal([5, 3, 4], seed=[5, 6])
+    weights = tf.random.stateless_normal([5, components, 4], seed=[5, 6])
+
+    def convolutions(component):  # one component's convolution stack, [B, H, W, C] -> [B, F]
+        h = x
+        for kernel, bias in zip(networks.conv_kernels, networks.conv_biases):
+            if not shared_trunk:
+                kernel, bias = kernel[component], bias[component]
+            h = tf.nn.relu(tf.nn.conv2d(h, kernel, strides=2, padding="SAME") + bias)
+        return tf.reshape(h, [5, -1])
 
     def reference():  # the broadcast batched matmuls of the M networks, written out
-        h = x[None]
+        if architecture == "dense":
+            h = x[None]
+        else:
+            h = convolutions(0)[None] if shared_trunk else tf.stack([convolutions(m) for m in range(components)])
         for kernel, bias in zip(networks.dense_kernels, networks.dense_biases):
             h = tf.nn.relu(tf.matmul(h, kernel) + (bias if shared_trunk else bias[:, None, :]))
         loc = tf.transpose(tf.matmul(h, networks.loc_kernel) + networks.loc_bias[:, None, :], [1, 0, 2])
@@ -247,8 +261,10 @@ def test_two_layer_networks_and_gradients_match_a_batched_matmul_reference(share
             loss = tf.reduce_sum(weights * loc) + tf.reduce_sum(weights * scale)
         results.append((loc, scale, tape.gradient(loss, networks.trainable_variables)))
     (loc, scale, grads), (loc_ref, scale_ref, grads_ref) = results
+    assert loc.shape == scale.shape == (5, components, 4)
     np.testing.assert_allclose(loc, loc_ref, atol=1e-6)
     np.testing.assert_allclose(scale, scale_ref, atol=1e-6)
     assert len(grads) == len(grads_ref) == len(networks.trainable_variables)
     for grad, grad_ref in zip(grads, grads_ref):
+        assert grad is not None and float(tf.reduce_max(tf.abs(grad))) > 0
         np.testing.assert_allclose(grad, grad_ref, atol=1e-5)
