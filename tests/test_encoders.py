@@ -86,9 +86,10 @@ def test_batched_pass_equals_each_component_network_run_alone():
         np.testing.assert_allclose(scale[:, m], tf.nn.softplus(raw) + encoder.min_scale, atol=1e-5)
 
 
+@pytest.mark.parametrize("hidden_units", [(16,), ()])
 @pytest.mark.parametrize("shared_trunk", [False, True])
-def test_conv_trunk_components_are_independent_networks(shared_trunk):
-    encoder = RecursiveMixtureEncoder(3, 2, architecture="conv", conv_filters=(4, 8), hidden_units=(16,),
+def test_conv_trunk_components_are_independent_networks(shared_trunk, hidden_units):
+    encoder = RecursiveMixtureEncoder(3, 2, architecture="conv", conv_filters=(4, 8), hidden_units=hidden_units,
                                       shared_trunk=shared_trunk, initial_active_components=2, seed=1)
     x = tf.random.stateless_uniform([2, 12, 12, 1], seed=[1, 1])
     _, loc, scale = encoder.compute_parameters(x)
