@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from tf_rmvae import run_dir
@@ -288,3 +289,26 @@ def test_the_runs_bound_reaches_the_model_resolved():
     resolved = {name: model_factory.build_model(run, (28, 28, 1), True).bound for name, run in [
         ("default", config), ("paper", config.replace(bound="elbo")), ("mixture", config.replace(method="mixture"))]}
     assert resolved == {"default": "iw", "paper": "elbo", "mixture": "elbo"}
+
+
+def test_the_shared_trunk_flag_reaches_the_encoder():
+    from absl import flags
+
+    from tf_rmvae import model_factory
+    from trainers import train as program
+
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["train", "--model_dir=/tmp/x", "--shared_trunk", "--num_components=3", "--hidden_units=16"])
+    try:
+        config = program.config_from_flags()
+    finally:
+        flags.FLAGS.unparse_flags()
+    assert config.shared_trunk and not RunConfig().shared_trunk
+    counts = {}
+    for shared in (True, False):
+        model = model_factory.build_model(config.replace(shared_trunk=shared), (28, 28, 1), True)
+        model.encoder.ensure_built((None, 28, 28, 1))
+        assert model.encoder.shared_trunk == shared
+        counts[shared] = sum(int(np.prod(v.shape)) for v in model.encoder.networks.trainable_variables)
+    # One 784-16 trunk instead of three, the same three heads.
+    assert counts[False] - counts[True] == 2 * (784 * 16 + 16)

@@ -96,6 +96,9 @@ class RunConfig:
         "boosting: boosting VI.", choices=METHODS)
     num_components: int = setting(
         4, "Mixture components M (default 1 for --method=vae, which allows only 1).")
+    shared_trunk: bool = setting(
+        False, "Mixture methods: one encoder trunk with a head per component (many components at little cost) "
+        "instead of M independent networks.")
     latent_dim: int = setting(32, "Latent dimension D.")
     architecture: str = setting("dense", "Encoder and decoder networks.", choices=ARCHITECTURES)
     hidden_units: tuple[int, ...] = setting(

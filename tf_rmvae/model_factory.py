@@ -92,6 +92,7 @@ def build_model(config: RunConfig, image_shape: tuple[int, int, int], binary: bo
         image_shape, binary, latent_dim=config.latent_dim, num_components=config.num_components,
         architecture=config.architecture, hidden_units=config.hidden_units, conv_filters=config.conv_filters,
         likelihood=config.decoder, seed=config.seed, per_example_proportions=config.per_example_proportions,
+        shared_trunk=config.shared_trunk,
     )
     return RecursiveMixtureVAE(
         encoder, decoder, method=config.method, lambda_kl=config.lambda_kl, schedule=config.schedule,
