@@ -315,11 +315,13 @@ def test_serving_example_prints_a_real_rest_response(exported):
     np.testing.assert_allclose(prediction["mixture_weights"], exported["reference"]["mixture_weights"][0], atol=1e-4)
 
 
-def test_the_committed_model_is_servable_without_our_code(tmp_path):
-    """`saved_models/rmvae_mnist_rme/1` (made by the README's quick command) loads in a fresh isolated process and
-    gives a trained model's answers on real test digits."""
+@pytest.mark.parametrize("version_name", ["1", "2"])
+def test_the_committed_model_is_servable_without_our_code(tmp_path, version_name):
+    """`saved_models/rmvae_mnist_rme/<version>` (made by the README's quick command: 1 with the defaults of an earlier
+    version, 2 with today's) loads in a fresh isolated process and gives a trained model's answers on real test
+    digits."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    version = os.path.join(repo, "saved_models", "rmvae_mnist_rme", "1")
+    version = os.path.join(repo, "saved_models", "rmvae_mnist_rme", version_name)
     np.save(tmp_path / "x.npy", _digits(8))
     script = textwrap.dedent("""
         import sys

@@ -211,6 +211,18 @@ def test_exports_and_published_versions_are_readable_as_the_umask_says(finished_
     assert os.path.isfile(os.path.join(published, "saved_model.pb"))
 
 
+def test_the_publish_program_is_quiet_and_numbers_the_next_version(finished_run, tmp_path):
+    version_dir = finished_run[1]["exports"]["model"]
+    base = tmp_path / "served"
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    for version in ("1", "2"):
+        result = subprocess.run([sys.executable, "-m", "trainers.publish", version_dir, f"--base_dir={base}"],
+                                cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stdout.strip() == f"published {version_dir} as {base / 'rmvae_mnist_rme' / version}"
+        assert result.stderr == ""  # no TensorFlow start-up logs (CUDA stubs, absl pre-init warnings)
+
+
 # ---------------------------------------------------------------------------------------------- 5. lock
 HOLD_LOCK = textwrap.dedent("""
     import fcntl, os, socket, sys, time

@@ -291,19 +291,21 @@ def test_the_runs_bound_reaches_the_model_resolved():
     assert resolved == {"default": "iw", "paper": "elbo", "mixture": "elbo"}
 
 
-def test_the_shared_trunk_flag_reaches_the_encoder():
+def test_the_shared_trunk_default_and_flag_reach_the_encoder():
     from absl import flags
 
     from tf_rmvae import model_factory
     from trainers import train as program
 
     flags.FLAGS.unparse_flags()
-    flags.FLAGS(["train", "--model_dir=/tmp/x", "--shared_trunk", "--num_components=3", "--hidden_units=16"])
+    flags.FLAGS(["train", "--model_dir=/tmp/x", "--noshared_trunk", "--num_components=3", "--hidden_units=16"])
     try:
         config = program.config_from_flags()
     finally:
         flags.FLAGS.unparse_flags()
-    assert config.shared_trunk and not RunConfig().shared_trunk
+    assert not config.shared_trunk
+    defaults = RunConfig()
+    assert defaults.shared_trunk and defaults.num_components == 8 and defaults.epochs_per_component == 1
     counts = {}
     for shared in (True, False):
         model = model_factory.build_model(config.replace(shared_trunk=shared), (28, 28, 1), True)
@@ -312,3 +314,17 @@ def test_the_shared_trunk_flag_reaches_the_encoder():
         counts[shared] = sum(int(np.prod(v.shape)) for v in model.encoder.networks.trainable_variables)
     # One 784-16 trunk instead of three, the same three heads.
     assert counts[False] - counts[True] == 2 * (784 * 16 + 16)
+    # One component: the trunk and its head are one network, built as M = 1 independent networks (a VAE's weights
+    # do not depend on the setting).
+    vae_config = config.replace(method="vae", num_components=1, shared_trunk=True)
+    vae = model_factory.build_model(vae_config, (28, 28, 1), True)
+    assert not vae.encoder.shared_trunk
+
+
+def test_a_config_saved_before_the_shared_trunk_default_keeps_independent_networks(tmp_path):
+    values = RunConfig(model_dir="a", num_components=4).to_dict()
+    del values["shared_trunk"]
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    loaded = RunConfig.load(tmp_path / "config.json")
+    assert not loaded.shared_trunk and loaded.num_components == 4
+    assert loaded.mismatches(RunConfig(model_dir="a", num_components=4)) == {"shared_trunk": (False, True)}

@@ -49,7 +49,7 @@ RESUMABLE_FIELDS = frozenset({
 # Values of fields that a saved `config.json` may lack because it was written before the field existed: the behaviour
 # of that version (runs saved before issue 14 held no validation examples out of training; before `bound` was a
 # setting, every method trained on the ELBO).
-LEGACY_DEFAULTS = {"validation_examples": 0, "bound": "elbo"}
+LEGACY_DEFAULTS = {"validation_examples": 0, "bound": "elbo", "shared_trunk": False}
 
 #: `validation_examples` value that asks for the default hold-out (`tf_rmvae.data.default_validation_examples`).
 AUTO_VALIDATION = -1
@@ -95,10 +95,10 @@ class RunConfig:
         "rme", "rme: Recursive Mixture Estimation; vae: single Gaussian; mixture: jointly trained mixture; "
         "boosting: boosting VI.", choices=METHODS)
     num_components: int = setting(
-        4, "Mixture components M (default 1 for --method=vae, which allows only 1).")
+        8, "Mixture components M (default 1 for --method=vae, which allows only 1).")
     shared_trunk: bool = setting(
-        False, "Mixture methods: one encoder trunk with a head per component (many components at little cost) "
-        "instead of M independent networks.")
+        True, "Mixture methods: one encoder trunk with a head per component (many components at little cost); "
+        "--noshared_trunk: M independent networks. Ignored with one component.")
     latent_dim: int = setting(32, "Latent dimension D.")
     architecture: str = setting("dense", "Encoder and decoder networks.", choices=ARCHITECTURES)
     hidden_units: tuple[int, ...] = setting(
@@ -133,7 +133,7 @@ class RunConfig:
         False, "Per-example mixing proportions eps_m(x): the searched logit plus a small head's bounded offset.")
     # Training
     epochs: int = setting(10, "Training epochs (a larger value extends a finished or resumed run).")
-    epochs_per_component: int = setting(2, "Stage-wise RME/boosting: epochs before the next component joins.")
+    epochs_per_component: int = setting(1, "Stage-wise RME/boosting: epochs before the next component joins.")
     early_stopping_patience: int = setting(
         0, "Stop after this many epochs without a better validation ELBO (0 = train every epoch).")
     learning_rate: float = setting(1e-3, "Adam learning rate.")

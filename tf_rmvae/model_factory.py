@@ -40,7 +40,8 @@ def build_networks(
     """Encoder and decoder for images `[H, W, C]` = `image_shape`: the decoder mirrors the encoder's widths and
     filters and is Bernoulli for `binary` data and Gaussian otherwise (unless `likelihood` names one).
     `encoder_hidden_units` gives the encoder other widths than the decoder's mirror (e.g. a wider encoder);
-    `shared_trunk` one trunk with a head per component (see `RecursiveMixtureEncoder`); `gaussian` makes it a
+    `shared_trunk` one trunk with a head per component (see `RecursiveMixtureEncoder`; with one component the
+    trunk and its head are one network, built as such, so a VAE's weights do not depend on it); `gaussian` makes it a
     plain `GaussianEncoder` (SA-VAE; `num_components` and `shared_trunk` are then ignored);
     `per_example_proportions` gives the mixture per-example proportions eps_m(x)."""
     settings = dict(latent_dim=latent_dim, architecture=architecture,
@@ -49,7 +50,7 @@ def build_networks(
         encoder = GaussianEncoder(**settings)
     else:
         encoder = RecursiveMixtureEncoder(
-            max_components=num_components, shared_trunk=shared_trunk,
+            max_components=num_components, shared_trunk=shared_trunk and num_components > 1,
             per_example_proportions=per_example_proportions, **settings)
     likelihood = likelihood if likelihood != "auto" else ("bernoulli" if binary else "gaussian")
     decoder = make_decoder(
