@@ -81,6 +81,36 @@ def test_the_auto_bound_is_each_methods_default_and_old_run_directories_keep_the
     assert RunConfig(model_dir="a", bound="elbo").mismatches(RunConfig(model_dir="a")) == {"bound": ("elbo", "auto")}
 
 
+def test_run_directories_saved_before_the_shared_trunk_default_resume_where_the_settings_mean_the_same():
+    def saved_before(**settings):  # a config.json of the version whose defaults were 4 networks, 2 epochs each
+        values = RunConfig(model_dir="a", num_components=4, epochs_per_component=2, **settings).to_dict()
+        del values["shared_trunk"]
+        return RunConfig.from_dict(values)
+
+    # A VAE: one component is one network with or without a shared trunk, and no component joins.
+    vae = saved_before(method="vae").replace(num_components=1)
+    assert vae.mismatches(RunConfig(model_dir="a", method="vae", num_components=1)) == {}
+    # MixVAE: all components train from the start, so the schedule means nothing; the trunk does.
+    mixture = saved_before(method="mixture")
+    assert mixture.mismatches(RunConfig(model_dir="a", method="mixture", num_components=4, shared_trunk=False)) == {}
+    assert mixture.mismatches(RunConfig(model_dir="a", method="mixture", num_components=4)) == {
+        "shared_trunk": (False, True)}
+    # RME: the old defaults, spelled out, resume it; the new ones are refused with the differences listed.
+    rme = saved_before(method="rme")
+    old_defaults = RunConfig(model_dir="a", num_components=4, epochs_per_component=2, shared_trunk=False)
+    assert rme.mismatches(old_defaults) == {}
+    assert rme.mismatches(RunConfig(model_dir="a")) == {
+        "num_components": (4, 8), "shared_trunk": (False, True), "epochs_per_component": (2, 1)}
+
+
+def test_frozen_earlier_components_need_independent_networks():
+    with pytest.raises(ConfigError, match="--noshared_trunk"):
+        RunConfig(model_dir="a", train_previous=False).validate()
+    RunConfig(model_dir="a", train_previous=False, shared_trunk=False).validate()
+    RunConfig(model_dir="a", train_previous=False, method="mixture").validate()  # nothing joins: nothing to freeze
+    RunConfig(model_dir="a", train_previous=False, method="vae", num_components=1).validate()
+
+
 def test_flags_build_the_config_they_name():
     from trainers import train as program
 

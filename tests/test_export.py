@@ -332,11 +332,13 @@ def test_the_committed_model_is_servable_without_our_code(tmp_path, version_name
         weights = model.signatures["serving_default"](images=x)["mixture_weights"].numpy()
         ll = model.signatures["log_likelihood"](images=x, num_samples=tf.constant(50))["log_likelihood"].numpy()
         assert not any(m.startswith("tf_rmvae") for m in sys.modules)
-        print(weights.sum(axis=1).min(), weights.sum(axis=1).max(), ll.mean())
+        print(weights.shape[1], weights.sum(axis=1).min(), weights.sum(axis=1).max(), ll.mean())
     """)
     (tmp_path / "serve.py").write_text(script)
     proc = _run([sys.executable, "-I", "serve.py", version], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    low, high, mean_ll = (float(v) for v in proc.stdout.split()[-3:])
+    components, low, high, mean_ll = (float(v) for v in proc.stdout.split()[-4:])
+    # Version 1: four independent networks (the defaults before); version 2: eight heads on one trunk (today's).
+    assert components == {"1": 4, "2": 8}[version_name]
     assert abs(low - 1) < 1e-5 and abs(high - 1) < 1e-5
     assert -150.0 < mean_ll < -40.0  # a trained model; chance is 784 log 2 = 543 nats

@@ -247,7 +247,7 @@ class ComponentNetworks(keras.layers.Layer):
         keep the op names they had before the encoder was split, hence Grappler's rewrites and every float.
         """
         x = self._check_inputs(tf.cast(x, self.compute_dtype))
-        features = self._trunk(x)  # [M, B, F], or [B, F] from a shared trunk
+        features = self._trunk(x)  # [M, B, F], a list of M [B, F] (conv, no dense layers), or [B, F] (shared trunk)
 
         def head(kernel, bias):  # -> [B, M, D]
             out = self._per_component_dense(features, self._param(kernel), self._param(bias))

@@ -112,7 +112,8 @@ class RunConfig:
     max_log_ratio: float = setting(
         5.0, "Cap of each sample's log h - log q_prev in RME's KL term (< 0: uncapped, which runs off).")
     train_previous: bool = setting(
-        True, "Stage-wise: keep training earlier components on their criteria (false: freeze them).")
+        True, "Stage-wise: keep training earlier components on their criteria (false: freeze them; needs "
+        "--noshared_trunk).")
     nonfinite_inputs: str = setting(
         "raise", "A batch with NaN/Inf pixels: raise (stop, naming the batch) or skip those examples.",
         choices=NONFINITE_POLICIES)
@@ -208,6 +209,9 @@ class RunConfig:
         check(self.lambda_kl >= 0, f"--lambda_kl must be a number >= 0; got {self.lambda_kl}.")
         check(self.epochs >= 1, f"--epochs must be >= 1; got {self.epochs}.")
         check(self.epochs_per_component >= 1, f"--epochs_per_component must be >= 1; got {self.epochs_per_component}.")
+        check(self.train_previous or not (self.adds_components and self.effective("shared_trunk")),
+              "--train_previous=false freezes earlier components, but with --shared_trunk their common trunk keeps "
+              "training on the newest component's criterion: add --noshared_trunk (M independent networks).")
         check(self.nonfinite_inputs in NONFINITE_POLICIES,
               f"--nonfinite_inputs must be {' or '.join(NONFINITE_POLICIES)}; got {self.nonfinite_inputs!r}.")
         check(self.eps_search_every >= 1, f"--eps_search_every must be >= 1; got {self.eps_search_every}.")
@@ -263,18 +267,26 @@ class RunConfig:
         """The bound the run trains on ("auto": the method's default, `choices.resolve_bound`)."""
         return resolve_bound(self.method, self.bound)
 
-    def mismatches(self, other: RunConfig) -> dict[str, tuple[Any, Any]]:
-        """`{field: (self's value, other's value)}` for fields that differ and are not in `RESUMABLE_FIELDS`;
-        `bound` differs only if the bounds the two runs train on do (a run saved with "elbo" resumes under "auto"
-        where that means "elbo")."""
-        def differ(name: str) -> bool:
-            unequal = getattr(self, name) != getattr(other, name)
-            return unequal and (name != "bound" or self.resolved_bound != other.resolved_bound)
+    def effective(self, name: str) -> Any:
+        """What setting `name` means for the trained model: `bound` resolved (`resolved_bound`), `shared_trunk` only
+        with several components (one component is one network either way), `epochs_per_component` only where
+        components join one at a time (`adds_components`; None otherwise); any other field as it is."""
+        if name == "bound":
+            return self.resolved_bound
+        if name == "shared_trunk":
+            return self.shared_trunk and self.num_components > 1
+        if name == "epochs_per_component":
+            return self.epochs_per_component if self.adds_components else None
+        return getattr(self, name)
 
+    def mismatches(self, other: RunConfig) -> dict[str, tuple[Any, Any]]:
+        """`{field: (self's value, other's value)}` for fields not in `RESUMABLE_FIELDS` whose `effective` values
+        differ: a run saved with `bound="elbo"` resumes under "auto" where that means "elbo", and a VAE saved before
+        the shared-trunk default resumes under it."""
         return {
             f.name: (getattr(self, f.name), getattr(other, f.name))
             for f in dataclasses.fields(self)
-            if f.name not in RESUMABLE_FIELDS and differ(f.name)
+            if f.name not in RESUMABLE_FIELDS and self.effective(f.name) != other.effective(f.name)
         }
 
     def replace(self, **changes) -> RunConfig:

@@ -151,6 +151,8 @@ def time_functions(functions: dict[str, Callable], *args, repeats: int = 20, war
             run(fn)
     times = {name: [] for name in functions}
     order = list(functions.items())
+    if not order:
+        return {}
     for round_index in range(max(repeats, 1)):
         shift = round_index % len(order)
         for name, fn in order[shift:] + order[:shift]:
