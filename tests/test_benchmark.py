@@ -260,3 +260,4 @@ def test_time_functions_calls_the_models_in_turn_in_every_round():
     assert set(times) == {"a", "b", "c"} and all(t >= 0 for t in times.values())
     # Warm-up, then one call of each per round, each round starting one function later.
     assert calls == ["a", "b", "c"] + ["a", "b", "c"] + ["b", "c", "a"] + ["c", "a", "b"] + ["a", "b", "c"]
+    assert evaluation.time_functions({}, 1.0) == {}
