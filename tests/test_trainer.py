@@ -202,17 +202,22 @@ def test_vae_with_several_components_is_refused_by_the_program(tmp_path):
     assert "--method=vae" in result.stderr and "--num_components=1" in result.stderr
 
 
-def test_flags_make_the_run_config_and_vae_defaults_to_one_component():
+def _config_from_flags(*argv: str) -> RunConfig:
+    """The trainer's `RunConfig` for the flags `argv` (parsed, then unparsed again for the other tests)."""
     from absl import flags
 
     from trainers import train as program
 
     flags.FLAGS.unparse_flags()
-    flags.FLAGS(["train", "--model_dir=/tmp/x", "--method=vae", "--hidden_units=64,32", "--epochs=3"])
+    flags.FLAGS(["train", *argv])
     try:
-        config = program.config_from_flags()
+        return program.config_from_flags()
     finally:
         flags.FLAGS.unparse_flags()
+
+
+def test_flags_make_the_run_config_and_vae_defaults_to_one_component():
+    config = _config_from_flags("--model_dir=/tmp/x", "--method=vae", "--hidden_units=64,32", "--epochs=3")
     assert config.method == "vae" and config.num_components == 1
     assert config.hidden_units == (64, 32) and config.epochs == 3 and config.model_dir == "/tmp/x"
 
@@ -292,17 +297,9 @@ def test_the_runs_bound_reaches_the_model_resolved():
 
 
 def test_the_shared_trunk_default_and_flag_reach_the_encoder():
-    from absl import flags
-
     from tf_rmvae import model_factory
-    from trainers import train as program
 
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(["train", "--model_dir=/tmp/x", "--noshared_trunk", "--num_components=3", "--hidden_units=16"])
-    try:
-        config = program.config_from_flags()
-    finally:
-        flags.FLAGS.unparse_flags()
+    config = _config_from_flags("--model_dir=/tmp/x", "--noshared_trunk", "--num_components=3", "--hidden_units=16")
     assert not config.shared_trunk
     defaults = RunConfig()
     assert defaults.shared_trunk and defaults.num_components == 8 and defaults.epochs_per_component == 1
