@@ -43,9 +43,21 @@ def speed_name(label: str) -> str:
     return f"rme_{'shared_' if shared else ''}encoder_M{m.group(1)}"
 
 
+def train_step_name(label: str) -> str | None:
+    """The `benchmarks.speed` training-step entry of the model `label` (None where speed does not time it)."""
+    if label == "vae" or label.startswith("iwae_k"):
+        return label
+    m = re.match(r"rme_M(\d+)_", label)
+    if not m:
+        return None
+    return f"rme_{'shared_' if '_shared' in label else ''}M{m.group(1)}"
+
+
 def summarize(rows: list[dict], speed: dict | None, mode: str = "function") -> list[dict]:
     """One entry per model label: mean test log p(x) and inference gap over seeds, costs, per-seed rows."""
-    inference = (speed or {}).get("modes", {}).get(mode, {}).get("inference_ms", {})
+    measured_mode = (speed or {}).get("modes", {}).get(mode, {})
+    inference = measured_mode.get("inference_ms", {})
+    train_steps = measured_mode.get("train_step_ms", {})
     groups = defaultdict(list)
     for row in rows:
         groups[row["label"]].append(row)
@@ -60,6 +72,7 @@ def summarize(rows: list[dict], speed: dict | None, mode: str = "function") -> l
             inference_ms_1=measured.get("1", np.mean([r.get("inference_ms_batch1", np.nan) for r in members])),
             inference_ms_100=measured.get("100", np.mean([r["inference_ms_batch100"] for r in members])),
             epoch_s=float(np.mean([r["epoch_time_s"] for r in members])),
+            train_step_ms=train_steps.get(train_step_name(label), np.nan),
         ))
     entries.sort(key=lambda e: -e["log_likelihood"])
     for entry in entries:  # on the frontier: no other model is better in log p(x) and at most as costly
@@ -74,8 +87,8 @@ def frontier_table(entries: list[dict], reference: str | None) -> str:
     """Markdown table of `summarize`'s entries, with paired differences to `reference` per seed."""
     lines = [
         f"| model | seeds | test log p(x) | inference gap | minus {reference or '-'}: diff (paired s.e.) per seed "
-        "| inference ms, batch 1 | batch 100 | train s/epoch | frontier |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| inference ms, batch 1 | batch 100 | train s/epoch | train step ms | frontier |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for e in entries:
         versus = "; ".join(
@@ -85,9 +98,13 @@ def frontier_table(entries: list[dict], reference: str | None) -> str:
         lines.append(
             f"| {e['label']} | {','.join(str(r['seed']) for r in e['rows'])} | {e['log_likelihood']:.2f} | "
             f"{e['gap']:.2f} | {versus} | {e['inference_ms_1']:.3f} | {e['inference_ms_100']:.3f} | "
-            f"{e['epoch_s']:.1f} | {'yes' if e['frontier'] else ''} |"
+            f"{e['epoch_s']:.1f} | {_or_dash(e['train_step_ms'], '.1f')} | {'yes' if e['frontier'] else ''} |"
         )
     return "\n".join(lines)
+
+
+def _or_dash(value: float, spec: str) -> str:
+    return "-" if np.isnan(value) else format(value, spec)
 
 
 def learning_curves(rows: list[dict]) -> dict[str, dict[int, list[float]]]:
@@ -139,7 +156,9 @@ def write_frontier(rows: list[dict], speed: dict | None, reference: str | None, 
         "loglik_vs_train_time.png", "loglik_vs_epochs.png")]
     source = "benchmarks.speed (side by side)" if speed else "the harness cells (shared machine)"
     with open(paths[0], "w") as f:
-        f.write(f"Inference times from {source}; train s/epoch from the harness cells.\n\n")
+        f.write(f"Inference times from {source}; train s/epoch from the harness cells (a shared machine); train step "
+                "ms (batch 100, every component active) from benchmarks.speed, measured one model after another on "
+                "an otherwise idle machine ('-': not timed there).\n\n")
         f.write(frontier_table(entries, reference) + "\n\n" + curve_table(rows) + "\n")
     _scatter(entries, "inference_ms_1", "inference time, batch 1 (ms, log scale)", paths[1])
     _scatter(entries, "inference_ms_100", "inference time, batch of 100 (ms, log scale)", paths[2])

@@ -4,7 +4,8 @@ Inference for the same inputs at each batch size: (a) the mixture encoder's sing
 (b) a plain VAE encoder (M = 1; also IWAE's test-time inference), (c) a VAE encoder with as many parameters as the
 M encoders (`vae_equal_params`), (d) SA-VAE with `savae_steps` refinement steps, (e) mixture encoders with one
 shared trunk and M heads for each M in `shared_components`. Training: one `train_step` of
-`rme` with M = 2, 4, 8 (all M components active) relative to `vae`, at batch 100. Every number is the median of
+`rme` with M = 2, 4, 8 (all M components active) relative to `vae`, at batch 100, and for each shared-trunk M the
+shared encoder's step and IWAE's with k = M. Every number is the median of
 `repeats` calls after warm-up (outputs fetched to the host), measured both as a `tf.function` graph and with
 `jit_compile=True` (XLA); the inference models are called in turn in every round, so a slowdown of the shared
 machine hits them alike. Networks are untrained: speed does not depend on the weights.
@@ -121,15 +122,22 @@ def inference_times(config: SpeedConfig, mode: str) -> dict[str, dict[int, float
 
 
 def train_step_times(config: SpeedConfig, mode: str) -> dict[str, float]:
-    """`{"vae": s, "rme_M2": s, ...}`: median seconds of one training step at `train_batch_size`."""
+    """`{"vae": s, "rme_M2": s, ..., "rme_shared_M8": s, "iwae_k8": s}`: median seconds of one training step at
+    `train_batch_size` (every model timed after the previous one: run with the machine otherwise idle)."""
     jit = mode == "jit"
     x = _images(config.train_batch_size, seed=1)
     times = {}
-    models = [("vae", "vae", 1)] + [(f"rme_M{m}", "rme", m) for m in config.components]
-    for name, method, components in models:
+    # (name, method, components, shared trunk, bound, samples): RME with M independent networks, and for each
+    # shared-trunk M the shared encoder beside IWAE with k = M (as many decoder passes per step)
+    models = [("vae", "vae", 1, False, "elbo", 1)]
+    models += [(f"rme_M{m}", "rme", m, False, config.bound, 1) for m in config.components]
+    for m in config.shared_components:
+        models += [(f"rme_shared_M{m}", "rme", m, True, config.bound, 1), (f"iwae_k{m}", "vae", 1, False, "iw", m)]
+    for name, method, components, shared_trunk, bound, samples in models:
         keras.utils.set_random_seed(0)
         model = tf_rmvae.RecursiveMixtureVAE(
-            _encoder(config, components), _decoder(config), method=method, bound=config.bound)
+            _encoder(config, components, shared_trunk=shared_trunk), _decoder(config), method=method, bound=bound,
+            num_samples=samples)
         model.compile(optimizer=keras.optimizers.Adam(1e-3))
         model.ensure_built((None, *IMAGE_SHAPE))
         model.optimizer.build(model.trainable_variables)

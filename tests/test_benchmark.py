@@ -135,6 +135,15 @@ def test_frontier_keeps_models_no_other_beats_at_equal_or_lower_cost():
     assert frontier.speed_name("vae_equal_params_M4") == "vae_equal_params_encoder_M4"
     assert frontier.speed_name("mixture_M4_iw") == "rme_encoder_M4"
     assert frontier.speed_name("rme_M8_lambda0.3_iw_shared") == "rme_shared_encoder_M8"
+    # Training steps timed side by side where speed times them; "-" in the table where it does not.
+    speed_json["modes"]["function"]["train_step_ms"] = {"vae": 2.0, "iwae_k4": 5.0, "rme_M4": 9.0}
+    entries = {e["label"]: e for e in frontier.summarize(rows, speed_json)}
+    assert entries["iwae_k4"]["train_step_ms"] == 5.0 and entries["rme_M4_lambda0.3"]["train_step_ms"] == 9.0
+    assert np.isnan(entries["savae"]["train_step_ms"])
+    table = frontier.frontier_table(list(entries.values()), None)
+    assert "| 5.0 |" in table and "| - |" in table
+    assert frontier.train_step_name("rme_M8_lambda0.3_iw_shared") == "rme_shared_M8"
+    assert frontier.train_step_name("mixture_M4") is None
 
 
 def test_speed_benchmark_tiny_prints_ratios(capsys):
@@ -142,6 +151,10 @@ def test_speed_benchmark_tiny_prints_ratios(capsys):
     result = speed.main(["--tiny", "--output", "", "--bound", "auto", "--shared_components", "3"])
     out = capsys.readouterr().out
     assert "rme_shared_encoder_M3: b1=" in out
+    # ... and its training step beside IWAE's with as many decoder passes (k = 3)
+    steps = result["modes"]["function"]["train_step_ms"]
+    assert set(steps) == {"vae", "rme_M2", "rme_shared_M3", "iwae_k3"}
+    assert all(np.isfinite(t) and t > 0 for t in steps.values())
     assert result["config"]["bound"] == "auto" and speed.SpeedConfig().bound == "elbo"
     assert "ratio rme_M2/vae_encoder@1" in out and "ratio train_rme_M2/train_vae@8" in out
     assert "PASS" in out or "FAIL" in out
