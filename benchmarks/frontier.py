@@ -43,14 +43,18 @@ def speed_name(label: str) -> str:
     return f"rme_{'shared_' if shared else ''}encoder_M{m.group(1)}"
 
 
-def train_step_name(label: str) -> str | None:
-    """The `benchmarks.speed` training-step entry of the model `label` (None where speed does not time it)."""
+def train_step_name(label: str, bound: str = "auto") -> str | None:
+    """The `benchmarks.speed` training-step entry of the model `label`, or None where speed did not time it.
+
+    Speed times RME's step on one bound (`bound`, its config's; "auto" is RME's "iw"), with the default component
+    criterion: an RME row maps only if it was trained that way.
+    """
     if label == "vae" or label.startswith("iwae_k"):
         return label
-    m = re.match(r"rme_M(\d+)_", label)
-    if not m:
+    m = re.fullmatch(r"rme_M(\d+)_lambda[\d.]+(_iw)?(_shared)?", label)
+    if not m or bool(m.group(2)) != (bound in ("auto", "iw")):
         return None
-    return f"rme_{'shared_' if '_shared' in label else ''}M{m.group(1)}"
+    return f"rme_{'shared_' if m.group(3) else ''}M{m.group(1)}"
 
 
 def summarize(rows: list[dict], speed: dict | None, mode: str = "function") -> list[dict]:
@@ -58,6 +62,7 @@ def summarize(rows: list[dict], speed: dict | None, mode: str = "function") -> l
     measured_mode = (speed or {}).get("modes", {}).get(mode, {})
     inference = measured_mode.get("inference_ms", {})
     train_steps = measured_mode.get("train_step_ms", {})
+    timed_bound = (speed or {}).get("config", {}).get("bound", "elbo")
     groups = defaultdict(list)
     for row in rows:
         groups[row["label"]].append(row)
@@ -72,7 +77,7 @@ def summarize(rows: list[dict], speed: dict | None, mode: str = "function") -> l
             inference_ms_1=measured.get("1", np.mean([r.get("inference_ms_batch1", np.nan) for r in members])),
             inference_ms_100=measured.get("100", np.mean([r["inference_ms_batch100"] for r in members])),
             epoch_s=float(np.mean([r["epoch_time_s"] for r in members])),
-            train_step_ms=train_steps.get(train_step_name(label), np.nan),
+            train_step_ms=train_steps.get(train_step_name(label, timed_bound), np.nan),
         ))
     entries.sort(key=lambda e: -e["log_likelihood"])
     for entry in entries:  # on the frontier: no other model is better in log p(x) and at most as costly

@@ -137,12 +137,16 @@ def test_frontier_keeps_models_no_other_beats_at_equal_or_lower_cost():
     assert frontier.speed_name("rme_M8_lambda0.3_iw_shared") == "rme_shared_encoder_M8"
     # Training steps timed side by side where speed times them; "-" in the table where it does not.
     speed_json["modes"]["function"]["train_step_ms"] = {"vae": 2.0, "iwae_k4": 5.0, "rme_M4": 9.0}
-    entries = {e["label"]: e for e in frontier.summarize(rows, speed_json)}
+    entries = {e["label"]: e for e in frontier.summarize(rows, speed_json)}  # RME's step timed on the ELBO
     assert entries["iwae_k4"]["train_step_ms"] == 5.0 and entries["rme_M4_lambda0.3"]["train_step_ms"] == 9.0
     assert np.isnan(entries["savae"]["train_step_ms"])
     table = frontier.frontier_table(list(entries.values()), None)
     assert "| 5.0 |" in table and "| - |" in table
-    assert frontier.train_step_name("rme_M8_lambda0.3_iw_shared") == "rme_shared_M8"
+    assert frontier.train_step_name("rme_M8_lambda0.3_iw_shared", "auto") == "rme_shared_M8"
+    # only RME trained on the bound (and component criterion) its step was timed on
+    assert frontier.train_step_name("rme_M4_lambda0.3_iw", "elbo") is None
+    assert frontier.train_step_name("rme_M4_lambda0.3", "auto") is None
+    assert frontier.train_step_name("rme_M4_lambda0.3_iw_ciw", "auto") is None
     assert frontier.train_step_name("mixture_M4") is None
 
 
