@@ -57,6 +57,31 @@ def train_step_name(label: str, bound: str = "auto") -> str | None:
     return f"rme_{'shared_' if m.group(3) else ''}M{m.group(1)}"
 
 
+def pair_with_reference(rows: list[dict], reference: str, cells_dir: str) -> list[dict]:
+    """Rows with the paired difference to `reference` filled in where their own table lacks it.
+
+    Rows from several harness tables (e.g. a second `--table_name` over the same cells) carry paired differences
+    only to the rows of their own table; the per-digit arrays in `cells_dir/<label>_seed<seed>/per_example.npz`
+    pair any two cells evaluated on the same test digits.
+    """
+    def per_example(label: str, seed: int) -> np.ndarray | None:
+        path = os.path.join(cells_dir, f"{label}_seed{seed}", "per_example.npz")
+        return np.load(path)["log_likelihood"].astype(np.float64) if os.path.exists(path) else None
+
+    paired = []
+    for row in rows:
+        row = dict(row, paired_diff_vs=dict(row.get("paired_diff_vs", {})),
+                   paired_se_vs=dict(row.get("paired_se_vs", {})))
+        if row["label"] != reference and reference not in row["paired_diff_vs"]:
+            mine, theirs = per_example(row["label"], row["seed"]), per_example(reference, row["seed"])
+            if mine is not None and theirs is not None and mine.shape == theirs.shape:
+                diff = mine - theirs
+                row["paired_diff_vs"][reference] = float(diff.mean())
+                row["paired_se_vs"][reference] = float(diff.std(ddof=1) / np.sqrt(diff.size))
+        paired.append(row)
+    return paired
+
+
 def summarize(rows: list[dict], speed: dict | None, mode: str = "function") -> list[dict]:
     """One entry per model label: mean test log p(x) and inference gap over seeds, costs, per-seed rows."""
     measured_mode = (speed or {}).get("modes", {}).get(mode, {})
@@ -178,12 +203,17 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     parser.add_argument("--speed", default=None, help="benchmarks.speed JSON")
     parser.add_argument("--reference", default=None, help="label the paired differences are taken against")
     parser.add_argument("--out_dir", default="benchmarks/results/frontier")
+    parser.add_argument("--cells_dir", default=None,
+                        help="the harness cells directory: pairs rows of other tables with --reference")
     args = parser.parse_args(argv)
     speed = None
     if args.speed:
         with open(args.speed) as f:
             speed = json.load(f)
-    paths = write_frontier(load_rows(args.results), speed, args.reference, args.out_dir)
+    rows = load_rows(args.results)
+    if args.cells_dir and args.reference:
+        rows = pair_with_reference(rows, args.reference, args.cells_dir)
+    paths = write_frontier(rows, speed, args.reference, args.out_dir)
     print("\n".join(paths))
     return paths
 

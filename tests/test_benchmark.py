@@ -110,6 +110,13 @@ def test_quick_harness_runs_every_method_end_to_end(tmp_path, capsys):
     with open(paths[0]) as f:
         table = f.read()
     assert all(f"| {label} |" in table for label in labels) and "epoch 1 | epoch 2" in table
+    # Rows of another table (no paired difference to the reference) are paired from the cells' per-digit arrays.
+    reference = rows[1]["label"]
+    stripped = [dict(r, paired_diff_vs={}, paired_se_vs={}) for r in rows]
+    repaired = frontier.pair_with_reference(stripped, reference, str(tmp_path / "quick_cells"))
+    assert repaired[0]["paired_diff_vs"][reference] == pytest.approx(rows[0]["paired_diff_vs"][reference], rel=1e-5)
+    assert repaired[0]["paired_se_vs"][reference] == pytest.approx(rows[0]["paired_se_vs"][reference], rel=1e-5)
+    assert reference not in repaired[1]["paired_diff_vs"] and stripped[0]["paired_diff_vs"] == {}
 
 
 def _row(label, seed, log_likelihood, ms100, elbo=-100.0):
