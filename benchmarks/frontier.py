@@ -57,6 +57,16 @@ def train_step_name(label: str, bound: str = "auto") -> str | None:
     return f"rme_{'shared_' if m.group(3) else ''}M{m.group(1)}"
 
 
+def unique_rows(rows: list[dict]) -> list[dict]:
+    """The first row of each (label, seed): tables over the same cells may share rows."""
+    seen, unique = set(), []
+    for row in rows:
+        if (row["label"], row["seed"]) not in seen:
+            seen.add((row["label"], row["seed"]))
+            unique.append(row)
+    return unique
+
+
 def pair_with_reference(rows: list[dict], reference: str, cells_dir: str) -> list[dict]:
     """Rows with the paired difference to `reference` filled in where their own table lacks it.
 
@@ -210,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     if args.speed:
         with open(args.speed) as f:
             speed = json.load(f)
-    rows = load_rows(args.results)
+    rows = unique_rows(load_rows(args.results))
     if args.cells_dir and args.reference:
         rows = pair_with_reference(rows, args.reference, args.cells_dir)
     paths = write_frontier(rows, speed, args.reference, args.out_dir)
