@@ -82,25 +82,35 @@ def test_the_auto_bound_is_each_methods_default_and_old_run_directories_keep_the
 
 
 def test_run_directories_saved_before_the_shared_trunk_default_resume_where_the_settings_mean_the_same():
-    def saved_before(**settings):  # a config.json of the version whose defaults were 4 networks, 2 epochs each
-        values = RunConfig(model_dir="a", num_components=4, epochs_per_component=2, **settings).to_dict()
+    def saved_before(**settings):  # a config.json of the version whose defaults were 4 networks, 2 epochs each,
+        values = RunConfig(  # and lambda = 0.3
+            model_dir="a", num_components=4, epochs_per_component=2, lambda_kl=0.3, **settings).to_dict()
         del values["shared_trunk"]
         return RunConfig.from_dict(values)
 
     # A VAE: one component is one network with or without a shared trunk, and no component joins.
     vae = saved_before(method="vae").replace(num_components=1)
     assert vae.mismatches(RunConfig(model_dir="a", method="vae", num_components=1)) == {}
-    # MixVAE: all components train from the start, so the schedule means nothing; the trunk does.
+    # MixVAE: all components train from the start, so the schedule means nothing; the trunk does. No criterion
+    # but RME's reads lambda, so its default does not matter to MixVAE or boosting.
     mixture = saved_before(method="mixture")
     assert mixture.mismatches(RunConfig(model_dir="a", method="mixture", num_components=4, shared_trunk=False)) == {}
     assert mixture.mismatches(RunConfig(model_dir="a", method="mixture", num_components=4)) == {
         "shared_trunk": (False, True)}
+    boosting = saved_before(method="boosting")
+    assert boosting.mismatches(RunConfig(
+        model_dir="a", method="boosting", num_components=4, epochs_per_component=2, shared_trunk=False)) == {}
+    assert boosting.mismatches(RunConfig(
+        model_dir="a", method="boosting", num_components=4, epochs_per_component=2, shared_trunk=False,
+        max_log_ratio=-1.0)) == {"max_log_ratio": (5.0, -1.0)}
     # RME: the old defaults, spelled out, resume it; the new ones are refused with the differences listed.
     rme = saved_before(method="rme")
-    old_defaults = RunConfig(model_dir="a", num_components=4, epochs_per_component=2, shared_trunk=False)
+    old_defaults = RunConfig(
+        model_dir="a", num_components=4, epochs_per_component=2, shared_trunk=False, lambda_kl=0.3)
     assert rme.mismatches(old_defaults) == {}
     assert rme.mismatches(RunConfig(model_dir="a")) == {
-        "num_components": (4, 8), "shared_trunk": (False, True), "epochs_per_component": (2, 1)}
+        "num_components": (4, 8), "shared_trunk": (False, True), "epochs_per_component": (2, 1),
+        "lambda_kl": (0.3, 1.0)}
 
 
 def test_frozen_earlier_components_need_independent_networks():

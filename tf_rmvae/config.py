@@ -108,7 +108,9 @@ class RunConfig:
     decoder: str = setting(
         "auto", "Likelihood p(x|z); auto: Bernoulli for binary datasets, Gaussian otherwise.",
         choices=DECODERS)
-    lambda_kl: float = setting(0.3, "RME's KL weight lambda (>= 0; 1 collapses components).")
+    lambda_kl: float = setting(
+        1.0, "RME's KL weight lambda (>= 0); lambda = 1 relies on the --max_log_ratio cap (uncapped, it collapses "
+        "components).")
     max_log_ratio: float = setting(
         5.0, "Cap of each sample's log h - log q_prev in RME's KL term (< 0: uncapped, which runs off).")
     train_previous: bool = setting(
@@ -270,11 +272,18 @@ class RunConfig:
     def effective(self, name: str) -> Any:
         """What setting `name` means for the trained model: `bound` resolved (`resolved_bound`), `shared_trunk` only
         with several components (one component is one network either way), `epochs_per_component` only where
-        components join one at a time (`adds_components`; None otherwise); any other field as it is."""
+        components join one at a time (`adds_components`; None otherwise), `lambda_kl` only for RME with several
+        components and `max_log_ratio` only for RME or boosting with several (the only criteria that read them; None
+        otherwise); any other field as it is."""
+        several = self.num_components > 1
+        if name == "lambda_kl":
+            return self.lambda_kl if self.method == "rme" and several else None
+        if name == "max_log_ratio":
+            return self.max_log_ratio if self.method in ("rme", "boosting") and several else None
         if name == "bound":
             return self.resolved_bound
         if name == "shared_trunk":
-            return self.shared_trunk and self.num_components > 1
+            return self.shared_trunk and several
         if name == "epochs_per_component":
             return self.epochs_per_component if self.adds_components else None
         return getattr(self, name)
