@@ -132,6 +132,14 @@ def test_flags_build_the_config_they_name():
         flags.FLAGS.unparse_flags()
     assert config == RunConfig(model_dir="runs/a", hidden_units=(8, 4), method="vae", num_components=1,
                                learning_rate=0.01, decoder="gaussian")
+    # The method's own defaults apply only where the flag was not given: MixVAE gets M independent networks.
+    for argv, shared in ((["--method=mixture"], False), (["--method=mixture", "--shared_trunk"], True),
+                         (["--method=rme"], True), (["--method=boosting"], True)):
+        try:
+            flags.FLAGS(["train", "--model_dir=runs/a", *argv])
+            assert program.config_from_flags().shared_trunk is shared, argv
+        finally:
+            flags.FLAGS.unparse_flags()
     try:
         flags.FLAGS(["train", "--model_dir=runs/a", "--conv_filters=8,x"])
         with pytest.raises(ConfigError, match="--conv_filters must be a comma-separated list of integers"):

@@ -50,6 +50,10 @@ RESUMABLE_FIELDS = frozenset({
 # of that version (runs saved before issue 14 held no validation examples out of training; before `bound` was a
 # setting, every method trained on the ELBO).
 LEGACY_DEFAULTS = {"validation_examples": 0, "bound": "elbo", "shared_trunk": False}
+# Defaults that depend on the method, which the trainer applies where the flag was not given: a VAE has one
+# component; MixVAE trained far worse on one shared trunk than on M networks (README "Results": 3-4 nats below,
+# at 5 and 40 epochs), so it keeps M independent networks.
+METHOD_DEFAULTS = {"vae": {"num_components": 1}, "mixture": {"shared_trunk": False}}
 
 #: `validation_examples` value that asks for the default hold-out (`tf_rmvae.data.default_validation_examples`).
 AUTO_VALIDATION = -1
@@ -98,7 +102,8 @@ class RunConfig:
         8, "Mixture components M (default 1 for --method=vae, which allows only 1).")
     shared_trunk: bool = setting(
         True, "Mixture methods: one encoder trunk with a head per component (many components at little cost); "
-        "--noshared_trunk: M independent networks. Ignored with one component.")
+        "--noshared_trunk: M independent networks (the default for --method=mixture, which trains worse on one "
+        "trunk). Ignored with one component.")
     latent_dim: int = setting(32, "Latent dimension D.")
     architecture: str = setting("dense", "Encoder and decoder networks.", choices=ARCHITECTURES)
     hidden_units: tuple[int, ...] = setting(

@@ -30,7 +30,7 @@ from trainers import quiet
 with quiet.quiet_imports(sys.argv):  # first: TensorFlow reads its log level when it is imported
     from absl import app, flags
 
-    from tf_rmvae.config import ConfigError, RunConfig
+    from tf_rmvae.config import METHOD_DEFAULTS, ConfigError, RunConfig
     from tf_rmvae.run_dir import RunError
 
 flags.adopt_module_key_flags(quiet)  # --tf_log_level in --help
@@ -71,7 +71,8 @@ def _int_list(values: list[str], name: str) -> tuple[int, ...]:
 
 
 def config_from_flags() -> RunConfig:
-    """The validated `RunConfig` of the parsed flags (`--method=vae` defaults to one component)."""
+    """The validated `RunConfig` of the parsed flags, with the method's own defaults (`config.METHOD_DEFAULTS`: one
+    component for `--method=vae`, independent networks for `--method=mixture`) where their flags were not given."""
     values = {}
     for field in dataclasses.fields(RunConfig):
         value = FLAGS[field.name].value
@@ -80,8 +81,9 @@ def config_from_flags() -> RunConfig:
         elif _FIELD_TYPES[field.name] == _INT_LIST:
             value = _int_list(value, field.name)
         values[field.name] = value
-    if FLAGS.method == "vae" and not FLAGS["num_components"].present:
-        values["num_components"] = 1
+    for name, value in METHOD_DEFAULTS.get(FLAGS.method, {}).items():
+        if not FLAGS[name].present:
+            values[name] = value
     return RunConfig(**values).validate()
 
 
