@@ -14,7 +14,8 @@ import pytest
 from absl import flags
 
 from tf_rmvae import choices, files
-from tf_rmvae.config import ConfigError, RunConfig
+from tf_rmvae.choices import METHODS
+from tf_rmvae.config import METHOD_DEFAULTS, ConfigError, RunConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,6 +104,8 @@ def test_run_directories_saved_before_the_shared_trunk_default_resume_where_the_
     assert boosting.mismatches(RunConfig(
         model_dir="a", method="boosting", num_components=4, epochs_per_component=2, shared_trunk=False,
         max_log_ratio=-1.0)) == {"max_log_ratio": (5.0, -1.0)}
+    uncapped = boosting.replace(max_log_ratio=-1.0)  # every negative cap means uncapped
+    assert uncapped.mismatches(uncapped.replace(max_log_ratio=-2.0)) == {}
     # RME: the old defaults, spelled out, resume it; the new ones are refused with the differences listed.
     rme = saved_before(method="rme")
     old_defaults = RunConfig(
@@ -111,6 +114,14 @@ def test_run_directories_saved_before_the_shared_trunk_default_resume_where_the_
     assert rme.mismatches(RunConfig(model_dir="a")) == {
         "num_components": (4, 8), "shared_trunk": (False, True), "epochs_per_component": (2, 1),
         "lambda_kl": (0.3, 1.0)}
+
+
+def test_the_methods_own_defaults_name_methods_and_fields_and_change_a_default():
+    names = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+    for method, defaults in METHOD_DEFAULTS.items():
+        assert method in METHODS
+        for name, value in defaults.items():
+            assert name in names and names[name] != value, (method, name)
 
 
 def test_frozen_earlier_components_need_independent_networks():

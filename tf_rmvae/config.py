@@ -22,6 +22,7 @@ from tf_rmvae.choices import (
     METHODS,
     NONFINITE_POLICIES,
     PRECISIONS,
+    RECURSIVE_METHODS,
     SCHEDULES,
     STRATEGIES,
     resolve_bound,
@@ -51,8 +52,8 @@ RESUMABLE_FIELDS = frozenset({
 # setting, every method trained on the ELBO).
 LEGACY_DEFAULTS = {"validation_examples": 0, "bound": "elbo", "shared_trunk": False}
 # Defaults that depend on the method, which the trainer applies where the flag was not given: a VAE has one
-# component; MixVAE trained far worse on one shared trunk than on M networks (README "Results": 3-4 nats below,
-# at 5 and 40 epochs), so it keeps M independent networks.
+# component; MixVAE trained far worse on one shared trunk than on M networks (README "Results": 3.3-3.8 nats below
+# at 5 epochs, below a VAE; 2.9 at 40), so it keeps M independent networks.
 METHOD_DEFAULTS = {"vae": {"num_components": 1}, "mixture": {"shared_trunk": False}}
 
 #: `validation_examples` value that asks for the default hold-out (`tf_rmvae.data.default_validation_examples`).
@@ -279,12 +280,14 @@ class RunConfig:
         with several components (one component is one network either way), `epochs_per_component` only where
         components join one at a time (`adds_components`; None otherwise), `lambda_kl` only for RME with several
         components and `max_log_ratio` only for RME or boosting with several (the only criteria that read them; None
-        otherwise); any other field as it is."""
+        otherwise; every negative cap is the same: uncapped, `inf`); any other field as it is."""
         several = self.num_components > 1
         if name == "lambda_kl":
             return self.lambda_kl if self.method == "rme" and several else None
         if name == "max_log_ratio":
-            return self.max_log_ratio if self.method in ("rme", "boosting") and several else None
+            if not (self.method in RECURSIVE_METHODS and several):
+                return None
+            return math.inf if self.max_log_ratio < 0 else self.max_log_ratio
         if name == "bound":
             return self.resolved_bound
         if name == "shared_trunk":
