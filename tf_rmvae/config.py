@@ -250,7 +250,7 @@ class RunConfig:
     @property
     def adds_components(self) -> bool:
         """Whether components join one at a time during training (stage-wise recursive methods)."""
-        return self.method in ("rme", "boosting") and self.schedule == "stagewise" and self.num_components > 1
+        return self.method in RECURSIVE_METHODS and self.schedule == "stagewise" and self.num_components > 1
 
     def active_components_at(self, epoch: int) -> int:
         """Active components during 0-based `epoch` (the `ComponentSchedule` rule for stage-wise methods)."""
