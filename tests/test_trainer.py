@@ -296,6 +296,16 @@ def test_the_runs_bound_reaches_the_model_resolved():
     assert resolved == {"default": "iw", "paper": "elbo", "mixture": "elbo"}
 
 
+def test_the_runs_cap_reaches_the_model_and_every_negative_cap_is_uncapped():
+    from tf_rmvae import model_factory
+    from tf_rmvae.config import RunConfig
+
+    config = RunConfig(hidden_units=(8,), latent_dim=2)
+    caps = [model_factory.build_model(config.replace(max_log_ratio=cap), (28, 28, 1), True).rme.max_log_ratio
+            for cap in (5.0, 2.5, -1.0, -3.0)]
+    assert caps == [5.0, 2.5, None, None]
+
+
 def test_the_shared_trunk_default_and_flag_reach_the_encoder():
     from tf_rmvae import model_factory
 

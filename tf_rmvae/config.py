@@ -275,19 +275,26 @@ class RunConfig:
         """The bound the run trains on ("auto": the method's default, `choices.resolve_bound`)."""
         return resolve_bound(self.method, self.bound)
 
+    @property
+    def resolved_max_log_ratio(self) -> float | None:
+        """The cap of RME's and boosting's KL log-ratio, or None for uncapped (any negative `max_log_ratio`)."""
+        return None if self.max_log_ratio < 0 else self.max_log_ratio
+
     def effective(self, name: str) -> Any:
         """What setting `name` means for the trained model: `bound` resolved (`resolved_bound`), `shared_trunk` only
         with several components (one component is one network either way), `epochs_per_component` only where
         components join one at a time (`adds_components`; None otherwise), `lambda_kl` only for RME with several
         components and `max_log_ratio` only for RME or boosting with several (the only criteria that read them; None
-        otherwise; every negative cap is the same: uncapped, `inf`); any other field as it is."""
+        otherwise), resolved (`resolved_max_log_ratio`: every negative cap is `inf`, uncapped); any other field as
+        it is."""
         several = self.num_components > 1
         if name == "lambda_kl":
             return self.lambda_kl if self.method == "rme" and several else None
         if name == "max_log_ratio":
             if not (self.method in RECURSIVE_METHODS and several):
                 return None
-            return math.inf if self.max_log_ratio < 0 else self.max_log_ratio
+            cap = self.resolved_max_log_ratio
+            return math.inf if cap is None else cap
         if name == "bound":
             return self.resolved_bound
         if name == "shared_trunk":

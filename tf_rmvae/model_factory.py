@@ -98,7 +98,7 @@ def build_model(config: RunConfig, image_shape: tuple[int, int, int], binary: bo
     return RecursiveMixtureVAE(
         encoder, decoder, method=config.method, lambda_kl=config.lambda_kl, schedule=config.schedule,
         bound=config.bound, component_bound=config.component_bound, num_samples=config.num_samples,
-        max_log_ratio=None if config.max_log_ratio < 0 else config.max_log_ratio,
+        max_log_ratio=config.resolved_max_log_ratio,
         train_previous=config.train_previous,
         eps_search_every=config.eps_search_every, noise_seed=config.seed, nonfinite_inputs=config.nonfinite_inputs,
     )
