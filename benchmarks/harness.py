@@ -36,13 +36,14 @@ import tensorflow as tf
 import tf_rmvae
 from tf_rmvae import data as rm_data
 from tf_rmvae import evaluation, model_factory
+from tf_rmvae.choices import RECURSIVE_METHODS, resolve_max_log_ratio
 from tf_rmvae.semi_amortized import SemiAmortizedVAE
 
 ALL_METHODS = ("vae", "mixture", "boosting", "rme", "savae", "vae_equal_params", "iwae")
 # Methods with one Gaussian encoder: vae_equal_params is a VAE whose encoder has as many parameters as M encoders;
 # iwae is a VAE trained on the IWAE bound with k = M samples (as many decoder passes per step as RME's M slots).
 SINGLE_COMPONENT_METHODS = ("vae", "savae", "vae_equal_params", "iwae")
-STAGEWISE_METHODS = ("rme", "boosting")
+STAGEWISE_METHODS = RECURSIVE_METHODS  # the methods that add components one at a time
 BOUND_METHODS = ("rme", "mixture")  # methods whose decoder/mixture bound is swept over `bounds`
 LEGACY_SAVAE_STEPS = 10  # the SA-VAE cell labelled plain "savae" (earlier runs had one SA-VAE cell)
 
@@ -260,7 +261,7 @@ def build_model(config: BenchmarkConfig, cell: Cell) -> keras.Model:
         kwargs.update(bound=cell.bound, component_bound=cell.component_bound)
         if cell.method in STAGEWISE_METHODS:  # rme and boosting share the cap and the earlier-component rule
             kwargs.update(
-                max_log_ratio=None if config.rme_max_log_ratio < 0 else config.rme_max_log_ratio,
+                max_log_ratio=resolve_max_log_ratio(config.rme_max_log_ratio),
                 train_previous=config.rme_train_previous,
             )
         model = tf_rmvae.RecursiveMixtureVAE(

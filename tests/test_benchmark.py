@@ -286,3 +286,11 @@ def test_time_functions_calls_the_models_in_turn_in_every_round():
     # Warm-up, then one call of each per round, each round starting one function later.
     assert calls == ["a", "b", "c"] + ["a", "b", "c"] + ["b", "c", "a"] + ["c", "a", "b"] + ["a", "b", "c"]
     assert evaluation.time_functions({}, 1.0) == {}
+
+
+def test_a_negative_harness_cap_builds_an_uncapped_criterion():
+    cell = harness.Cell("rme", 2, 1.0, 0, "stagewise")
+    capped = harness.build_model(harness.quick_config(methods=("rme",), num_components=(2,)), cell)
+    uncapped = harness.build_model(
+        harness.quick_config(methods=("rme",), num_components=(2,), rme_max_log_ratio=-1.0), cell)
+    assert capped.max_log_ratio == 5.0 and uncapped.max_log_ratio is None

@@ -82,6 +82,16 @@ def test_the_auto_bound_is_each_methods_default_and_old_run_directories_keep_the
     assert RunConfig(model_dir="a", bound="elbo").mismatches(RunConfig(model_dir="a")) == {"bound": ("elbo", "auto")}
 
 
+def test_the_cap_and_trunk_rules_are_stated_once_in_the_choices_module():
+    # Any negative cap is "uncapped"; a trunk is shared only between several components.
+    assert choices.resolve_max_log_ratio(-1.0) is None and choices.resolve_max_log_ratio(-0.5) is None
+    assert choices.resolve_max_log_ratio(0.0) == 0.0 and choices.resolve_max_log_ratio(5.0) == 5.0
+    assert choices.uses_shared_trunk(True, 2) and not choices.uses_shared_trunk(True, 1)
+    assert not choices.uses_shared_trunk(False, 8)
+    assert RunConfig(model_dir="a", max_log_ratio=-3.0).resolved_max_log_ratio is None
+    assert RunConfig(model_dir="a", method="vae", num_components=1).effective("shared_trunk") is False
+
+
 def test_run_directories_saved_before_the_shared_trunk_default_resume_where_the_settings_mean_the_same():
     def saved_before(**settings):  # a config.json of the version whose defaults were 4 networks, 2 epochs each,
         values = RunConfig(  # and lambda = 0.3

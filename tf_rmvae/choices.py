@@ -37,3 +37,15 @@ def resolve_bound(method: str, bound: str) -> str:
     if bound != "auto":
         return bound
     return "iw" if method == "rme" else "elbo"
+
+
+def resolve_max_log_ratio(max_log_ratio: float) -> float | None:
+    """The cap of RME's and boosting's per-sample KL log-ratio that a `max_log_ratio` setting names: any negative
+    value is None, uncapped (so a flag or a harness setting can say "no cap" with a number)."""
+    return None if max_log_ratio < 0 else max_log_ratio
+
+
+def uses_shared_trunk(shared_trunk: bool, num_components: int) -> bool:
+    """Whether the components are heads on one trunk: only with several, since one component is one network either
+    way (so a VAE's weights do not depend on the setting)."""
+    return shared_trunk and num_components > 1

@@ -26,6 +26,8 @@ from tf_rmvae.choices import (
     SCHEDULES,
     STRATEGIES,
     resolve_bound,
+    resolve_max_log_ratio,
+    uses_shared_trunk,
 )
 from tf_rmvae.files import write_json_atomic
 
@@ -278,7 +280,7 @@ class RunConfig:
     @property
     def resolved_max_log_ratio(self) -> float | None:
         """The cap of RME's and boosting's KL log-ratio, or None for uncapped (any negative `max_log_ratio`)."""
-        return None if self.max_log_ratio < 0 else self.max_log_ratio
+        return resolve_max_log_ratio(self.max_log_ratio)
 
     def effective(self, name: str) -> Any:
         """What setting `name` means for the trained model: `bound` resolved (`resolved_bound`), `shared_trunk` only
@@ -298,7 +300,7 @@ class RunConfig:
         if name == "bound":
             return self.resolved_bound
         if name == "shared_trunk":
-            return self.shared_trunk and several
+            return uses_shared_trunk(self.shared_trunk, self.num_components)
         if name == "epochs_per_component":
             return self.epochs_per_component if self.adds_components else None
         return getattr(self, name)

@@ -14,6 +14,7 @@ import keras
 import numpy as np
 
 from tf_rmvae import run_dir
+from tf_rmvae.choices import uses_shared_trunk
 from tf_rmvae.config import RunConfig
 from tf_rmvae.data import get_dataset_spec
 from tf_rmvae.decoders import make_decoder
@@ -50,7 +51,7 @@ def build_networks(
         encoder = GaussianEncoder(**settings)
     else:
         encoder = RecursiveMixtureEncoder(
-            max_components=num_components, shared_trunk=shared_trunk and num_components > 1,
+            max_components=num_components, shared_trunk=uses_shared_trunk(shared_trunk, num_components),
             per_example_proportions=per_example_proportions, **settings)
     likelihood = likelihood if likelihood != "auto" else ("bernoulli" if binary else "gaussian")
     decoder = make_decoder(
