@@ -448,7 +448,19 @@ def _fingerprint(config: BenchmarkConfig, cell: Cell) -> dict:
         values = {k: v for k, v in values.items() if not k.startswith("savae")}
     if cell.method not in STAGEWISE_METHODS:
         values = {k: v for k, v in values.items() if not k.startswith("rme_")}
-    return json.loads(json.dumps(values))
+    return _read_by_cell(json.loads(json.dumps(values)), cell)
+
+
+def _read_by_cell(fingerprint: dict, cell: Cell) -> dict:
+    """`fingerprint` without the run settings that `cell` does not read: the component schedule where no component
+    joins later, the run's `shared_trunk` and `per_example_proportions` where the cell has neither (the cell's own
+    fields record them). Applied to stored fingerprints too, so a finished cell (e.g. IWAE) counts as finished in
+    any run that differs only there, including cells stored before this rule."""
+    unread = {"shared_trunk", "per_example_proportions"}
+    if not (cell.method in STAGEWISE_METHODS and cell.schedule == "stagewise" and cell.num_components > 1):
+        unread.add("epochs_per_component")
+    unread = {k for k in unread if not getattr(cell, k, False)}  # the cell's own option stays where it is on
+    return {k: v for k, v in fingerprint.items() if k not in unread}
 
 
 def _load_finished(config: BenchmarkConfig, cell: Cell, cell_dir: str):
@@ -458,7 +470,7 @@ def _load_finished(config: BenchmarkConfig, cell: Cell, cell_dir: str):
         return None
     with open(path) as f:
         stored = json.load(f)
-    if stored.get("fingerprint") != _fingerprint(config, cell):
+    if _read_by_cell(stored.get("fingerprint") or {}, cell) != _fingerprint(config, cell):
         return None
     with np.load(arrays_path) as arrays:
         return stored["row"], {k: arrays[k] for k in arrays.files}

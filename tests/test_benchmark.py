@@ -294,3 +294,25 @@ def test_a_negative_harness_cap_builds_an_uncapped_criterion():
     uncapped = harness.build_model(
         harness.quick_config(methods=("rme",), num_components=(2,), rme_max_log_ratio=-1.0), cell)
     assert capped.max_log_ratio == 5.0 and uncapped.max_log_ratio is None
+
+
+def test_a_finished_cell_matches_runs_that_differ_only_in_settings_it_does_not_read(tmp_path):
+    run = harness.quick_config(methods=("rme", "iwae"), num_components=(2,), lambdas=(1.0,), epochs=4)
+    other = dataclasses.replace(run, epochs_per_component=3, shared_trunk=True)
+    cells = {c.label: c for c in harness.cells(run)}
+    other_cells = {c.label: c for c in harness.cells(other)}
+    # IWAE reads neither the component schedule nor the trunk; RME reads both.
+    assert harness._fingerprint(run, cells["iwae_k2"]) == harness._fingerprint(other, other_cells["iwae_k2"])
+    rme = cells["rme_M2_lambda1"]
+    assert harness._fingerprint(run, rme) != harness._fingerprint(dataclasses.replace(run, epochs_per_component=3), rme)
+    # A cell stored before the rule, with the unread settings in its fingerprint, still loads.
+    stored = dict(harness._fingerprint(run, cells["iwae_k2"]), epochs_per_component=7, shared_trunk=True)
+    cell_dir = tmp_path / "iwae_k2_seed0"
+    cell_dir.mkdir()
+    (cell_dir / "result.json").write_text(json.dumps(dict(fingerprint=stored, row={"label": "iwae_k2"})))
+    np.savez(cell_dir / "per_example.npz", elbo=np.zeros(3), log_likelihood=np.ones(3))
+    row, arrays = harness._load_finished(other, other_cells["iwae_k2"], str(cell_dir))
+    assert row == {"label": "iwae_k2"} and arrays["log_likelihood"].tolist() == [1.0, 1.0, 1.0]
+    stored_rme = dict(harness._fingerprint(run, rme), epochs_per_component=7)
+    (cell_dir / "result.json").write_text(json.dumps(dict(fingerprint=stored_rme, row={})))
+    assert harness._load_finished(run, rme, str(cell_dir)) is None  # RME's schedule differs: retrained
