@@ -274,6 +274,12 @@ def build_model(config: BenchmarkConfig, cell: Cell) -> keras.Model:
     return model
 
 
+def adds_components(cell: Cell) -> bool:
+    """Whether the cell's components join one at a time, on the `epochs_per_component` schedule (the harness's
+    `RunConfig.adds_components`)."""
+    return cell.method in STAGEWISE_METHODS and cell.schedule == "stagewise" and cell.num_components > 1
+
+
 def epochs_per_component(config: BenchmarkConfig, cell: Cell) -> int:
     if config.epochs_per_component > 0:
         return config.epochs_per_component
@@ -363,7 +369,7 @@ def run_cell(
         callbacks.append(keras.callbacks.BackupAndRestore(backup_dir, save_freq="epoch", delete_checkpoint=True))
     else:
         shutil.rmtree(backup_dir, ignore_errors=True)
-    if cell.method in STAGEWISE_METHODS and cell.schedule == "stagewise" and cell.num_components > 1:
+    if adds_components(cell):
         callbacks.append(tf_rmvae.ComponentSchedule(epochs_per_component=epochs_per_component(config, cell)))
     start = time.perf_counter()
     history = model.fit(train, epochs=config.epochs, callbacks=callbacks, verbose=config.verbose)
@@ -384,10 +390,7 @@ def run_cell(
         matched_components=cell.num_components if cell.method in ("vae_equal_params", "iwae") else None,
         lambda_kl=cell.lambda_kl,
         epochs=config.epochs,
-        epochs_per_component=(
-            epochs_per_component(config, cell) if cell.method in STAGEWISE_METHODS and cell.schedule == "stagewise"
-            else None
-        ),
+        epochs_per_component=epochs_per_component(config, cell) if adds_components(cell) else None,
         seed=cell.seed,
         iwae_samples=config.iwae_samples,
         eval_examples=int(len(x_test)),
@@ -457,7 +460,7 @@ def _read_by_cell(fingerprint: dict, cell: Cell) -> dict:
     fields record them). Applied to stored fingerprints too, so a finished cell (e.g. IWAE) counts as finished in
     any run that differs only there, including cells stored before this rule."""
     unread = {"shared_trunk", "per_example_proportions"}
-    if not (cell.method in STAGEWISE_METHODS and cell.schedule == "stagewise" and cell.num_components > 1):
+    if not adds_components(cell):
         unread.add("epochs_per_component")
     unread = {k for k in unread if not getattr(cell, k, False)}  # the cell's own option stays where it is on
     return {k: v for k, v in fingerprint.items() if k not in unread}

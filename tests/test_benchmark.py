@@ -304,7 +304,15 @@ def test_a_finished_cell_matches_runs_that_differ_only_in_settings_it_does_not_r
     # IWAE reads neither the component schedule nor the trunk; RME reads both.
     assert harness._fingerprint(run, cells["iwae_k2"]) == harness._fingerprint(other, other_cells["iwae_k2"])
     rme = cells["rme_M2_lambda1"]
-    assert harness._fingerprint(run, rme) != harness._fingerprint(dataclasses.replace(run, epochs_per_component=3), rme)
+    # The schedule counts exactly where components join one at a time: stagewise RME and boosting with M > 1.
+    reschedule = dataclasses.replace(run, epochs_per_component=3)
+    for cell, reads_schedule in [
+        (rme, True), (harness.Cell("boosting", 2, None, 0, "stagewise"), True),
+        (harness.Cell("rme", 2, 1.0, 0, "sweep"), False), (harness.Cell("rme", 1, 1.0, 0, "stagewise"), False),
+        (harness.Cell("mixture", 2, None, 0, None), False),
+    ]:
+        assert harness.adds_components(cell) == reads_schedule
+        assert (harness._fingerprint(run, cell) != harness._fingerprint(reschedule, cell)) == reads_schedule, cell
     # A cell stored before the rule, with the unread settings in its fingerprint, still loads.
     stored = dict(harness._fingerprint(run, cells["iwae_k2"]), epochs_per_component=7, shared_trunk=True)
     cell_dir = tmp_path / "iwae_k2_seed0"

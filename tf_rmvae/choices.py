@@ -48,4 +48,4 @@ def resolve_max_log_ratio(max_log_ratio: float) -> float | None:
 def uses_shared_trunk(shared_trunk: bool, num_components: int) -> bool:
     """Whether the components are heads on one trunk: only with several, since one component is one network either
     way (so a VAE's weights do not depend on the setting)."""
-    return shared_trunk and num_components > 1
+    return bool(shared_trunk) and num_components > 1
