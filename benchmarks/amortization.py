@@ -94,7 +94,7 @@ def _fit(model, config: AmortizationConfig, bench: harness.BenchmarkConfig, cell
     train = rm_data.load_dataset(bench.dataset, "train", bench.batch_size, seed=config.seed,
                                  take=config.train_examples or None, drop_remainder=True)
     callbacks = []
-    if cell.method in harness.STAGEWISE_METHODS:
+    if harness.adds_components(cell):
         callbacks.append(tf_rmvae.ComponentSchedule(epochs_per_component=harness.epochs_per_component(bench, cell)))
     start = time.perf_counter()
     model.fit(train, epochs=epochs, callbacks=callbacks, verbose=config.verbose)

@@ -43,7 +43,6 @@ ALL_METHODS = ("vae", "mixture", "boosting", "rme", "savae", "vae_equal_params",
 # Methods with one Gaussian encoder: vae_equal_params is a VAE whose encoder has as many parameters as M encoders;
 # iwae is a VAE trained on the IWAE bound with k = M samples (as many decoder passes per step as RME's M slots).
 SINGLE_COMPONENT_METHODS = ("vae", "savae", "vae_equal_params", "iwae")
-STAGEWISE_METHODS = RECURSIVE_METHODS  # the methods that add components one at a time
 BOUND_METHODS = ("rme", "mixture")  # methods whose decoder/mixture bound is swept over `bounds`
 LEGACY_SAVAE_STEPS = 10  # the SA-VAE cell labelled plain "savae" (earlier runs had one SA-VAE cell)
 
@@ -259,7 +258,7 @@ def build_model(config: BenchmarkConfig, cell: Cell) -> keras.Model:
         kwargs = {} if cell.lambda_kl is None else {"lambda_kl": cell.lambda_kl}
         # Always named: a cell's label says its bounds, whatever the library's default ("auto").
         kwargs.update(bound=cell.bound, component_bound=cell.component_bound)
-        if cell.method in STAGEWISE_METHODS:  # rme and boosting share the cap and the earlier-component rule
+        if cell.method in RECURSIVE_METHODS:  # rme and boosting share the cap and the earlier-component rule
             kwargs.update(
                 max_log_ratio=resolve_max_log_ratio(config.rme_max_log_ratio),
                 train_previous=config.rme_train_previous,
@@ -277,7 +276,7 @@ def build_model(config: BenchmarkConfig, cell: Cell) -> keras.Model:
 def adds_components(cell: Cell) -> bool:
     """Whether the cell's components join one at a time, on the `epochs_per_component` schedule (the harness's
     `RunConfig.adds_components`)."""
-    return cell.method in STAGEWISE_METHODS and cell.schedule == "stagewise" and cell.num_components > 1
+    return cell.method in RECURSIVE_METHODS and cell.schedule == "stagewise" and cell.num_components > 1
 
 
 def epochs_per_component(config: BenchmarkConfig, cell: Cell) -> int:
@@ -449,7 +448,7 @@ def _fingerprint(config: BenchmarkConfig, cell: Cell) -> dict:
         values["savae_steps"] = cell.refine_steps
     else:
         values = {k: v for k, v in values.items() if not k.startswith("savae")}
-    if cell.method not in STAGEWISE_METHODS:
+    if cell.method not in RECURSIVE_METHODS:
         values = {k: v for k, v in values.items() if not k.startswith("rme_")}
     return _read_by_cell(json.loads(json.dumps(values)), cell)
 
