@@ -37,6 +37,7 @@ import tf_rmvae
 from tf_rmvae import data as rm_data
 from tf_rmvae import evaluation, model_factory
 from tf_rmvae.choices import RECURSIVE_METHODS, resolve_max_log_ratio
+from tf_rmvae.choices import adds_components as components_join_one_at_a_time
 from tf_rmvae.semi_amortized import SemiAmortizedVAE
 
 ALL_METHODS = ("vae", "mixture", "boosting", "rme", "savae", "vae_equal_params", "iwae")
@@ -276,7 +277,7 @@ def build_model(config: BenchmarkConfig, cell: Cell) -> keras.Model:
 def adds_components(cell: Cell) -> bool:
     """Whether the cell's components join one at a time, on the `epochs_per_component` schedule (the harness's
     `RunConfig.adds_components`)."""
-    return cell.method in RECURSIVE_METHODS and cell.schedule == "stagewise" and cell.num_components > 1
+    return components_join_one_at_a_time(cell.method, cell.schedule, cell.num_components)
 
 
 def epochs_per_component(config: BenchmarkConfig, cell: Cell) -> int:

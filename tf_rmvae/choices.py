@@ -49,3 +49,9 @@ def uses_shared_trunk(shared_trunk: bool, num_components: int) -> bool:
     """Whether the components are heads on one trunk: only with several, since one component is one network either
     way (so a VAE's weights do not depend on the setting)."""
     return bool(shared_trunk) and num_components > 1
+
+
+def adds_components(method: str, schedule: str | None, num_components: int) -> bool:
+    """Whether components join one at a time during training, on the `epochs_per_component` schedule: the
+    recursive methods, stage-wise, with several components."""
+    return method in RECURSIVE_METHODS and schedule == "stagewise" and num_components > 1

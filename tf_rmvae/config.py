@@ -25,6 +25,7 @@ from tf_rmvae.choices import (
     RECURSIVE_METHODS,
     SCHEDULES,
     STRATEGIES,
+    adds_components,
     resolve_bound,
     resolve_max_log_ratio,
     uses_shared_trunk,
@@ -252,7 +253,7 @@ class RunConfig:
     @property
     def adds_components(self) -> bool:
         """Whether components join one at a time during training (stage-wise recursive methods)."""
-        return self.method in RECURSIVE_METHODS and self.schedule == "stagewise" and self.num_components > 1
+        return adds_components(self.method, self.schedule, self.num_components)
 
     def active_components_at(self, epoch: int) -> int:
         """Active components during 0-based `epoch` (the `ComponentSchedule` rule for stage-wise methods)."""
