@@ -36,6 +36,7 @@ import numpy as np
 
 import tf_rmvae
 from benchmarks import harness
+from benchmarks.cells import BenchmarkConfig, Cell, adds_components, epochs_per_component
 from tf_rmvae import data as rm_data
 from tf_rmvae import evaluation
 from tf_rmvae.encoders import GaussianEncoder
@@ -69,9 +70,9 @@ class AmortizationConfig:
     run_name: str = "amortization"
     verbose: int = 2
 
-    def benchmark_config(self, epochs: int) -> harness.BenchmarkConfig:
+    def benchmark_config(self, epochs: int) -> BenchmarkConfig:
         methods = tuple(dict.fromkeys(_cell(self, m).method for m in self.methods))  # rme_shared is an rme cell
-        return harness.BenchmarkConfig(
+        return BenchmarkConfig(
             methods=methods, lambdas=(self.lambda_kl,), num_components=(self.num_components,),
             epochs=epochs, epochs_per_component=self.epochs_per_component, seeds=(self.seed,),
             hidden_units=tuple(self.hidden_units), latent_dim=self.latent_dim, train_examples=self.train_examples,
@@ -79,23 +80,23 @@ class AmortizationConfig:
         )
 
 
-def _cell(config: AmortizationConfig, method: str) -> harness.Cell:
+def _cell(config: AmortizationConfig, method: str) -> Cell:
     if method not in METHODS + OPTIONAL_METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS + OPTIONAL_METHODS}.")
     shared = method == "rme_shared"
     method = "rme" if shared else method
     lam = config.lambda_kl if method == "rme" else None
     m = 1 if method in ("vae", "savae") else config.num_components
-    return harness.Cell(method, m, lam, config.seed, "stagewise" if method == "rme" else None,
+    return Cell(method, m, lam, config.seed, "stagewise" if method == "rme" else None,
                         refine_steps=config.savae_steps if method == "savae" else None, shared_trunk=shared)
 
 
-def _fit(model, config: AmortizationConfig, bench: harness.BenchmarkConfig, cell: harness.Cell, epochs: int):
+def _fit(model, config: AmortizationConfig, bench: BenchmarkConfig, cell: Cell, epochs: int):
     train = rm_data.load_dataset(bench.dataset, "train", bench.batch_size, seed=config.seed,
                                  take=config.train_examples or None, drop_remainder=True)
     callbacks = []
-    if harness.adds_components(cell):
-        callbacks.append(tf_rmvae.ComponentSchedule(epochs_per_component=harness.epochs_per_component(bench, cell)))
+    if adds_components(cell):
+        callbacks.append(tf_rmvae.ComponentSchedule(epochs_per_component=epochs_per_component(bench, cell)))
     start = time.perf_counter()
     model.fit(train, epochs=epochs, callbacks=callbacks, verbose=config.verbose)
     return time.perf_counter() - start

@@ -1,14 +1,9 @@
 """Side-by-side benchmark of RME against the inference methods a user would pick instead (issues 8 and 11).
 
-Every method gets the same data, encoder/decoder architecture, latent size, optimizer, epochs and seeds. One
-*cell* is one (method, schedule, lambda, number of components, bound, SA-VAE steps, seed); each cell trains, is
-evaluated on the same test digits (fixed binarization, so per-example differences pair), and is stored in its
-own directory:
-
-    <output_dir>/<run_name>_cells/<cell key>/backup/           keras BackupAndRestore (per epoch) while training
-    <output_dir>/<run_name>_cells/<cell key>/result.json       the finished row
-    <output_dir>/<run_name>_cells/<cell key>/per_example.npz   per-example test ELBO and log-likelihood
-    <output_dir>/<run_name>_cells/<cell key>/curve/epoch_NNN.*  the same at the `eval_epochs` along training
+Every method gets the same data, encoder/decoder architecture, latent size, optimizer, epochs and seeds. Each cell
+of the run (`benchmarks.cells`) trains, is evaluated on the same test digits (fixed binarization, so per-example
+differences pair), and is stored in its own directory `<output_dir>/<run_name>_cells/<cell key>/`
+(`benchmarks.cell_store`), with keras BackupAndRestore under `backup/` while it trains.
 
 A rerun with `resume=True` skips finished cells and continues unfinished ones from their last epoch. When every
 cell is done the run's rows, with paired statistics between all cells of the same seed, go to
@@ -20,203 +15,33 @@ cell is done the run's rows, with paired statistics between all cells of the sam
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import os
 import platform
 import shutil
 import time
-from typing import Callable, Sequence
+from typing import Callable
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 import tf_rmvae
+from benchmarks import cell_store
+from benchmarks.cells import (
+    BOUND_METHODS,
+    SINGLE_COMPONENT_METHODS,
+    BenchmarkConfig,
+    Cell,
+    adds_components,
+    cells,
+    epochs_per_component,
+)
 from tf_rmvae import data as rm_data
 from tf_rmvae import evaluation, model_factory
 from tf_rmvae.choices import RECURSIVE_METHODS, resolve_max_log_ratio
-from tf_rmvae.choices import adds_components as components_join_one_at_a_time
 from tf_rmvae.semi_amortized import SemiAmortizedVAE
-
-ALL_METHODS = ("vae", "mixture", "boosting", "rme", "savae", "vae_equal_params", "iwae")
-# Methods with one Gaussian encoder: vae_equal_params is a VAE whose encoder has as many parameters as M encoders;
-# iwae is a VAE trained on the IWAE bound with k = M samples (as many decoder passes per step as RME's M slots).
-SINGLE_COMPONENT_METHODS = ("vae", "savae", "vae_equal_params", "iwae")
-BOUND_METHODS = ("rme", "mixture")  # methods whose decoder/mixture bound is swept over `bounds`
-LEGACY_SAVAE_STEPS = 10  # the SA-VAE cell labelled plain "savae" (earlier runs had one SA-VAE cell)
-
-
-@dataclasses.dataclass
-class BenchmarkConfig:
-    """Everything a benchmark run depends on (saved beside its results).
-
-    `epochs_per_component = 0` spreads the components over the run: `max(1, epochs // M)` epochs per stage.
-    `savae_steps` gives one SA-VAE cell per number of refinement steps; `bounds` ("elbo", "iw") apply to "rme"
-    and "mixture" (the decoder and proportions trained on the stratified ELBO or the stratified importance-weighted
-    bound); `eval_epochs` are the epochs (besides the last) at which each cell is also evaluated on the test digits.
-    `shared_trunk` gives the mixture methods (rme, mixture, boosting) one trunk with M heads (many components at
-    little cost) instead of M separate networks; `per_example_proportions` gives them per-example mixing
-    proportions eps_m(x) (`RecursiveMixtureEncoder(per_example_proportions=True)`, label suffix `_epsx`);
-    `component_bounds` ("elbo", "iw") apply to "rme": the bound in each component's criterion
-    (`RecursiveMixtureVAE(component_bound="iw")`, label suffix `_ciw`).
-    `eval_examples = 0` / `train_examples = 0` use the full split. `rme_max_log_ratio < 0` runs RME (and boosting)
-    with the uncapped criterion; `rme_train_previous = False` freezes earlier components (ablations of issue 8).
-    `lambdas` apply to "rme" only (boosting and the other baselines have no lambda; their rows hold
-    `lambda_kl = None`); `schedules` apply to "rme" and "boosting".
-    """
-
-    dataset: str = "rmvae_mnist"
-    methods: Sequence[str] = ALL_METHODS
-    lambdas: Sequence[float] = (0.1, 0.3, 0.5, 1.0)
-    num_components: Sequence[int] = (4,)
-    schedules: Sequence[str] = ("stagewise",)
-    epochs: int = 20
-    epochs_per_component: int = 0
-    seeds: Sequence[int] = (0,)
-    iwae_samples: int = 5000
-    iwae_chunk: int = 100
-    eval_examples: int = 0
-    eval_batch_size: int = 100
-    train_examples: int = 0
-    architecture: str = "dense"
-    hidden_units: Sequence[int] = (500, 500)
-    latent_dim: int = 32
-    batch_size: int = 100
-    learning_rate: float = 1e-3
-    eps_search_every: int = 50
-    rme_max_log_ratio: float = 5.0
-    rme_train_previous: bool = True
-    savae_steps: Sequence[int] = (LEGACY_SAVAE_STEPS,)
-    savae_lr: float = 0.05
-    savae_momentum: float = 0.5
-    savae_encoder_objective: str = "unrolled"
-    jit_compile: str | bool = "auto"
-    output_dir: str = "benchmarks/results"
-    run_name: str = "benchmark"
-    # The results JSON `<table_name>[.partial].json` ("": run_name). Commands over other cells of one run (another
-    # M, a shared trunk) write their own tables instead of overwriting each other's.
-    table_name: str = ""
-    resume: bool = True
-    data_dir: str | None = None
-    verbose: int = 0
-    bounds: Sequence[str] = ("elbo",)
-    eval_epochs: Sequence[int] = ()
-    shared_trunk: bool = False
-    per_example_proportions: bool = False
-    component_bounds: Sequence[str] = ("elbo",)
-
-    def __post_init__(self):
-        self.methods = tuple(self.methods)
-        unknown = set(self.methods) - set(ALL_METHODS)
-        if unknown or not self.methods:
-            raise ValueError(f"methods must be a non-empty subset of {ALL_METHODS}; got {self.methods}.")
-        self.lambdas = tuple(float(v) for v in self.lambdas)
-        self.num_components = tuple(int(m) for m in self.num_components)
-        self.schedules = tuple(self.schedules)
-        self.seeds = tuple(int(s) for s in self.seeds)
-        self.hidden_units = tuple(int(u) for u in self.hidden_units)
-        steps = (self.savae_steps,) if isinstance(self.savae_steps, int) else self.savae_steps
-        self.savae_steps = tuple(int(n) for n in steps)
-        self.bounds = tuple(self.bounds)
-        self.eval_epochs = tuple(sorted({int(e) for e in self.eval_epochs if 0 < int(e) < self.epochs}))
-        if set(self.bounds) - {"elbo", "iw"} or not self.bounds:
-            raise ValueError(f"bounds must be a non-empty subset of ('elbo', 'iw'); got {self.bounds}.")
-        self.component_bounds = tuple(self.component_bounds)
-        if set(self.component_bounds) - {"elbo", "iw"} or not self.component_bounds:
-            raise ValueError(f"component_bounds must be a non-empty subset of ('elbo', 'iw'); got "
-                             f"{self.component_bounds}.")
-        if min(self.savae_steps, default=0) < 1:
-            raise ValueError(f"savae_steps must be >= 1; got {self.savae_steps}.")
-        if min(self.num_components, default=0) < 1 or not self.seeds or not self.lambdas:
-            raise ValueError("Need num_components >= 1 and at least one seed and one lambda.")
-        if self.epochs < 1 or self.iwae_samples < 1:
-            raise ValueError("epochs and iwae_samples must be >= 1.")
-
-    def to_json(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
-
-
-def quick_config(**overrides) -> BenchmarkConfig:
-    """Tiny everything: a few hundred digits, tiny networks, 2 epochs, K = 20 (smoke test of the whole pipeline)."""
-    values = dict(
-        lambdas=(0.3, 1.0), num_components=(2,), epochs=2, epochs_per_component=1, iwae_samples=20, iwae_chunk=10,
-        eval_examples=64, eval_batch_size=32, train_examples=256, hidden_units=(32,), latent_dim=4, batch_size=64,
-        eps_search_every=2, savae_steps=(2,), run_name="quick",
-    )
-    values.update(overrides)
-    return BenchmarkConfig(**values)
-
-
-@dataclasses.dataclass(frozen=True)
-class Cell:
-    """One trained model of the benchmark."""
-
-    method: str
-    num_components: int
-    lambda_kl: float | None
-    seed: int
-    schedule: str | None
-    bound: str = "elbo"
-    refine_steps: int | None = None  # SA-VAE only
-    shared_trunk: bool = False  # mixture methods only
-    per_example_proportions: bool = False  # mixture methods only
-    component_bound: str = "elbo"  # rme only
-
-    @property
-    def label(self) -> str:
-        """Names the model within one seed (the keys of `paired_se_vs`)."""
-        if self.method == "savae":
-            return "savae" if self.refine_steps == LEGACY_SAVAE_STEPS else f"savae{self.refine_steps}"
-        if self.method == "iwae":
-            return f"iwae_k{self.num_components}"
-        parts = [self.method]
-        if self.method not in SINGLE_COMPONENT_METHODS or self.method == "vae_equal_params":
-            parts.append(f"M{self.num_components}")
-        if self.schedule not in (None, "stagewise"):
-            parts.append(self.schedule)
-        if self.lambda_kl is not None:
-            parts.append(f"lambda{self.lambda_kl:g}")
-        if self.bound != "elbo":
-            parts.append(self.bound)
-        if self.shared_trunk:
-            parts.append("shared")
-        if self.per_example_proportions:
-            parts.append("epsx")
-        if self.component_bound != "elbo":
-            parts.append(f"c{self.component_bound}")
-        return "_".join(parts)
-
-    @property
-    def key(self) -> str:
-        return f"{self.label}_seed{self.seed}"
-
-
-def cells(config: BenchmarkConfig) -> list[Cell]:
-    """All cells of a run, seed-major, in a fixed order."""
-    result = []
-    for seed in config.seeds:
-        for method in config.methods:
-            if method in ("vae", "savae"):
-                steps = config.savae_steps if method == "savae" else (None,)
-                result.extend(Cell(method, 1, None, seed, None, refine_steps=n) for n in steps)
-                continue
-            for m in config.num_components:
-                bounds = config.bounds if method in BOUND_METHODS else ("elbo",)
-                mixture = method not in SINGLE_COMPONENT_METHODS
-                options = dict(shared_trunk=config.shared_trunk and mixture,
-                               per_example_proportions=config.per_example_proportions and mixture)
-                if method in ("mixture", "vae_equal_params", "iwae"):
-                    result.extend(Cell(method, m, None, seed, None, bound=b, **options) for b in bounds)
-                    continue
-                for schedule in config.schedules:
-                    lambdas = config.lambdas if method == "rme" else (None,)
-                    component_bounds = config.component_bounds if method == "rme" else ("elbo",)
-                    result.extend(
-                        Cell(method, m, lam, seed, schedule, bound=b, component_bound=c, **options)
-                        for lam in lambdas for b in bounds for c in component_bounds)
-    return result
 
 
 def device_description() -> str:
@@ -274,18 +99,6 @@ def build_model(config: BenchmarkConfig, cell: Cell) -> keras.Model:
     return model
 
 
-def adds_components(cell: Cell) -> bool:
-    """Whether the cell's components join one at a time, on the `epochs_per_component` schedule (the harness's
-    `RunConfig.adds_components`)."""
-    return components_join_one_at_a_time(cell.method, cell.schedule, cell.num_components)
-
-
-def epochs_per_component(config: BenchmarkConfig, cell: Cell) -> int:
-    if config.epochs_per_component > 0:
-        return config.epochs_per_component
-    return max(1, config.epochs // cell.num_components)
-
-
 def _mixture_summary(model, x: np.ndarray) -> tuple[list[float], list[float]]:
     """Final mixture weights (per-example proportions: their mean) and each component's mean entropy (nats) on
     the first 500 examples of `x`."""
@@ -304,46 +117,6 @@ def _finite(value):
 
 
 # ---------------------------------------------------------------------- one cell
-def _summarize(epoch: int, test: dict) -> dict:
-    return dict(
-        epoch=epoch, test_elbo=test["elbo_mean"], test_elbo_se=test["elbo_se"],
-        test_log_likelihood=test["log_likelihood_mean"], test_log_likelihood_se=test["log_likelihood_se"],
-        test_inference_gap=test["log_likelihood_mean"] - test["elbo_mean"],
-    )
-
-
-class CurveEvaluation(keras.callbacks.Callback):
-    """Evaluates the model on the test digits after each epoch in `epochs` (1-based) and stores the per-example
-    arrays and a summary in `curve_dir/epoch_NNN.{npz,json}`; epochs stored by an interrupted run are not redone."""
-
-    def __init__(self, epochs: Sequence[int], evaluate: Callable[[keras.Model], dict], curve_dir: str):
-        super().__init__()
-        self.epochs, self.evaluate, self.curve_dir = set(epochs), evaluate, curve_dir
-
-    def on_epoch_end(self, epoch, logs=None):
-        done = epoch + 1
-        path = os.path.join(self.curve_dir, f"epoch_{done:03d}")
-        if done not in self.epochs or os.path.exists(path + ".json"):
-            return
-        test = self.evaluate(self.model)
-        os.makedirs(self.curve_dir, exist_ok=True)
-        np.savez(path + ".npz", elbo=test["elbo"], log_likelihood=test["log_likelihood"])
-        with open(path + ".json.tmp", "w") as f:  # renamed into place: a kill never leaves half a point
-            json.dump(_summarize(done, test), f, indent=1)
-        os.replace(path + ".json.tmp", path + ".json")
-
-
-def load_curve(cell_dir: str) -> list[dict]:
-    """The stored `CurveEvaluation` summaries of a cell, by epoch."""
-    curve_dir = os.path.join(cell_dir, "curve")
-    names = sorted(n for n in os.listdir(curve_dir) if n.endswith(".json")) if os.path.isdir(curve_dir) else []
-    points = []
-    for name in names:
-        with open(os.path.join(curve_dir, name)) as f:
-            points.append(json.load(f))
-    return points
-
-
 def run_cell(
     config: BenchmarkConfig, cell: Cell, x_test: np.ndarray, x_train_eval: np.ndarray, cell_dir: str
 ) -> tuple[dict, dict]:
@@ -364,7 +137,7 @@ def run_cell(
         )
 
     # The curve is stored before the backup of the same epoch, so a resumed run never lacks a point it passed.
-    callbacks = [CurveEvaluation(config.eval_epochs, evaluate_test, os.path.join(cell_dir, "curve"))]
+    callbacks = [cell_store.CurveEvaluation(config.eval_epochs, evaluate_test, os.path.join(cell_dir, "curve"))]
     if config.resume:
         callbacks.append(keras.callbacks.BackupAndRestore(backup_dir, save_freq="epoch", delete_checkpoint=True))
     else:
@@ -399,7 +172,7 @@ def run_cell(
         test_log_likelihood=test["log_likelihood_mean"],
         test_log_likelihood_se=test["log_likelihood_se"],
         test_inference_gap=test["log_likelihood_mean"] - test["elbo_mean"],
-        curve=load_curve(cell_dir) + [_summarize(config.epochs, test)],
+        curve=cell_store.load_curve(cell_dir) + [cell_store.curve_point(config.epochs, test)],
         train_elbo=float(np.mean(train_elbo)),
         train_test_elbo_gap=float(np.mean(train_elbo) - test["elbo_mean"]),
         mixture_weights=weights,
@@ -417,66 +190,8 @@ def run_cell(
         encoder_parameters=sum(int(np.prod(v.shape)) for v in model.encoder.trainable_weights),
     )
     arrays = dict(elbo=test["elbo"], log_likelihood=test["log_likelihood"])
-    np.savez(os.path.join(cell_dir, "per_example.npz"), **arrays)
-    with open(os.path.join(cell_dir, "result.json"), "w") as f:
-        json.dump(dict(fingerprint=_fingerprint(config, cell), row=row), f, indent=1)
+    cell_store.save_finished(config, cell, cell_dir, row, arrays)
     return row, arrays
-
-
-def _fingerprint(config: BenchmarkConfig, cell: Cell) -> dict:
-    """What a finished cell's result depends on (a changed config retrains the cell on resume).
-
-    Settings added after results were committed enter only when they differ from the old behaviour, so the
-    committed cells still match: `eval_epochs` when non-empty, the cell's bound when not "elbo"; SA-VAE's steps
-    as the old scalar `savae_steps`.
-    """
-    skip = {"methods", "lambdas", "num_components", "schedules", "seeds", "output_dir", "run_name", "table_name",
-            "resume", "verbose", "eval_batch_size", "jit_compile", "bounds", "savae_steps"}
-    values = {k: v for k, v in config.to_json().items() if k not in skip}
-    if not config.eval_epochs:
-        del values["eval_epochs"]
-    for option in ("shared_trunk", "per_example_proportions"):
-        if not values[option]:
-            del values[option]
-    del values["component_bounds"]  # an rme cell's own field records its own; the other methods do not depend on it
-    # Added after results were committed, and their old behaviour:
-    new_fields = {"bound": "elbo", "refine_steps": None, "shared_trunk": False, "per_example_proportions": False,
-                  "component_bound": "elbo"}
-    values["cell"] = {k: v for k, v in dataclasses.asdict(cell).items() if k not in new_fields}
-    values["cell"].update({k: getattr(cell, k) for k, old in new_fields.items()
-                           if k != "refine_steps" and getattr(cell, k) != old})
-    if cell.method == "savae":
-        values["savae_steps"] = cell.refine_steps
-    else:
-        values = {k: v for k, v in values.items() if not k.startswith("savae")}
-    if cell.method not in RECURSIVE_METHODS:
-        values = {k: v for k, v in values.items() if not k.startswith("rme_")}
-    return _read_by_cell(json.loads(json.dumps(values)), cell)
-
-
-def _read_by_cell(fingerprint: dict, cell: Cell) -> dict:
-    """`fingerprint` without the run settings that `cell` does not read: the component schedule where no component
-    joins later, the run's `shared_trunk` and `per_example_proportions` where the cell has neither (the cell's own
-    fields record them). Applied to stored fingerprints too, so a finished cell (e.g. IWAE) counts as finished in
-    any run that differs only there, including cells stored before this rule."""
-    unread = {"shared_trunk", "per_example_proportions"}
-    if not adds_components(cell):
-        unread.add("epochs_per_component")
-    unread = {k for k in unread if not getattr(cell, k, False)}  # the cell's own option stays where it is on
-    return {k: v for k, v in fingerprint.items() if k not in unread}
-
-
-def _load_finished(config: BenchmarkConfig, cell: Cell, cell_dir: str):
-    path = os.path.join(cell_dir, "result.json")
-    arrays_path = os.path.join(cell_dir, "per_example.npz")
-    if not (os.path.exists(path) and os.path.exists(arrays_path)):
-        return None
-    with open(path) as f:
-        stored = json.load(f)
-    if _read_by_cell(stored.get("fingerprint") or {}, cell) != _fingerprint(config, cell):
-        return None
-    with np.load(arrays_path) as arrays:
-        return stored["row"], {k: arrays[k] for k in arrays.files}
 
 
 # ---------------------------------------------------------------------- the run
@@ -518,7 +233,7 @@ def run_benchmark(
     rows, per_example, missing = [], [], []
     for cell in cells(config):
         cell_dir = os.path.join(cells_dir, cell.key)
-        finished = _load_finished(config, cell, cell_dir) if config.resume else None
+        finished = cell_store.load_finished(config, cell, cell_dir) if config.resume else None
         if finished is None and finished_only:
             missing.append(cell.key)
             continue

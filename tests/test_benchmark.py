@@ -16,7 +16,8 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_rmvae  # noqa: E402
-from benchmarks import amortization, frontier, harness, plots, speed  # noqa: E402
+from benchmarks import amortization, cell_store, frontier, harness, plots, speed  # noqa: E402
+from benchmarks import cells as run_cells  # noqa: E402
 from tf_rmvae import evaluation  # noqa: E402
 from tf_rmvae.semi_amortized import SemiAmortizedVAE  # noqa: E402
 
@@ -45,11 +46,11 @@ def test_paired_statistics_match_numpy():
 
 
 def test_quick_harness_runs_every_method_end_to_end(tmp_path, capsys):
-    config = harness.quick_config(
+    config = run_cells.quick_config(
         output_dir=str(tmp_path), lambdas=(0.3,), bounds=("elbo", "iw"), savae_steps=(1, 2), eval_epochs=(1,))
     rows = harness.run_benchmark(config)
     labels = [r["label"] for r in rows]
-    assert {r["method"] for r in rows} == set(harness.ALL_METHODS)
+    assert {r["method"] for r in rows} == set(run_cells.ALL_METHODS)
     assert {"rme_M2_lambda0.3", "rme_M2_lambda0.3_iw", "mixture_M2_iw", "savae1", "savae2", "iwae_k2",
             "vae_equal_params_M2"} <= set(labels)
     by_label = {r["label"]: r for r in rows}
@@ -92,7 +93,7 @@ def test_quick_harness_runs_every_method_end_to_end(tmp_path, capsys):
     with open(tmp_path / "quick.partial.json") as f:
         stored_partial = json.load(f)
     assert stored_partial["partial"] and len(partial) == len(rows)
-    assert stored_partial["missing"] == [c.key for c in harness.cells(bigger) if c.seed == 1]
+    assert stored_partial["missing"] == [c.key for c in run_cells.cells(bigger) if c.seed == 1]
     # Another table over the same cells: its own file, and the cells still count as finished.
     harness.run_benchmark(dataclasses.replace(config, methods=("vae",), table_name="vae_only"), finished_only=True)
     with open(tmp_path / "vae_only.partial.json") as f:
@@ -235,8 +236,8 @@ def test_fixed_decoder_study_trains_encoders_only_and_reports_gaps(tmp_path):
 
 
 def test_shared_trunk_cells_have_many_heads_for_few_parameters():
-    config = harness.quick_config(methods=("rme", "mixture", "vae"), num_components=(8,), shared_trunk=True)
-    cells = {c.label: c for c in harness.cells(config)}
+    config = run_cells.quick_config(methods=("rme", "mixture", "vae"), num_components=(8,), shared_trunk=True)
+    cells = {c.label: c for c in run_cells.cells(config)}
     assert set(cells) == {"rme_M8_lambda0.3_shared", "rme_M8_lambda1_shared", "mixture_M8_shared", "vae"}
 
     def encoder_parameters(cell):
@@ -244,38 +245,38 @@ def test_shared_trunk_cells_have_many_heads_for_few_parameters():
         return sum(int(np.prod(v.shape)) for v in model.encoder.trainable_weights)
 
     shared = encoder_parameters(cells["rme_M8_lambda0.3_shared"])
-    separate = encoder_parameters(harness.Cell("rme", 8, 0.3, 0, "stagewise"))
+    separate = encoder_parameters(run_cells.Cell("rme", 8, 0.3, 0, "stagewise"))
     assert encoder_parameters(cells["vae"]) < shared < separate / 3
 
 
 def test_per_example_proportion_cells_are_labelled_and_build_the_head():
-    config = harness.quick_config(methods=("rme", "iwae"), num_components=(2,), per_example_proportions=True)
-    cells = {c.label: c for c in harness.cells(config)}
+    config = run_cells.quick_config(methods=("rme", "iwae"), num_components=(2,), per_example_proportions=True)
+    cells = {c.label: c for c in run_cells.cells(config)}
     assert set(cells) == {"rme_M2_lambda0.3_epsx", "rme_M2_lambda1_epsx", "iwae_k2"}
     model = harness.build_model(config, cells["rme_M2_lambda0.3_epsx"])
     assert model.encoder.per_example_proportions and model.encoder.mixing.offset_head is not None
     assert not harness.build_model(config, cells["iwae_k2"]).encoder.per_example_proportions
     # The option enters a cell's fingerprint only when on: cells run before it existed still match.
-    plain = harness.quick_config(methods=("rme",), num_components=(2,))
-    assert "per_example_proportions" not in json.dumps(harness._fingerprint(plain, harness.cells(plain)[0]))
+    plain = run_cells.quick_config(methods=("rme",), num_components=(2,))
+    assert "per_example_proportions" not in json.dumps(cell_store.fingerprint(plain, run_cells.cells(plain)[0]))
 
 
 def test_importance_weighted_component_cells_are_rme_only_and_labelled():
-    config = harness.quick_config(methods=("rme", "iwae"), num_components=(2,), lambdas=(0.3,), bounds=("iw",),
+    config = run_cells.quick_config(methods=("rme", "iwae"), num_components=(2,), lambdas=(0.3,), bounds=("iw",),
                                   component_bounds=("elbo", "iw"))
-    cells = {c.label: c for c in harness.cells(config)}
+    cells = {c.label: c for c in run_cells.cells(config)}
     assert set(cells) == {"rme_M2_lambda0.3_iw", "rme_M2_lambda0.3_iw_ciw", "iwae_k2"}
     assert harness.build_model(config, cells["rme_M2_lambda0.3_iw"]).rme.component_bound == "elbo"
     assert harness.build_model(config, cells["rme_M2_lambda0.3_iw_ciw"]).rme.component_bound == "iw"
     assert harness.build_model(config, cells["iwae_k2"]).rme.component_bound == "elbo"
     # Like every later option, it enters a cell's fingerprint only when on.
-    plain = harness.quick_config(methods=("rme",), num_components=(2,))
-    assert "component_bound" not in json.dumps(harness._fingerprint(plain, harness.cells(plain)[0]))
-    assert "component_bound" in json.dumps(harness._fingerprint(config, cells["rme_M2_lambda0.3_iw_ciw"]))
+    plain = run_cells.quick_config(methods=("rme",), num_components=(2,))
+    assert "component_bound" not in json.dumps(cell_store.fingerprint(plain, run_cells.cells(plain)[0]))
+    assert "component_bound" in json.dumps(cell_store.fingerprint(config, cells["rme_M2_lambda0.3_iw_ciw"]))
     # The baselines of the same run keep their fingerprints: their finished cells are reused, not retrained.
-    without = harness.quick_config(methods=("rme", "iwae"), num_components=(2,), lambdas=(0.3,), bounds=("iw",))
-    iwae = [c for c in harness.cells(without) if c.method == "iwae"][0]
-    assert harness._fingerprint(config, cells["iwae_k2"]) == harness._fingerprint(without, iwae)
+    without = run_cells.quick_config(methods=("rme", "iwae"), num_components=(2,), lambdas=(0.3,), bounds=("iw",))
+    iwae = [c for c in run_cells.cells(without) if c.method == "iwae"][0]
+    assert cell_store.fingerprint(config, cells["iwae_k2"]) == cell_store.fingerprint(without, iwae)
 
 
 def test_time_functions_calls_the_models_in_turn_in_every_round():
@@ -289,38 +290,38 @@ def test_time_functions_calls_the_models_in_turn_in_every_round():
 
 
 def test_a_negative_harness_cap_builds_an_uncapped_criterion():
-    cell = harness.Cell("rme", 2, 1.0, 0, "stagewise")
-    capped = harness.build_model(harness.quick_config(methods=("rme",), num_components=(2,)), cell)
+    cell = run_cells.Cell("rme", 2, 1.0, 0, "stagewise")
+    capped = harness.build_model(run_cells.quick_config(methods=("rme",), num_components=(2,)), cell)
     uncapped = harness.build_model(
-        harness.quick_config(methods=("rme",), num_components=(2,), rme_max_log_ratio=-1.0), cell)
+        run_cells.quick_config(methods=("rme",), num_components=(2,), rme_max_log_ratio=-1.0), cell)
     assert capped.max_log_ratio == 5.0 and uncapped.max_log_ratio is None
 
 
 def test_a_finished_cell_matches_runs_that_differ_only_in_settings_it_does_not_read(tmp_path):
-    run = harness.quick_config(methods=("rme", "iwae"), num_components=(2,), lambdas=(1.0,), epochs=4)
+    run = run_cells.quick_config(methods=("rme", "iwae"), num_components=(2,), lambdas=(1.0,), epochs=4)
     other = dataclasses.replace(run, epochs_per_component=3, shared_trunk=True)
-    cells = {c.label: c for c in harness.cells(run)}
-    other_cells = {c.label: c for c in harness.cells(other)}
+    cells = {c.label: c for c in run_cells.cells(run)}
+    other_cells = {c.label: c for c in run_cells.cells(other)}
     # IWAE reads neither the component schedule nor the trunk; RME reads both.
-    assert harness._fingerprint(run, cells["iwae_k2"]) == harness._fingerprint(other, other_cells["iwae_k2"])
+    assert cell_store.fingerprint(run, cells["iwae_k2"]) == cell_store.fingerprint(other, other_cells["iwae_k2"])
     rme = cells["rme_M2_lambda1"]
     # The schedule counts exactly where components join one at a time: stagewise RME and boosting with M > 1.
     reschedule = dataclasses.replace(run, epochs_per_component=3)
     for cell, reads_schedule in [
-        (rme, True), (harness.Cell("boosting", 2, None, 0, "stagewise"), True),
-        (harness.Cell("rme", 2, 1.0, 0, "sweep"), False), (harness.Cell("rme", 1, 1.0, 0, "stagewise"), False),
-        (harness.Cell("mixture", 2, None, 0, None), False),
+        (rme, True), (run_cells.Cell("boosting", 2, None, 0, "stagewise"), True),
+        (run_cells.Cell("rme", 2, 1.0, 0, "sweep"), False), (run_cells.Cell("rme", 1, 1.0, 0, "stagewise"), False),
+        (run_cells.Cell("mixture", 2, None, 0, None), False),
     ]:
-        assert harness.adds_components(cell) == reads_schedule
-        assert (harness._fingerprint(run, cell) != harness._fingerprint(reschedule, cell)) == reads_schedule, cell
+        assert run_cells.adds_components(cell) == reads_schedule
+        assert (cell_store.fingerprint(run, cell) != cell_store.fingerprint(reschedule, cell)) == reads_schedule, cell
     # A cell stored before the rule, with the unread settings in its fingerprint, still loads.
-    stored = dict(harness._fingerprint(run, cells["iwae_k2"]), epochs_per_component=7, shared_trunk=True)
+    stored = dict(cell_store.fingerprint(run, cells["iwae_k2"]), epochs_per_component=7, shared_trunk=True)
     cell_dir = tmp_path / "iwae_k2_seed0"
     cell_dir.mkdir()
     (cell_dir / "result.json").write_text(json.dumps(dict(fingerprint=stored, row={"label": "iwae_k2"})))
     np.savez(cell_dir / "per_example.npz", elbo=np.zeros(3), log_likelihood=np.ones(3))
-    row, arrays = harness._load_finished(other, other_cells["iwae_k2"], str(cell_dir))
+    row, arrays = cell_store.load_finished(other, other_cells["iwae_k2"], str(cell_dir))
     assert row == {"label": "iwae_k2"} and arrays["log_likelihood"].tolist() == [1.0, 1.0, 1.0]
-    stored_rme = dict(harness._fingerprint(run, rme), epochs_per_component=7)
+    stored_rme = dict(cell_store.fingerprint(run, rme), epochs_per_component=7)
     (cell_dir / "result.json").write_text(json.dumps(dict(fingerprint=stored_rme, row={})))
-    assert harness._load_finished(run, rme, str(cell_dir)) is None  # RME's schedule differs: retrained
+    assert cell_store.load_finished(run, rme, str(cell_dir)) is None  # RME's schedule differs: retrained

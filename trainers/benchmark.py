@@ -10,6 +10,7 @@ are off unless `--tf_log_level` asks for them (`trainers.quiet`).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 from trainers import quiet
@@ -17,13 +18,13 @@ from trainers import quiet
 with quiet.quiet_imports(sys.argv):  # first: TensorFlow reads its log level when it is imported
     from absl import app, flags
 
-    from benchmarks import harness
+    from benchmarks import cells, harness
 
-_DEFAULT = harness.BenchmarkConfig()
+_DEFAULT = cells.BenchmarkConfig()
 flags.adopt_module_key_flags(quiet)  # --tf_log_level in --help
 
 flags.DEFINE_string("dataset", _DEFAULT.dataset, "Dataset name (tf_rmvae.data).")
-flags.DEFINE_list("methods", list(_DEFAULT.methods), f"Methods among {harness.ALL_METHODS}.")
+flags.DEFINE_list("methods", list(_DEFAULT.methods), f"Methods among {cells.ALL_METHODS}.")
 flags.DEFINE_list("lambdas", [str(v) for v in _DEFAULT.lambdas], "RME lambda sweep.")
 flags.DEFINE_list("num_components", [str(m) for m in _DEFAULT.num_components], "M of the mixture methods.")
 flags.DEFINE_list("schedules", list(_DEFAULT.schedules), "stagewise and/or sweep (rme, boosting).")
@@ -86,13 +87,13 @@ _CONVERTERS = dict(
 )
 
 
-def config_from_flags() -> harness.BenchmarkConfig:
-    names = [f.name for f in harness.dataclasses.fields(harness.BenchmarkConfig)]
+def config_from_flags() -> cells.BenchmarkConfig:
+    names = [f.name for f in dataclasses.fields(cells.BenchmarkConfig)]
     values = {name: _CONVERTERS.get(name, lambda v: v)(FLAGS[name].value) for name in names}
     if FLAGS.quick:
         explicit = {name: value for name, value in values.items() if FLAGS[name].present}
-        return harness.quick_config(**explicit)
-    return harness.BenchmarkConfig(**values)
+        return cells.quick_config(**explicit)
+    return cells.BenchmarkConfig(**values)
 
 
 def main(argv):

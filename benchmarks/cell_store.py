@@ -1,0 +1,130 @@
+"""What a benchmark cell leaves on disk, and when a stored cell still counts as finished.
+
+    <cells_dir>/<cell key>/result.json        the finished row and the fingerprint of what it depends on
+    <cells_dir>/<cell key>/per_example.npz    per-example test ELBO and log-likelihood
+    <cells_dir>/<cell key>/curve/epoch_NNN.*  the same at the run's `eval_epochs` along training
+
+A stored cell is reused only while its fingerprint equals the one the current settings give (`load_finished`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Callable, Sequence
+
+import keras
+import numpy as np
+
+from benchmarks.cells import BenchmarkConfig, Cell, adds_components
+from tf_rmvae.choices import RECURSIVE_METHODS
+
+RESULT_FILE = "result.json"
+PER_EXAMPLE_FILE = "per_example.npz"
+
+
+def curve_point(epoch: int, test: dict) -> dict:
+    """The summary of one evaluation (`evaluation.evaluate`'s dict) stored as a point of a cell's curve."""
+    return dict(
+        epoch=epoch, test_elbo=test["elbo_mean"], test_elbo_se=test["elbo_se"],
+        test_log_likelihood=test["log_likelihood_mean"], test_log_likelihood_se=test["log_likelihood_se"],
+        test_inference_gap=test["log_likelihood_mean"] - test["elbo_mean"],
+    )
+
+
+class CurveEvaluation(keras.callbacks.Callback):
+    """Evaluates the model on the test digits after each epoch in `epochs` (1-based) and stores the per-example
+    arrays and a summary in `curve_dir/epoch_NNN.{npz,json}`; epochs stored by an interrupted run are not redone."""
+
+    def __init__(self, epochs: Sequence[int], evaluate: Callable[[keras.Model], dict], curve_dir: str):
+        super().__init__()
+        self.epochs, self.evaluate, self.curve_dir = set(epochs), evaluate, curve_dir
+
+    def on_epoch_end(self, epoch, logs=None):
+        done = epoch + 1
+        path = os.path.join(self.curve_dir, f"epoch_{done:03d}")
+        if done not in self.epochs or os.path.exists(path + ".json"):
+            return
+        test = self.evaluate(self.model)
+        os.makedirs(self.curve_dir, exist_ok=True)
+        np.savez(path + ".npz", elbo=test["elbo"], log_likelihood=test["log_likelihood"])
+        with open(path + ".json.tmp", "w") as f:  # renamed into place: a kill never leaves half a point
+            json.dump(curve_point(done, test), f, indent=1)
+        os.replace(path + ".json.tmp", path + ".json")
+
+
+def load_curve(cell_dir: str) -> list[dict]:
+    """The stored `CurveEvaluation` summaries of a cell, by epoch."""
+    curve_dir = os.path.join(cell_dir, "curve")
+    names = sorted(n for n in os.listdir(curve_dir) if n.endswith(".json")) if os.path.isdir(curve_dir) else []
+    points = []
+    for name in names:
+        with open(os.path.join(curve_dir, name)) as f:
+            points.append(json.load(f))
+    return points
+
+
+def fingerprint(config: BenchmarkConfig, cell: Cell) -> dict:
+    """What a finished cell's result depends on (a changed config retrains the cell on resume).
+
+    Settings added after results were committed enter only when they differ from the old behaviour, so the
+    committed cells still match: `eval_epochs` when non-empty, the cell's bound when not "elbo"; SA-VAE's steps
+    as the old scalar `savae_steps`.
+    """
+    skip = {"methods", "lambdas", "num_components", "schedules", "seeds", "output_dir", "run_name", "table_name",
+            "resume", "verbose", "eval_batch_size", "jit_compile", "bounds", "savae_steps"}
+    values = {k: v for k, v in config.to_json().items() if k not in skip}
+    if not config.eval_epochs:
+        del values["eval_epochs"]
+    for option in ("shared_trunk", "per_example_proportions"):
+        if not values[option]:
+            del values[option]
+    del values["component_bounds"]  # an rme cell's own field records its own; the other methods do not depend on it
+    # Added after results were committed, and their old behaviour:
+    new_fields = {"bound": "elbo", "refine_steps": None, "shared_trunk": False, "per_example_proportions": False,
+                  "component_bound": "elbo"}
+    values["cell"] = {k: v for k, v in dataclasses.asdict(cell).items() if k not in new_fields}
+    values["cell"].update({k: getattr(cell, k) for k, old in new_fields.items()
+                           if k != "refine_steps" and getattr(cell, k) != old})
+    if cell.method == "savae":
+        values["savae_steps"] = cell.refine_steps
+    else:
+        values = {k: v for k, v in values.items() if not k.startswith("savae")}
+    if cell.method not in RECURSIVE_METHODS:
+        values = {k: v for k, v in values.items() if not k.startswith("rme_")}
+    return read_by_cell(json.loads(json.dumps(values)), cell)
+
+
+def read_by_cell(fingerprint: dict, cell: Cell) -> dict:
+    """`fingerprint` without the run settings that `cell` does not read: the component schedule where no component
+    joins later, the run's `shared_trunk` and `per_example_proportions` where the cell has neither (the cell's own
+    fields record them). Applied to stored fingerprints too, so a finished cell (e.g. IWAE) counts as finished in
+    any run that differs only there, including cells stored before this rule."""
+    unread = {"shared_trunk", "per_example_proportions"}
+    if not adds_components(cell):
+        unread.add("epochs_per_component")
+    unread = {k for k in unread if not getattr(cell, k, False)}  # the cell's own option stays where it is on
+    return {k: v for k, v in fingerprint.items() if k not in unread}
+
+
+def load_finished(config: BenchmarkConfig, cell: Cell, cell_dir: str) -> tuple[dict, dict] | None:
+    """The stored row and per-example arrays of `cell`, or None when it is not finished under `config`'s settings."""
+    path = os.path.join(cell_dir, RESULT_FILE)
+    arrays_path = os.path.join(cell_dir, PER_EXAMPLE_FILE)
+    if not (os.path.exists(path) and os.path.exists(arrays_path)):
+        return None
+    with open(path) as f:
+        stored = json.load(f)
+    if read_by_cell(stored.get("fingerprint") or {}, cell) != fingerprint(config, cell):
+        return None
+    with np.load(arrays_path) as arrays:
+        return stored["row"], {k: arrays[k] for k in arrays.files}
+
+
+def save_finished(config: BenchmarkConfig, cell: Cell, cell_dir: str, row: dict, arrays: dict) -> None:
+    """Stores a finished cell: its per-example arrays, then its row with the fingerprint (the file that marks it
+    finished, written last)."""
+    np.savez(os.path.join(cell_dir, PER_EXAMPLE_FILE), **arrays)
+    with open(os.path.join(cell_dir, RESULT_FILE), "w") as f:
+        json.dump(dict(fingerprint=fingerprint(config, cell), row=row), f, indent=1)

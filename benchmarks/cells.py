@@ -1,0 +1,205 @@
+"""What a benchmark run trains: its settings (`BenchmarkConfig`) and the cells they expand to.
+
+One *cell* is one (method, schedule, lambda, number of components, bound, SA-VAE steps, seed): one trained model,
+named by `Cell.key` (its directory under `<run_name>_cells/`) and `Cell.label` (its name within one seed).
+
+    config = BenchmarkConfig(methods=("vae", "rme"), lambdas=(0.3,), seeds=(0, 1))
+    [c.key for c in cells(config)]  # ['vae_seed0', 'rme_M4_lambda0.3_seed0', 'vae_seed1', ...]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+from tf_rmvae.choices import adds_components as components_join_one_at_a_time
+
+ALL_METHODS = ("vae", "mixture", "boosting", "rme", "savae", "vae_equal_params", "iwae")
+# Methods with one Gaussian encoder: vae_equal_params is a VAE whose encoder has as many parameters as M encoders;
+# iwae is a VAE trained on the IWAE bound with k = M samples (as many decoder passes per step as RME's M slots).
+SINGLE_COMPONENT_METHODS = ("vae", "savae", "vae_equal_params", "iwae")
+BOUND_METHODS = ("rme", "mixture")  # methods whose decoder/mixture bound is swept over `bounds`
+LEGACY_SAVAE_STEPS = 10  # the SA-VAE cell labelled plain "savae" (earlier runs had one SA-VAE cell)
+
+
+@dataclasses.dataclass
+class BenchmarkConfig:
+    """Everything a benchmark run depends on (saved beside its results).
+
+    `epochs_per_component = 0` spreads the components over the run: `max(1, epochs // M)` epochs per stage.
+    `savae_steps` gives one SA-VAE cell per number of refinement steps; `bounds` ("elbo", "iw") apply to "rme"
+    and "mixture" (the decoder and proportions trained on the stratified ELBO or the stratified importance-weighted
+    bound); `eval_epochs` are the epochs (besides the last) at which each cell is also evaluated on the test digits.
+    `shared_trunk` gives the mixture methods (rme, mixture, boosting) one trunk with M heads (many components at
+    little cost) instead of M separate networks; `per_example_proportions` gives them per-example mixing
+    proportions eps_m(x) (`RecursiveMixtureEncoder(per_example_proportions=True)`, label suffix `_epsx`);
+    `component_bounds` ("elbo", "iw") apply to "rme": the bound in each component's criterion
+    (`RecursiveMixtureVAE(component_bound="iw")`, label suffix `_ciw`).
+    `eval_examples = 0` / `train_examples = 0` use the full split. `rme_max_log_ratio < 0` runs RME (and boosting)
+    with the uncapped criterion; `rme_train_previous = False` freezes earlier components (ablations of issue 8).
+    `lambdas` apply to "rme" only (boosting and the other baselines have no lambda; their rows hold
+    `lambda_kl = None`); `schedules` apply to "rme" and "boosting".
+    """
+
+    dataset: str = "rmvae_mnist"
+    methods: Sequence[str] = ALL_METHODS
+    lambdas: Sequence[float] = (0.1, 0.3, 0.5, 1.0)
+    num_components: Sequence[int] = (4,)
+    schedules: Sequence[str] = ("stagewise",)
+    epochs: int = 20
+    epochs_per_component: int = 0
+    seeds: Sequence[int] = (0,)
+    iwae_samples: int = 5000
+    iwae_chunk: int = 100
+    eval_examples: int = 0
+    eval_batch_size: int = 100
+    train_examples: int = 0
+    architecture: str = "dense"
+    hidden_units: Sequence[int] = (500, 500)
+    latent_dim: int = 32
+    batch_size: int = 100
+    learning_rate: float = 1e-3
+    eps_search_every: int = 50
+    rme_max_log_ratio: float = 5.0
+    rme_train_previous: bool = True
+    savae_steps: Sequence[int] = (LEGACY_SAVAE_STEPS,)
+    savae_lr: float = 0.05
+    savae_momentum: float = 0.5
+    savae_encoder_objective: str = "unrolled"
+    jit_compile: str | bool = "auto"
+    output_dir: str = "benchmarks/results"
+    run_name: str = "benchmark"
+    # The results JSON `<table_name>[.partial].json` ("": run_name). Commands over other cells of one run (another
+    # M, a shared trunk) write their own tables instead of overwriting each other's.
+    table_name: str = ""
+    resume: bool = True
+    data_dir: str | None = None
+    verbose: int = 0
+    bounds: Sequence[str] = ("elbo",)
+    eval_epochs: Sequence[int] = ()
+    shared_trunk: bool = False
+    per_example_proportions: bool = False
+    component_bounds: Sequence[str] = ("elbo",)
+
+    def __post_init__(self):
+        self.methods = tuple(self.methods)
+        unknown = set(self.methods) - set(ALL_METHODS)
+        if unknown or not self.methods:
+            raise ValueError(f"methods must be a non-empty subset of {ALL_METHODS}; got {self.methods}.")
+        self.lambdas = tuple(float(v) for v in self.lambdas)
+        self.num_components = tuple(int(m) for m in self.num_components)
+        self.schedules = tuple(self.schedules)
+        self.seeds = tuple(int(s) for s in self.seeds)
+        self.hidden_units = tuple(int(u) for u in self.hidden_units)
+        steps = (self.savae_steps,) if isinstance(self.savae_steps, int) else self.savae_steps
+        self.savae_steps = tuple(int(n) for n in steps)
+        self.bounds = tuple(self.bounds)
+        self.eval_epochs = tuple(sorted({int(e) for e in self.eval_epochs if 0 < int(e) < self.epochs}))
+        if set(self.bounds) - {"elbo", "iw"} or not self.bounds:
+            raise ValueError(f"bounds must be a non-empty subset of ('elbo', 'iw'); got {self.bounds}.")
+        self.component_bounds = tuple(self.component_bounds)
+        if set(self.component_bounds) - {"elbo", "iw"} or not self.component_bounds:
+            raise ValueError(f"component_bounds must be a non-empty subset of ('elbo', 'iw'); got "
+                             f"{self.component_bounds}.")
+        if min(self.savae_steps, default=0) < 1:
+            raise ValueError(f"savae_steps must be >= 1; got {self.savae_steps}.")
+        if min(self.num_components, default=0) < 1 or not self.seeds or not self.lambdas:
+            raise ValueError("Need num_components >= 1 and at least one seed and one lambda.")
+        if self.epochs < 1 or self.iwae_samples < 1:
+            raise ValueError("epochs and iwae_samples must be >= 1.")
+
+    def to_json(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def quick_config(**overrides) -> BenchmarkConfig:
+    """Tiny everything: a few hundred digits, tiny networks, 2 epochs, K = 20 (smoke test of the whole pipeline)."""
+    values = dict(
+        lambdas=(0.3, 1.0), num_components=(2,), epochs=2, epochs_per_component=1, iwae_samples=20, iwae_chunk=10,
+        eval_examples=64, eval_batch_size=32, train_examples=256, hidden_units=(32,), latent_dim=4, batch_size=64,
+        eps_search_every=2, savae_steps=(2,), run_name="quick",
+    )
+    values.update(overrides)
+    return BenchmarkConfig(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One trained model of the benchmark."""
+
+    method: str
+    num_components: int
+    lambda_kl: float | None
+    seed: int
+    schedule: str | None
+    bound: str = "elbo"
+    refine_steps: int | None = None  # SA-VAE only
+    shared_trunk: bool = False  # mixture methods only
+    per_example_proportions: bool = False  # mixture methods only
+    component_bound: str = "elbo"  # rme only
+
+    @property
+    def label(self) -> str:
+        """Names the model within one seed (the keys of `paired_se_vs`)."""
+        if self.method == "savae":
+            return "savae" if self.refine_steps == LEGACY_SAVAE_STEPS else f"savae{self.refine_steps}"
+        if self.method == "iwae":
+            return f"iwae_k{self.num_components}"
+        parts = [self.method]
+        if self.method not in SINGLE_COMPONENT_METHODS or self.method == "vae_equal_params":
+            parts.append(f"M{self.num_components}")
+        if self.schedule not in (None, "stagewise"):
+            parts.append(self.schedule)
+        if self.lambda_kl is not None:
+            parts.append(f"lambda{self.lambda_kl:g}")
+        if self.bound != "elbo":
+            parts.append(self.bound)
+        if self.shared_trunk:
+            parts.append("shared")
+        if self.per_example_proportions:
+            parts.append("epsx")
+        if self.component_bound != "elbo":
+            parts.append(f"c{self.component_bound}")
+        return "_".join(parts)
+
+    @property
+    def key(self) -> str:
+        return f"{self.label}_seed{self.seed}"
+
+
+def cells(config: BenchmarkConfig) -> list[Cell]:
+    """All cells of a run, seed-major, in a fixed order."""
+    result = []
+    for seed in config.seeds:
+        for method in config.methods:
+            if method in ("vae", "savae"):
+                steps = config.savae_steps if method == "savae" else (None,)
+                result.extend(Cell(method, 1, None, seed, None, refine_steps=n) for n in steps)
+                continue
+            for m in config.num_components:
+                bounds = config.bounds if method in BOUND_METHODS else ("elbo",)
+                mixture = method not in SINGLE_COMPONENT_METHODS
+                options = dict(shared_trunk=config.shared_trunk and mixture,
+                               per_example_proportions=config.per_example_proportions and mixture)
+                if method in ("mixture", "vae_equal_params", "iwae"):
+                    result.extend(Cell(method, m, None, seed, None, bound=b, **options) for b in bounds)
+                    continue
+                for schedule in config.schedules:
+                    lambdas = config.lambdas if method == "rme" else (None,)
+                    component_bounds = config.component_bounds if method == "rme" else ("elbo",)
+                    result.extend(
+                        Cell(method, m, lam, seed, schedule, bound=b, component_bound=c, **options)
+                        for lam in lambdas for b in bounds for c in component_bounds)
+    return result
+
+
+def adds_components(cell: Cell) -> bool:
+    """Whether the cell's components join one at a time, on the `epochs_per_component` schedule (the harness's
+    `RunConfig.adds_components`)."""
+    return components_join_one_at_a_time(cell.method, cell.schedule, cell.num_components)
+
+
+def epochs_per_component(config: BenchmarkConfig, cell: Cell) -> int:
+    if config.epochs_per_component > 0:
+        return config.epochs_per_component
+    return max(1, config.epochs // cell.num_components)
