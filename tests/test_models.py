@@ -134,6 +134,9 @@ def test_vae_needs_one_component():
             tf_rmvae.RecursiveMixtureEncoder(4, 2), tf_rmvae.BernoulliDecoder((28, 28, 1)), method="vae")
     with pytest.raises(ValueError, match="lambda_kl"):
         tiny_model(lambda_kl=-1.0)
+    with pytest.raises(ValueError, match="max_log_ratio"):  # a library cap of -1 would punish every sample
+        tiny_model(max_log_ratio=-1.0)
+    assert tiny_model(max_log_ratio=None).get_config()["max_log_ratio"] is None
     with pytest.raises(ValueError, match="method"):
         tiny_model(method="flow")
 

@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from tests.helpers import mnist_digits, tiny_model
+from tf_rmvae import run_dir
 from tf_rmvae.best_checkpoint import BestCheckpoint, load_best, read_best, stop_reached
 from tf_rmvae.summaries import GroupedTensorBoard, ImageSummaries, grouped_name
 from trainers import quiet
@@ -92,6 +93,23 @@ def _summaries(run_dir: str) -> dict[str, list[tf.compat.v1.Summary.Value]]:
             for value in event.summary.value:
                 found.setdefault(value.tag, []).append((event.step, value))
     return found
+
+
+def test_checkpoints_are_kept_and_tried_by_epoch_past_epoch_999(tmp_path):
+    # As text "epoch_1000" sorts before "epoch_998": pruning would delete the newest and resuming try the oldest.
+    model = _dense_model()
+    model.optimizer.build(model.trainable_variables)
+    callback = run_dir.SaveState(str(tmp_path / "backup"), str(tmp_path / "checkpoints"), keep=2)
+    callback.set_model(model)
+    callback.set_params({"steps": 1})
+    for epoch in range(996, 1001):  # 0-based: saves epochs 997 ... 1001
+        callback.on_epoch_end(epoch)
+    kept = sorted(os.listdir(tmp_path / "checkpoints"))
+    assert kept == ["epoch_1000.weights.h5", "epoch_1001.weights.h5"]
+    candidates = [os.path.relpath(p, tmp_path) for p in run_dir.state_candidates(str(tmp_path))]
+    assert candidates == [os.path.join("backup", run_dir.STATE_FILE), os.path.join("checkpoints", kept[1]),
+                          os.path.join("checkpoints", kept[0])]
+    assert run_dir.read_metadata(str(tmp_path / "checkpoints" / kept[1]))["epoch"] == 1001
 
 
 def test_tensorboard_images_and_grouped_mixture_scalars(tmp_path):

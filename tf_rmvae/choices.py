@@ -51,7 +51,13 @@ def uses_shared_trunk(shared_trunk: bool, num_components: int) -> bool:
     return bool(shared_trunk) and num_components > 1
 
 
+def is_stagewise(method: str, schedule: str | None) -> bool:
+    """Whether a method trains its components stage by stage (the newest one on its own criterion): the recursive
+    methods on schedule "stagewise"; the others train all components jointly."""
+    return method in RECURSIVE_METHODS and schedule == "stagewise"
+
+
 def adds_components(method: str, schedule: str | None, num_components: int) -> bool:
-    """Whether components join one at a time during training, on the `epochs_per_component` schedule: the
-    recursive methods, stage-wise, with several components."""
-    return method in RECURSIVE_METHODS and schedule == "stagewise" and num_components > 1
+    """Whether components join one at a time during training, on the `epochs_per_component` schedule: stage-wise
+    (`is_stagewise`) with several components."""
+    return is_stagewise(method, schedule) and num_components > 1

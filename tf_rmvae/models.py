@@ -46,14 +46,13 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tf_rmvae import mixing
-from tf_rmvae.choices import NONFINITE_POLICIES
+from tf_rmvae.choices import NONFINITE_POLICIES, RECURSIVE_METHODS  # noqa: F401  (RECURSIVE_METHODS: re-exported)
 from tf_rmvae.encoders import RecursiveMixtureEncoder, make_mixture
 from tf_rmvae.latent_model import LatentVariableModel
 from tf_rmvae.recursion import (  # noqa: F401  (re-exported: the names users import from here)
     BOUNDS,
     LEGACY_ARGUMENTS,
     METHODS,
-    RECURSIVE_METHODS,
     SCHEDULES,
     JointTraining,
     MixtureTerms,
@@ -83,7 +82,7 @@ class RecursiveMixtureVAE(LatentVariableModel):
         (e.g. `BernoulliDecoder`).
       method: "rme" (default), "vae", "mixture" or "boosting".
       lambda_kl: RME's KL weight lambda (default 0.3; must be >= 0; lambda = 1 needs the cap `max_log_ratio`).
-      max_log_ratio: cap of each sample's `log h - log q_prev` in the RME criterion's KL term (default 5 nats;
+      max_log_ratio: cap (>= 0) of each sample's `log h - log q_prev` in the RME criterion's KL term (default 5 nats;
         None: uncapped); boosting's residual ELBO has the same unbounded reward and gets the same cap.
         The uncapped KL reward is unbounded above and lets a new component run off where the decoder is
         untrained (see `objectives.rme_criterion`).

@@ -84,6 +84,15 @@ def elbo(log_joint: tf.Tensor, log_q: tf.Tensor) -> tf.Tensor:
     return tf.reduce_mean(log_joint - log_q, axis=0)
 
 
+def capped_log_ratio(log_h_self: tf.Tensor, log_q_previous: tf.Tensor, max_log_ratio: float | None) -> tf.Tensor:
+    """Each sample's `log h(z) - log q_prev(z)`, capped at `max_log_ratio` (None: uncapped); why the cap: see
+    `rme_criterion`. Shapes as the inputs'."""
+    log_ratio = log_h_self - log_q_previous
+    if max_log_ratio is not None:
+        log_ratio = tf.minimum(log_ratio, max_log_ratio)
+    return log_ratio
+
+
 def rme_criterion(
     log_joint: tf.Tensor,
     log_h_self: tf.Tensor,
@@ -111,9 +120,7 @@ def rme_criterion(
     Returns:
       `[...]` criterion (to be maximised).
     """
-    log_ratio = log_h_self - log_q_previous
-    if max_log_ratio is not None:
-        log_ratio = tf.minimum(log_ratio, max_log_ratio)
+    log_ratio = capped_log_ratio(log_h_self, log_q_previous, max_log_ratio)
     return tf.reduce_mean(log_joint - log_h_self + lambda_kl * log_ratio, axis=0)
 
 
@@ -154,9 +161,7 @@ def rme_importance_weighted_criterion(
     # Other components' slots masked with a finite value (defensive: no -inf - -inf in an all-masked column).
     masked = tf.where(member, per_slot[..., :, None], tf.constant(-1e30, log_joint.dtype))  # [B, M, M]
     bound = tf.reduce_logsumexp(masked, axis=-2) - tf.math.log(pooled)
-    log_ratio = log_h_self - log_q_previous
-    if max_log_ratio is not None:
-        log_ratio = tf.minimum(log_ratio, max_log_ratio)
+    log_ratio = capped_log_ratio(log_h_self, log_q_previous, max_log_ratio)
     ratio_sum = tf.reduce_sum(tf.where(member, tf.reduce_sum(log_ratio, axis=0)[..., :, None], 0.0), axis=-2)
     kl = ratio_sum / pooled  # [B, M]
     own = rme_criterion(log_joint, log_h_self, log_q_previous, lambda_kl, max_log_ratio)
@@ -178,9 +183,7 @@ def boosting_criterion(
     so its reward for leaving q_prev is unbounded in the same way; `max_log_ratio` caps the per-sample
     log-ratio as in `rme_criterion`.
     """
-    log_ratio = log_h_self - log_q_previous
-    if max_log_ratio is not None:
-        log_ratio = tf.minimum(log_ratio, max_log_ratio)
+    log_ratio = capped_log_ratio(log_h_self, log_q_previous, max_log_ratio)
     return tf.reduce_mean(log_joint - log_h_self + log_ratio, axis=0) + entropy_weight * entropy
 
 
@@ -217,7 +220,8 @@ def criterion_log_densities(
 # Each maps `log_joint, log_h_self, log_q_previous [S, B, M]` (log p(x, z), log h_m(z) and log q_{m-1}(z) at
 # the samples of component m) and `entropy [B, M]` to `[B, M]`. `recursive` says whether the component
 # networks train on it (against the fixed mixture before them) or on the mixture's own bound (it is then only
-# reported).
+# reported); `uses_sources` whether it reads `sources [M]`, the component each slot's samples come from (the
+# others get None: every slot is its own component's).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,8 +230,9 @@ class ComponentELBO:
     train the components on the mixture's bound instead."""
 
     recursive: ClassVar[bool] = False
+    uses_sources: ClassVar[bool] = False
 
-    def __call__(self, log_joint, log_h_self, log_q_previous=None, entropy=None) -> tf.Tensor:
+    def __call__(self, log_joint, log_h_self, log_q_previous=None, entropy=None, sources=None) -> tf.Tensor:
         return elbo(log_joint, log_h_self)
 
 
@@ -238,8 +243,9 @@ class RMECriterion:
     lambda_kl: float
     max_log_ratio: float | None = None
     recursive: ClassVar[bool] = True
+    uses_sources: ClassVar[bool] = False
 
-    def __call__(self, log_joint, log_h_self, log_q_previous, entropy=None) -> tf.Tensor:
+    def __call__(self, log_joint, log_h_self, log_q_previous, entropy=None, sources=None) -> tf.Tensor:
         return rme_criterion(log_joint, log_h_self, log_q_previous, self.lambda_kl, self.max_log_ratio)
 
 
@@ -250,8 +256,9 @@ class BoostingCriterion:
     entropy_weight: float = 1.0
     max_log_ratio: float | None = None
     recursive: ClassVar[bool] = True
+    uses_sources: ClassVar[bool] = False
 
-    def __call__(self, log_joint, log_h_self, log_q_previous, entropy) -> tf.Tensor:
+    def __call__(self, log_joint, log_h_self, log_q_previous, entropy, sources=None) -> tf.Tensor:
         has_previous = tf.range(log_joint.shape[-1]) >= 1
         residual = boosting_criterion(
             log_joint, log_h_self, log_q_previous, entropy, self.entropy_weight, self.max_log_ratio,
@@ -381,9 +388,9 @@ def line_search_scores(
     log_q = mixture_log_density(log_h[:, None], log_w)  # [S, G, B, M]
     if bound == "iw":
         log_v = mixing.slot_log_weights(log_w, mixing.slot_sources(tf.shape(log_w)[-1], num_active))
-        elbo = stratified_importance_weighted_bound(log_joint[:, None], log_q, log_v)  # [G, B]
+        scores = stratified_importance_weighted_bound(log_joint[:, None], log_q, log_v)  # [G, B]
     else:
-        elbo = stratified_mixture_elbo(log_joint[:, None], log_q, log_w)  # [G, B]
+        scores = stratified_mixture_elbo(log_joint[:, None], log_q, log_w)  # [G, B]
     if example_weight is None:
-        return tf.reduce_mean(elbo, axis=-1)
-    return tf.reduce_sum(elbo * example_weight, axis=-1) / tf.maximum(tf.reduce_sum(example_weight), 1.0)
+        return tf.reduce_mean(scores, axis=-1)
+    return tf.reduce_sum(scores * example_weight, axis=-1) / tf.maximum(tf.reduce_sum(example_weight), 1.0)

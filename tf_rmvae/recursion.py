@@ -33,7 +33,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tf_rmvae import mixing, objectives
-from tf_rmvae.choices import BOUND_SETTINGS, BOUNDS, METHODS, RECURSIVE_METHODS, SCHEDULES, resolve_bound
+from tf_rmvae.choices import BOUND_SETTINGS, BOUNDS, METHODS, SCHEDULES, is_stagewise, resolve_bound
 from tf_rmvae.encoders import RecursiveMixtureEncoder
 from tf_rmvae.latent_model import replica_batch_layout, standard_normal_log_prob
 
@@ -125,7 +125,7 @@ ComponentTraining = JointTraining | StagewiseTraining
 
 def component_training(method: str, schedule: str, train_previous: bool) -> ComponentTraining:
     """Stage-wise for the recursive methods on schedule "stagewise", joint otherwise."""
-    if method in RECURSIVE_METHODS and schedule == "stagewise":
+    if is_stagewise(method, schedule):
         return StagewiseTraining(train_previous)
     return JointTraining()
 
@@ -190,6 +190,8 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
             raise ValueError(f"schedule must be one of {SCHEDULES}; got {schedule!r}.")
         if not np.isfinite(lambda_kl) or lambda_kl < 0:
             raise ValueError(f"lambda_kl must be a finite number >= 0; got {lambda_kl}.")
+        if max_log_ratio is not None and not max_log_ratio >= 0:  # the trainer's "negative = uncapped" is its own
+            raise ValueError(f"max_log_ratio must be a number >= 0, or None for uncapped; got {max_log_ratio}.")
         if bound not in BOUND_SETTINGS:
             raise ValueError(f"bound must be one of {BOUND_SETTINGS}; got {bound!r}.")
         if component_bound not in BOUNDS:
@@ -312,10 +314,7 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
         logits = tf.convert_to_tensor(self.encoder.mixing_logits)
         if self.encoder.per_example_proportions:
             logits = logits + logit_offsets  # [B, M]: each example's own earlier mixtures
-        if not getattr(self.criterion, "uses_sources", False):  # each slot's own component, as ever
-            log_h_self, log_q_previous = objectives.criterion_log_densities(
-                log_h, log_h_fixed, tf.stop_gradient(logits))
-            return self.criterion(log_joint, log_h_self, log_q_previous, entropy)
+        sources = sources if self.criterion.uses_sources else None  # None: every slot is its own component's
         log_h_self, log_q_previous = objectives.criterion_log_densities(
             log_h, log_h_fixed, tf.stop_gradient(logits), sources)
         return self.criterion(log_joint, log_h_self, log_q_previous, entropy, sources=sources)

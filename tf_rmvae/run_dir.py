@@ -11,7 +11,8 @@ JSON (`{"format", "epoch", "steps_per_epoch", "optimizer_iterations"}`). It is w
 to disk and renamed over the previous state, so the state on disk is always one complete epoch: weights and
 metadata cannot disagree. Loading checks the file against itself and against the run: the optimizer's step counter
 must equal `epoch x steps_per_epoch`, so a truncated, half-written or edited state is refused, and the newest
-intact state (the backup, else the per-epoch checkpoints, newest first) is used instead, with a warning.
+intact state is used instead (by the epoch each state claims, newest first; the backup before a checkpoint of the
+same epoch), with a warning.
 
 The run's other files: `config.json` (a rerun with different settings that matter is refused:
 `check_run_dir`), `history.csv` (one row per completed epoch; `read_history`, `truncate_history` drops the
@@ -48,6 +49,7 @@ BACKUP_DIR = "backup"
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "latest.weights.h5"
 CHECKPOINT_PATTERN = "epoch_{epoch:03d}.weights.h5"
+_CHECKPOINT_NAME = re.compile(r"epoch_(\d+)\.weights\.h5")  # CHECKPOINT_PATTERN's names (4+ digits from epoch 1000)
 LEGACY_METADATA_FILE = "training_metadata.json"  # metadata beside the weights, before states were one file
 METADATA_ATTR = "tf_rmvae_state"
 STATE_FORMAT = "tf_rmvae.state/1"
@@ -215,7 +217,7 @@ def read_metadata(path: str) -> dict:
 
 def _legacy_metadata(path: str) -> dict:
     """Metadata of a state written before states were one file: a JSON beside the backup, the checkpoint's name."""
-    match = re.fullmatch(r"epoch_(\d+)\.weights\.h5", os.path.basename(path))
+    match = _CHECKPOINT_NAME.fullmatch(os.path.basename(path))
     if match:
         return {"epoch": int(match.group(1))}
     legacy = os.path.join(os.path.dirname(path), LEGACY_METADATA_FILE)
@@ -247,10 +249,21 @@ def load_state(model: keras.Model, path: str, steps_per_epoch: int) -> int:
     return epoch
 
 
+def checkpoint_paths(checkpoint_dir: str) -> list[str]:
+    """The per-epoch checkpoints in `checkpoint_dir`, oldest first, ordered by the epoch in their names (not as
+    text: `epoch_1000` comes after `epoch_999`)."""
+    named = []
+    for path in glob.glob(os.path.join(checkpoint_dir, "epoch_*.weights.h5")):
+        match = _CHECKPOINT_NAME.fullmatch(os.path.basename(path))
+        if match:
+            named.append((int(match.group(1)), path))
+    return [path for _, path in sorted(named)]
+
+
 def state_candidates(model_dir: str) -> list[str]:
     """Existing state files of a run: the backup, then the per-epoch checkpoints, newest first."""
     backup = os.path.join(model_dir, BACKUP_DIR, STATE_FILE)
-    checkpoints = sorted(glob.glob(os.path.join(model_dir, CHECKPOINT_DIR, "epoch_*.weights.h5")), reverse=True)
+    checkpoints = checkpoint_paths(os.path.join(model_dir, CHECKPOINT_DIR))[::-1]
     return [path for path in [backup, *checkpoints] if os.path.exists(path)]
 
 
@@ -335,7 +348,7 @@ class SaveState(keras.callbacks.Callback):
 
     def _prune(self):
         if self.keep > 0:
-            for stale in sorted(glob.glob(os.path.join(self.checkpoint_dir, "epoch_*.weights.h5")))[:-self.keep]:
+            for stale in checkpoint_paths(self.checkpoint_dir)[:-self.keep]:
                 os.remove(stale)
 
 

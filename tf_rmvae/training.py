@@ -180,10 +180,10 @@ def _train_in_strategy(config: RunConfig, strategy, chief: bool, worker_dir: str
         logging.info("Resuming %s after epoch %d of %d.", config.model_dir, resumed_from, config.epochs)
     x_validation = _fit(model, config, data, chief, worker_dir, resumed_from)
     train_end = time.perf_counter()
+    # The backup may be older than the state resumed from (a checkpoint, after a failed backup save).
     epochs_completed = max(resumed_from, run_dir.saved_epoch(config.model_dir))
     stopped_early = epochs_completed < config.epochs and run_dir.early_stop_reached(config, epochs_completed)
     summary = dict(
-        # The backup may be older than the state resumed from (a checkpoint, after a failed backup save).
         dataset=config.dataset, method=config.method, epochs_completed=epochs_completed,
         optimizer_iterations=int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
         strategy=config.strategy, replicas=int(strategy.num_replicas_in_sync), mixed_precision=config.mixed_precision,
