@@ -193,18 +193,13 @@ class RunConfig:
             if not condition:
                 raise ConfigError(message)
 
-        check(self.method in METHODS, f"--method must be one of {', '.join(METHODS)}; got {self.method!r}.")
-        check(self.bound in BOUND_SETTINGS,
-              f"--bound must be one of {', '.join(BOUND_SETTINGS)}; got {self.bound!r}.")
-        check(self.component_bound in BOUNDS,
-              f"--component_bound must be one of {', '.join(BOUNDS)}; got {self.component_bound!r}.")
+        for field in dataclasses.fields(self):  # the settings with a fixed set of values (`setting(choices=...)`)
+            allowed, value = field.metadata.get("choices", ()), getattr(self, field.name)
+            check(not allowed or value in allowed,
+                  f"--{field.name} must be one of {', '.join(allowed)}; got {value!r}.")
         check(self.component_bound == "elbo" or self.method == "rme",
               f"--component_bound=iw applies to --method=rme only; got --method={self.method}.")
         check(self.num_samples >= 1, f"--num_samples must be >= 1; got {self.num_samples}.")
-        check(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}.")
-        check(self.architecture in ARCHITECTURES,
-              f"--architecture must be one of {', '.join(ARCHITECTURES)}; got {self.architecture!r}.")
-        check(self.decoder in DECODERS, f"--decoder must be one of {', '.join(DECODERS)}; got {self.decoder!r}.")
         check(self.num_components >= 1, f"--num_components must be >= 1; got {self.num_components}.")
         check(self.method != "vae" or self.num_components == 1,
               f"--method=vae trains a single-component encoder: use --num_components=1 (got {self.num_components}), "
@@ -223,8 +218,6 @@ class RunConfig:
         check(self.train_previous or not (self.adds_components and self.effective("shared_trunk")),
               "--train_previous=false freezes earlier components, but with --shared_trunk their common trunk keeps "
               "training on the newest component's criterion: add --noshared_trunk (M independent networks).")
-        check(self.nonfinite_inputs in NONFINITE_POLICIES,
-              f"--nonfinite_inputs must be {' or '.join(NONFINITE_POLICIES)}; got {self.nonfinite_inputs!r}.")
         check(self.eps_search_every >= 1, f"--eps_search_every must be >= 1; got {self.eps_search_every}.")
         check(self.batch_size >= 1, f"--batch_size must be >= 1; got {self.batch_size}.")
         check(not 0 < self.train_examples < self.batch_size,
@@ -244,9 +237,6 @@ class RunConfig:
         check(self.verbose in (0, 1, 2), f"--verbose must be 0, 1 or 2; got {self.verbose}.")
         check(self.keep_checkpoints >= 0, f"--keep_checkpoints must be >= 0; got {self.keep_checkpoints}.")
         check(self.debug_batch_sleep >= 0, f"--debug_batch_sleep must be >= 0; got {self.debug_batch_sleep}.")
-        check(self.strategy in STRATEGIES, f"--strategy must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}.")
-        check(self.mixed_precision in PRECISIONS,
-              f"--mixed_precision must be one of {', '.join(PRECISIONS)}; got {self.mixed_precision!r}.")
         check(bool(self.model_dir), "--model_dir is required (the directory for checkpoints, logs and metrics).")
         return self
 

@@ -170,8 +170,7 @@ def _add_full_endpoints(archive, model, image_shape, latent_dim, limits) -> dict
 
     def sample(num_images, seed):
         num_images = _checked_count(num_images, 1, limits["max_num_images"], "num_images")
-        z = tf.random.stateless_normal(tf.stack([num_images, latent_dim]), seed=tf.stack([0, seed]))
-        return {"images": model.decoder(z).mean()}
+        return {"images": model.generate(num_images, seed)}
 
     endpoints = {
         "reconstruct": (reconstruct, [images_spec]),
@@ -185,18 +184,16 @@ def _add_full_endpoints(archive, model, image_shape, latent_dim, limits) -> dict
 # ---------------------------------------------------------------------------------------------- writing
 def _signature_table(endpoints: dict) -> dict:
     """`{signature: {"inputs": {name: {dtype, shape}}, "outputs": {...}}}` with -1 for unknown sizes."""
+    def entry(spec) -> dict:
+        return {"dtype": spec.dtype.name, "shape": [-1 if d is None else d for d in spec.shape.as_list()]}
+
     table = {}
     for name, fn in endpoints.items():
         concrete = fn.get_concrete_function()
-        inputs = {
-            spec.name: {"dtype": spec.dtype.name, "shape": [-1 if d is None else d for d in spec.shape.as_list()]}
-            for spec in concrete.structured_input_signature[0]
+        table[name] = {
+            "inputs": {spec.name: entry(spec) for spec in concrete.structured_input_signature[0]},
+            "outputs": {key: entry(spec) for key, spec in concrete.structured_outputs.items()},
         }
-        outputs = {
-            key: {"dtype": spec.dtype.name, "shape": [-1 if d is None else d for d in spec.shape.as_list()]}
-            for key, spec in concrete.structured_outputs.items()
-        }
-        table[name] = {"inputs": inputs, "outputs": outputs}
     return table
 
 
@@ -276,9 +273,14 @@ def _write_version(model_dir: str, version: int | None, write) -> str:
     raise RuntimeError(f"Could not claim a new version directory in {model_dir}.")
 
 
-def _export(model, model_dir, name, version, kind, metrics, limits) -> str:
+def _check_plain_name(name: str) -> None:
+    """A model name is one directory of `NAME/VERSION/`: not empty, no separator, not hidden."""
     if not name or os.sep in name or name.startswith("."):
         raise ValueError(f"name must be a plain directory name; got {name!r}.")
+
+
+def _export(model, model_dir, name, version, kind, metrics, limits) -> str:
+    _check_plain_name(name)
     if not model.built or not model.encoder.built:
         raise ValueError("Build (train) the model before exporting it: its variables do not exist yet.")
     image_shape = tuple(int(d) for d in model.decoder.image_shape)
@@ -376,8 +378,7 @@ def publish(version_dir: str, base_dir: str = "saved_models", name: str | None =
         raise FileNotFoundError(f"{version_dir} is not an exported version (no saved_model.pb).")
     metadata = read_metadata(version_dir)
     name = name or metadata["name"]
-    if not name or os.sep in name or name.startswith("."):
-        raise ValueError(f"name must be a plain directory name; got {name!r}.")
+    _check_plain_name(name)
 
     def write(tmp, number):
         shutil.copytree(version_dir, tmp, dirs_exist_ok=True)
