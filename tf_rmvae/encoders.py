@@ -131,22 +131,23 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
             per_example=per_example_proportions, dtype=self.dtype_policy, name="mixing",
             seed=None if seed is None else int(seed) + OFFSET_HEAD_SEED_OFFSET,
         )
-        self.per_example_proportions = self.mixing.per_example
-        self.latent_dim = self.networks.latent_dim
-        self.max_components = self.networks.num_components
-        self.architecture = architecture
-        self.hidden_units = self.networks.hidden_units
-        self.conv_filters = self.networks.conv_filters
-        self._activation_name = self.networks._activation_name
-        self.shared_trunk = self.networks.shared_trunk
-        self.min_scale = self.networks.min_scale
-        self.initial_active_components = self.mixing.initial_active_components
-        self.learn_mixing_proportions = self.mixing.learn_mixing_proportions
         self.new_component_init = new_component_init
         self.init_noise = float(init_noise)
         self.output_mode = output_mode
-        self.validate_inputs = bool(validate_inputs)
-        self.seed = seed
+
+    # The settings held by the sub-layers, read where they live (`networks`, `mixing`).
+    latent_dim = property(lambda self: self.networks.latent_dim)
+    max_components = property(lambda self: self.networks.num_components)
+    architecture = property(lambda self: self.networks.architecture)
+    hidden_units = property(lambda self: self.networks.hidden_units)
+    conv_filters = property(lambda self: self.networks.conv_filters)
+    shared_trunk = property(lambda self: self.networks.shared_trunk)
+    min_scale = property(lambda self: self.networks.min_scale)
+    validate_inputs = property(lambda self: self.networks.validate_inputs)
+    seed = property(lambda self: self.networks.seed)
+    initial_active_components = property(lambda self: self.mixing.initial_active_components)
+    learn_mixing_proportions = property(lambda self: self.mixing.learn_mixing_proportions)
+    per_example_proportions = property(lambda self: self.mixing.per_example)
 
     # ------------------------------------------------------------------ construction
     def build(self, input_shape):
@@ -253,23 +254,18 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
+        networks, mixing_weights = self.networks.get_config(), self.mixing.get_config()
+        config.update({key: networks[key] for key in (
+            "latent_dim", "architecture", "hidden_units", "conv_filters", "activation", "shared_trunk", "min_scale",
+            "validate_inputs", "seed")})
         config.update(
-            latent_dim=self.latent_dim,
-            max_components=self.max_components,
-            architecture=self.architecture,
-            hidden_units=list(self.hidden_units),
-            conv_filters=list(self.conv_filters),
-            activation=self._activation_name,
-            shared_trunk=self.shared_trunk,
-            min_scale=self.min_scale,
-            initial_active_components=self.initial_active_components,
-            learn_mixing_proportions=self.learn_mixing_proportions,
+            max_components=networks["num_components"],
+            initial_active_components=mixing_weights["initial_active_components"],
+            learn_mixing_proportions=mixing_weights["learn_mixing_proportions"],
+            per_example_proportions=mixing_weights["per_example"],
             new_component_init=self.new_component_init,
             init_noise=self.init_noise,
             output_mode=self.output_mode,
-            validate_inputs=self.validate_inputs,
-            seed=self.seed,
-            per_example_proportions=self.per_example_proportions,
         )
         return config
 
