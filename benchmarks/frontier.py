@@ -58,13 +58,18 @@ def train_step_name(label: str, bound: str = "auto") -> str | None:
 
 
 def unique_rows(rows: list[dict]) -> list[dict]:
-    """The first row of each (label, seed): tables over the same cells may share rows."""
-    seen, unique = set(), []
+    """The first row of each (label, seed): tables over the same cells may share rows. A label names a cell only
+    within one run's settings (e.g. not RME's cap), so two rows of one (label, seed) with different results are
+    refused: they are different models, and the frontier's pairing by label would mix them up."""
+    first = {}
     for row in rows:
-        if (row["label"], row["seed"]) not in seen:
-            seen.add((row["label"], row["seed"]))
-            unique.append(row)
-    return unique
+        key = (row["label"], row["seed"])
+        if key in first and first[key]["test_log_likelihood"] != row["test_log_likelihood"]:
+            raise ValueError(f"Two rows named {row['label']} (seed {row['seed']}) with different results "
+                             f"({first[key]['test_log_likelihood']:.2f} and {row['test_log_likelihood']:.2f}): "
+                             "tables of runs with different settings; pass one of them.")
+        first.setdefault(key, row)
+    return list(first.values())
 
 
 def pair_with_reference(rows: list[dict], reference: str, cells_dir: str) -> list[dict]:

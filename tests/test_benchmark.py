@@ -119,6 +119,9 @@ def test_quick_harness_runs_every_method_end_to_end(tmp_path, capsys):
     assert repaired[0]["paired_se_vs"][reference] == pytest.approx(rows[0]["paired_se_vs"][reference], rel=1e-5)
     assert reference not in repaired[1]["paired_diff_vs"] and stripped[0]["paired_diff_vs"] == {}
     assert frontier.unique_rows(rows + stripped) == rows  # a row shared by two tables counts once
+    other_settings = dict(rows[1], test_log_likelihood=rows[1]["test_log_likelihood"] - 0.5)  # e.g. another cap
+    with pytest.raises(ValueError, match=f"Two rows named {reference} .seed 0. with different results"):
+        frontier.unique_rows(rows + [other_settings])
 
 
 def _row(label, seed, log_likelihood, ms100, elbo=-100.0):
