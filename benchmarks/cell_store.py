@@ -22,6 +22,7 @@ from tf_rmvae.choices import RECURSIVE_METHODS
 
 RESULT_FILE = "result.json"
 PER_EXAMPLE_FILE = "per_example.npz"
+CURVE_DIR = "curve"
 
 
 def curve_point(epoch: int, test: dict) -> dict:
@@ -56,7 +57,7 @@ class CurveEvaluation(keras.callbacks.Callback):
 
 def load_curve(cell_dir: str) -> list[dict]:
     """The stored `CurveEvaluation` summaries of a cell, by epoch."""
-    curve_dir = os.path.join(cell_dir, "curve")
+    curve_dir = os.path.join(cell_dir, CURVE_DIR)
     names = sorted(n for n in os.listdir(curve_dir) if n.endswith(".json")) if os.path.isdir(curve_dir) else []
     points = []
     for name in names:
