@@ -81,10 +81,12 @@ def fingerprint(config: BenchmarkConfig, cell: Cell) -> dict:
     for option in ("shared_trunk", "per_example_proportions"):
         if not values[option]:
             del values[option]
-    del values["component_bounds"]  # an rme cell's own field records its own; the other methods do not depend on it
+    # A cell's own fields record these (component_bound: rme's; num_samples: the mixture methods'); the other
+    # methods do not depend on them.
+    del values["component_bounds"], values["num_samples"]
     # Added after results were committed, and their old behaviour:
     new_fields = {"bound": "elbo", "refine_steps": None, "shared_trunk": False, "per_example_proportions": False,
-                  "component_bound": "elbo"}
+                  "component_bound": "elbo", "num_samples": 1}
     values["cell"] = {k: v for k, v in dataclasses.asdict(cell).items() if k not in new_fields}
     values["cell"].update({k: getattr(cell, k) for k, old in new_fields.items()
                            if k != "refine_steps" and getattr(cell, k) != old})

@@ -34,7 +34,9 @@ class BenchmarkConfig:
     little cost) instead of M separate networks; `per_example_proportions` gives them per-example mixing
     proportions eps_m(x) (`RecursiveMixtureEncoder(per_example_proportions=True)`, label suffix `_epsx`);
     `component_bounds` ("elbo", "iw") apply to "rme": the bound in each component's criterion
-    (`RecursiveMixtureVAE(component_bound="iw")`, label suffix `_ciw`).
+    (`RecursiveMixtureVAE(component_bound="iw")`, label suffix `_ciw`). `num_samples` applies to the mixture
+    methods: reparameterised samples of every component slot per step (`RecursiveMixtureVAE(num_samples=...)`;
+    M x num_samples decoder passes; label suffix `_S<n>` when above 1); iwae keeps k = M.
     `eval_examples = 0` / `train_examples = 0` use the full split. `rme_max_log_ratio < 0` runs RME (and boosting)
     with the uncapped criterion; `rme_train_previous = False` freezes earlier components (ablations of issue 8).
     `lambdas` apply to "rme" only (boosting and the other baselines have no lambda; their rows hold
@@ -80,6 +82,7 @@ class BenchmarkConfig:
     shared_trunk: bool = False
     per_example_proportions: bool = False
     component_bounds: Sequence[str] = ("elbo",)
+    num_samples: int = 1
 
     def __post_init__(self):
         self.methods = tuple(self.methods)
@@ -105,8 +108,8 @@ class BenchmarkConfig:
             raise ValueError(f"savae_steps must be >= 1; got {self.savae_steps}.")
         if min(self.num_components, default=0) < 1 or not self.seeds or not self.lambdas:
             raise ValueError("Need num_components >= 1 and at least one seed and one lambda.")
-        if self.epochs < 1 or self.iwae_samples < 1:
-            raise ValueError("epochs and iwae_samples must be >= 1.")
+        if self.epochs < 1 or self.iwae_samples < 1 or self.num_samples < 1:
+            raise ValueError("epochs, iwae_samples and num_samples must be >= 1.")
 
     def to_json(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
@@ -137,6 +140,7 @@ class Cell:
     shared_trunk: bool = False  # mixture methods only
     per_example_proportions: bool = False  # mixture methods only
     component_bound: str = "elbo"  # rme only
+    num_samples: int = 1  # mixture methods only: samples per component slot and step
 
     @property
     def label(self) -> str:
@@ -160,6 +164,8 @@ class Cell:
             parts.append("epsx")
         if self.component_bound != "elbo":
             parts.append(f"c{self.component_bound}")
+        if self.num_samples != 1:
+            parts.append(f"S{self.num_samples}")
         return "_".join(parts)
 
     @property
@@ -180,7 +186,8 @@ def cells(config: BenchmarkConfig) -> list[Cell]:
                 bounds = config.bounds if method in BOUND_METHODS else ("elbo",)
                 mixture = method not in SINGLE_COMPONENT_METHODS
                 options = dict(shared_trunk=config.shared_trunk and mixture,
-                               per_example_proportions=config.per_example_proportions and mixture)
+                               per_example_proportions=config.per_example_proportions and mixture,
+                               num_samples=config.num_samples if mixture else 1)
                 if method in ("mixture", "vae_equal_params", "iwae"):
                     result.extend(Cell(method, m, None, seed, None, bound=b, **options) for b in bounds)
                     continue

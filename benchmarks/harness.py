@@ -91,7 +91,7 @@ def build_model(config: BenchmarkConfig, cell: Cell) -> keras.Model:
             )
         model = tf_rmvae.RecursiveMixtureVAE(
             encoder, decoder, method=cell.method, schedule=cell.schedule or "stagewise",
-            eps_search_every=config.eps_search_every, **kwargs,
+            eps_search_every=config.eps_search_every, num_samples=cell.num_samples, **kwargs,
         )
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), jit_compile=config.jit_compile)
     model.ensure_built((None, *spec.image_shape))

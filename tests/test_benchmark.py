@@ -282,6 +282,25 @@ def test_importance_weighted_component_cells_are_rme_only_and_labelled():
     assert cell_store.fingerprint(config, cells["iwae_k2"]) == cell_store.fingerprint(without, iwae)
 
 
+def test_samples_per_slot_cells_are_mixture_only_and_labelled():
+    config = run_cells.quick_config(methods=("rme", "iwae", "vae"), num_components=(2,), lambdas=(1.0,),
+                                  bounds=("iw",), num_samples=3)
+    cells = {c.label: c for c in run_cells.cells(config)}
+    assert set(cells) == {"rme_M2_lambda1_iw_S3", "iwae_k2", "vae"}
+    assert harness.build_model(config, cells["rme_M2_lambda1_iw_S3"]).rme.num_samples == 3
+    assert harness.build_model(config, cells["iwae_k2"]).rme.num_samples == 2  # IWAE keeps k = M
+    # One sample (the old behaviour) leaves a cell's fingerprint as it was; more enter the mixture cells' only.
+    plain = run_cells.quick_config(methods=("rme", "iwae", "vae"), num_components=(2,), lambdas=(1.0,),
+                                 bounds=("iw",))
+    plain_cells = {c.label: c for c in run_cells.cells(plain)}
+    assert "num_samples" not in json.dumps(cell_store.fingerprint(plain, plain_cells["rme_M2_lambda1_iw"]))
+    assert "num_samples" in json.dumps(cell_store.fingerprint(config, cells["rme_M2_lambda1_iw_S3"]))
+    for label in ("iwae_k2", "vae"):
+        assert cell_store.fingerprint(config, cells[label]) == cell_store.fingerprint(plain, plain_cells[label])
+    with pytest.raises(ValueError, match="num_samples"):
+        run_cells.quick_config(num_samples=0)
+
+
 def test_time_functions_calls_the_models_in_turn_in_every_round():
     calls = []
     functions = {name: (lambda x, n=name: calls.append(n) or tf.constant(x)) for name in ("a", "b", "c")}
