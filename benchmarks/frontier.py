@@ -44,17 +44,18 @@ def speed_name(label: str) -> str:
 
 
 def train_step_name(label: str, bound: str = "auto") -> str | None:
-    """The `benchmarks.speed` training-step entry of the model `label`, or None where speed did not time it.
-
-    Speed times RME's step on one bound (`bound`, its config's; "auto" is RME's "iw"), with the default component
-    criterion: an RME row maps only if it was trained that way.
+    """The `benchmarks.speed` training-step entry that times the model `label` (absent where speed did not time
+    it), or None where no entry can: speed times RME's step on one bound (`bound`, its config's; "auto" is RME's
+    "iw"), so an RME row maps only if it was trained on that bound. Importance-weighted component criteria and S
+    samples per slot are named as speed's `sampled_shared` entries (`rme_shared_M4_ciw_S4`).
     """
     if label == "vae" or label.startswith("iwae_k"):
         return label
-    m = re.fullmatch(r"rme_M(\d+)_lambda[\d.]+(_iw)?(_shared)?", label)
+    m = re.fullmatch(r"rme_M(\d+)_lambda[\d.]+(_iw)?(_shared)?(_ciw)?(?:_S(\d+))?", label)
     if not m or bool(m.group(2)) != (bound in ("auto", "iw")):
         return None
-    return f"rme_{'shared_' if m.group(3) else ''}M{m.group(1)}"
+    samples = f"_S{m.group(5)}" if m.group(5) else ""
+    return f"rme_{'shared_' if m.group(3) else ''}M{m.group(1)}{'_ciw' if m.group(4) else ''}{samples}"
 
 
 def unique_rows(rows: list[dict]) -> list[dict]:

@@ -46,6 +46,9 @@ class SpeedConfig:
     target_components: int = 4
     savae_steps: Sequence[int] = (5, 10, 20)
     shared_components: Sequence[int] = ()  # M of the shared-trunk encoders timed for inference
+    # (M, S) of shared-trunk RME with S samples per slot and importance-weighted component criteria whose training
+    # step is timed (the harness's `--num_samples=S --component_bounds=iw`); their inference is the M-head encoder's
+    sampled_shared: Sequence[tuple[int, int]] = ()
     hidden_units: Sequence[int] = (500, 500)
     latent_dim: int = 32
     train_batch_size: int = 100
@@ -127,17 +130,20 @@ def train_step_times(config: SpeedConfig, mode: str) -> dict[str, float]:
     jit = mode == "jit"
     x = _images(config.train_batch_size, seed=1)
     times = {}
-    # (name, method, components, shared trunk, bound, samples): RME with M independent networks, and for each
-    # shared-trunk M the shared encoder beside IWAE with k = M (as many decoder passes per step)
-    models = [("vae", "vae", 1, False, "elbo", 1)]
-    models += [(f"rme_M{m}", "rme", m, False, config.bound, 1) for m in config.components]
+    # (name, method, components, shared trunk, bound, samples, component bound): RME with M independent networks,
+    # for each shared-trunk M the shared encoder beside IWAE with k = M (as many decoder passes per step), and the
+    # shared-trunk RME with S samples per slot (M x S decoder passes; `frontier.train_step_name` names them alike)
+    models = [("vae", "vae", 1, False, "elbo", 1, "elbo")]
+    models += [(f"rme_M{m}", "rme", m, False, config.bound, 1, "elbo") for m in config.components]
     for m in config.shared_components:
-        models += [(f"rme_shared_M{m}", "rme", m, True, config.bound, 1), (f"iwae_k{m}", "vae", 1, False, "iw", m)]
-    for name, method, components, shared_trunk, bound, samples in models:
+        models += [(f"rme_shared_M{m}", "rme", m, True, config.bound, 1, "elbo"),
+                   (f"iwae_k{m}", "vae", 1, False, "iw", m, "elbo")]
+    models += [(f"rme_shared_M{m}_ciw_S{n}", "rme", m, True, config.bound, n, "iw") for m, n in config.sampled_shared]
+    for name, method, components, shared_trunk, bound, samples, component_bound in models:
         keras.utils.set_random_seed(0)
         model = tf_rmvae.RecursiveMixtureVAE(
             _encoder(config, components, shared_trunk=shared_trunk), _decoder(config), method=method, bound=bound,
-            num_samples=samples)
+            num_samples=samples, component_bound=component_bound)
         model.compile(optimizer=keras.optimizers.Adam(1e-3))
         model.ensure_built((None, *IMAGE_SHAPE))
         model.optimizer.build(model.trainable_variables)
@@ -237,6 +243,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--savae_steps", default=None, help="comma-separated SA-VAE refinement steps")
     parser.add_argument(
         "--shared_components", default=None, help="comma-separated M of shared-trunk encoders to time")
+    parser.add_argument(
+        "--sampled_shared", default=None,
+        help="comma-separated MxS (e.g. 4x4): training step of shared-trunk RME with S samples per slot and "
+             "importance-weighted component criteria")
     parser.add_argument("--output", default=None, help="JSON path ('' to write nothing)")
     parser.add_argument("--bound", default=None, choices=BOUND_SETTINGS,
                         help="the bound RME's training step is timed on (default elbo)")
@@ -257,6 +267,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         config.savae_steps = ints(args.savae_steps)
     if args.shared_components:
         config.shared_components = ints(args.shared_components)
+    if args.sampled_shared:
+        config.sampled_shared = tuple(tuple(int(v) for v in pair.split("x")) for pair in args.sampled_shared.split(","))
     if args.output is not None:
         config.output = args.output or None
     if args.bound:

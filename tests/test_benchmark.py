@@ -158,18 +158,22 @@ def test_frontier_keeps_models_no_other_beats_at_equal_or_lower_cost():
     # only RME trained on the bound (and component criterion) its step was timed on
     assert frontier.train_step_name("rme_M4_lambda0.3_iw", "elbo") is None
     assert frontier.train_step_name("rme_M4_lambda0.3", "auto") is None
-    assert frontier.train_step_name("rme_M4_lambda0.3_iw_ciw", "auto") is None
+    # other component criteria and samples per slot name their own entries (speed's `sampled_shared`)
+    assert frontier.train_step_name("rme_M4_lambda1_iw_shared_ciw_S4", "auto") == "rme_shared_M4_ciw_S4"
+    assert frontier.train_step_name("rme_M4_lambda0.3_iw_ciw", "auto") == "rme_M4_ciw"
     assert frontier.train_step_name("mixture_M4") is None
 
 
 def test_speed_benchmark_tiny_prints_ratios(capsys):
     # Times the default RME's training step, and a shared-trunk encoder beside the others.
-    result = speed.main(["--tiny", "--output", "", "--bound", "auto", "--shared_components", "3"])
+    result = speed.main(["--tiny", "--output", "", "--bound", "auto", "--shared_components", "3",
+                         "--sampled_shared", "2x2"])
     out = capsys.readouterr().out
     assert "rme_shared_encoder_M3: b1=" in out
     # ... and its training step beside IWAE's with as many decoder passes (k = 3)
     steps = result["modes"]["function"]["train_step_ms"]
-    assert set(steps) == {"vae", "rme_M2", "rme_shared_M3", "iwae_k3"}
+    # ... and shared-trunk RME with two samples per slot and importance-weighted component criteria
+    assert set(steps) == {"vae", "rme_M2", "rme_shared_M3", "iwae_k3", "rme_shared_M2_ciw_S2"}
     assert all(np.isfinite(t) and t > 0 for t in steps.values())
     assert result["config"]["bound"] == "auto" and speed.SpeedConfig().bound == "elbo"
     assert "ratio rme_M2/vae_encoder@1" in out and "ratio train_rme_M2/train_vae@8" in out
