@@ -24,7 +24,7 @@ import dataclasses
 import json
 import os
 import platform
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import keras
 import numpy as np
@@ -124,32 +124,45 @@ def inference_times(config: SpeedConfig, mode: str) -> dict[str, dict[int, float
     return times
 
 
+class _TimedModel(NamedTuple):
+    """One model whose training step `train_step_times` times (`RecursiveMixtureVAE` arguments)."""
+
+    name: str
+    method: str
+    components: int
+    shared_trunk: bool = False
+    bound: str = "elbo"
+    samples: int = 1
+    component_bound: str = "elbo"
+
+
 def train_step_times(config: SpeedConfig, mode: str) -> dict[str, float]:
     """`{"vae": s, "rme_M2": s, ..., "rme_shared_M8": s, "iwae_k8": s}`: median seconds of one training step at
     `train_batch_size` (every model timed after the previous one: run with the machine otherwise idle)."""
     jit = mode == "jit"
     x = _images(config.train_batch_size, seed=1)
     times = {}
-    # (name, method, components, shared trunk, bound, samples, component bound): RME with M independent networks,
-    # for each shared-trunk M the shared encoder beside IWAE with k = M (as many decoder passes per step), and the
-    # shared-trunk RME with S samples per slot (M x S decoder passes; `frontier.train_step_name` names them alike)
-    models = [("vae", "vae", 1, False, "elbo", 1, "elbo")]
-    models += [(f"rme_M{m}", "rme", m, False, config.bound, 1, "elbo") for m in config.components]
+    # RME with M independent networks, for each shared-trunk M the shared encoder beside IWAE with k = M (as many
+    # decoder passes per step), and the shared-trunk RME with S samples per slot (M x S decoder passes;
+    # `frontier.train_step_name` names them alike)
+    models = [_TimedModel("vae", "vae", 1)]
+    models += [_TimedModel(f"rme_M{m}", "rme", m, bound=config.bound) for m in config.components]
     for m in config.shared_components:
-        models += [(f"rme_shared_M{m}", "rme", m, True, config.bound, 1, "elbo"),
-                   (f"iwae_k{m}", "vae", 1, False, "iw", m, "elbo")]
-    models += [(f"rme_shared_M{m}_ciw_S{n}", "rme", m, True, config.bound, n, "iw") for m, n in config.sampled_shared]
-    for name, method, components, shared_trunk, bound, samples, component_bound in models:
+        models += [_TimedModel(f"rme_shared_M{m}", "rme", m, shared_trunk=True, bound=config.bound),
+                   _TimedModel(f"iwae_k{m}", "vae", 1, bound="iw", samples=m)]
+    models += [_TimedModel(f"rme_shared_M{m}_ciw_S{n}", "rme", m, shared_trunk=True, bound=config.bound, samples=n,
+                           component_bound="iw") for m, n in config.sampled_shared]
+    for spec in models:
         keras.utils.set_random_seed(0)
         model = tf_rmvae.RecursiveMixtureVAE(
-            _encoder(config, components, shared_trunk=shared_trunk), _decoder(config), method=method, bound=bound,
-            num_samples=samples, component_bound=component_bound)
+            _encoder(config, spec.components, shared_trunk=spec.shared_trunk), _decoder(config), method=spec.method,
+            bound=spec.bound, num_samples=spec.samples, component_bound=spec.component_bound)
         model.compile(optimizer=keras.optimizers.Adam(1e-3))
         model.ensure_built((None, *IMAGE_SHAPE))
         model.optimizer.build(model.trainable_variables)
-        model.encoder.num_active_components.assign(components)  # the full cost: every component active
+        model.encoder.num_active_components.assign(spec.components)  # the full cost: every component active
         step = tf.function(model.train_step, jit_compile=jit)
-        times[name] = evaluation.time_function(step, x, repeats=config.repeats)
+        times[spec.name] = evaluation.time_function(step, x, repeats=config.repeats)
     return times
 
 
