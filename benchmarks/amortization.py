@@ -5,7 +5,9 @@
 2. Every inference method trains a fresh encoder against that frozen decoder for `encoder_epochs` (same data,
    seeds and optimizer): the VAE encoder, the equal-parameter encoder, IWAE's encoder, RME's mixture (stage-wise)
    and SA-VAE (refinement steps on its own encoder); optionally (`--methods=...,rme_shared`) RME's mixture with one
-   shared trunk and M heads.
+   shared trunk and M heads. `--num_samples` and `--component_bound` apply to the RME rows (variant e: S samples
+   of every component per step, each component on its importance-weighted bound); their line search stays on the
+   ELBO, as the decoder is frozen and the study compares posteriors by their ELBO.
 3. The floor: per-example optimised Gaussians, the trained VAE encoder's output refined by `floor_steps` gradient
    steps on each test example's own ELBO (SA-VAE's refinement run far longer).
 4. On the test digits, per example: each method's ELBO (`elbo_samples` samples) and importance-weighted
@@ -57,6 +59,8 @@ class AmortizationConfig:
     epochs_per_component: int = 0  # 0: encoder_epochs // M
     num_components: int = 4
     lambda_kl: float = 0.3
+    num_samples: int = 1  # RME rows: samples per component and step
+    component_bound: str = "elbo"  # RME rows: "iw" trains each component on its importance-weighted bound
     savae_steps: int = 10
     floor_steps: int = 100
     hidden_units: Sequence[int] = (200, 200)
@@ -85,10 +89,12 @@ def _cell(config: AmortizationConfig, method: str) -> Cell:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS + OPTIONAL_METHODS}.")
     shared = method == "rme_shared"
     method = "rme" if shared else method
-    lam = config.lambda_kl if method == "rme" else None
+    rme = method == "rme"
     m = 1 if method in ("vae", "savae") else config.num_components
-    return Cell(method, m, lam, config.seed, "stagewise" if method == "rme" else None,
-                        refine_steps=config.savae_steps if method == "savae" else None, shared_trunk=shared)
+    return Cell(method, m, config.lambda_kl if rme else None, config.seed, "stagewise" if rme else None,
+                refine_steps=config.savae_steps if method == "savae" else None, shared_trunk=shared,
+                component_bound=config.component_bound if rme else "elbo",
+                num_samples=config.num_samples if rme else 1)
 
 
 def _fit(model, config: AmortizationConfig, bench: BenchmarkConfig, cell: Cell, epochs: int):

@@ -240,6 +240,14 @@ def test_fixed_decoder_study_trains_encoders_only_and_reports_gaps(tmp_path):
     assert shared.encoder.shared_trunk and int(shared.encoder.num_active_components.numpy()) == 2
     with pytest.raises(ValueError, match="unknown method"):
         amortization._cell(config, "rme_typo")
+    # Variant e's options reach the RME rows only.
+    sampled = dataclasses.replace(config, num_samples=4, component_bound="iw")
+    assert amortization._cell(sampled, "rme_shared").label == "rme_M2_lambda0.3_shared_ciw_S4"
+    assert amortization._cell(sampled, "vae").label == "vae"
+    assert amortization._cell(sampled, "iwae").label == "iwae_k2"
+    variant_e = amortization.train_encoder(sampled, "rme_shared", decoder)
+    assert (variant_e.num_samples, variant_e.component_bound) == (4, "iw")
+    assert int(variant_e.encoder.num_active_components.numpy()) == 2
 
 
 def test_shared_trunk_cells_have_many_heads_for_few_parameters():
