@@ -8,6 +8,9 @@ side in one process; the harness's per-cell times are taken on a shared machine 
 are only a fallback). Writes `frontier.md` (one table row per model: mean over seeds, paired differences to the
 reference per seed, costs, whether the model is on the frontier) and three plots: log p(x) against inference time
 at batch 1 and 100, against training seconds per epoch, and the learning curves (log p(x) against epochs).
+
+`--only "vae=VAE;iwae_k8=IWAE k = 8;..."` keeps only the named models (a name after `=` replaces the label in the
+plots, which then get a legend instead of per-point labels): a figure readable at a glance, e.g. the README's.
 """
 
 from __future__ import annotations
@@ -173,28 +176,50 @@ def curve_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _scatter(entries: list[dict], cost: str, xlabel: str, path: str) -> None:
+def parse_only(spec: str) -> dict[str, str]:
+    """`"label=Name;label2"` -> `{label: display name}` (the label itself where no name is given)."""
+    names = {}
+    for item in filter(None, (part.strip() for part in spec.split(";"))):
+        label, _, name = item.partition("=")
+        names[label.strip()] = name.strip() or label.strip()
+    return names
+
+
+def _scatter(entries: list[dict], cost: str, xlabel: str, path: str, names: dict[str, str] | None = None) -> None:
+    """Log p(x) against `cost`; each model labelled at its point, or (with `names`) in a legend."""
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for e in entries:
         seeds = [r["test_log_likelihood"] for r in e["rows"]]
         ax.errorbar(e[cost], e["log_likelihood"], yerr=[[e["log_likelihood"] - min(seeds)],
-                    [max(seeds) - e["log_likelihood"]]], fmt="o" if e["frontier"] else "x", capsize=2)
-        ax.annotate(e["label"], (e[cost], e["log_likelihood"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+                    [max(seeds) - e["log_likelihood"]]], fmt="o" if e["frontier"] else "x", capsize=2,
+                    label=names[e["label"]] if names else None)
+        if not names:
+            ax.annotate(e["label"], (e[cost], e["log_likelihood"]), fontsize=6, xytext=(3, 2),
+                        textcoords="offset points")
     ax.set_xscale("log")
-    finish(fig, ax, xlabel, "test log-likelihood (nats; bars: range over seeds)", path)
+    finish(fig, ax, xlabel, "test log-likelihood (nats; bars: range over seeds)", path,
+           legend_size=7 if names else None)
 
 
-def plot_curves(rows: list[dict], path: str) -> None:
+def plot_curves(rows: list[dict], path: str, names: dict[str, str] | None = None) -> None:
     curves = learning_curves(rows)
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for label, curve in sorted(curves.items()):
         epochs = sorted(curve)
-        ax.plot(epochs, [np.mean(curve[e]) for e in epochs], "o-", label=label, markersize=3)
+        ax.plot(epochs, [np.mean(curve[e]) for e in epochs], "o-", label=(names or {}).get(label, label),
+                markersize=3)
     finish(fig, ax, "epoch", "test log-likelihood (nats, mean over seeds)", path, legend_size=6)
 
 
-def write_frontier(rows: list[dict], speed: dict | None, reference: str | None, out_dir: str) -> list[str]:
-    """Writes `frontier.md` and the plots into `out_dir`; returns the paths."""
+def write_frontier(rows: list[dict], speed: dict | None, reference: str | None, out_dir: str,
+                   names: dict[str, str] | None = None) -> list[str]:
+    """Writes `frontier.md` and the plots into `out_dir`; returns the paths. With `names` ({label: display
+    name}), only those models, named so in the plots."""
+    if names:
+        missing = sorted(set(names) - {r["label"] for r in rows})
+        if missing:
+            raise ValueError(f"--only names models that no results file has: {missing}.")
+        rows = [r for r in rows if r["label"] in names]
     os.makedirs(out_dir, exist_ok=True)
     entries = summarize(rows, speed)
     paths = [os.path.join(out_dir, name) for name in (
@@ -206,10 +231,10 @@ def write_frontier(rows: list[dict], speed: dict | None, reference: str | None, 
                 "ms (batch 100, every component active) from benchmarks.speed, measured one model after another on "
                 "an otherwise idle machine ('-': not timed there).\n\n")
         f.write(frontier_table(entries, reference) + "\n\n" + curve_table(rows) + "\n")
-    _scatter(entries, "inference_ms_1", "inference time, batch 1 (ms, log scale)", paths[1])
-    _scatter(entries, "inference_ms_100", "inference time, batch of 100 (ms, log scale)", paths[2])
-    _scatter(entries, "epoch_s", "training seconds per epoch (log scale)", paths[3])
-    plot_curves(rows, paths[4])
+    _scatter(entries, "inference_ms_1", "inference time, batch 1 (ms, log scale)", paths[1], names)
+    _scatter(entries, "inference_ms_100", "inference time, batch of 100 (ms, log scale)", paths[2], names)
+    _scatter(entries, "epoch_s", "training seconds per epoch (log scale)", paths[3], names)
+    plot_curves(rows, paths[4], names)
     return paths
 
 
@@ -221,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     parser.add_argument("--out_dir", default="benchmarks/results/frontier")
     parser.add_argument("--cells_dir", default=None,
                         help="the harness cells directory: pairs rows of other tables with --reference")
+    parser.add_argument("--only", default=None,
+                        help='only these models, with display names: "label=Name;label2=Name 2" (module docstring)')
     args = parser.parse_args(argv)
     speed = None
     if args.speed:
@@ -229,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     rows = unique_rows(load_rows(args.results))
     if args.cells_dir and args.reference:
         rows = pair_with_reference(rows, args.reference, args.cells_dir)
-    paths = write_frontier(rows, speed, args.reference, args.out_dir)
+    paths = write_frontier(rows, speed, args.reference, args.out_dir, parse_only(args.only) if args.only else None)
     print("\n".join(paths))
     return paths
 

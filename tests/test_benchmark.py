@@ -111,6 +111,15 @@ def test_quick_harness_runs_every_method_end_to_end(tmp_path, capsys):
     with open(paths[0]) as f:
         table = f.read()
     assert all(f"| {label} |" in table for label in labels) and "epoch 1 | epoch 2" in table
+    # --only: the named models alone (display names in the plots' legends); a name no table has is an error.
+    names = frontier.parse_only(f"{labels[0]}=First model; {labels[1]}")
+    assert names == {labels[0]: "First model", labels[1]: labels[1]}
+    only = frontier.write_frontier(rows, None, None, str(tmp_path / "frontier_only"), names)
+    with open(only[0]) as f:
+        table = f.read()
+    assert all((f"| {label} |" in table) == (label in names) for label in labels) and len(labels) > 2
+    with pytest.raises(ValueError, match="no results file has"):
+        frontier.write_frontier(rows, None, None, str(tmp_path / "typo"), {"vae_typo": "x"})
     # Rows of another table (no paired difference to the reference) are paired from the cells' per-digit arrays.
     reference = rows[1]["label"]
     stripped = [dict(r, paired_diff_vs={}, paired_se_vs={}) for r in rows]
