@@ -19,7 +19,9 @@
        amortization gap  = ELBO(optimised Gaussian) - ELBO(method)   (< 0: better than any single Gaussian)
 
 Every piece is stored under `<output_dir>/<run_name>_cells/` and skipped on rerun (decoder weights, one
-`result.json` + `per_example.npz` per method); `<output_dir>/<run_name>.json` gets the table.
+`per_example.npz` per method), each beside a `settings.json` of what it depends on (`cell_settings`): a rerun
+whose settings differ (e.g. other `--num_samples` under the same `--run_name`) is refused instead of loading a
+result of another configuration. `<output_dir>/<run_name>.json` gets the table.
 
     python -m benchmarks.amortization --decoder_epochs=20 --encoder_epochs=20 --run_name=amortization
 """
@@ -108,19 +110,62 @@ def _fit(model, config: AmortizationConfig, bench: BenchmarkConfig, cell: Cell, 
     return time.perf_counter() - start
 
 
-def train_decoder(config: AmortizationConfig, cells_dir: str) -> keras.layers.Layer:
+def decoder_settings(config: AmortizationConfig) -> dict:
+    """What the stored decoder depends on."""
+    return dict(decoder_epochs=config.decoder_epochs, hidden_units=[int(u) for u in config.hidden_units],
+                latent_dim=config.latent_dim, train_examples=config.train_examples, seed=config.seed)
+
+
+def cell_settings(config: AmortizationConfig, method: str) -> dict:
+    """What the stored per-example bounds of `method` (or of the floor, "optimised_gaussian") depend on."""
+    settings = dict(decoder_settings(config), encoder_epochs=config.encoder_epochs, eval_examples=config.eval_examples,
+                    iwae_samples=config.iwae_samples, elbo_samples=config.elbo_samples)
+    if method == "optimised_gaussian":  # refines the VAE encoder's output
+        return dict(settings, label=method, floor_steps=config.floor_steps)
+    cell = _cell(config, method)
+    bench = config.benchmark_config(config.encoder_epochs)
+    schedule = epochs_per_component(bench, cell) if adds_components(cell) else None
+    return dict(settings, label=cell.label, epochs_per_component=schedule)
+
+
+def check_settings(directory: str, settings: dict, log=print) -> None:
+    """Refuses a stored result whose `settings.json` differs from `settings`; writes none (see `save_settings`)."""
+    path = os.path.join(directory, "settings.json")
+    if not os.path.exists(path):
+        log(f"[{directory}] stored before settings were recorded: not checked")
+        return
+    with open(path) as f:
+        stored = json.load(f)
+    differ = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
+    if differ:
+        details = ", ".join(f"{k}: stored {stored.get(k)!r}, now {settings.get(k)!r}" for k in differ)
+        raise ValueError(f"{directory} holds a result of other settings ({details}); use another --run_name or "
+                         "remove it.")
+
+
+def save_settings(directory: str, settings: dict) -> None:
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "settings.tmp.json"), "w") as f:
+        json.dump(settings, f, indent=1)
+    os.replace(os.path.join(directory, "settings.tmp.json"), os.path.join(directory, "settings.json"))
+
+
+def train_decoder(config: AmortizationConfig, cells_dir: str, log=print) -> keras.layers.Layer:
     """The shared decoder: trained with a plain VAE once, then loaded from `cells_dir/decoder_vae.weights.h5`."""
     bench = config.benchmark_config(config.decoder_epochs)
     keras.utils.set_random_seed(config.seed)
     model = harness.build_model(bench, _cell(config, "vae"))
     path = os.path.join(cells_dir, "decoder_vae.weights.h5")  # the whole VAE (layers have no save_weights)
+    settings_dir = os.path.join(cells_dir, "decoder")  # the decoder's settings.json
     if os.path.exists(path):
+        check_settings(settings_dir, decoder_settings(config), log)
         model.load_weights(path)
     else:
         _fit(model, config, bench, _cell(config, "vae"), config.decoder_epochs)
         os.makedirs(cells_dir, exist_ok=True)
         model.save_weights(path[:-len(".weights.h5")] + ".tmp.weights.h5")
         os.replace(path[:-len(".weights.h5")] + ".tmp.weights.h5", path)
+        save_settings(settings_dir, decoder_settings(config))
     return model.decoder
 
 
@@ -177,12 +222,14 @@ def gaps(results: dict[str, dict]) -> list[dict]:
 def run(config: AmortizationConfig, log=print) -> list[dict]:
     cells_dir = os.path.join(config.output_dir, f"{config.run_name}_cells")
     x_test = rm_data.load_numpy("rmvae_mnist", "test", take=config.eval_examples or None, seed=0)
-    decoder = train_decoder(config, cells_dir)
+    decoder = train_decoder(config, cells_dir, log)
     methods = ["vae"] + [m for m in config.methods if m != "vae"]  # the floor starts from the VAE encoder
     results, vae_model = {}, None
     for method in methods + ["optimised_gaussian"]:
         path = os.path.join(cells_dir, method, "per_example.npz")
+        settings = cell_settings(config, method)
         if os.path.exists(path):
+            check_settings(os.path.dirname(path), settings, log)
             with np.load(path) as arrays:
                 results[method] = {k: arrays[k] for k in arrays.files}
             log(f"[{method}] finished earlier: loaded")
@@ -197,10 +244,14 @@ def run(config: AmortizationConfig, log=print) -> list[dict]:
             if method == "vae":
                 vae_model = model
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        np.savez(path, **results[method])
+        np.savez(path[:-len(".npz")] + ".tmp.npz", **results[method])  # whole or not at all
+        os.replace(path[:-len(".npz")] + ".tmp.npz", path)
+        save_settings(os.path.dirname(path), settings)
         log(f"[{method}] ELBO {np.mean(results[method]['elbo']):.2f}  "
             f"log p(x) {np.mean(results[method]['log_likelihood']):.2f}")
     rows = gaps(results)
+    for row in rows:  # the method's cell, e.g. rme_M4_lambda1_shared_ciw_S4 for "rme_shared"
+        row["label"] = cell_settings(config, row["method"])["label"]
     with open(os.path.join(config.output_dir, f"{config.run_name}.json"), "w") as f:
         json.dump(dict(config=dataclasses.asdict(config), rows=rows), f, indent=1)
     log(gap_table(rows))

@@ -239,6 +239,14 @@ def test_fixed_decoder_study_trains_encoders_only_and_reports_gaps(tmp_path):
         assert np.isfinite(r["elbo"]) and r["inference_gap"] >= -1e-6  # the reference is the best estimate
     assert rows["optimised_gaussian"]["amortization_gap"] == 0
     assert rows["vae"]["amortization_gap"] > 0  # the floor improves on the amortized encoder it starts from
+    assert rows["rme_shared"]["label"] == "rme_M2_lambda0.3_shared"
+    # A rerun under the same run name loads what it stored, and refuses results of other settings.
+    again = {r["method"]: r for r in amortization.run(config, log=lambda _: None)}
+    assert again["rme"]["elbo"] == rows["rme"]["elbo"]
+    with pytest.raises(ValueError, match="num_samples|label"):
+        amortization.run(dataclasses.replace(config, num_samples=2, component_bound="iw"), log=lambda _: None)
+    with pytest.raises(ValueError, match="decoder_epochs: stored 1, now 2"):
+        amortization.run(dataclasses.replace(config, decoder_epochs=2), log=lambda _: None)
     # Encoders train against a frozen copy of the stored decoder; the mixture's components join on schedule.
     decoder = amortization.train_decoder(config, str(tmp_path / "amortization_cells"))  # loaded, not retrained
     model = amortization.train_encoder(config, "rme", decoder)
