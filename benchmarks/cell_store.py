@@ -1,8 +1,5 @@
-"""What a benchmark cell leaves on disk, and when a stored cell still counts as finished.
-
-    <cells_dir>/<cell key>/result.json        the finished row and the fingerprint of what it depends on
-    <cells_dir>/<cell key>/per_example.npz    per-example test ELBO and log-likelihood
-    <cells_dir>/<cell key>/curve/epoch_NNN.*  the same at the run's `eval_epochs` along training
+"""What a benchmark cell leaves on disk (the layout: `benchmarks.cell_files`), and when a stored cell still counts
+as finished.
 
 A stored cell is reused only while its fingerprint equals the one the current settings give (`load_finished`).
 """
@@ -17,12 +14,9 @@ from typing import Callable, Sequence
 import keras
 import numpy as np
 
+from benchmarks.cell_files import CURVE_DIR, PER_EXAMPLE_FILE, RESULT_FILE, curve_path
 from benchmarks.cells import BenchmarkConfig, Cell, adds_components
 from tf_rmvae.choices import RECURSIVE_METHODS
-
-RESULT_FILE = "result.json"
-PER_EXAMPLE_FILE = "per_example.npz"
-CURVE_DIR = "curve"
 
 
 def curve_point(epoch: int, test: dict) -> dict:
@@ -36,19 +30,20 @@ def curve_point(epoch: int, test: dict) -> dict:
 
 class CurveEvaluation(keras.callbacks.Callback):
     """Evaluates the model on the test digits after each epoch in `epochs` (1-based) and stores the per-example
-    arrays and a summary in `curve_dir/epoch_NNN.{npz,json}`; epochs stored by an interrupted run are not redone."""
+    arrays and a summary in `<cell_dir>/curve/epoch_NNN.{npz,json}`; epochs stored by an interrupted run are not
+    redone."""
 
-    def __init__(self, epochs: Sequence[int], evaluate: Callable[[keras.Model], dict], curve_dir: str):
+    def __init__(self, epochs: Sequence[int], evaluate: Callable[[keras.Model], dict], cell_dir: str):
         super().__init__()
-        self.epochs, self.evaluate, self.curve_dir = set(epochs), evaluate, curve_dir
+        self.epochs, self.evaluate, self.cell_dir = set(epochs), evaluate, cell_dir
 
     def on_epoch_end(self, epoch, logs=None):
         done = epoch + 1
-        path = os.path.join(self.curve_dir, f"epoch_{done:03d}")
+        path = curve_path(self.cell_dir, done)
         if done not in self.epochs or os.path.exists(path + ".json"):
             return
         test = self.evaluate(self.model)
-        os.makedirs(self.curve_dir, exist_ok=True)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         np.savez(path + ".npz", elbo=test["elbo"], log_likelihood=test["log_likelihood"])
         with open(path + ".json.tmp", "w") as f:  # renamed into place: a kill never leaves half a point
             json.dump(curve_point(done, test), f, indent=1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+from benchmarks.cell_files import cell_key
 from tf_rmvae.choices import adds_components as components_join_one_at_a_time
 
 ALL_METHODS = ("vae", "mixture", "boosting", "rme", "savae", "vae_equal_params", "iwae")
@@ -170,7 +171,7 @@ class Cell:
 
     @property
     def key(self) -> str:
-        return f"{self.label}_seed{self.seed}"
+        return cell_key(self.label, self.seed)
 
 
 def cells(config: BenchmarkConfig) -> list[Cell]:

@@ -28,6 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import cell_files  # noqa: E402
 from benchmarks.plots import finish, load_rows  # noqa: E402
 
 
@@ -83,20 +84,18 @@ def pair_with_reference(rows: list[dict], reference: str, cells_dir: str) -> lis
     only to the rows of their own table; the per-digit arrays in `cells_dir/<label>_seed<seed>/per_example.npz`
     pair any two cells evaluated on the same test digits.
     """
-    def per_example(label: str, seed: int) -> np.ndarray | None:
-        path = os.path.join(cells_dir, f"{label}_seed{seed}", "per_example.npz")
-        return np.load(path)["log_likelihood"].astype(np.float64) if os.path.exists(path) else None
-
     paired = []
     for row in rows:
         row = dict(row, paired_diff_vs=dict(row.get("paired_diff_vs", {})),
                    paired_se_vs=dict(row.get("paired_se_vs", {})))
         if row["label"] != reference and reference not in row["paired_diff_vs"]:
-            mine, theirs = per_example(row["label"], row["seed"]), per_example(reference, row["seed"])
-            if mine is not None and theirs is not None and mine.shape == theirs.shape:
-                diff = mine - theirs
-                row["paired_diff_vs"][reference] = float(diff.mean())
-                row["paired_se_vs"][reference] = float(diff.std(ddof=1) / np.sqrt(diff.size))
+            mine = cell_files.per_example(cells_dir, row["label"], row["seed"])
+            theirs = cell_files.per_example(cells_dir, reference, row["seed"])
+            if mine is not None and theirs is not None:
+                a, b = mine["log_likelihood"], theirs["log_likelihood"]
+                if a.shape == b.shape:  # cells evaluated on other digits do not pair
+                    diff, se = cell_files.paired_difference(a, b)
+                    row["paired_diff_vs"][reference], row["paired_se_vs"][reference] = diff, se
         paired.append(row)
     return paired
 

@@ -137,8 +137,7 @@ def run_cell(
         )
 
     # The curve is stored before the backup of the same epoch, so a resumed run never lacks a point it passed.
-    curve_dir = os.path.join(cell_dir, cell_store.CURVE_DIR)
-    callbacks = [cell_store.CurveEvaluation(config.eval_epochs, evaluate_test, curve_dir)]
+    callbacks = [cell_store.CurveEvaluation(config.eval_epochs, evaluate_test, cell_dir)]
     if config.resume:
         callbacks.append(keras.callbacks.BackupAndRestore(backup_dir, save_freq="epoch", delete_checkpoint=True))
     else:

@@ -16,7 +16,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_rmvae  # noqa: E402
-from benchmarks import amortization, cell_store, frontier, harness, plots, speed  # noqa: E402
+from benchmarks import amortization, cell_store, compare, frontier, harness, plots, speed  # noqa: E402
 from benchmarks import cells as run_cells  # noqa: E402
 from tf_rmvae import evaluation  # noqa: E402
 from tf_rmvae.semi_amortized import SemiAmortizedVAE  # noqa: E402
@@ -120,6 +120,15 @@ def test_quick_harness_runs_every_method_end_to_end(tmp_path, capsys):
     assert all((f"| {label} |" in table) == (label in names) for label in labels) and len(labels) > 2
     with pytest.raises(ValueError, match="no results file has"):
         frontier.write_frontier(rows, None, None, str(tmp_path / "typo"), {"vae_typo": "x"})
+    # benchmarks.compare pairs stored cells per seed, at the end and along the curve (eval_epochs=(1,)).
+    [row] = compare.compare(str(tmp_path / "quick_cells"), labels[1], labels[0])
+    assert row["seed"] == 0 and set(row["curve"]) == {1}
+    assert row["log_likelihood"][0] == pytest.approx(rows[0]["paired_diff_vs"][labels[1]], rel=1e-5)
+    assert row["log_likelihood"][1] == pytest.approx(rows[0]["paired_se_vs"][labels[1]], rel=1e-5)
+    assert f"{labels[0]} minus {labels[1]}" in compare.main(["--cells_dir", str(tmp_path / "quick_cells"),
+                                                                 labels[1], labels[0]])
+    with pytest.raises(ValueError, match="no seed with cells of both"):
+        compare.compare(str(tmp_path / "quick_cells"), labels[1], "vae_typo")
     # Rows of another table (no paired difference to the reference) are paired from the cells' per-digit arrays.
     reference = rows[1]["label"]
     stripped = [dict(r, paired_diff_vs={}, paired_se_vs={}) for r in rows]

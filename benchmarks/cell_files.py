@@ -1,0 +1,50 @@
+"""Where a benchmark cell's files lie, and reading its per-digit arrays (numpy only: the frontier and the paired
+comparisons read cells without TensorFlow).
+
+    <cells_dir>/<label>_seed<seed>/result.json        the finished row and the fingerprint (`cell_store`)
+    <cells_dir>/<label>_seed<seed>/per_example.npz    per-digit test ELBO and log-likelihood
+    <cells_dir>/<label>_seed<seed>/curve/epoch_NNN.*  the same at the run's `eval_epochs` along training
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+RESULT_FILE = "result.json"
+PER_EXAMPLE_FILE = "per_example.npz"
+CURVE_DIR = "curve"
+
+
+def cell_key(label: str, seed: int) -> str:
+    """A cell's name within its cells directory (`Cell.key`)."""
+    return f"{label}_seed{seed}"
+
+
+def cell_dir(cells_dir: str, label: str, seed: int) -> str:
+    return os.path.join(cells_dir, cell_key(label, seed))
+
+
+def curve_path(directory: str, epoch: int) -> str:
+    """`directory/curve/epoch_NNN` (add `.npz` or `.json`) of a cell's evaluation after `epoch` (1-based)."""
+    return os.path.join(directory, CURVE_DIR, f"epoch_{epoch:03d}")
+
+
+def per_example(cells_dir: str, label: str, seed: int, epoch: int | None = None) -> dict[str, np.ndarray] | None:
+    """`{"elbo": [N], "log_likelihood": [N]}` (float64) of a cell at the end (`epoch=None`) or after `epoch`; None
+    where it was not stored (an unfinished cell, an epoch not evaluated)."""
+    directory = cell_dir(cells_dir, label, seed)
+    path = os.path.join(directory, PER_EXAMPLE_FILE) if epoch is None else curve_path(directory, epoch) + ".npz"
+    if not os.path.exists(path):
+        return None
+    with np.load(path) as arrays:
+        return {k: arrays[k].astype(np.float64) for k in ("elbo", "log_likelihood")}
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Mean of the per-digit difference `a - b` and its paired standard error (the same digits in both)."""
+    if a.shape != b.shape:
+        raise ValueError(f"Paired arrays need the same digits; got shapes {a.shape} and {b.shape}.")
+    diff = a - b
+    return float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(diff.size))
