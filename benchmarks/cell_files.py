@@ -31,6 +31,14 @@ def curve_path(directory: str, epoch: int) -> str:
     return os.path.join(directory, CURVE_DIR, f"epoch_{epoch:03d}")
 
 
+def curve_epochs(directory: str) -> list[int]:
+    """Epochs at which the cell in `directory` stored its per-digit arrays along training (`curve_path`)."""
+    curve = os.path.join(directory, CURVE_DIR)
+    names = os.listdir(curve) if os.path.isdir(curve) else []
+    return sorted(int(name[len("epoch_"):-len(".npz")]) for name in names
+                  if name.startswith("epoch_") and name.endswith(".npz"))
+
+
 def per_example(cells_dir: str, label: str, seed: int, epoch: int | None = None) -> dict[str, np.ndarray] | None:
     """`{"elbo": [N], "log_likelihood": [N]}` (float64) of a cell at the end (`epoch=None`) or after `epoch`; None
     where it was not stored (an unfinished cell, an epoch not evaluated)."""

@@ -30,9 +30,7 @@ def stored_seeds(cells_dir: str, label: str) -> list[int]:
 
 def evaluated_epochs(cells_dir: str, label: str, seed: int) -> list[int]:
     """Epochs along training at which the cell stored its per-digit arrays."""
-    curve = os.path.join(cell_files.cell_dir(cells_dir, label, seed), cell_files.CURVE_DIR)
-    names = os.listdir(curve) if os.path.isdir(curve) else []
-    return sorted(int(m.group(1)) for m in map(re.compile(r"epoch_(\d+)\.npz").fullmatch, names) if m)
+    return cell_files.curve_epochs(cell_files.cell_dir(cells_dir, label, seed))
 
 
 def _paired(mine: dict | None, theirs: dict | None, key: str) -> tuple[float, float] | None:
