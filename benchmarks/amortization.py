@@ -44,6 +44,7 @@ from benchmarks.cells import BenchmarkConfig, Cell, adds_components, epochs_per_
 from tf_rmvae import data as rm_data
 from tf_rmvae import evaluation
 from tf_rmvae.encoders import GaussianEncoder
+from tf_rmvae.files import write_json_atomic
 from tf_rmvae.semi_amortized import SemiAmortizedVAE
 
 METHODS = ("vae", "vae_equal_params", "iwae", "rme", "savae")
@@ -145,9 +146,7 @@ def check_settings(directory: str, settings: dict, log=print) -> None:
 
 def save_settings(directory: str, settings: dict) -> None:
     os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "settings.tmp.json"), "w") as f:
-        json.dump(settings, f, indent=1)
-    os.replace(os.path.join(directory, "settings.tmp.json"), os.path.join(directory, "settings.json"))
+    write_json_atomic(os.path.join(directory, "settings.json"), settings)
 
 
 def train_decoder(config: AmortizationConfig, cells_dir: str, log=print) -> keras.layers.Layer:

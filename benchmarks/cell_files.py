@@ -17,13 +17,21 @@ PER_EXAMPLE_FILE = "per_example.npz"
 CURVE_DIR = "curve"
 
 
-def cell_key(label: str, seed: int) -> str:
-    """A cell's name within its cells directory (`Cell.key`)."""
+def cell_key(label: str, seed: int | str) -> str:
+    """A cell's name within its cells directory (`Cell.key`); `seed=""` gives the prefix of all its seeds."""
     return f"{label}_seed{seed}"
 
 
 def cell_dir(cells_dir: str, label: str, seed: int) -> str:
     return os.path.join(cells_dir, cell_key(label, seed))
+
+
+def stored_seeds(cells_dir: str, label: str) -> list[int]:
+    """Seeds of `label` with a cell directory under `cells_dir` (finished or not)."""
+    prefix = cell_key(label, "")  # "<label>_seed"
+    names = os.listdir(cells_dir) if os.path.isdir(cells_dir) else []
+    return sorted(int(name[len(prefix):]) for name in names
+                  if name.startswith(prefix) and name[len(prefix):].isdigit())
 
 
 def curve_path(directory: str, epoch: int) -> str:

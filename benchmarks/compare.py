@@ -12,20 +12,11 @@ test digits only (two training runs of one configuration differ by more). Numpy 
 from __future__ import annotations
 
 import argparse
-import os
-import re
 from typing import Sequence
 
 import numpy as np
 
 from benchmarks import cell_files
-
-
-def stored_seeds(cells_dir: str, label: str) -> list[int]:
-    """Seeds of `label` with a cell directory under `cells_dir` (finished or not)."""
-    pattern = re.compile(re.escape(label) + r"_seed(\d+)")
-    names = os.listdir(cells_dir) if os.path.isdir(cells_dir) else []
-    return sorted(int(m.group(1)) for m in map(pattern.fullmatch, names) if m)
 
 
 def evaluated_epochs(cells_dir: str, label: str, seed: int) -> list[int]:
@@ -40,7 +31,8 @@ def _paired(mine: dict | None, theirs: dict | None, key: str) -> tuple[float, fl
 def compare(cells_dir: str, reference: str, model: str) -> list[dict]:
     """One dict per seed both have cells for: `log_likelihood` and `elbo` as `(diff, paired s.e.)` at the end (None
     where either is unfinished) and `curve`, `{epoch: (diff, s.e.)}` of log p(x) at the epochs both evaluated."""
-    seeds = sorted(set(stored_seeds(cells_dir, reference)) & set(stored_seeds(cells_dir, model)))
+    seeds = sorted(set(cell_files.stored_seeds(cells_dir, reference))
+                   & set(cell_files.stored_seeds(cells_dir, model)))
     if not seeds:
         raise ValueError(f"{cells_dir} has no seed with cells of both {reference!r} and {model!r}.")
     result = []
