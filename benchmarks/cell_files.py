@@ -8,6 +8,7 @@ comparisons read cells without TensorFlow).
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -56,6 +57,15 @@ def per_example(cells_dir: str, label: str, seed: int, epoch: int | None = None)
         return None
     with np.load(path) as arrays:
         return {k: arrays[k].astype(np.float64) for k in ("elbo", "log_likelihood")}
+
+
+def final_epoch(cells_dir: str, label: str, seed: int) -> int | None:
+    """The epoch count of a finished cell (its stored row's `epochs`); None while it is unfinished."""
+    path = os.path.join(cell_dir(cells_dir, label, seed), RESULT_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return int(json.load(f)["row"]["epochs"])
 
 
 def paired_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:

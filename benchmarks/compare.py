@@ -1,12 +1,18 @@
 """Paired comparisons of stored benchmark cells (issue 11): models against a reference, per training seed, at the
-end of training and at every evaluated epoch, with the mean over seeds. The paired differences that
-docs/results.md quotes come from here (or from `benchmarks.frontier`'s table, which has the final ones).
+end of training and at every evaluated epoch, with the mean over seeds; optionally a plot of the differences
+along training. The paired differences that docs/results.md quotes come from here (or from `benchmarks.frontier`'s
+table, which has the final ones).
 
     python -m benchmarks.compare --cells_dir benchmarks/results/budget100_cells iwae_k16 \
-        rme_M4_lambda1_iw_shared_ciw_S4 rme_M8_lambda1_iw_shared
+        "variant e=rme_M4_lambda1_iw_shared_ciw_S4" \
+        "no last join=benchmarks/results/budget100_epc34_cells:rme_M4_lambda1_iw_shared_ciw_S4" \
+        --plot /tmp/against_iwae_k16.png
 
-Each difference is `model - reference` over the same test digits, with its paired standard error; that covers the
-test digits only (two training runs of one configuration differ by more). Numpy only, no training.
+A model or the reference is a cell label, read from `--cells_dir`, or `CELLS_DIR:LABEL`, read from that directory
+(cells of one label with other settings live in another run's directory); a model may be named for the tables and
+the plot as `NAME=LABEL` or `NAME=CELLS_DIR:LABEL`. Each difference is `model - reference`
+over the same test digits, with its paired standard error; that covers the test digits only (two training runs of
+one configuration differ by more). Numpy (and matplotlib for --plot) only, no training.
 """
 
 from __future__ import annotations
@@ -17,6 +23,18 @@ from typing import Sequence
 import numpy as np
 
 from benchmarks import cell_files
+
+
+def resolve(spec: str, cells_dir: str) -> tuple[str, str]:
+    """`LABEL` or `CELLS_DIR:LABEL` -> `(cells directory, label)`; a bare label is read from `cells_dir`."""
+    directory, colon, label = spec.rpartition(":")
+    return (directory, label) if colon else (cells_dir, spec)
+
+
+def named(spec: str) -> tuple[str, str]:
+    """`NAME=SPEC` or `SPEC` -> `(name, spec)`; the name defaults to the spec itself."""
+    name, equals, rest = spec.partition("=")
+    return (name, rest) if equals else (spec, spec)
 
 
 def evaluated_epochs(cells_dir: str, label: str, seed: int) -> list[int]:
@@ -30,21 +48,26 @@ def _paired(mine: dict | None, theirs: dict | None, key: str) -> tuple[float, fl
 
 def compare(cells_dir: str, reference: str, model: str) -> list[dict]:
     """One dict per seed both have cells for: `log_likelihood` and `elbo` as `(diff, paired s.e.)` at the end (None
-    where either is unfinished) and `curve`, `{epoch: (diff, s.e.)}` of log p(x) at the epochs both evaluated."""
-    seeds = sorted(set(cell_files.stored_seeds(cells_dir, reference))
-                   & set(cell_files.stored_seeds(cells_dir, model)))
+    where either is unfinished), `epochs` (the finished model's epoch count, else None) and `curve`,
+    `{epoch: (diff, s.e.)}` of log p(x) at the epochs both evaluated. `reference` and `model` as in `resolve`."""
+    (model_dir, model), (reference_dir, reference) = resolve(model, cells_dir), resolve(reference, cells_dir)
+    seeds = sorted(set(cell_files.stored_seeds(reference_dir, reference))
+                   & set(cell_files.stored_seeds(model_dir, model)))
     if not seeds:
-        raise ValueError(f"{cells_dir} has no seed with cells of both {reference!r} and {model!r}.")
+        raise ValueError(f"No seed with cells of both {reference!r} (in {reference_dir}) and {model!r} "
+                         f"(in {model_dir}).")
     result = []
     for seed in seeds:
-        mine = cell_files.per_example(cells_dir, model, seed)
-        theirs = cell_files.per_example(cells_dir, reference, seed)
-        epochs = sorted(set(evaluated_epochs(cells_dir, model, seed))
-                        & set(evaluated_epochs(cells_dir, reference, seed)))
-        curve = {e: _paired(cell_files.per_example(cells_dir, model, seed, e),
-                            cell_files.per_example(cells_dir, reference, seed, e), "log_likelihood") for e in epochs}
+        mine = cell_files.per_example(model_dir, model, seed)
+        theirs = cell_files.per_example(reference_dir, reference, seed)
+        epochs = sorted(set(evaluated_epochs(model_dir, model, seed))
+                        & set(evaluated_epochs(reference_dir, reference, seed)))
+        curve = {e: _paired(cell_files.per_example(model_dir, model, seed, e),
+                            cell_files.per_example(reference_dir, reference, seed, e), "log_likelihood")
+                 for e in epochs}
         result.append(dict(seed=seed, log_likelihood=_paired(mine, theirs, "log_likelihood"),
-                           elbo=_paired(mine, theirs, "elbo"), curve=curve))
+                           elbo=_paired(mine, theirs, "elbo"), curve=curve,
+                           epochs=cell_files.final_epoch(model_dir, model, seed)))
     return result
 
 
@@ -66,14 +89,52 @@ def comparison_table(reference: str, model: str, per_seed: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def difference_curve(row: dict) -> tuple[list[int], list[float]]:
+    """One seed's paired difference of log p(x) along training, the final one at the model's last epoch."""
+    points = {e: pair[0] for e, pair in row["curve"].items() if pair is not None}
+    if row["log_likelihood"] is not None and row["epochs"] is not None:
+        points[row["epochs"]] = row["log_likelihood"][0]
+    epochs = sorted(points)
+    return epochs, [points[e] for e in epochs]
+
+
+def plot_differences(reference: str, comparisons: dict[str, list[dict]], path: str) -> None:
+    """Paired difference of test log p(x) against `reference` along training: a thin line per seed, a thick one
+    for the mean over seeds at the epochs every seed reached (`comparisons`: model name -> `compare`'s rows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    for index, (name, per_seed) in enumerate(comparisons.items()):
+        color = f"C{index % 10}"
+        curves = [difference_curve(row) for row in per_seed]
+        for epochs, diffs in curves:
+            ax.plot(epochs, diffs, color=color, linewidth=0.8, alpha=0.5, marker=".")
+        shared = sorted(set.intersection(*(set(epochs) for epochs, _ in curves)))
+        mean = [np.mean([dict(zip(*curve))[e] for curve in curves]) for e in shared]
+        ax.plot(shared, mean, color=color, linewidth=2.2, marker="o", label=f"{name} ({len(curves)} seeds)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"test log p(x) minus {reference} (nats)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("reference", help="the label the others are compared against, e.g. iwae_k16")
-    parser.add_argument("models", nargs="+", help="labels of the models to compare")
+    parser.add_argument("models", nargs="+", help="[NAME=][CELLS_DIR:]LABEL of each model to compare")
     parser.add_argument("--cells_dir", required=True, help="the harness's cells directory")
+    parser.add_argument("--plot", help="also plot the differences along training to this PNG")
     args = parser.parse_args(argv)
-    text = "\n\n".join(comparison_table(args.reference, m, compare(args.cells_dir, args.reference, m))
-                       for m in args.models)
+    comparisons = dict((name, compare(args.cells_dir, args.reference, spec)) for name, spec in map(named, args.models))
+    text = "\n\n".join(comparison_table(args.reference, m, rows) for m, rows in comparisons.items())
+    if args.plot:
+        plot_differences(args.reference, comparisons, args.plot)
     print(text)
     return text
 

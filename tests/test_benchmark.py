@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -127,8 +128,19 @@ def test_quick_harness_runs_every_method_end_to_end(tmp_path, capsys):
     assert row["log_likelihood"][1] == pytest.approx(rows[0]["paired_se_vs"][labels[1]], rel=1e-5)
     assert f"{labels[0]} minus {labels[1]}" in compare.main(["--cells_dir", str(tmp_path / "quick_cells"),
                                                                  labels[1], labels[0]])
-    with pytest.raises(ValueError, match="no seed with cells of both"):
+    with pytest.raises(ValueError, match="No seed with cells of both"):
         compare.compare(str(tmp_path / "quick_cells"), labels[1], "vae_typo")
+    # A model's cells may come from another cells directory (CELLS_DIR:LABEL), named for the tables and the plot;
+    # --plot draws the differences along training, the last at the finished model's final epoch.
+    shutil.copytree(tmp_path / "quick_cells", tmp_path / "other_cells")
+    shutil.rmtree(tmp_path / "other_cells" / f"{labels[0]}_seed0" / "curve")
+    [other] = compare.compare(str(tmp_path / "quick_cells"), labels[1], f"{tmp_path / 'other_cells'}:{labels[0]}")
+    assert other["log_likelihood"] == row["log_likelihood"] and other["curve"] == {} and other["epochs"] == 2
+    assert compare.difference_curve(row) == ([1, 2], [row["curve"][1][0], row["log_likelihood"][0]])
+    text = compare.main(["--cells_dir", str(tmp_path / "quick_cells"), labels[1], f"first={labels[0]}",
+                         f"copy={tmp_path / 'other_cells'}:{labels[0]}", "--plot", str(tmp_path / "diff.png")])
+    assert f"first minus {labels[1]}" in text and f"copy minus {labels[1]}" in text
+    assert os.path.getsize(tmp_path / "diff.png") > 0
     # Rows of another table (no paired difference to the reference) are paired from the cells' per-digit arrays.
     reference = rows[1]["label"]
     stripped = [dict(r, paired_diff_vs={}, paired_se_vs={}) for r in rows]
