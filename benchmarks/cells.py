@@ -37,7 +37,10 @@ class BenchmarkConfig:
     `component_bounds` ("elbo", "iw") apply to "rme": the bound in each component's criterion
     (`RecursiveMixtureVAE(component_bound="iw")`, label suffix `_ciw`). `num_samples` applies to the mixture
     methods: reparameterised samples of every component slot per step (`RecursiveMixtureVAE(num_samples=...)`;
-    M x num_samples decoder passes; label suffix `_S<n>` when above 1); iwae keeps k = M.
+    M x num_samples decoder passes; label suffix `_S<n>` when above 1); iwae keeps k = M. `schedule_in_label`
+    names the cells whose components join one at a time by their schedule too (label suffix `_epc<N>`), so runs of
+    one model at several schedules can share a cells directory, a table and a frontier (off: the labels of
+    committed cells stay as they are).
     `eval_examples = 0` / `train_examples = 0` use the full split. `rme_max_log_ratio < 0` runs RME (and boosting)
     with the uncapped criterion; `rme_train_previous = False` freezes earlier components (ablations of issue 8).
     `lambdas` apply to "rme" only (boosting and the other baselines have no lambda; their rows hold
@@ -84,6 +87,7 @@ class BenchmarkConfig:
     per_example_proportions: bool = False
     component_bounds: Sequence[str] = ("elbo",)
     num_samples: int = 1
+    schedule_in_label: bool = False
 
     def __post_init__(self):
         self.methods = tuple(self.methods)
@@ -142,6 +146,9 @@ class Cell:
     per_example_proportions: bool = False  # mixture methods only
     component_bound: str = "elbo"  # rme only
     num_samples: int = 1  # mixture methods only: samples per component slot and step
+    # Where the run names cells by their schedule (`schedule_in_label`): epochs per component, in the label only
+    # (the run's `epochs_per_component` is what trains it and what its fingerprint records).
+    epochs_per_component: int | None = None
 
     @property
     def label(self) -> str:
@@ -167,6 +174,8 @@ class Cell:
             parts.append(f"c{self.component_bound}")
         if self.num_samples != 1:
             parts.append(f"S{self.num_samples}")
+        if self.epochs_per_component is not None:
+            parts.append(f"epc{self.epochs_per_component}")
         return "_".join(parts)
 
     @property
@@ -198,6 +207,9 @@ def cells(config: BenchmarkConfig) -> list[Cell]:
                     result.extend(
                         Cell(method, m, lam, seed, schedule, bound=b, component_bound=c, **options)
                         for lam in lambdas for b in bounds for c in component_bounds)
+    if config.schedule_in_label:
+        result = [dataclasses.replace(c, epochs_per_component=epochs_per_component(config, c))
+                  if adds_components(c) else c for c in result]
     return result
 
 

@@ -4,8 +4,7 @@ along training. The paired differences that docs/results.md quotes come from her
 table, which has the final ones).
 
     python -m benchmarks.compare --cells_dir benchmarks/results/budget100_cells iwae_k16 \
-        "variant e=rme_M4_lambda1_iw_shared_ciw_S4" \
-        "no last join=benchmarks/results/budget100_epc34_cells:rme_M4_lambda1_iw_shared_ciw_S4" \
+        "variant e=rme_M4_lambda1_iw_shared_ciw_S4" "no last join=rme_M4_lambda1_iw_shared_ciw_S4_epc34" \
         --plot /tmp/against_iwae_k16.png
 
 A model or the reference is a cell label, read from `--cells_dir`, or `CELLS_DIR:LABEL`, read from that directory

@@ -51,11 +51,12 @@ def train_step_name(label: str, bound: str = "auto") -> str | None:
     """The `benchmarks.speed` training-step entry that times the model `label` (absent where speed did not time
     it), or None where no entry can: speed times RME's step on one bound (`bound`, its config's; "auto" is RME's
     "iw"), so an RME row maps only if it was trained on that bound. Importance-weighted component criteria and S
-    samples per slot are named as speed's `sampled_shared` entries (`rme_shared_M4_ciw_S4`).
+    samples per slot are named as speed's `sampled_shared` entries (`rme_shared_M4_ciw_S4`); a schedule in the
+    label (`_epc<N>`) does not change the step.
     """
     if label == "vae" or label.startswith("iwae_k"):
         return label
-    m = re.fullmatch(r"rme_M(\d+)_lambda[\d.]+(_iw)?(_shared)?(_ciw)?(?:_S(\d+))?", label)
+    m = re.fullmatch(r"rme_M(\d+)_lambda[\d.]+(_iw)?(_shared)?(_ciw)?(?:_S(\d+))?(?:_epc\d+)?", label)
     if not m or bool(m.group(2)) != (bound in ("auto", "iw")):
         return None
     samples = f"_S{m.group(5)}" if m.group(5) else ""

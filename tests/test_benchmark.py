@@ -192,6 +192,7 @@ def test_frontier_keeps_models_no_other_beats_at_equal_or_lower_cost():
     assert frontier.train_step_name("rme_M4_lambda1_iw_shared_ciw_S4", "auto") == "rme_shared_M4_ciw_S4"
     assert frontier.train_step_name("rme_M4_lambda0.3_iw_ciw", "auto") == "rme_M4_ciw"
     assert frontier.train_step_name("mixture_M4") is None
+    assert frontier.train_step_name("rme_M4_lambda1_iw_shared_ciw_S4_epc34", "auto") == "rme_shared_M4_ciw_S4"
 
 
 def test_speed_benchmark_tiny_prints_ratios(capsys):
@@ -349,6 +350,21 @@ def test_samples_per_slot_cells_are_mixture_only_and_labelled():
         assert cell_store.fingerprint(config, cells[label]) == cell_store.fingerprint(plain, plain_cells[label])
     with pytest.raises(ValueError, match="num_samples"):
         run_cells.quick_config(num_samples=0)
+
+
+def test_schedule_in_label_names_the_cells_whose_components_join_and_keeps_their_fingerprint():
+    plain = run_cells.quick_config(methods=("rme", "boosting", "iwae", "mixture"), num_components=(2,),
+                                   lambdas=(1.0,), epochs=6, epochs_per_component=3)
+    named = dataclasses.replace(plain, schedule_in_label=True)
+    plain_cells, named_cells = run_cells.cells(plain), run_cells.cells(named)
+    assert [c.label for c in named_cells] == ["rme_M2_lambda1_epc3", "boosting_M2_epc3", "iwae_k2", "mixture_M2"]
+    # The name is the only difference: a cell stored under the plain label loads (once moved) under the new one.
+    for old, new in zip(plain_cells, named_cells):
+        assert cell_store.fingerprint(plain, old) == cell_store.fingerprint(named, new)
+    # The spread schedule (epochs_per_component = 0) is named by the epochs it gives: 6 // 2 = 3.
+    spread = dataclasses.replace(named, epochs_per_component=0)
+    assert run_cells.cells(spread)[0].label == "rme_M2_lambda1_epc3"
+    assert run_cells.cells(dataclasses.replace(named, epochs_per_component=2))[0].label == "rme_M2_lambda1_epc2"
 
 
 def test_time_functions_calls_the_models_in_turn_in_every_round():

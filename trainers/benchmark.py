@@ -62,6 +62,8 @@ flags.DEFINE_list("component_bounds", list(_DEFAULT.component_bounds),
                   "Bounds in rme's component criteria: elbo and/or iw (importance-weighted, label suffix _ciw).")
 flags.DEFINE_integer("num_samples", _DEFAULT.num_samples,
                      "Mixture methods: samples per component slot and step (label suffix _S<n> above 1).")
+flags.DEFINE_bool("schedule_in_label", False,
+                  "Name cells whose components join one at a time by their schedule too (label suffix _epc<N>).")
 flags.DEFINE_list("eval_epochs", [], "Epochs (besides the last) at which every cell is also evaluated.")
 flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"], "XLA for training (auto: on GPU only).")
 flags.DEFINE_string("output_dir", _DEFAULT.output_dir, "Where the results JSON and the per-cell dirs go.")
