@@ -15,7 +15,7 @@ import keras
 import numpy as np
 
 from benchmarks.cell_files import CURVE_DIR, PER_EXAMPLE_FILE, RESULT_FILE, curve_path
-from benchmarks.cells import BenchmarkConfig, Cell, adds_components
+from benchmarks.cells import BenchmarkConfig, Cell, adds_components, stage_epochs
 from tf_rmvae.choices import RECURSIVE_METHODS
 
 
@@ -100,12 +100,17 @@ def read_by_cell(fingerprint: dict, cell: Cell) -> dict:
     """`fingerprint` without the run settings that `cell` does not read: the component schedule where no component
     joins later, the run's `shared_trunk` and `per_example_proportions` where the cell has neither (the cell's own
     fields record them). Applied to stored fingerprints too, so a finished cell (e.g. IWAE) counts as finished in
-    any run that differs only there, including cells stored before this rule."""
+    any run that differs only there, including cells stored before this rule. The schedule is read as the epochs
+    per stage it gives (`epochs_per_component = 0`, the spread, as `epochs // M`): two runs that train a cell alike
+    share it, whichever way they spelled its schedule."""
     unread = {"shared_trunk", "per_example_proportions"}
     if not adds_components(cell):
         unread.add("epochs_per_component")
     unread = {k for k in unread if not getattr(cell, k, False)}  # the cell's own option stays where it is on
-    return {k: v for k, v in fingerprint.items() if k not in unread}
+    read = {k: v for k, v in fingerprint.items() if k not in unread}
+    if "epochs_per_component" in read and "epochs" in read:
+        read["epochs_per_component"] = stage_epochs(read["epochs_per_component"], read["epochs"], cell.num_components)
+    return read
 
 
 def load_finished(config: BenchmarkConfig, cell: Cell, cell_dir: str) -> tuple[dict, dict] | None:
@@ -119,7 +124,9 @@ def load_finished(config: BenchmarkConfig, cell: Cell, cell_dir: str) -> tuple[d
     if read_by_cell(stored.get("fingerprint") or {}, cell) != fingerprint(config, cell):
         return None
     with np.load(arrays_path) as arrays:
-        return stored["row"], {k: arrays[k] for k in arrays.files}
+        # Named as the cell is now: a cell stored under another label (e.g. before `schedule_in_label`) keeps its
+        # result under the name the run gives it.
+        return dict(stored["row"], label=cell.label), {k: arrays[k] for k in arrays.files}
 
 
 def save_finished(config: BenchmarkConfig, cell: Cell, cell_dir: str, row: dict, arrays: dict) -> None:

@@ -219,7 +219,10 @@ def adds_components(cell: Cell) -> bool:
     return components_join_one_at_a_time(cell.method, cell.schedule, cell.num_components)
 
 
+def stage_epochs(epochs_per_component: int, epochs: int, num_components: int) -> int:
+    """Epochs per stage: `epochs_per_component`, or where it is 0 the run spread over the M components."""
+    return epochs_per_component if epochs_per_component > 0 else max(1, epochs // num_components)
+
+
 def epochs_per_component(config: BenchmarkConfig, cell: Cell) -> int:
-    if config.epochs_per_component > 0:
-        return config.epochs_per_component
-    return max(1, config.epochs // cell.num_components)
+    return stage_epochs(config.epochs_per_component, config.epochs, cell.num_components)

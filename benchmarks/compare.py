@@ -4,14 +4,14 @@ along training. The paired differences that docs/results.md quotes come from her
 table, which has the final ones).
 
     python -m benchmarks.compare --cells_dir benchmarks/results/budget100_cells iwae_k16 \
-        "variant e=rme_M4_lambda1_iw_shared_ciw_S4" "no last join=rme_M4_lambda1_iw_shared_ciw_S4_epc34" \
+        "rme_M4_lambda1_iw_shared_ciw_S4=variant e" "rme_M4_lambda1_iw_shared_ciw_S4_epc34=no last join" \
         --plot /tmp/against_iwae_k16.png
 
 A model or the reference is a cell label, read from `--cells_dir`, or `CELLS_DIR:LABEL`, read from that directory
-(cells of one label with other settings live in another run's directory); a model may be named for the tables and
-the plot as `NAME=LABEL` or `NAME=CELLS_DIR:LABEL`. Each difference is `model - reference`
-over the same test digits, with its paired standard error; that covers the test digits only (two training runs of
-one configuration differ by more). Numpy (and matplotlib for --plot) only, no training.
+(cells of one label with other settings live in another run's directory), and may be named for the tables and the
+plot, `LABEL=NAME` or `CELLS_DIR:LABEL=NAME` (as `benchmarks.frontier --only` names them). Each difference is
+`model - reference` over the same test digits, with its paired standard error; that covers the test digits only
+(two training runs of one configuration differ by more). Numpy (and matplotlib for --plot) only, no training.
 """
 
 from __future__ import annotations
@@ -31,9 +31,11 @@ def resolve(spec: str, cells_dir: str) -> tuple[str, str]:
 
 
 def named(spec: str) -> tuple[str, str]:
-    """`NAME=SPEC` or `SPEC` -> `(name, spec)`; the name defaults to the spec itself."""
-    name, equals, rest = spec.partition("=")
-    return (name, rest) if equals else (spec, spec)
+    """`SPEC=NAME` or `SPEC` -> `(name, spec)`; the name defaults to the label. Only an `=` after the cells
+    directory names (a directory's own `=` does not)."""
+    directory, colon, rest = spec.rpartition(":")
+    label, equals, name = rest.partition("=")
+    return (name if equals else label), directory + colon + label
 
 
 def evaluated_epochs(cells_dir: str, label: str, seed: int) -> list[int]:
@@ -47,7 +49,8 @@ def _paired(mine: dict | None, theirs: dict | None, key: str) -> tuple[float, fl
 
 def compare(cells_dir: str, reference: str, model: str) -> list[dict]:
     """One dict per seed both have cells for: `log_likelihood` and `elbo` as `(diff, paired s.e.)` at the end (None
-    where either is unfinished), `epochs` (the finished model's epoch count, else None) and `curve`,
+    where either is unfinished), `epochs` (the epoch count both finished at; None if they differ or either is
+    unfinished) and `curve`,
     `{epoch: (diff, s.e.)}` of log p(x) at the epochs both evaluated. `reference` and `model` as in `resolve`."""
     (model_dir, model), (reference_dir, reference) = resolve(model, cells_dir), resolve(reference, cells_dir)
     seeds = sorted(set(cell_files.stored_seeds(reference_dir, reference))
@@ -66,8 +69,14 @@ def compare(cells_dir: str, reference: str, model: str) -> list[dict]:
                  for e in epochs}
         result.append(dict(seed=seed, log_likelihood=_paired(mine, theirs, "log_likelihood"),
                            elbo=_paired(mine, theirs, "elbo"), curve=curve,
-                           epochs=cell_files.final_epoch(model_dir, model, seed)))
+                           epochs=_common_final_epoch(model_dir, model, reference_dir, reference, seed)))
     return result
+
+
+def _common_final_epoch(model_dir: str, model: str, reference_dir: str, reference: str, seed: int) -> int | None:
+    """The epoch count both cells finished at (so their final difference belongs at that epoch); else None."""
+    epochs = cell_files.final_epoch(model_dir, model, seed)
+    return epochs if epochs == cell_files.final_epoch(reference_dir, reference, seed) else None
 
 
 def comparison_table(reference: str, model: str, per_seed: list[dict]) -> str:
@@ -89,7 +98,7 @@ def comparison_table(reference: str, model: str, per_seed: list[dict]) -> str:
 
 
 def difference_curve(row: dict) -> tuple[list[int], list[float]]:
-    """One seed's paired difference of log p(x) along training, the final one at the model's last epoch."""
+    """One seed's paired difference of log p(x) along training, the final one at the epoch both finished at."""
     points = {e: pair[0] for e, pair in row["curve"].items() if pair is not None}
     if row["log_likelihood"] is not None and row["epochs"] is not None:
         points[row["epochs"]] = row["log_likelihood"][0]
@@ -100,10 +109,9 @@ def difference_curve(row: dict) -> tuple[list[int], list[float]]:
 def plot_differences(reference: str, comparisons: dict[str, list[dict]], path: str) -> None:
     """Paired difference of test log p(x) against `reference` along training: a thin line per seed, a thick one
     for the mean over seeds at the epochs every seed reached (`comparisons`: model name -> `compare`'s rows)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from benchmarks.plots import finish  # imports matplotlib (Agg): only where a plot is asked for
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.axhline(0.0, color="black", linewidth=0.8)
@@ -115,25 +123,21 @@ def plot_differences(reference: str, comparisons: dict[str, list[dict]], path: s
         shared = sorted(set.intersection(*(set(epochs) for epochs, _ in curves)))
         mean = [np.mean([dict(zip(*curve))[e] for curve in curves]) for e in shared]
         ax.plot(shared, mean, color=color, linewidth=2.2, marker="o", label=f"{name} ({len(curves)} seeds)")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(f"test log p(x) minus {reference} (nats)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish(fig, ax, "epoch", f"test log p(x) minus {reference} (nats)", path, legend_size=7)
 
 
 def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("reference", help="the label the others are compared against, e.g. iwae_k16")
-    parser.add_argument("models", nargs="+", help="[NAME=][CELLS_DIR:]LABEL of each model to compare")
+    parser.add_argument("reference", help="[CELLS_DIR:]LABEL[=NAME] the others are compared against, e.g. iwae_k16")
+    parser.add_argument("models", nargs="+", help="[CELLS_DIR:]LABEL[=NAME] of each model to compare")
     parser.add_argument("--cells_dir", required=True, help="the harness's cells directory")
     parser.add_argument("--plot", help="also plot the differences along training to this PNG")
     args = parser.parse_args(argv)
-    comparisons = dict((name, compare(args.cells_dir, args.reference, spec)) for name, spec in map(named, args.models))
-    text = "\n\n".join(comparison_table(args.reference, m, rows) for m, rows in comparisons.items())
+    reference_name, reference = named(args.reference)
+    comparisons = {name: compare(args.cells_dir, reference, spec) for name, spec in map(named, args.models)}
+    text = "\n\n".join(comparison_table(reference_name, m, rows) for m, rows in comparisons.items())
     if args.plot:
-        plot_differences(args.reference, comparisons, args.plot)
+        plot_differences(reference_name, comparisons, args.plot)
     print(text)
     return text
 

@@ -137,9 +137,11 @@ def test_quick_harness_runs_every_method_end_to_end(tmp_path, capsys):
     [other] = compare.compare(str(tmp_path / "quick_cells"), labels[1], f"{tmp_path / 'other_cells'}:{labels[0]}")
     assert other["log_likelihood"] == row["log_likelihood"] and other["curve"] == {} and other["epochs"] == 2
     assert compare.difference_curve(row) == ([1, 2], [row["curve"][1][0], row["log_likelihood"][0]])
-    text = compare.main(["--cells_dir", str(tmp_path / "quick_cells"), labels[1], f"first={labels[0]}",
-                         f"copy={tmp_path / 'other_cells'}:{labels[0]}", "--plot", str(tmp_path / "diff.png")])
-    assert f"first minus {labels[1]}" in text and f"copy minus {labels[1]}" in text
+    text = compare.main(["--cells_dir", str(tmp_path / "quick_cells"), f"{labels[1]}=ref", f"{labels[0]}=first",
+                         f"{tmp_path / 'other_cells'}:{labels[0]}=copy", "--plot", str(tmp_path / "diff.png")])
+    assert "first minus ref" in text and "copy minus ref" in text
+    assert compare.named("runs/lr=1e-3:rme=RME") == ("RME", "runs/lr=1e-3:rme")
+    assert compare.named("runs/lr=1e-3:rme") == ("rme", "runs/lr=1e-3:rme")
     assert os.path.getsize(tmp_path / "diff.png") > 0
     # Rows of another table (no paired difference to the reference) are paired from the cells' per-digit arrays.
     reference = rows[1]["label"]
@@ -361,9 +363,13 @@ def test_schedule_in_label_names_the_cells_whose_components_join_and_keeps_their
     # The name is the only difference: a cell stored under the plain label loads (once moved) under the new one.
     for old, new in zip(plain_cells, named_cells):
         assert cell_store.fingerprint(plain, old) == cell_store.fingerprint(named, new)
-    # The spread schedule (epochs_per_component = 0) is named by the epochs it gives: 6 // 2 = 3.
+    # The spread schedule (epochs_per_component = 0) is named by the epochs it gives, 6 // 2 = 3, and is the same
+    # cell as the explicit 3 (one label, one fingerprint); another schedule is another cell.
     spread = dataclasses.replace(named, epochs_per_component=0)
     assert run_cells.cells(spread)[0].label == "rme_M2_lambda1_epc3"
+    assert cell_store.fingerprint(spread, run_cells.cells(spread)[0]) == cell_store.fingerprint(named, named_cells[0])
+    assert cell_store.fingerprint(dataclasses.replace(named, epochs_per_component=2), named_cells[0]) != \
+        cell_store.fingerprint(named, named_cells[0])
     assert run_cells.cells(dataclasses.replace(named, epochs_per_component=2))[0].label == "rme_M2_lambda1_epc2"
 
 
@@ -410,6 +416,9 @@ def test_a_finished_cell_matches_runs_that_differ_only_in_settings_it_does_not_r
     np.savez(cell_dir / "per_example.npz", elbo=np.zeros(3), log_likelihood=np.ones(3))
     row, arrays = cell_store.load_finished(other, other_cells["iwae_k2"], str(cell_dir))
     assert row == {"label": "iwae_k2"} and arrays["log_likelihood"].tolist() == [1.0, 1.0, 1.0]
+    # A cell stored under another label (moved and renamed) loads under the name the run gives it.
+    (cell_dir / "result.json").write_text(json.dumps(dict(fingerprint=stored, row={"label": "old_name"})))
+    assert cell_store.load_finished(other, other_cells["iwae_k2"], str(cell_dir))[0] == {"label": "iwae_k2"}
     stored_rme = dict(cell_store.fingerprint(run, rme), epochs_per_component=7)
     (cell_dir / "result.json").write_text(json.dumps(dict(fingerprint=stored_rme, row={})))
     assert cell_store.load_finished(run, rme, str(cell_dir)) is None  # RME's schedule differs: retrained
