@@ -50,8 +50,8 @@ def _paired(mine: dict | None, theirs: dict | None, key: str) -> tuple[float, fl
 def compare(cells_dir: str, reference: str, model: str) -> list[dict]:
     """One dict per seed both have cells for: `log_likelihood` and `elbo` as `(diff, paired s.e.)` at the end (None
     where either is unfinished), `epochs` (the epoch count both finished at; None if they differ or either is
-    unfinished) and `curve`,
-    `{epoch: (diff, s.e.)}` of log p(x) at the epochs both evaluated. `reference` and `model` as in `resolve`."""
+    unfinished) and `curve`, `{epoch: (diff, s.e.)}` of log p(x) at the epochs both evaluated. `reference` and
+    `model` as in `resolve`."""
     (model_dir, model), (reference_dir, reference) = resolve(model, cells_dir), resolve(reference, cells_dir)
     seeds = sorted(set(cell_files.stored_seeds(reference_dir, reference))
                    & set(cell_files.stored_seeds(model_dir, model)))
