@@ -122,7 +122,8 @@ def plot_differences(reference: str, comparisons: dict[str, list[dict]], path: s
             ax.plot(epochs, diffs, color=color, linewidth=0.8, alpha=0.5, marker=".")
         shared = sorted(set.intersection(*(set(epochs) for epochs, _ in curves)))
         mean = [np.mean([dict(zip(*curve))[e] for curve in curves]) for e in shared]
-        ax.plot(shared, mean, color=color, linewidth=2.2, marker="o", label=f"{name} ({len(curves)} seeds)")
+        seeds = f"{len(curves)} seed{'s' if len(curves) > 1 else ''}"
+        ax.plot(shared, mean, color=color, linewidth=2.2, marker="o", label=f"{name} ({seeds})")
     finish(fig, ax, "epoch", f"test log p(x) minus {reference} (nats)", path, legend_size=7)
 
 
