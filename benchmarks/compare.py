@@ -111,12 +111,11 @@ def plot_differences(reference: str, comparisons: dict[str, list[dict]], path: s
     for the mean over seeds at the epochs every seed reached (`comparisons`: model name -> `compare`'s rows)."""
     import matplotlib.pyplot as plt
 
-    from benchmarks.plots import finish  # imports matplotlib (Agg): only where a plot is asked for
+    from benchmarks.plots import finish, palette  # imports matplotlib (Agg): only where a plot is asked for
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.axhline(0.0, color="black", linewidth=0.8)
-    for index, (name, per_seed) in enumerate(comparisons.items()):
-        color = f"C{index % 10}"
+    for (name, per_seed), color in zip(comparisons.items(), palette(len(comparisons))):
         curves = [difference_curve(row) for row in per_seed]
         for epochs, diffs in curves:
             ax.plot(epochs, diffs, color=color, linewidth=0.8, alpha=0.5, marker=".")

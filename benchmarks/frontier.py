@@ -29,7 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import cell_files  # noqa: E402
-from benchmarks.plots import finish, load_rows  # noqa: E402
+from benchmarks.plots import finish, load_rows, palette  # noqa: E402
 
 
 def speed_name(label: str) -> str:
@@ -188,11 +188,11 @@ def parse_only(spec: str) -> dict[str, str]:
 def _scatter(entries: list[dict], cost: str, xlabel: str, path: str, names: dict[str, str] | None = None) -> None:
     """Log p(x) against `cost`; each model labelled at its point, or (with `names`) in a legend."""
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for e in entries:
+    for e, color in zip(entries, palette(len(entries))):
         seeds = [r["test_log_likelihood"] for r in e["rows"]]
         ax.errorbar(e[cost], e["log_likelihood"], yerr=[[e["log_likelihood"] - min(seeds)],
                     [max(seeds) - e["log_likelihood"]]], fmt="o" if e["frontier"] else "x", capsize=2,
-                    label=names[e["label"]] if names else None)
+                    color=color, label=names[e["label"]] if names else None)
         if not names:
             ax.annotate(e["label"], (e[cost], e["log_likelihood"]), fontsize=6, xytext=(3, 2),
                         textcoords="offset points")
@@ -204,10 +204,10 @@ def _scatter(entries: list[dict], cost: str, xlabel: str, path: str, names: dict
 def plot_curves(rows: list[dict], path: str, names: dict[str, str] | None = None) -> None:
     curves = learning_curves(rows)
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for label, curve in sorted(curves.items()):
+    for (label, curve), color in zip(sorted(curves.items()), palette(len(curves))):
         epochs = sorted(curve)
         ax.plot(epochs, [np.mean(curve[e]) for e in epochs], "o-", label=(names or {}).get(label, label),
-                markersize=3)
+                markersize=3, color=color)
     finish(fig, ax, "epoch", "test log-likelihood (nats, mean over seeds)", path, legend_size=6)
 
 

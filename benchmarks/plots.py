@@ -39,6 +39,13 @@ def finish(fig, ax, xlabel: str, ylabel: str, path: str, legend_size: int | None
     plt.close(fig)
 
 
+def palette(n: int) -> list:
+    """`n` colours, distinct for up to 20 (matplotlib's default cycle repeats after 10, so two models of a larger
+    figure would share one)."""
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
 def _aggregate(rows: list[dict], key) -> dict:
     """`{group: (mean log-likelihood, s.e.)}` over seeds of the rows grouped by `key(row)`."""
     groups = defaultdict(list)
