@@ -282,6 +282,20 @@ def test_unavailable_dataset_without_network(tmp_path, monkeypatch):
         data.load_numpy("fashion_mnist", "test", data_dir=str(tmp_path))
 
 
+def test_a_dataset_that_another_process_prepared_meanwhile_is_used(tmp_path, monkeypatch):
+    # Two trainers started together on a fresh data_dir both prepare the dataset; tfds renames each finished copy
+    # into place, so the slower one fails on the rename although the dataset is ready (seen with two benchmarks).
+    prepare = tfds.core.DatasetBuilder.download_and_prepare
+
+    def other_process_finished_first(self, *args, **kwargs):
+        prepare(self, *args, **kwargs)  # the other process's copy lands
+        raise FileExistsError(f"Cannot rename {self.data_dir}.incomplete. Destination {self.data_dir} already exists.")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", other_process_finished_first)
+    images = data.load_numpy("rmvae_mnist", "test", take=4, data_dir=str(tmp_path))
+    assert images.shape[0] == 4 and np.isin(images, (0.0, 1.0)).all()
+
+
 def test_checksum_sha256_helper(tmp_path):
     path = tmp_path / "f.bin"
     path.write_bytes(b"abc")

@@ -190,6 +190,11 @@ def _prepared_builder(spec: DatasetSpec, data_dir: str | os.PathLike | None) -> 
         try:
             builder.download_and_prepare()
         except _DOWNLOAD_ERRORS as e:
+            # Two processes preparing one data_dir at once (two trainers started together): tfds renames each
+            # finished copy into place, so the slower one fails on the rename although the dataset is ready.
+            builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
+            if builder.is_prepared():
+                return builder
             where = data_dir or "the default tfds data_dir"
             raise DatasetUnavailableError(
                 f"Dataset {spec.name!r} (tfds {spec.tfds_name!r}) is not prepared in {where} and could not "
