@@ -71,7 +71,7 @@ def test_the_auto_bound_is_each_methods_default_and_old_run_directories_keep_the
     for method in ("vae", "mixture", "boosting"):
         assert choices.resolve_bound(method, "auto") == "elbo"
     assert choices.resolve_bound("rme", "elbo") == "elbo" and choices.resolve_bound("vae", "iw") == "iw"
-    assert RunConfig(model_dir="a").bound == "auto" and RunConfig(model_dir="a").component_bound == "elbo"
+    assert RunConfig(model_dir="a").bound == "auto" and RunConfig(model_dir="a").component_bound == "auto"
     # A run directory saved before the bound was a setting trained on the ELBO, and resumes so.
     saved = {k: v for k, v in RunConfig(model_dir="a").to_dict().items() if k != "bound"}
     assert RunConfig.from_dict(saved).bound == "elbo"
@@ -79,7 +79,9 @@ def test_the_auto_bound_is_each_methods_default_and_old_run_directories_keep_the
     assert RunConfig(model_dir="a", bound="iw").mismatches(RunConfig(model_dir="a")) == {}
     mixture = RunConfig(model_dir="a", method="mixture", num_components=2)
     assert mixture.replace(bound="elbo").mismatches(mixture) == {}
-    assert RunConfig(model_dir="a", bound="elbo").mismatches(RunConfig(model_dir="a")) == {"bound": ("elbo", "auto")}
+    # (the bound also decides what "auto" means for the component criteria and samples; a saved run names them)
+    assert RunConfig(model_dir="a", bound="elbo").resolved().mismatches(RunConfig(model_dir="a")) == {
+        "bound": ("elbo", "auto"), "component_bound": ("elbo", "auto"), "num_samples": (1, 0)}
 
 
 def test_the_cap_and_trunk_rules_are_stated_once_in_the_choices_module():
@@ -122,8 +124,48 @@ def test_run_directories_saved_before_the_shared_trunk_default_resume_where_the_
         model_dir="a", num_components=4, epochs_per_component=2, shared_trunk=False, lambda_kl=0.3)
     assert rme.mismatches(old_defaults) == {}
     assert rme.mismatches(RunConfig(model_dir="a")) == {
-        "num_components": (4, 8), "shared_trunk": (False, True), "epochs_per_component": (2, 1),
+        "num_components": (4, 3), "shared_trunk": (False, True), "epochs_per_component": (2, 0),
         "lambda_kl": (0.3, 1.0)}
+
+
+def test_the_default_rme_is_three_heads_with_five_samples_each_on_importance_weighted_criteria():
+    default = RunConfig(model_dir="a")
+    assert (default.method, default.num_components, default.shared_trunk, default.lambda_kl) == ("rme", 3, True, 1.0)
+    assert (default.resolved_bound, default.resolved_component_bound, default.resolved_num_samples) == ("iw", "iw", 5)
+    # "auto" cascades: --bound=elbo alone is the paper's RME (ELBO criteria, one sample per component); ELBO
+    # criteria take one sample; explicit values stand; the other methods keep one sample on the ELBO.
+    paper = RunConfig(model_dir="a", bound="elbo")
+    assert (paper.resolved_component_bound, paper.resolved_num_samples) == ("elbo", 1)
+    assert RunConfig(model_dir="a", component_bound="elbo").resolved_num_samples == 1
+    assert RunConfig(model_dir="a", num_samples=2).resolved_num_samples == 2
+    for method in ("vae", "mixture", "boosting"):
+        other = RunConfig(model_dir="a", method=method, num_components=1 if method == "vae" else 3)
+        assert (other.resolved_component_bound, other.resolved_num_samples) == ("elbo", 1)
+    assert RunConfig(model_dir="a", method="vae", num_components=1, bound="iw").resolved_num_samples == 1
+    # The automatic schedule spreads the components evenly: 100 epochs, joins at 34 and 68 (the measured cells).
+    long = RunConfig(model_dir="a", epochs=100)
+    assert long.resolved_epochs_per_component == 34
+    assert [long.active_components_at(e) for e in (0, 33, 34, 67, 68, 99)] == [1, 1, 2, 2, 3, 3]
+    assert RunConfig(model_dir="a", epochs=10).resolved_epochs_per_component == 4
+    assert RunConfig(model_dir="a", epochs=2, num_components=8).resolved_epochs_per_component == 1
+    assert RunConfig(model_dir="a", epochs_per_component=3).resolved_epochs_per_component == 3
+    for name, value in (("num_samples", -1), ("epochs_per_component", -1)):
+        with pytest.raises(ConfigError, match=f"--{name} must be >= 1, or 0 for auto"):
+            RunConfig(model_dir="a", **{name: value}).validate()
+
+
+def test_a_run_saves_what_auto_meant_and_an_extended_run_keeps_its_schedule():
+    saved = RunConfig(model_dir="a").resolved()
+    assert (saved.bound, saved.component_bound, saved.num_samples, saved.epochs_per_component) == ("iw", "iw", 5, 4)
+    assert saved.mismatches(RunConfig(model_dir="a")) == {}  # the same command resumes it
+    extended = RunConfig(model_dir="a", epochs=40).resolved(saved=saved)
+    assert extended.epochs_per_component == 4 and saved.mismatches(extended) == {}
+    assert RunConfig(model_dir="a", epochs=40).resolved().epochs_per_component == 14  # a new run spreads its own
+    # A config.json written before component_bound and num_samples were settings trained one sample on the ELBO.
+    values = {k: v for k, v in saved.to_dict().items() if k not in ("component_bound", "num_samples")}
+    legacy = RunConfig.from_dict(values)
+    assert (legacy.component_bound, legacy.num_samples) == ("elbo", 1)
+    assert legacy.mismatches(RunConfig(model_dir="a")) == {"component_bound": ("elbo", "auto"), "num_samples": (1, 0)}
 
 
 def test_the_methods_own_defaults_name_methods_and_fields_and_change_a_default():

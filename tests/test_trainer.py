@@ -312,7 +312,7 @@ def test_the_shared_trunk_default_and_flag_reach_the_encoder():
     config = _config_from_flags("--model_dir=/tmp/x", "--noshared_trunk", "--num_components=3", "--hidden_units=16")
     assert not config.shared_trunk
     defaults = RunConfig()
-    assert defaults.shared_trunk and defaults.num_components == 8 and defaults.epochs_per_component == 1
+    assert defaults.shared_trunk and defaults.num_components == 3 and defaults.epochs_per_component == 0
     counts = {}
     for shared in (True, False):
         model = model_factory.build_model(config.replace(shared_trunk=shared), (28, 28, 1), True)

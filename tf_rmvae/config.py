@@ -17,7 +17,6 @@ from typing import Any
 from tf_rmvae.choices import (
     ARCHITECTURES,
     BOUND_SETTINGS,
-    BOUNDS,
     DECODERS,
     METHODS,
     NONFINITE_POLICIES,
@@ -27,7 +26,10 @@ from tf_rmvae.choices import (
     STRATEGIES,
     adds_components,
     resolve_bound,
+    resolve_component_bound,
+    resolve_epochs_per_component,
     resolve_max_log_ratio,
+    resolve_num_samples,
     uses_shared_trunk,
 )
 from tf_rmvae.files import write_json_atomic
@@ -52,8 +54,10 @@ RESUMABLE_FIELDS = frozenset({
 
 # Values of fields that a saved `config.json` may lack because it was written before the field existed: the behaviour
 # of that version (runs saved before issue 14 held no validation examples out of training; before `bound` was a
-# setting, every method trained on the ELBO).
-LEGACY_DEFAULTS = {"validation_examples": 0, "bound": "elbo", "shared_trunk": False}
+# setting, every method trained on the ELBO; before `component_bound` and `num_samples`, one sample per component on
+# ELBO criteria).
+LEGACY_DEFAULTS = {"validation_examples": 0, "bound": "elbo", "shared_trunk": False, "component_bound": "elbo",
+                   "num_samples": 1}
 # Defaults that depend on the method, which the trainer applies where the flag was not given: a VAE has one
 # component; MixVAE trained far worse on one shared trunk than on M networks (README "Results": 3.3-3.8 nats below
 # at 5 epochs, below a VAE; 2.9 at 40), so it keeps M independent networks.
@@ -103,7 +107,7 @@ class RunConfig:
         "rme", "rme: Recursive Mixture Estimation; vae: single Gaussian; mixture: jointly trained mixture; "
         "boosting: boosting VI.", choices=METHODS)
     num_components: int = setting(
-        8, "Mixture components M (default 1 for --method=vae, which allows only 1).")
+        3, "Mixture components M (default 1 for --method=vae, which allows only 1).")
     shared_trunk: bool = setting(
         True, "Mixture methods: one encoder trunk with a head per component (many components at little cost); "
         "--noshared_trunk: M independent networks (the default for --method=mixture, which trains worse on one "
@@ -136,16 +140,20 @@ class RunConfig:
         "importance-weighted bound; with --method=vae and --num_samples=k: IWAE); auto: iw for --method=rme, "
         "elbo otherwise.", choices=BOUND_SETTINGS)
     component_bound: str = setting(
-        "elbo", "RME: the bound in each component's criterion: elbo (the paper's ELBO + lambda KL) or iw (the "
+        "auto", "RME: the bound in each component's criterion: elbo (the paper's ELBO + lambda KL) or iw (the "
         "component's importance-weighted bound over every sample drawn from it; first stage = IWAE with "
-        "--bound=iw).", choices=BOUNDS)
-    num_samples: int = setting(1, "Reparameterised samples per component per step.")
+        "--bound=iw); auto: iw for --method=rme on --bound=iw, elbo otherwise.", choices=BOUND_SETTINGS)
+    num_samples: int = setting(
+        0, "Reparameterised samples per component per step (0 = auto: 5 for --method=rme with importance-weighted "
+        "component criteria, 1 otherwise).")
     eps_search_every: int = setting(50, "Steps between mixing-proportion line searches.")
     per_example_proportions: bool = setting(
         False, "Per-example mixing proportions eps_m(x): the searched logit plus a small head's bounded offset.")
     # Training
     epochs: int = setting(10, "Training epochs (a larger value extends a finished or resumed run).")
-    epochs_per_component: int = setting(1, "Stage-wise RME/boosting: epochs before the next component joins.")
+    epochs_per_component: int = setting(
+        0, "Stage-wise RME/boosting: epochs before the next component joins (0 = auto: ceil(epochs / M), the "
+        "components spread evenly over --epochs; a resumed or extended run keeps its schedule).")
     early_stopping_patience: int = setting(
         0, "Stop after this many epochs without a better validation ELBO (0 = train every epoch).")
     learning_rate: float = setting(1e-3, "Adam learning rate.")
@@ -197,9 +205,9 @@ class RunConfig:
             allowed, value = field.metadata.get("choices", ()), getattr(self, field.name)
             check(not allowed or value in allowed,
                   f"--{field.name} must be one of {', '.join(allowed)}; got {value!r}.")
-        check(self.component_bound == "elbo" or self.method == "rme",
+        check(self.component_bound != "iw" or self.method == "rme",
               f"--component_bound=iw applies to --method=rme only; got --method={self.method}.")
-        check(self.num_samples >= 1, f"--num_samples must be >= 1; got {self.num_samples}.")
+        check(self.num_samples >= 0, f"--num_samples must be >= 1, or 0 for auto; got {self.num_samples}.")
         check(self.num_components >= 1, f"--num_components must be >= 1; got {self.num_components}.")
         check(self.method != "vae" or self.num_components == 1,
               f"--method=vae trains a single-component encoder: use --num_components=1 (got {self.num_components}), "
@@ -214,7 +222,8 @@ class RunConfig:
             check(math.isfinite(getattr(self, name)), f"--{name} must be a finite number; got {getattr(self, name)}.")
         check(self.lambda_kl >= 0, f"--lambda_kl must be a number >= 0; got {self.lambda_kl}.")
         check(self.epochs >= 1, f"--epochs must be >= 1; got {self.epochs}.")
-        check(self.epochs_per_component >= 1, f"--epochs_per_component must be >= 1; got {self.epochs_per_component}.")
+        check(self.epochs_per_component >= 0,
+              f"--epochs_per_component must be >= 1, or 0 for auto; got {self.epochs_per_component}.")
         check(self.train_previous or not (self.adds_components and self.effective("shared_trunk")),
               "--train_previous=false freezes earlier components, but with --shared_trunk their common trunk keeps "
               "training on the newest component's criterion: add --noshared_trunk (M independent networks).")
@@ -248,7 +257,7 @@ class RunConfig:
     def active_components_at(self, epoch: int) -> int:
         """Active components during 0-based `epoch` (the `ComponentSchedule` rule for stage-wise methods)."""
         if self.adds_components:
-            return min(self.num_components, 1 + epoch // self.epochs_per_component)
+            return min(self.num_components, 1 + epoch // self.resolved_epochs_per_component)
         return 1 if self.method == "vae" else self.num_components
 
     @property
@@ -269,12 +278,38 @@ class RunConfig:
         return resolve_bound(self.method, self.bound)
 
     @property
+    def resolved_component_bound(self) -> str:
+        """The bound of RME's component criteria ("auto": `choices.resolve_component_bound`)."""
+        return resolve_component_bound(self.method, self.bound, self.component_bound)
+
+    @property
+    def resolved_num_samples(self) -> int:
+        """Samples per component per step (0, "auto": `choices.resolve_num_samples`)."""
+        return resolve_num_samples(self.method, self.bound, self.component_bound, self.num_samples)
+
+    @property
+    def resolved_epochs_per_component(self) -> int:
+        """Epochs per stage (0, "auto": `choices.resolve_epochs_per_component` over this config's `epochs`)."""
+        return resolve_epochs_per_component(self.epochs_per_component, self.epochs, self.num_components)
+
+    def resolved(self, saved: RunConfig | None = None) -> RunConfig:
+        """This config with every "auto" setting replaced by what it means, as a run saves it: a later default
+        cannot change what a resumed run trains. An automatic schedule is the `saved` run's where there is one
+        (extending a run with more --epochs keeps its stages), else spread over this config's `epochs`."""
+        schedule = self.resolved_epochs_per_component
+        if not self.epochs_per_component and saved is not None:
+            schedule = saved.epochs_per_component
+        return self.replace(bound=self.resolved_bound, component_bound=self.resolved_component_bound,
+                            num_samples=self.resolved_num_samples, epochs_per_component=schedule)
+
+    @property
     def resolved_max_log_ratio(self) -> float | None:
         """The cap of RME's and boosting's KL log-ratio, or None for uncapped (any negative `max_log_ratio`)."""
         return resolve_max_log_ratio(self.max_log_ratio)
 
     def effective(self, name: str) -> Any:
-        """What setting `name` means for the trained model: `bound` resolved (`resolved_bound`), `shared_trunk` only
+        """What setting `name` means for the trained model: `bound`, `component_bound` and `num_samples` resolved
+        (`resolved_bound`, ...; "auto" means what it meant when a run saved it), `shared_trunk` only
         with several components (one component is one network either way), `epochs_per_component` only where
         components join one at a time (`adds_components`; None otherwise), `lambda_kl` only for RME with several
         components and `max_log_ratio` only for RME or boosting with several (the only criteria that read them; None
@@ -290,10 +325,14 @@ class RunConfig:
             return math.inf if cap is None else cap
         if name == "bound":
             return self.resolved_bound
+        if name == "component_bound":
+            return self.resolved_component_bound
+        if name == "num_samples":
+            return self.resolved_num_samples
         if name == "shared_trunk":
             return uses_shared_trunk(self.shared_trunk, self.num_components)
         if name == "epochs_per_component":
-            return self.epochs_per_component if self.adds_components else None
+            return self.resolved_epochs_per_component if self.adds_components else None
         return getattr(self, name)
 
     def mismatches(self, other: RunConfig) -> dict[str, tuple[Any, Any]]:

@@ -98,7 +98,8 @@ def build_model(config: RunConfig, image_shape: tuple[int, int, int], binary: bo
     )
     return RecursiveMixtureVAE(
         encoder, decoder, method=config.method, lambda_kl=config.lambda_kl, schedule=config.schedule,
-        bound=config.bound, component_bound=config.component_bound, num_samples=config.num_samples,
+        bound=config.resolved_bound, component_bound=config.resolved_component_bound,
+        num_samples=config.resolved_num_samples,
         max_log_ratio=config.resolved_max_log_ratio,
         train_previous=config.train_previous,
         eps_search_every=config.eps_search_every, noise_seed=config.seed, nonfinite_inputs=config.nonfinite_inputs,

@@ -84,7 +84,7 @@ def make_callbacks(
     if config.nonfinite_inputs == "raise":
         callbacks.append(NonFiniteInputGuard())  # names the batch of NaN/Inf inputs even under XLA
     if config.adds_components:
-        callbacks.append(ComponentSchedule(epochs_per_component=config.epochs_per_component))
+        callbacks.append(ComponentSchedule(epochs_per_component=config.resolved_epochs_per_component))
     if config.debug_batch_sleep > 0:
         callbacks.append(BatchSleep(config.debug_batch_sleep))
     if validation:  # before the state: an epoch whose state is saved has its best checkpoint saved

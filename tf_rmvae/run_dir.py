@@ -389,6 +389,12 @@ def early_stop_reached(config: RunConfig, epochs_completed: int) -> bool:
     return stop_reached(best, epochs_completed, config.early_stopping_patience)
 
 
+def saved_config(model_dir: str) -> RunConfig | None:
+    """The config of the run in `model_dir`, or None where none was saved (`ConfigError` if it is unreadable)."""
+    path = os.path.join(model_dir, CONFIG_FILE)
+    return RunConfig.load(path) if model_dir and os.path.exists(path) else None
+
+
 def check_run_dir(config: RunConfig) -> dict | None:
     """Refuses a `model_dir` that holds a different run; returns its metrics if that run already finished."""
     config_path = os.path.join(config.model_dir, CONFIG_FILE)

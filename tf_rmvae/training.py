@@ -106,9 +106,9 @@ def train(config: RunConfig) -> dict[str, Any]:
       The metrics written to `model_dir/metrics.json` (plus `"skipped": True` for an already finished run).
     """
     start = time.perf_counter()
-    # The run's files (config.json, metrics.json) name the bound it trains on, never "auto": a later default
-    # cannot change what a resumed run trains.
-    config = config.validate().replace(bound=config.resolved_bound)
+    # The run's files (config.json, metrics.json) name the bound, samples and schedule it trains with, never "auto":
+    # a later default cannot change what a resumed run trains.
+    config = config.validate().resolved(saved=run_dir.saved_config(config.model_dir))
     strategy = _make_strategy(config)
     chief = distribute.is_chief(strategy)
     check_before_writing(config, chief)
