@@ -1,6 +1,6 @@
 """Prints a TF Serving REST `predict` request and its response for one test digit, from a real run of an export.
 
-    python -m trainers.serving_example --model_dir saved_models/rmvae_mnist_rme/3
+    python -m trainers.serving_example --model_dir saved_models/rmvae_mnist_rme/4
 
 The signature runs through `tf.saved_model.load` (no tf_rmvae code is involved in computing it); the response is
 formatted as TF Serving's REST API returns it (row format: `{"predictions": [...]}`), rounded for reading.
