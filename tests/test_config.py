@@ -161,6 +161,8 @@ def test_a_run_saves_what_auto_meant_and_an_extended_run_keeps_its_schedule():
     extended = RunConfig(model_dir="a", epochs=40).resolved(saved=saved)
     assert extended.epochs_per_component == 4 and saved.mismatches(extended) == {}
     assert RunConfig(model_dir="a", epochs=40).resolved().epochs_per_component == 14  # a new run spreads its own
+    # a config.json saved unresolved (RunConfig.save of a hand-made config) holds 0: its own epochs decide
+    assert RunConfig(model_dir="a", epochs=40).resolved(saved=RunConfig(model_dir="a")).epochs_per_component == 4
     # A config.json written before component_bound and num_samples were settings trained one sample on the ELBO.
     values = {k: v for k, v in saved.to_dict().items() if k not in ("component_bound", "num_samples")}
     legacy = RunConfig.from_dict(values)

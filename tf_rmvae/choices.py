@@ -44,8 +44,8 @@ def resolve_bound(method: str, bound: str) -> str:
 def resolve_component_bound(method: str, bound: str, component_bound: str) -> str:
     """The bound in each RME component's criterion that the `component_bound` setting names; "auto" is "iw" for RME
     on the importance-weighted bound (`resolve_bound`), "elbo" otherwise (so `bound="elbo"` alone gives the paper's
-    RME). RME with importance-weighted component criteria and several samples per component beat IWAE with as many
-    decoder passes at 100 epochs in every seed measured (README "Results")."""
+    bound and criteria, with one sample per component). RME with importance-weighted component criteria and several
+    samples per component beat IWAE with as many decoder passes at 100 epochs (README "Results")."""
     if component_bound != "auto":
         return component_bound
     return "iw" if method == "rme" and resolve_bound(method, bound) == "iw" else "elbo"

@@ -298,7 +298,7 @@ class RunConfig:
         (extending a run with more --epochs keeps its stages), else spread over this config's `epochs`."""
         schedule = self.resolved_epochs_per_component
         if not self.epochs_per_component and saved is not None:
-            schedule = saved.epochs_per_component
+            schedule = saved.resolved_epochs_per_component  # (a config saved unresolved holds 0)
         return self.replace(bound=self.resolved_bound, component_bound=self.resolved_component_bound,
                             num_samples=self.resolved_num_samples, epochs_per_component=schedule)
 

@@ -1,6 +1,6 @@
 """Trains a Recursive Mixture Estimation VAE (or a baseline) and writes its run directory; resumable.
 
-    python -m trainers.train --model_dir runs/quick                     # quick default: MNIST, RME, 8 heads on a trunk
+    python -m trainers.train --model_dir runs/quick                     # quick default: MNIST, RME, 3 heads on a trunk
     python -m trainers.train --model_dir runs/vae --method vae          # baseline VAE (1 component)
     rmvae-train --model_dir runs/conv --architecture conv --epochs 20   # console script (setup.py)
 
