@@ -397,12 +397,11 @@ def saved_config(model_dir: str) -> RunConfig | None:
 
 def check_run_dir(config: RunConfig) -> dict | None:
     """Refuses a `model_dir` that holds a different run; returns its metrics if that run already finished."""
-    config_path = os.path.join(config.model_dir, CONFIG_FILE)
-    if not os.path.exists(config_path):
+    saved = saved_config(config.model_dir)
+    if saved is None:
         if has_state(config.model_dir):
             raise ConfigError(f"{config.model_dir} holds training state but no {CONFIG_FILE}; use a new --model_dir.")
         return None
-    saved = RunConfig.load(config_path)
     differences = saved.mismatches(config)
     if differences:
         lines = "\n".join(f"  --{name}: saved {old!r}, now {new!r}" for name, (old, new) in sorted(differences.items()))
