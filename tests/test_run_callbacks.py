@@ -14,6 +14,7 @@ import tensorflow as tf
 from tests.helpers import mnist_digits, tiny_model
 from tf_rmvae import run_dir
 from tf_rmvae.best_checkpoint import BestCheckpoint, load_best, read_best, stop_reached
+from tf_rmvae.choices import resolve_best_monitor
 from tf_rmvae.summaries import GroupedTensorBoard, ImageSummaries, grouped_name
 from trainers import quiet
 
@@ -45,7 +46,7 @@ def _epochs(callback: BestCheckpoint, model: keras.Model, epochs: range) -> list
 def test_best_checkpoint_keeps_the_best_epoch_and_its_weights(tmp_path):
     model = _dense_model()
     _epochs(BestCheckpoint(str(tmp_path)), model, range(len(VALUES)))
-    assert read_best(str(tmp_path)) == {"epoch": 6, "value": -239.0, "monitor": "val_elbo"}
+    assert read_best(str(tmp_path)) == {"epoch": 6, "value": -239.0, "monitor": "val_elbo", "mode": "max"}
     fresh = _dense_model(seed=1)
     assert load_best(fresh, str(tmp_path))["epoch"] == 6
     np.testing.assert_array_equal(fresh.layers[0].kernel.numpy(), np.full((3, 2), 6.0))
@@ -75,6 +76,41 @@ def test_best_value_epoch_and_stopping_survive_an_interruption(tmp_path):
     assert read_best(str(resumed)) == read_best(str(uninterrupted))
     assert stop_reached(read_best(str(resumed)), 6, patience=2) and not stop_reached(None, 6, patience=2)
     assert not stop_reached(read_best(str(resumed)), 6, patience=0)
+
+
+def test_a_minimised_monitor_keeps_its_lowest_epoch(tmp_path):
+    model = _dense_model()
+    callback = BestCheckpoint(str(tmp_path), monitor="val_loss", mode="min")
+    callback.set_model(model)
+    callback.on_train_begin()
+    for epoch, value in enumerate(VALUES):
+        callback.on_epoch_end(epoch, {"val_loss": -value, "val_elbo": 0.0})
+    assert read_best(str(tmp_path)) == {"epoch": 6, "value": 239.0, "monitor": "val_loss", "mode": "min"}
+
+
+def test_a_resumed_run_keeps_the_monitor_its_record_names(tmp_path):
+    # A run started when the best checkpoint compared the validation ELBO (a record without its mode), resumed by a
+    # version that monitors the validation loss: it goes on comparing the ELBO, so epoch 3's -240 stays the best
+    # until epoch 6's -239, whatever the losses say.
+    model = _dense_model()
+    model.stop_training = False
+    _epochs(BestCheckpoint(str(tmp_path)), model, range(0, 5))
+    record = read_best(str(tmp_path))
+    (tmp_path / "best.json").write_text(
+        '{"epoch": %d, "value": %r, "monitor": "val_elbo"}' % (record["epoch"], record["value"]))
+    callback = BestCheckpoint(str(tmp_path), monitor="val_loss", mode="min", patience=2)
+    callback.set_model(model)
+    callback.on_train_begin()
+    assert (callback.monitor, callback.mode) == ("val_elbo", "max")
+    callback.on_epoch_end(5, {"val_elbo": VALUES[5], "val_loss": -1000.0})
+    assert read_best(str(tmp_path))["epoch"] == 3
+    callback.on_epoch_end(6, {"val_elbo": VALUES[6], "val_loss": 1000.0})
+    assert read_best(str(tmp_path)) == {"epoch": 6, "value": -239.0, "monitor": "val_elbo", "mode": "max"}
+
+
+def test_the_best_checkpoint_compares_the_bound_each_run_trains():
+    assert resolve_best_monitor("rme", "auto") == resolve_best_monitor("vae", "iw") == ("val_loss", "min")
+    assert resolve_best_monitor("rme", "elbo") == resolve_best_monitor("mixture", "auto") == ("val_elbo", "max")
 
 
 def test_best_checkpoint_without_validation_logs_fails_clearly(tmp_path):

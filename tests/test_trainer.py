@@ -77,12 +77,15 @@ def test_run_writes_config_metrics_figures_checkpoints_and_export_and_a_rerun_do
     assert [row["epoch"] for row in metrics["history"]] == [0, 1] and metrics["wall_time_s"] > 0
     assert (export_dir / "tiny" / "1" / "saved_model.pb").is_file()
     assert metrics["exports"]["model"] == str(export_dir / "tiny" / "1")
-    # Validation: the last 128 training digits, every epoch; the best epoch's weights were evaluated and exported.
-    validation = [float(row["val_elbo"]) for row in _history(model_dir)]
-    assert len(validation) == 2 and all(-784 * math.log(2) - 50 < v < 0 for v in validation)
+    # Validation: the last 128 training digits, every epoch; the best epoch's weights were evaluated and exported. The
+    # best is on the bound trained (the importance-weighted one: its negative is the loss), not the ELBO.
+    validation = [float(row["val_loss"]) for row in _history(model_dir)]
+    elbo = [float(row["val_elbo"]) for row in _history(model_dir)]
+    assert len(validation) == 2 and all(0 < v < -e < 784 * math.log(2) + 50 for v, e in zip(validation, elbo))
     assert metrics["validation"]["split"] == "train[59872:]" and metrics["validation"]["examples"] == 128
     best = metrics["validation"]["best"]
-    assert best["epoch"] == int(max(range(2), key=validation.__getitem__)) and best["value"] == max(validation)
+    assert (best["monitor"], best["mode"]) == ("val_loss", "min")
+    assert best["epoch"] == int(min(range(2), key=validation.__getitem__)) and best["value"] == min(validation)
     assert not metrics["stopped_early"]
 
     rerun = _run(command)
@@ -157,7 +160,8 @@ def test_the_program_is_quiet_prints_one_line_per_stage_and_logs_pictures(tmp_pa
     assert not re.findall(r"^[IWEF]\d{4} .*$", output, re.M)  # no C++ (or absl INFO) log line at all
     stages = [line.split(":", 1)[0] for line in result.stdout.splitlines() if line.split(":", 1)[0] in STAGES]
     assert stages == list(STAGES)
-    assert f"export: {tmp_path / 'exports'}" in result.stdout and "best validation ELBO" in result.stdout
+    assert f"export: {tmp_path / 'exports'}" in result.stdout
+    assert "best validation importance-weighted bound" in result.stdout
 
     train = _events(model_dir / "logs" / "train")
     assert train["reconstructions"] == [0, 1] and train["samples"] == [0, 1]
@@ -180,7 +184,8 @@ def test_a_run_that_early_stopping_ended_is_finished_even_if_killed_before_its_m
     assert metrics["stopped_early"] and metrics["completed"] and metrics["epochs_completed"] == 2
     assert len(_history(model_dir)) == 2  # no epoch trained after the stop
     assert metrics["optimizer_iterations"] == 2 * STEPS_PER_EPOCH
-    assert "stopped early" in result.stdout and "weights of epoch 1 (best validation ELBO)" in result.stdout
+    assert "stopped early (no better validation importance-weighted bound in 1 epochs)" in result.stdout
+    assert "weights of epoch 1 (best validation importance-weighted bound)" in result.stdout
     assert "already finished" in _run(command).stdout
 
 

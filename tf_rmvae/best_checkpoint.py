@@ -1,14 +1,20 @@
 """The best-validation weights of a run, kept as their own checkpoint, and early stopping on them; both survive resume.
 
-    callback = BestCheckpoint("runs/quick/checkpoints", monitor="val_elbo", patience=5)
+    callback = BestCheckpoint("runs/quick/checkpoints", monitor="val_loss", mode="min", patience=5)
     model.fit(..., validation_data=..., callbacks=[callback, ...])
-    best = load_best(model, "runs/quick/checkpoints")     # {"epoch": 8, "value": -98.7, "monitor": "val_elbo"}
+    best = load_best(model, "runs/quick/checkpoints")
+    # {"epoch": 8, "value": 91.2, "monitor": "val_loss", "mode": "min"}
 
 After every epoch whose `monitor` is better than the best so far, the weights (model, recursion state and optimizer
-variables) are written to `best.weights.h5` and then the record `{"epoch", "value", "monitor"}` to `best.json`, each
-atomically (a temporary file renamed into place). The record is the whole state: a resumed run reads it back, and
-early stopping is a function of it alone (stop once `patience` epochs passed without a better value), so an
-interrupted and resumed run keeps its best value and epoch and stops where the uninterrupted run would have.
+variables) are written to `best.weights.h5` and then the record `{"epoch", "value", "monitor", "mode"}` to
+`best.json`, each atomically (a temporary file renamed into place). The record is the whole state: a resumed run
+reads it back, and early stopping is a function of it alone (stop once `patience` epochs passed without a better
+value), so an interrupted and resumed run keeps its best value and epoch and stops where the uninterrupted run would
+have.
+
+The record names its monitor and mode: a resumed run keeps comparing what its first epochs compared, even where
+the default monitor has changed since (runs on the importance-weighted bound monitored `val_elbo` before they
+monitored `val_loss`).
 
 A kill between the two renames leaves `best.weights.h5` one epoch ahead of `best.json`; that epoch's resume state was
 not saved yet (the resume backup is written after this callback), so the resumed run trains it again, reaches the
@@ -29,13 +35,19 @@ BEST_WEIGHTS_FILE = "best.weights.h5"
 BEST_STATE_FILE = "best.json"
 
 
+#: Modes of the monitors of records written before records named their mode.
+LEGACY_MODES = {"val_elbo": "max"}
+
+
 def read_best(directory: str) -> dict | None:
-    """The record `{"epoch" (0-based, as in history.csv), "value", "monitor"}` in `directory`, or None."""
+    """The record `{"epoch" (0-based, as in history.csv), "value", "monitor", "mode"}` in `directory`, or None."""
     path = os.path.join(directory, BEST_STATE_FILE)
     if not os.path.exists(path):
         return None
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        best = json.load(f)
+    best.setdefault("mode", LEGACY_MODES.get(best["monitor"], "max"))
+    return best
 
 
 def stop_reached(best: dict | None, epochs_completed: int, patience: int) -> bool:
@@ -61,7 +73,9 @@ class BestCheckpoint(keras.callbacks.Callback):
 
     Args:
       directory: where the best checkpoint and its record are read from (on resume).
-      monitor: the epoch log to compare (default `val_elbo`, the validation ELBO).
+      monitor: the epoch log to compare (default `val_elbo`, the validation ELBO; the trainer passes
+        `choices.resolve_best_monitor`'s). A record already in `directory` with another monitor keeps its own (with
+        its mode): a resumed run compares like with like.
       mode: "max" (higher is better, default) or "min".
       patience: stop training once this many epochs passed without a better value (0: never stop early).
       write_directory: where they are written (default `directory`). Non-chief workers of a multi-worker run read the
@@ -87,6 +101,8 @@ class BestCheckpoint(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self.best = read_best(self.directory)
         self.stopped_epoch = None
+        if self.best is not None:  # the run's own monitor, whatever this callback was built with
+            self.monitor, self.mode = self.best["monitor"], self.best["mode"]
 
     def _improves(self, value: float) -> bool:
         if self.best is None:
@@ -99,7 +115,7 @@ class BestCheckpoint(keras.callbacks.Callback):
         tmp = os.path.join(self.write_directory, f"tmp_{BEST_WEIGHTS_FILE}")
         self.model.save_weights(tmp, overwrite=True)
         os.replace(tmp, os.path.join(self.write_directory, BEST_WEIGHTS_FILE))
-        self.best = {"epoch": int(epoch), "value": float(value), "monitor": self.monitor}
+        self.best = {"epoch": int(epoch), "value": float(value), "monitor": self.monitor, "mode": self.mode}
         write_json_atomic(os.path.join(self.write_directory, BEST_STATE_FILE), self.best)
 
     def on_epoch_end(self, epoch, logs=None):

@@ -74,6 +74,17 @@ def resolve_epochs_per_component(epochs_per_component: int, epochs: int, num_com
     return max(1, math.ceil(epochs / num_components))
 
 
+#: What the best checkpoint and early stopping compare, by the bound a run trains on: `(epoch log, mode)`. The
+#: validation value of the bound trained: `val_loss` is the negative importance-weighted bound of an "iw" run (its
+#: ELBO is not what it maximises: RME's default components are proposals whose ELBO lags, README "Results").
+BEST_MONITORS = {"elbo": ("val_elbo", "max"), "iw": ("val_loss", "min")}
+
+
+def resolve_best_monitor(method: str, bound: str) -> tuple[str, str]:
+    """`(monitor, mode)` of the best-validation checkpoint of a run on the `bound` setting (`resolve_bound`)."""
+    return BEST_MONITORS[resolve_bound(method, bound)]
+
+
 def resolve_max_log_ratio(max_log_ratio: float) -> float | None:
     """The cap of RME's and boosting's per-sample KL log-ratio that a `max_log_ratio` setting names: any negative
     value is None, uncapped (so a flag or a harness setting can say "no cap" with a number)."""

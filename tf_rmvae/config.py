@@ -155,7 +155,8 @@ class RunConfig:
         0, "Stage-wise RME/boosting: epochs before the next component joins (0 = auto: ceil(epochs / M), the "
         "components spread evenly over --epochs; a resumed or extended run keeps its schedule).")
     early_stopping_patience: int = setting(
-        0, "Stop after this many epochs without a better validation ELBO (0 = train every epoch).")
+        0, "Stop after this many epochs without a better validation value of the bound trained (the ELBO, or the "
+        "importance-weighted bound of --bound=iw; 0 = train every epoch).")
     learning_rate: float = setting(1e-3, "Adam learning rate.")
     seed: int = setting(0, "Seed of initialisation, shuffling and binarization.")
     jit_compile: bool = setting(False, "Compile the train step with XLA.")

@@ -1,7 +1,7 @@
 """One summary line per stage of a training run (data, training, evaluation, figures, export), printed on stdout.
 
     data: rmvae_mnist: 50000 training examples (train[:50000]; 500 steps of 100 per epoch), 10000 validation ...
-    training: 10 epochs in 87 s; best validation ELBO -99.81 after epoch 10
+    training: 10 epochs in 87 s; best validation importance-weighted bound -97.52 after epoch 10
     evaluation: test ELBO -102.52 ± 0.92, IWAE log-likelihood (K=100) -97.97 ± 0.88 nats on 1000 examples ...
     figures: reconstructions.png, samples.png, mixture_weights.png in runs/quick
     export: saved_models/rmvae_mnist_rme/1
@@ -35,6 +35,17 @@ def data_line(dataset: str, train_split: str, split_examples: int, train_example
     return line + f", {validation_examples} validation examples ({validation_split}, evaluated after every epoch)"
 
 
+#: How the lines name a best-checkpoint monitor, and the sign that turns its value into that quantity.
+MONITOR_NAMES = {"val_elbo": ("validation ELBO", 1.0), "val_loss": ("validation importance-weighted bound", -1.0)}
+
+
+def monitored(best: Mapping) -> tuple[str, float]:
+    """`(name, value)` of a best-checkpoint record's monitor, e.g. ("validation ELBO", -104.2); a monitor without a
+    name here is named as logged."""
+    name, sign = MONITOR_NAMES.get(best["monitor"], (best["monitor"], 1.0))
+    return name, sign * float(best["value"])
+
+
 def training_line(epochs_completed: int, epochs: int, resumed_from: int, seconds: float, best: Mapping | None,
                   stopped_early: bool, patience: int) -> str:
     """Epochs trained, time, best validation epoch, early stopping."""
@@ -43,15 +54,16 @@ def training_line(epochs_completed: int, epochs: int, resumed_from: int, seconds
         line += f" (resumed after epoch {resumed_from})"
     line += f" in {seconds:.0f} s"
     if best is not None:
-        line += f"; best validation ELBO {best['value']:.2f} after epoch {int(best['epoch']) + 1}"
-    if stopped_early:
-        line += f"; stopped early (no better validation ELBO in {patience} epochs)"
+        name, value = monitored(best)
+        line += f"; best {name} {value:.2f} after epoch {int(best['epoch']) + 1}"
+        if stopped_early:
+            line += f"; stopped early (no better {name} in {patience} epochs)"
     return line
 
 
 def evaluation_line(test: Mapping, best: Mapping | None) -> str:
     """Test metrics, and which weights they are of."""
-    weights = (f"weights of epoch {int(best['epoch']) + 1} (best validation ELBO)" if best is not None
+    weights = (f"weights of epoch {int(best['epoch']) + 1} (best {monitored(best)[0]})" if best is not None
                else "weights of the last epoch")
     return (f"test ELBO {test['elbo_mean']:.2f} ± {test['elbo_se']:.2f}, IWAE log-likelihood "
             f"(K={test['iwae_samples']}) {test['log_likelihood_mean']:.2f} ± {test['log_likelihood_se']:.2f} nats on "

@@ -19,6 +19,7 @@ import numpy as np
 from tf_rmvae import run_dir
 from tf_rmvae.best_checkpoint import BestCheckpoint
 from tf_rmvae.callbacks import ComponentSchedule, NonFiniteInputGuard
+from tf_rmvae.choices import resolve_best_monitor
 from tf_rmvae.config import RunConfig
 from tf_rmvae.guards import DivergenceGuard
 from tf_rmvae.summaries import GroupedTensorBoard, ImageSummaries
@@ -57,7 +58,8 @@ def make_callbacks(
 ) -> list[keras.callbacks.Callback]:
     """The callbacks of a run in `config.model_dir` that resumes after `initial_epoch` completed epochs.
 
-    `validation`: `fit` gets validation data: keep the best-validation checkpoint (and stop early if asked).
+    `validation`: `fit` gets validation data: keep the best-validation checkpoint (and stop early if asked), on the
+    validation value of the bound the run trains (`choices.resolve_best_monitor`).
     `preview`: a few images whose reconstructions TensorBoard shows every `config.image_every_epochs` epochs.
 
     The state is saved last (`run_dir.SaveState`: checkpoint, then backup) so that at the end of an epoch it is saved
@@ -88,8 +90,10 @@ def make_callbacks(
     if config.debug_batch_sleep > 0:
         callbacks.append(BatchSleep(config.debug_batch_sleep))
     if validation:  # before the state: an epoch whose state is saved has its best checkpoint saved
+        monitor, mode = resolve_best_monitor(config.method, config.bound)
         callbacks.append(BestCheckpoint(
-            os.path.join(config.model_dir, run_dir.CHECKPOINT_DIR), patience=config.early_stopping_patience,
+            os.path.join(config.model_dir, run_dir.CHECKPOINT_DIR), monitor=monitor, mode=mode,
+            patience=config.early_stopping_patience,
             write_directory=None if worker_dir is None else os.path.join(worker_dir, run_dir.CHECKPOINT_DIR)))
     callbacks.append(run_dir.SaveState(
         os.path.join(write_dir, run_dir.BACKUP_DIR), os.path.join(write_dir, run_dir.CHECKPOINT_DIR),

@@ -14,8 +14,9 @@ Layout of `model_dir`:
     backup/                the resume state `latest.weights.h5`: model weights, recursion state, optimizer variables
                            and the completed-epoch count in one file, replaced atomically after every epoch
     checkpoints/           `epoch_NNN.weights.h5` after every epoch (the last `keep_checkpoints`), same format; with
-                           validation, `best.weights.h5` (the epoch with the best validation ELBO, the weights
-                           evaluated and exported) and `best.json` (its epoch and value; see `tf_rmvae.best_checkpoint`)
+                           validation, `best.weights.h5` (the epoch with the best validation bound, the one trained:
+                           the weights evaluated and exported) and `best.json` (its epoch, value and monitor; see
+                           `tf_rmvae.best_checkpoint`)
     logs/                  TensorBoard event files: `train/` and `validation/` scalars (per-component metrics grouped
                            as `mixture/...`, a custom-scalars layout), reconstructions and samples as images
                            (`tf_rmvae.summaries`)
