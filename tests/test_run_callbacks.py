@@ -12,9 +12,11 @@ import pytest
 import tensorflow as tf
 
 from tests.helpers import mnist_digits, tiny_model
-from tf_rmvae import run_dir
+from tf_rmvae import report, run_dir
 from tf_rmvae.best_checkpoint import BestCheckpoint, load_best, read_best, stop_reached
 from tf_rmvae.choices import resolve_best_monitor
+from tf_rmvae.config import RunConfig
+from tf_rmvae.run_callbacks import make_callbacks
 from tf_rmvae.summaries import GroupedTensorBoard, ImageSummaries, grouped_name
 from trainers import quiet
 
@@ -108,9 +110,42 @@ def test_a_resumed_run_keeps_the_monitor_its_record_names(tmp_path):
     assert read_best(str(tmp_path)) == {"epoch": 6, "value": -239.0, "monitor": "val_elbo", "mode": "max"}
 
 
+def test_a_record_without_a_mode_or_with_a_wrong_one_fails_clearly(tmp_path):
+    callback = BestCheckpoint(str(tmp_path), monitor="val_loss", mode="min")
+    callback.set_model(_dense_model())
+    # A library user's record of "val_loss" from before records named their mode: the callback's own mode holds.
+    (tmp_path / "best.json").write_text('{"epoch": 2, "value": 100.0, "monitor": "val_loss"}')
+    callback.on_train_begin()
+    assert (callback.monitor, callback.mode) == ("val_loss", "min")
+    callback.on_epoch_end(3, {"val_loss": 90.0})
+    assert read_best(str(tmp_path))["epoch"] == 3
+    # Another monitor without its mode cannot be compared; nor can a record with a mode that is not one.
+    (tmp_path / "best.json").write_text('{"epoch": 2, "value": 100.0, "monitor": "val_kl"}')
+    with pytest.raises(ValueError, match="records monitor 'val_kl' without its mode"):
+        callback.on_train_begin()
+    (tmp_path / "best.json").write_text('{"epoch": 2, "value": 100.0, "monitor": "val_loss", "mode": "up"}')
+    with pytest.raises(ValueError, match="best.json names mode 'up'"):
+        callback.on_train_begin()
+
+
 def test_the_best_checkpoint_compares_the_bound_each_run_trains():
     assert resolve_best_monitor("rme", "auto") == resolve_best_monitor("vae", "iw") == ("val_loss", "min")
     assert resolve_best_monitor("rme", "elbo") == resolve_best_monitor("mixture", "auto") == ("val_elbo", "max")
+    config = RunConfig(hidden_units=(8,), latent_dim=2)  # --bound=auto
+    for run, expected in [(config, ("val_loss", "min")), (config.replace(bound="elbo"), ("val_elbo", "max")),
+                          (config.replace(method="vae", num_components=1), ("val_elbo", "max"))]:
+        [best] = [c for c in make_callbacks(run, validation=True) if isinstance(c, BestCheckpoint)]
+        assert (best.monitor, best.mode) == expected
+
+
+def test_the_lines_name_the_monitor_and_give_the_bound_not_the_loss():
+    best = {"epoch": 9, "value": 99.56, "monitor": "val_loss", "mode": "min"}
+    line = report.training_line(10, 12, 0, 399.0, best, True, 2)
+    assert line == ("10 of 12 epochs in 399 s; best validation importance-weighted bound -99.56 after epoch 10; "
+                    "stopped early (no better validation importance-weighted bound in 2 epochs)")
+    elbo = {"epoch": 0, "value": -104.2, "monitor": "val_elbo", "mode": "max"}
+    assert "best validation ELBO -104.20 after epoch 1" in report.training_line(1, 1, 0, 1.0, elbo, False, 0)
+    assert "stopped early" in report.training_line(3, 5, 0, 1.0, None, True, 2)
 
 
 def test_best_checkpoint_without_validation_logs_fails_clearly(tmp_path):

@@ -35,18 +35,25 @@ BEST_WEIGHTS_FILE = "best.weights.h5"
 BEST_STATE_FILE = "best.json"
 
 
-#: Modes of the monitors of records written before records named their mode.
+MODES = ("max", "min")
+#: Modes of the monitors of records written before records named their mode (the trainer's monitor then).
 LEGACY_MODES = {"val_elbo": "max"}
 
 
 def read_best(directory: str) -> dict | None:
-    """The record `{"epoch" (0-based, as in history.csv), "value", "monitor", "mode"}` in `directory`, or None."""
+    """The record `{"epoch" (0-based, as in history.csv), "value", "monitor", "mode"}` in `directory`, or None.
+
+    A record written before records named their mode has none unless its monitor is in `LEGACY_MODES`."""
     path = os.path.join(directory, BEST_STATE_FILE)
     if not os.path.exists(path):
         return None
     with open(path, encoding="utf-8") as f:
         best = json.load(f)
-    best.setdefault("mode", LEGACY_MODES.get(best["monitor"], "max"))
+    mode = best.get("mode", LEGACY_MODES.get(best["monitor"]))
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"{path} names mode {mode!r}; a best-checkpoint record's mode is 'max' or 'min'.")
+    if mode is not None:
+        best["mode"] = mode
     return best
 
 
@@ -86,7 +93,7 @@ class BestCheckpoint(keras.callbacks.Callback):
     def __init__(self, directory: str, monitor: str = "val_elbo", mode: str = "max", patience: int = 0,
                  write_directory: str | None = None):
         super().__init__()
-        if mode not in ("max", "min"):
+        if mode not in MODES:
             raise ValueError(f"mode must be 'max' or 'min'; got {mode!r}.")
         if patience < 0:
             raise ValueError(f"patience must be >= 0; got {patience}.")
@@ -102,7 +109,12 @@ class BestCheckpoint(keras.callbacks.Callback):
         self.best = read_best(self.directory)
         self.stopped_epoch = None
         if self.best is not None:  # the run's own monitor, whatever this callback was built with
-            self.monitor, self.mode = self.best["monitor"], self.best["mode"]
+            monitor, mode = self.best["monitor"], self.best.get("mode")
+            if mode is None and monitor != self.monitor:
+                raise ValueError(
+                    f"{os.path.join(self.directory, BEST_STATE_FILE)} records monitor {monitor!r} without its mode, "
+                    f"and this run monitors {self.monitor!r}: add \"mode\" (\"max\" or \"min\") to the record.")
+            self.monitor, self.mode = monitor, mode or self.mode
 
     def _improves(self, value: float) -> bool:
         if self.best is None:

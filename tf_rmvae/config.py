@@ -156,7 +156,7 @@ class RunConfig:
         "components spread evenly over --epochs; a resumed or extended run keeps its schedule).")
     early_stopping_patience: int = setting(
         0, "Stop after this many epochs without a better validation value of the bound trained (the ELBO, or the "
-        "importance-weighted bound of --bound=iw; 0 = train every epoch).")
+        "importance-weighted bound of --bound=iw, which auto picks for RME; 0 = train every epoch).")
     learning_rate: float = setting(1e-3, "Adam learning rate.")
     seed: int = setting(0, "Seed of initialisation, shuffling and binarization.")
     jit_compile: bool = setting(False, "Compile the train step with XLA.")

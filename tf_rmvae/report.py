@@ -1,7 +1,7 @@
 """One summary line per stage of a training run (data, training, evaluation, figures, export), printed on stdout.
 
     data: rmvae_mnist: 50000 training examples (train[:50000]; 500 steps of 100 per epoch), 10000 validation ...
-    training: 10 epochs in 87 s; best validation importance-weighted bound -97.52 after epoch 10
+    training: 10 of 10 epochs in 399 s; best validation importance-weighted bound -99.56 after epoch 10
     evaluation: test ELBO -102.52 ± 0.92, IWAE log-likelihood (K=100) -97.97 ± 0.88 nats on 1000 examples ...
     figures: reconstructions.png, samples.png, mixture_weights.png in runs/quick
     export: saved_models/rmvae_mnist_rme/1
@@ -35,7 +35,8 @@ def data_line(dataset: str, train_split: str, split_examples: int, train_example
     return line + f", {validation_examples} validation examples ({validation_split}, evaluated after every epoch)"
 
 
-#: How the lines name a best-checkpoint monitor, and the sign that turns its value into that quantity.
+#: How the lines name the trainer's best-checkpoint monitors (`choices.BEST_MONITORS`), and the sign that turns the
+#: value into that quantity: the trainer monitors `val_loss` only on the importance-weighted bound.
 MONITOR_NAMES = {"val_elbo": ("validation ELBO", 1.0), "val_loss": ("validation importance-weighted bound", -1.0)}
 
 
@@ -53,11 +54,12 @@ def training_line(epochs_completed: int, epochs: int, resumed_from: int, seconds
     if resumed_from:
         line += f" (resumed after epoch {resumed_from})"
     line += f" in {seconds:.0f} s"
+    name = "validation value"
     if best is not None:
         name, value = monitored(best)
         line += f"; best {name} {value:.2f} after epoch {int(best['epoch']) + 1}"
-        if stopped_early:
-            line += f"; stopped early (no better {name} in {patience} epochs)"
+    if stopped_early:
+        line += f"; stopped early (no better {name} in {patience} epochs)"
     return line
 
 

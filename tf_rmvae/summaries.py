@@ -44,7 +44,10 @@ def _layout() -> layout_pb2.Layout:
             chart("mixture weight of every component", r"^mixture/weight_\d+$"),
             chart("entropy of every component (nats)", r"^mixture/entropy_\d+$"),
         ]),
-        layout_pb2.Category(title="ELBO", chart=[chart("training and validation ELBO", r"^epoch_elbo$")]),
+        layout_pb2.Category(title="ELBO", chart=[
+            chart("training and validation ELBO", r"^epoch_elbo$"),
+            chart("training and validation loss (the negative bound trained)", r"^epoch_loss$"),
+        ]),
     ])
 
 

@@ -21,7 +21,9 @@ Layout of `model_dir`:
                            as `mixture/...`, a custom-scalars layout), reconstructions and samples as images
                            (`tf_rmvae.summaries`)
     metrics.json           final test ELBO / IWAE log-likelihood (mean, s.e.), mixture weights, component
-                           entropies, timing, per-epoch history; `"completed": true` marks a finished run
+                           entropies, timing, per-epoch history, the best checkpoint's record (`validation.best`:
+                           its value is its monitor's, `val_loss` = the negative bound on --bound=iw);
+                           `"completed": true` marks a finished run
     export/                the TF-Serving export `<name>/<version>/` (default `--export_dir`)
     reconstructions.png, samples.png, mixture_weights.png
 
