@@ -50,9 +50,9 @@ def read_best(directory: str) -> dict | None:
     with open(path, encoding="utf-8") as f:
         best = json.load(f)
     mode = best.get("mode", LEGACY_MODES.get(best["monitor"]))
-    if mode is not None and mode not in MODES:
-        raise ValueError(f"{path} names mode {mode!r}; a best-checkpoint record's mode is 'max' or 'min'.")
     if mode is not None:
+        if mode not in MODES:
+            raise ValueError(f"{path} names mode {mode!r}; a best-checkpoint record's mode is 'max' or 'min'.")
         best["mode"] = mode
     return best
 
