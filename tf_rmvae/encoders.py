@@ -27,6 +27,15 @@ NEW_COMPONENT_INITS = ("copy", "random")
 OFFSET_HEAD_SEED_OFFSET = 10_000
 
 
+def build_eagerly(layer: keras.layers.Layer, input_shape) -> None:
+    """Builds `layer` for `input_shape` once, as `__call__` would; eagerly, so also from inside a traced function."""
+    if not layer.built:
+        with tf.init_scope():
+            layer.build(tuple(input_shape))
+        layer._build_shapes_dict = {"input_shape": tuple(input_shape)}
+        layer.built = True
+
+
 def make_mixture(
     log_weights: tf.Tensor, loc: tf.Tensor, scale: tf.Tensor, reparameterize: bool = True
 ) -> tfd.MixtureSameFamily:
@@ -157,11 +166,7 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
 
     def ensure_built(self, input_shape) -> None:
         """Builds the layer for `input_shape` if needed (methods other than `__call__` may come first)."""
-        if not self.built:
-            with tf.init_scope():
-                self.build(tuple(input_shape))
-            self._build_shapes_dict = {"input_shape": tuple(input_shape)}
-            self.built = True
+        build_eagerly(self, input_shape)
 
     def configure_mixing(self, *, all_active: bool, learn_proportions: bool) -> None:
         """Sets how a training method uses the mixing weights (see `RecursiveMixingWeights.configure`): all M
@@ -314,11 +319,7 @@ class GaussianEncoder(keras.layers.Layer):
 
     def ensure_built(self, input_shape) -> None:
         """Builds the layer for `input_shape` if needed (methods other than `__call__` may come first)."""
-        if not self.built:
-            with tf.init_scope():
-                self.build(tuple(input_shape))
-            self._build_shapes_dict = {"input_shape": tuple(input_shape)}
-            self.built = True
+        build_eagerly(self, input_shape)
 
     def compute_parameters(self, x):
         """`x [B, ...]` -> `(loc [B, D], scale [B, D])`."""
