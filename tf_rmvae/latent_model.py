@@ -14,7 +14,7 @@ import tensorflow_probability as tfp
 
 from tf_rmvae import inputs as image_inputs
 from tf_rmvae import legacy_weights, objectives
-from tf_rmvae.encoders import RecursiveMixtureEncoder
+from tf_rmvae.encoders import RecursiveMixtureEncoder, build_eagerly
 
 tfd = tfp.distributions
 
@@ -56,10 +56,7 @@ class LatentVariableModel(keras.Model):
     # ------------------------------------------------------------------ construction
     def ensure_built(self, input_shape) -> None:
         """Builds the model for `input_shape` (also inside a traced step: variables are created eagerly)."""
-        if not self.built:
-            with tf.init_scope():
-                self.build(tuple(input_shape))
-            self._build_shapes_dict = {"input_shape": tuple(input_shape)}
+        build_eagerly(self, input_shape)
 
     def build(self, input_shape):
         self.encoder.ensure_built(tuple(input_shape))
