@@ -69,7 +69,8 @@ def fingerprint(config: BenchmarkConfig, cell: Cell) -> dict:
     as the old scalar `savae_steps`.
     """
     skip = {"methods", "lambdas", "num_components", "schedules", "seeds", "output_dir", "run_name", "table_name",
-            "resume", "verbose", "eval_batch_size", "jit_compile", "bounds", "savae_steps", "schedule_in_label"}
+            "resume", "verbose", "eval_batch_size", "jit_compile", "bounds", "savae_steps", "schedule_in_label",
+            "encoder_gradients"}
     values = {k: v for k, v in config.to_json().items() if k not in skip}
     if not config.eval_epochs:
         del values["eval_epochs"]
@@ -81,7 +82,7 @@ def fingerprint(config: BenchmarkConfig, cell: Cell) -> dict:
     del values["component_bounds"], values["num_samples"]
     # Added after results were committed, and their old behaviour:
     new_fields = {"bound": "elbo", "refine_steps": None, "shared_trunk": False, "per_example_proportions": False,
-                  "component_bound": "elbo", "num_samples": 1}
+                  "component_bound": "elbo", "num_samples": 1, "encoder_gradient": "reparam", "joins": True}
     # The cell's epochs_per_component only names it (the run's value above is what trained it).
     values["cell"] = {k: v for k, v in dataclasses.asdict(cell).items()
                       if k not in new_fields and k != "epochs_per_component"}

@@ -15,10 +15,13 @@ from typing import Sequence
 from benchmarks.cell_files import cell_key
 from tf_rmvae.choices import adds_components as components_join_one_at_a_time
 
-ALL_METHODS = ("vae", "mixture", "boosting", "rme", "savae", "vae_equal_params", "iwae")
+ALL_METHODS = ("vae", "mixture", "boosting", "rme", "savae", "vae_equal_params", "iwae", "piwae")
 # Methods with one Gaussian encoder: vae_equal_params is a VAE whose encoder has as many parameters as M encoders;
-# iwae is a VAE trained on the IWAE bound with k = M samples (as many decoder passes per step as RME's M slots).
-SINGLE_COMPONENT_METHODS = ("vae", "savae", "vae_equal_params", "iwae")
+# iwae is a VAE trained on the IWAE bound with k = M samples (as many decoder passes per step as RME's M slots);
+# piwae is PIWAE(M, K = num_samples): the encoder on MIWAE(M, K), the decoder on IWAE(M K).
+SINGLE_COMPONENT_METHODS = ("vae", "savae", "vae_equal_params", "iwae", "piwae")
+# Methods whose encoder gradient is swept over `encoder_gradients` (rme only with importance-weighted criteria).
+ENCODER_GRADIENT_METHODS = ("iwae", "piwae", "rme")
 BOUND_METHODS = ("rme", "mixture")  # methods whose decoder/mixture bound is swept over `bounds`
 LEGACY_SAVAE_STEPS = 10  # the SA-VAE cell labelled plain "savae" (earlier runs had one SA-VAE cell)
 
@@ -40,7 +43,10 @@ class BenchmarkConfig:
     M x num_samples decoder passes; label suffix `_S<n>` when above 1); iwae keeps k = M. `schedule_in_label`
     names the cells whose components join one at a time by their schedule too (label suffix `_epc<N>`), so runs of
     one model at several schedules can share a cells directory, a table and a frontier (off: the labels of
-    committed cells stay as they are).
+    committed cells stay as they are). A stage as long as the run (`epochs_per_component >= epochs`) is the no-join
+    control: components never join (label suffix `_nojoin`). `encoder_gradients` ("reparam", "dreg") apply to
+    iwae, piwae and rme on importance-weighted component criteria (`RecursiveMixtureVAE(encoder_gradient=...)`;
+    labels `iwae_dreg_k<k>`, `piwae_dreg_M<M>_K<K>`, suffix `_dreg`).
     `eval_examples = 0` / `train_examples = 0` use the full split. `rme_max_log_ratio < 0` runs RME (and boosting)
     with the uncapped criterion; `rme_train_previous = False` freezes earlier components (ablations of issue 8).
     `lambdas` apply to "rme" only (boosting and the other baselines have no lambda; their rows hold
@@ -88,6 +94,7 @@ class BenchmarkConfig:
     component_bounds: Sequence[str] = ("elbo",)
     num_samples: int = 1
     schedule_in_label: bool = False
+    encoder_gradients: Sequence[str] = ("reparam",)
 
     def __post_init__(self):
         self.methods = tuple(self.methods)
@@ -109,6 +116,10 @@ class BenchmarkConfig:
         if set(self.component_bounds) - {"elbo", "iw"} or not self.component_bounds:
             raise ValueError(f"component_bounds must be a non-empty subset of ('elbo', 'iw'); got "
                              f"{self.component_bounds}.")
+        self.encoder_gradients = tuple(self.encoder_gradients)
+        if set(self.encoder_gradients) - {"reparam", "dreg"} or not self.encoder_gradients:
+            raise ValueError(f"encoder_gradients must be a non-empty subset of ('reparam', 'dreg'); got "
+                             f"{self.encoder_gradients}.")
         if min(self.savae_steps, default=0) < 1:
             raise ValueError(f"savae_steps must be >= 1; got {self.savae_steps}.")
         if min(self.num_components, default=0) < 1 or not self.seeds or not self.lambdas:
@@ -149,14 +160,19 @@ class Cell:
     # Where the run names cells by their schedule (`schedule_in_label`): epochs per component, in the label only
     # (the run's `epochs_per_component` is what trains it and what its fingerprint records).
     epochs_per_component: int | None = None
+    encoder_gradient: str = "reparam"  # iwae, piwae, rme on importance-weighted criteria
+    joins: bool = True  # False: a stage-wise mixture whose components never join (the no-join control)
 
     @property
     def label(self) -> str:
         """Names the model within one seed (the keys of `paired_se_vs`)."""
+        dreg = "_dreg" if self.encoder_gradient == "dreg" else ""
         if self.method == "savae":
             return "savae" if self.refine_steps == LEGACY_SAVAE_STEPS else f"savae{self.refine_steps}"
         if self.method == "iwae":
-            return f"iwae_k{self.num_components}"
+            return f"iwae{dreg}_k{self.num_components}"
+        if self.method == "piwae":
+            return f"piwae{dreg}_M{self.num_components}_K{self.num_samples}"
         parts = [self.method]
         if self.method not in SINGLE_COMPONENT_METHODS or self.method == "vae_equal_params":
             parts.append(f"M{self.num_components}")
@@ -176,7 +192,9 @@ class Cell:
             parts.append(f"S{self.num_samples}")
         if self.epochs_per_component is not None:
             parts.append(f"epc{self.epochs_per_component}")
-        return "_".join(parts)
+        if not self.joins:
+            parts.append("nojoin")
+        return "_".join(parts) + dreg
 
     @property
     def key(self) -> str:
@@ -197,20 +215,31 @@ def cells(config: BenchmarkConfig) -> list[Cell]:
                 mixture = method not in SINGLE_COMPONENT_METHODS
                 options = dict(shared_trunk=config.shared_trunk and mixture,
                                per_example_proportions=config.per_example_proportions and mixture,
-                               num_samples=config.num_samples if mixture else 1)
-                if method in ("mixture", "vae_equal_params", "iwae"):
+                               num_samples=config.num_samples if mixture or method == "piwae" else 1)
+                gradients = config.encoder_gradients if method in ENCODER_GRADIENT_METHODS else ("reparam",)
+                if method in ("iwae", "piwae"):
+                    result.extend(Cell(method, m, None, seed, None, encoder_gradient=g, **options) for g in gradients)
+                    continue
+                if method in ("mixture", "vae_equal_params"):
                     result.extend(Cell(method, m, None, seed, None, bound=b, **options) for b in bounds)
                     continue
                 for schedule in config.schedules:
                     lambdas = config.lambdas if method == "rme" else (None,)
                     component_bounds = config.component_bounds if method == "rme" else ("elbo",)
                     result.extend(
-                        Cell(method, m, lam, seed, schedule, bound=b, component_bound=c, **options)
-                        for lam in lambdas for b in bounds for c in component_bounds)
+                        Cell(method, m, lam, seed, schedule, bound=b, component_bound=c, encoder_gradient=g,
+                             **options)
+                        for lam in lambdas for b in bounds for c in component_bounds for g in gradients
+                        if g == "reparam" or c == "iw")
     if config.schedule_in_label:
         result = [dataclasses.replace(c, epochs_per_component=epochs_per_component(config, c))
                   if adds_components(c) else c for c in result]
-    return result
+    return [dataclasses.replace(c, joins=False) if never_joins(config, c) else c for c in result]
+
+
+def never_joins(config: BenchmarkConfig, cell: Cell) -> bool:
+    """Whether a stage-wise mixture's stage lasts the whole run, so its components never join."""
+    return adds_components(cell) and epochs_per_component(config, cell) >= config.epochs
 
 
 def adds_components(cell: Cell) -> bool:

@@ -74,16 +74,21 @@ def build_model(config: BenchmarkConfig, cell: Cell) -> keras.Model:
             encoder, decoder, refine_steps=cell.refine_steps, refine_lr=config.savae_lr,
             refine_momentum=config.savae_momentum, encoder_objective=config.savae_encoder_objective,
         )
-    elif cell.method in ("vae_equal_params", "iwae"):
-        iwae = cell.method == "iwae"
+    elif cell.method == "vae_equal_params":
+        model = tf_rmvae.RecursiveMixtureVAE(encoder, decoder, method="vae", bound="elbo", num_samples=1)
+    elif cell.method == "iwae":
         model = tf_rmvae.RecursiveMixtureVAE(
-            encoder, decoder, method="vae", bound="iw" if iwae else "elbo",
-            num_samples=cell.num_components if iwae else 1,
-        )
+            encoder, decoder, method="vae", bound="iw", num_samples=cell.num_components,
+            encoder_gradient=cell.encoder_gradient)
+    elif cell.method == "piwae":
+        model = tf_rmvae.RecursiveMixtureVAE(
+            encoder, decoder, method="vae", bound="iw", num_samples=cell.num_components * cell.num_samples,
+            encoder_groups=cell.num_components, encoder_gradient=cell.encoder_gradient)
     else:
         kwargs = {} if cell.lambda_kl is None else {"lambda_kl": cell.lambda_kl}
         # Always named: a cell's label says its bounds, whatever the library's default ("auto").
-        kwargs.update(bound=cell.bound, component_bound=cell.component_bound)
+        kwargs.update(bound=cell.bound, component_bound=cell.component_bound,
+                      encoder_gradient=cell.encoder_gradient)
         if cell.method in RECURSIVE_METHODS:  # rme and boosting share the cap and the earlier-component rule
             kwargs.update(
                 max_log_ratio=resolve_max_log_ratio(config.rme_max_log_ratio),
@@ -160,7 +165,7 @@ def run_cell(
         label=cell.label,
         schedule=cell.schedule,
         num_components=1 if cell.method in SINGLE_COMPONENT_METHODS else cell.num_components,
-        matched_components=cell.num_components if cell.method in ("vae_equal_params", "iwae") else None,
+        matched_components=cell.num_components if cell.method in ("vae_equal_params", "iwae", "piwae") else None,
         lambda_kl=cell.lambda_kl,
         epochs=config.epochs,
         epochs_per_component=epochs_per_component(config, cell) if adds_components(cell) else None,
@@ -186,7 +191,8 @@ def run_cell(
         wall_time_s=train_time + test["eval_time_s"],
         device=device_description(),
         savae_steps=cell.refine_steps if cell.method == "savae" else None,
-        bound="iw" if cell.method == "iwae" else (cell.bound if cell.method in BOUND_METHODS else "elbo"),
+        bound="iw" if cell.method in ("iwae", "piwae") else (cell.bound if cell.method in BOUND_METHODS else "elbo"),
+        encoder_gradient=cell.encoder_gradient,
         encoder_parameters=sum(int(np.prod(v.shape)) for v in model.encoder.trainable_weights),
     )
     arrays = dict(elbo=test["elbo"], log_likelihood=test["log_likelihood"])

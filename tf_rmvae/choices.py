@@ -17,6 +17,9 @@ SCHEDULES = ("stagewise", "sweep")
 BOUNDS = ("elbo", "iw")
 #: The values of the `bound` setting: a bound, or "auto", the method's default (`resolve_bound`).
 BOUND_SETTINGS = ("auto", *BOUNDS)
+#: How the encoder's importance-weighted objectives are differentiated: the ordinary reparameterisation gradient,
+#: or doubly reparameterised (DReG, Tucker et al. 2019: the score term replaced by squared normalised weights).
+ENCODER_GRADIENTS = ("reparam", "dreg")
 #: What a batch with NaN/Inf pixels does: stop naming the batch, or skip those examples.
 NONFINITE_POLICIES = ("raise", "skip")
 #: Encoder and decoder networks.
@@ -39,6 +42,34 @@ def resolve_bound(method: str, bound: str) -> str:
     if bound != "auto":
         return bound
     return "iw" if method == "rme" else "elbo"
+
+
+def encoder_objective_problem(method: str, bound: str, component_bound: str, num_samples: int,
+                              encoder_gradient: str, encoder_groups: int) -> str | None:
+    """Why `encoder_gradient` and `encoder_groups` do not apply to a model, or None when they do.
+
+    DReG applies to an importance-weighted objective of one proposal: IWAE (`method="vae"` on the "iw" bound) or RME's
+    components on their importance-weighted criteria. `encoder_groups = G > 1` is PIWAE: a VAE on the "iw" bound
+    whose encoder trains on MIWAE(G, S / G) (`num_samples` S divisible by G) while its decoder trains on IWAE(S).
+    `num_samples` 0 ("auto") is read as `resolve_num_samples` gives it."""
+    if encoder_gradient not in ENCODER_GRADIENTS:
+        return f"encoder_gradient must be one of {ENCODER_GRADIENTS}; got {encoder_gradient!r}."
+    if int(encoder_groups) < 1:
+        return f"encoder_groups must be >= 1; got {encoder_groups}."
+    bound = resolve_bound(method, bound)
+    iwae = method == "vae" and bound == "iw"
+    if encoder_groups > 1:
+        samples = resolve_num_samples(method, bound, component_bound, num_samples)
+        if not iwae:
+            return f"encoder_groups > 1 (PIWAE) needs method 'vae' on bound 'iw'; got {method!r} on {bound!r}."
+        if samples % encoder_groups:
+            return f"encoder_groups ({encoder_groups}) must divide num_samples ({samples})."
+    if encoder_gradient == "dreg":
+        rme_iw = method == "rme" and resolve_component_bound(method, bound, component_bound) == "iw"
+        if not (iwae or rme_iw):
+            return ("encoder_gradient='dreg' applies to method 'vae' on bound 'iw' (IWAE) and to method 'rme' with "
+                    f"component_bound 'iw'; got method {method!r}, bound {bound!r}.")
+    return None
 
 
 def resolve_component_bound(method: str, bound: str, component_bound: str) -> str:

@@ -18,6 +18,7 @@ from tf_rmvae.choices import (
     ARCHITECTURES,
     BOUND_SETTINGS,
     DECODERS,
+    ENCODER_GRADIENTS,
     METHODS,
     NONFINITE_POLICIES,
     PRECISIONS,
@@ -25,6 +26,7 @@ from tf_rmvae.choices import (
     SCHEDULES,
     STRATEGIES,
     adds_components,
+    encoder_objective_problem,
     resolve_bound,
     resolve_component_bound,
     resolve_epochs_per_component,
@@ -146,6 +148,13 @@ class RunConfig:
     num_samples: int = setting(
         0, "Reparameterised samples per component per step (0 = auto: 5 for --method=rme with importance-weighted "
         "component criteria, 1 otherwise).")
+    encoder_gradient: str = setting(
+        "reparam", "How the encoder's importance-weighted objective is differentiated: reparam (ordinary) or dreg "
+        "(doubly reparameterised, DReG): --method=vae on --bound=iw (IWAE-DReG) or --method=rme on "
+        "--component_bound=iw (DReG on each component's bound).", choices=ENCODER_GRADIENTS)
+    encoder_groups: int = setting(
+        1, "--method=vae on --bound=iw: G > 1 trains the encoder on MIWAE(G, num_samples / G) and the decoder on "
+        "IWAE(num_samples) (PIWAE); 1: both on the bound.")
     eps_search_every: int = setting(50, "Steps between mixing-proportion line searches.")
     per_example_proportions: bool = setting(
         False, "Per-example mixing proportions eps_m(x): the searched logit plus a small head's bounded offset.")
@@ -209,6 +218,9 @@ class RunConfig:
         check(self.component_bound != "iw" or self.method == "rme",
               f"--component_bound=iw applies to --method=rme only; got --method={self.method}.")
         check(self.num_samples >= 0, f"--num_samples must be >= 1, or 0 for auto; got {self.num_samples}.")
+        problem = encoder_objective_problem(self.method, self.bound, self.component_bound, self.num_samples,
+                                            self.encoder_gradient, self.encoder_groups)
+        check(problem is None, f"--{problem}" if problem else "")
         check(self.num_components >= 1, f"--num_components must be >= 1; got {self.num_components}.")
         check(self.method != "vae" or self.num_components == 1,
               f"--method=vae trains a single-component encoder: use --num_components=1 (got {self.num_components}), "

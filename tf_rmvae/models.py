@@ -65,7 +65,8 @@ tfd = tfp.distributions
 # The constructor arguments that configure the training (held by the model's `RecursiveMixtureTrainer`).
 TRAINING_ARGUMENTS = (
     "method", "lambda_kl", "max_log_ratio", "schedule", "train_previous", "num_samples", "bound", "eps_grid",
-    "eps_search_every", "boosting_entropy_weight", "noise_seed", "component_bound",
+    "eps_search_every", "boosting_entropy_weight", "noise_seed", "component_bound", "encoder_gradient",
+    "encoder_groups",
 )
 
 
@@ -113,6 +114,12 @@ class RecursiveMixtureVAE(LatentVariableModel):
         (`objectives.rme_importance_weighted_criterion`). With `bound="iw"` the first stage is then IWAE with
         k = M x `num_samples` samples (the inactive slots draw from the active components); once every
         component is active and `num_samples=1`, it is the paper's criterion.
+      encoder_gradient: how the encoder's importance-weighted objective is differentiated: "reparam" (default) or
+        "dreg", doubly reparameterised (`objectives.doubly_reparameterized_log_mean_exp`): for method "vae" on
+        the "iw" bound (IWAE-DReG: the encoder on DReG, the decoder on the ordinary IWAE gradient) and for RME's
+        components on `component_bound="iw"` (DReG on each component's own bound; its KL term unchanged).
+      encoder_groups: method "vae" on the "iw" bound: G > 1 trains the encoder on MIWAE(G, S / G) while the decoder
+        trains on IWAE(S) (PIWAE, Rainforth et al. 2018); 1 (default): the encoder on the model's bound.
 
     Call `fit(dataset_of_images)`: batches are image tensors `[B, H, W, C]` (or `(x,)` / `(x, y)` tuples, y
     ignored). Reported metrics: `loss` (= -mixture bound), `elbo`, `reconstruction`, `kl`, `criterion` (the
@@ -139,6 +146,8 @@ class RecursiveMixtureVAE(LatentVariableModel):
         nonfinite_inputs: str = "raise",
         noise_seed: int = 0,
         component_bound: str = "elbo",
+        encoder_gradient: str = "reparam",
+        encoder_groups: int = 1,
         **kwargs,
     ):
         super().__init__(encoder, decoder, **kwargs)
@@ -146,7 +155,8 @@ class RecursiveMixtureVAE(LatentVariableModel):
             encoder, method=method, lambda_kl=lambda_kl, max_log_ratio=max_log_ratio, schedule=schedule,
             train_previous=train_previous, num_samples=num_samples, bound=bound, eps_grid=eps_grid,
             eps_search_every=eps_search_every, boosting_entropy_weight=boosting_entropy_weight,
-            noise_seed=noise_seed, component_bound=component_bound,
+            noise_seed=noise_seed, component_bound=component_bound, encoder_gradient=encoder_gradient,
+            encoder_groups=encoder_groups,
         )
         if nonfinite_inputs not in NONFINITE_POLICIES:
             raise ValueError(

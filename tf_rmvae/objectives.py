@@ -84,6 +84,54 @@ def elbo(log_joint: tf.Tensor, log_q: tf.Tensor) -> tf.Tensor:
     return tf.reduce_mean(log_joint - log_q, axis=0)
 
 
+def doubly_reparameterized_log_mean_exp(log_ratio_fixed: tf.Tensor, axis: int = 0) -> tf.Tensor:
+    """The importance-weighted bound `log mean_k exp r_k` with the doubly reparameterised gradient (DReG; Tucker,
+    Lawson, Gu & Maddison, ICLR 2019).
+
+    `r_k = log p(x, z_k) - log q(z_k)` with q's parameters stopped by the caller and `z_k` reparameterised, so the
+    only route to the encoder is through the samples. The value is the bound; the gradient is
+    `sum_k w_k^2 dr_k` with `w` the normalised importance weights (stopped): unbiased for the encoder's IWAE
+    gradient and free of its score term, whose signal-to-noise ratio falls as k grows. With one sample it is the
+    "sticking the landing" gradient (Roeder et al., 2017). Not a gradient for the decoder: train it on the bound.
+
+    Args:
+      log_ratio_fixed: `[..., K, ...]` log importance weights, K along `axis`.
+
+    Returns:
+      The bound, `log_ratio_fixed`'s shape without `axis`.
+    """
+    log_norm = tf.reduce_logsumexp(log_ratio_fixed, axis=axis, keepdims=True)
+    weights = tf.stop_gradient(tf.exp(log_ratio_fixed - log_norm))
+    surrogate = tf.reduce_sum(tf.square(weights) * log_ratio_fixed, axis=axis)
+    return with_gradient_of(log_mean_exp(log_ratio_fixed, axis), surrogate)
+
+
+def with_gradient_of(value: tf.Tensor, surrogate: tf.Tensor) -> tf.Tensor:
+    """`value` forward, `surrogate`'s gradient backward (a gradient estimator's usual form)."""
+    return tf.stop_gradient(value) + surrogate - tf.stop_gradient(surrogate)
+
+
+def grouped_importance_weighted_bound(log_ratio: tf.Tensor, groups: int, dreg: bool = False) -> tf.Tensor:
+    """MIWAE(G, K / G) (Rainforth et al., ICML 2018): the mean over G groups of the importance-weighted bound of
+    each group's K / G samples; G = 1 is IWAE's bound, G = K the ELBO. PIWAE trains its encoder on it.
+
+    Args:
+      log_ratio: `[K, ...]` log importance weights (q's parameters stopped where `dreg`).
+      groups: G.
+      dreg: the gradient of `doubly_reparameterized_log_mean_exp` in every group.
+
+    Returns:
+      `[...]` the bound; where K (known when traced) is not a multiple of G, as by a call with another number of
+      samples than training's, the bound over all K in one group.
+    """
+    if log_ratio.shape[0] is not None and log_ratio.shape[0] % groups:
+        groups = 1
+    shape = tf.shape(log_ratio)
+    grouped = tf.reshape(log_ratio, tf.concat([[groups, shape[0] // groups], shape[1:]], 0))
+    per_group = doubly_reparameterized_log_mean_exp(grouped, 1) if dreg else log_mean_exp(grouped, 1)
+    return tf.reduce_mean(per_group, axis=0)
+
+
 def capped_log_ratio(log_h_self: tf.Tensor, log_q_previous: tf.Tensor, max_log_ratio: float | None) -> tf.Tensor:
     """Each sample's `log h(z) - log q_prev(z)`, capped at `max_log_ratio` (None: uncapped); why the cap: see
     `rme_criterion`. Shapes as the inputs'."""
@@ -131,6 +179,7 @@ def rme_importance_weighted_criterion(
     sources: tf.Tensor,
     lambda_kl: float,
     max_log_ratio: float | None = None,
+    log_h_self_fixed: tf.Tensor | None = None,
 ) -> tf.Tensor:
     """RME criterion with the component's importance-weighted bound in place of its ELBO:
     `log (1/n) sum_j p(x, z_j) / h(z_j) + lambda * KL(h || q_prev)` over the `n` samples of `h`.
@@ -146,6 +195,9 @@ def rme_importance_weighted_criterion(
         the slot's source component; `criterion_log_densities(..., sources)`).
       sources: `[M]` int, the component each slot draws from.
       lambda_kl, max_log_ratio: as for `rme_criterion`.
+      log_h_self_fixed: optional `log_h_self` with the components' parameters stopped: the bound then takes the
+        doubly reparameterised gradient (`doubly_reparameterized_log_mean_exp` over each component's pooled
+        samples); the KL term keeps its reparameterised gradient.
 
     Returns:
       `[B, M]` each component's criterion (to be maximised); a component no slot draws from gets its slot's
@@ -156,16 +208,27 @@ def rme_importance_weighted_criterion(
     count = tf.reduce_sum(tf.cast(member, log_joint.dtype), axis=0)  # [M] samples' slots per component
     # n: the samples of each component, S per slot drawing from it (at least 1: no log 0 for unused ones).
     pooled = tf.cast(tf.shape(log_joint)[0], log_joint.dtype) * tf.maximum(count, 1.0)  # [M]
+    log_ratio = log_joint - (log_h_self if log_h_self_fixed is None else log_h_self_fixed)  # [S, B, M slots]
     # log sum over the S samples of each slot, then over the slots of each component.
-    per_slot = tf.reduce_logsumexp(log_joint - log_h_self, axis=0)  # [B, M slots]
+    per_slot = tf.reduce_logsumexp(log_ratio, axis=0)  # [B, M slots]
     # Other components' slots masked with a finite value (defensive: no -inf - -inf in an all-masked column).
     masked = tf.where(member, per_slot[..., :, None], tf.constant(-1e30, log_joint.dtype))  # [B, M, M]
-    bound = tf.reduce_logsumexp(masked, axis=-2) - tf.math.log(pooled)
-    log_ratio = capped_log_ratio(log_h_self, log_q_previous, max_log_ratio)
-    ratio_sum = tf.reduce_sum(tf.where(member, tf.reduce_sum(log_ratio, axis=0)[..., :, None], 0.0), axis=-2)
-    kl = ratio_sum / pooled  # [B, M]
+    log_sum = tf.reduce_logsumexp(masked, axis=-2)  # [B, M components]
+    bound = log_sum - tf.math.log(pooled)
+    if log_h_self_fixed is not None:  # DReG: sum over the pool of (normalised weight)^2 * log ratio
+        weights = tf.stop_gradient(tf.exp(log_ratio - tf.gather(log_sum, sources, axis=-1)))  # [S, B, M slots]
+        surrogate = pooled_sum(tf.reduce_sum(tf.square(weights) * log_ratio, axis=0), member)
+        bound = with_gradient_of(bound, surrogate)
+    capped = capped_log_ratio(log_h_self, log_q_previous, max_log_ratio)
+    kl = pooled_sum(tf.reduce_sum(capped, axis=0), member) / pooled  # [B, M]
     own = rme_criterion(log_joint, log_h_self, log_q_previous, lambda_kl, max_log_ratio)
     return tf.where(count > 0, bound + lambda_kl * kl, own)
+
+
+def pooled_sum(per_slot: tf.Tensor, member: tf.Tensor) -> tf.Tensor:
+    """`[..., M slots]` -> `[..., M components]`: each component's sum over the slots that draw from it
+    (`member [M slots, M components]` bool)."""
+    return tf.reduce_sum(tf.where(member, per_slot[..., :, None], 0.0), axis=-2)
 
 
 def boosting_criterion(
@@ -206,22 +269,31 @@ def criterion_log_densities(
       slots' `log_q_previous` is its own density, so its KL term vanishes and its criterion is its own bound.
     """
     previous_log_w = mixing.prefix_log_weights(mixing_logits)  # [(B,) M, M]: row m holds q_{m-1}'s weights
+    log_h_self = own_log_density(log_h, sources)
     if sources is None:
         sources = tf.range(log_h.shape[-1])
     else:  # slot i compares against q_{c-1}, c = sources[i], at its own samples
         previous_log_w = tf.gather(previous_log_w, sources, axis=-2)
-        log_h = tf.gather(log_h, sources, axis=-1)  # [..., i, k] = log h_{sources[k]}(z_i); the diagonal is wanted
     log_q_previous = tf.reduce_logsumexp(log_h_fixed + previous_log_w, axis=-1)
-    log_h_self = tf.linalg.diag_part(log_h)
     return log_h_self, tf.where(sources >= 1, log_q_previous, log_h_self)
+
+
+def own_log_density(log_h: tf.Tensor, sources: tf.Tensor | None = None) -> tf.Tensor:
+    """`[S, B, M, M] -> [S, B, M]`: the density of each slot's source component at the slot's samples,
+    `log h_{sources[i]}(z_i)` (default: slot i draws from component i, the diagonal)."""
+    if sources is not None:
+        log_h = tf.gather(log_h, sources, axis=-1)  # [..., i, k] = log h_{sources[k]}(z_i); the diagonal is wanted
+    return tf.linalg.diag_part(log_h)
 
 
 # ---------------------------------------------------------------------- per-component criteria
 # Each maps `log_joint, log_h_self, log_q_previous [S, B, M]` (log p(x, z), log h_m(z) and log q_{m-1}(z) at
-# the samples of component m) and `entropy [B, M]` to `[B, M]`. `recursive` says whether the component
-# networks train on it (against the fixed mixture before them) or on the mixture's own bound (it is then only
-# reported); `uses_sources` whether it reads `sources [M]`, the component each slot's samples come from (the
-# others get None: every slot is its own component's).
+# the samples of component m), `entropy [B, M]` and `log_h_self_fixed [S, B, M]` (log h_m(z) with the components'
+# parameters stopped: the doubly reparameterised estimators' input) to `[B, M]`. `recursive` says whether it
+# compares each component with the fixed mixture before it; `trains_components` whether the component networks
+# train on it (or on the mixture's own bound: it is then only reported); `uses_sources` whether it reads
+# `sources [M]`, the component each slot's samples come from (the others get None: every slot is its own
+# component's).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,10 +302,30 @@ class ComponentELBO:
     train the components on the mixture's bound instead."""
 
     recursive: ClassVar[bool] = False
+    trains_components: ClassVar[bool] = False
     uses_sources: ClassVar[bool] = False
 
-    def __call__(self, log_joint, log_h_self, log_q_previous=None, entropy=None, sources=None) -> tf.Tensor:
+    def __call__(self, log_joint, log_h_self, log_q_previous=None, entropy=None, sources=None,
+                 log_h_self_fixed=None) -> tf.Tensor:
         return elbo(log_joint, log_h_self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProposalBound:
+    """A one-Gaussian model's encoder trained on its own importance-weighted objective while the decoder trains on
+    the model's bound: MIWAE(`groups`, S / `groups`) (`grouped_importance_weighted_bound`; PIWAE where groups > 1),
+    with the doubly reparameterised gradient where `dreg` (IWAE-DReG where groups = 1)."""
+
+    groups: int = 1
+    dreg: bool = False
+    recursive: ClassVar[bool] = False
+    trains_components: ClassVar[bool] = True
+    uses_sources: ClassVar[bool] = False
+
+    def __call__(self, log_joint, log_h_self, log_q_previous=None, entropy=None, sources=None,
+                 log_h_self_fixed=None) -> tf.Tensor:
+        log_ratio = log_joint - (log_h_self_fixed if self.dreg else log_h_self)
+        return grouped_importance_weighted_bound(log_ratio, self.groups, self.dreg)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,9 +335,11 @@ class RMECriterion:
     lambda_kl: float
     max_log_ratio: float | None = None
     recursive: ClassVar[bool] = True
+    trains_components: ClassVar[bool] = True
     uses_sources: ClassVar[bool] = False
 
-    def __call__(self, log_joint, log_h_self, log_q_previous, entropy=None, sources=None) -> tf.Tensor:
+    def __call__(self, log_joint, log_h_self, log_q_previous, entropy=None, sources=None,
+                 log_h_self_fixed=None) -> tf.Tensor:
         return rme_criterion(log_joint, log_h_self, log_q_previous, self.lambda_kl, self.max_log_ratio)
 
 
@@ -256,9 +350,11 @@ class BoostingCriterion:
     entropy_weight: float = 1.0
     max_log_ratio: float | None = None
     recursive: ClassVar[bool] = True
+    trains_components: ClassVar[bool] = True
     uses_sources: ClassVar[bool] = False
 
-    def __call__(self, log_joint, log_h_self, log_q_previous, entropy, sources=None) -> tf.Tensor:
+    def __call__(self, log_joint, log_h_self, log_q_previous, entropy, sources=None,
+                 log_h_self_fixed=None) -> tf.Tensor:
         has_previous = tf.range(log_joint.shape[-1]) >= 1
         residual = boosting_criterion(
             log_joint, log_h_self, log_q_previous, entropy, self.entropy_weight, self.max_log_ratio,
@@ -269,19 +365,24 @@ class BoostingCriterion:
 @dataclasses.dataclass(frozen=True)
 class RMEImportanceWeightedCriterion:
     """RME with each component's importance-weighted bound over all the samples drawn from it in place of its
-    ELBO (`rme_importance_weighted_criterion`): with one active component of M slots it is IWAE's bound."""
+    ELBO (`rme_importance_weighted_criterion`): with one active component of M slots it is IWAE's bound. `dreg`:
+    the bound's doubly reparameterised gradient."""
 
     lambda_kl: float
     max_log_ratio: float | None = None
+    dreg: bool = False
     recursive: ClassVar[bool] = True
+    trains_components: ClassVar[bool] = True
     uses_sources: ClassVar[bool] = True
 
-    def __call__(self, log_joint, log_h_self, log_q_previous, entropy=None, sources=None) -> tf.Tensor:
+    def __call__(self, log_joint, log_h_self, log_q_previous, entropy=None, sources=None,
+                 log_h_self_fixed=None) -> tf.Tensor:
         return rme_importance_weighted_criterion(
-            log_joint, log_h_self, log_q_previous, sources, self.lambda_kl, self.max_log_ratio)
+            log_joint, log_h_self, log_q_previous, sources, self.lambda_kl, self.max_log_ratio,
+            log_h_self_fixed if self.dreg else None)
 
 
-Criterion = ComponentELBO | RMECriterion | RMEImportanceWeightedCriterion | BoostingCriterion
+Criterion = ComponentELBO | ProposalBound | RMECriterion | RMEImportanceWeightedCriterion | BoostingCriterion
 
 
 def component_criterion(
@@ -291,21 +392,29 @@ def component_criterion(
     max_log_ratio: float | None = 5.0,
     boosting_entropy_weight: float = 1.0,
     component_bound: str = "elbo",
+    encoder_gradient: str = "reparam",
+    encoder_groups: int = 1,
 ) -> Criterion:
     """The per-component criterion of a training method: "rme", "boosting", or "vae"/"mixture" (own ELBO).
 
     `component_bound="iw"` (method "rme" only) puts each component's importance-weighted bound in place of
-    its ELBO in the RME criterion (`RMEImportanceWeightedCriterion`)."""
+    its ELBO in the RME criterion (`RMEImportanceWeightedCriterion`). `encoder_gradient="dreg"` gives that bound
+    (or, for method "vae", the encoder's importance-weighted bound: `ProposalBound`) the doubly reparameterised
+    gradient; `encoder_groups > 1` (method "vae") trains the encoder on MIWAE (PIWAE). The caller checks that the
+    model trains on the "iw" bound where these need it (`choices.encoder_objective_problem`)."""
     if component_bound not in BOUNDS:
         raise ValueError(f"component_bound must be one of {BOUNDS}; got {component_bound!r}.")
     if component_bound == "iw" and method != "rme":
         raise ValueError(f"component_bound='iw' applies to method 'rme' only; got method {method!r}.")
+    dreg = encoder_gradient == "dreg"
     if method == "rme":
         if component_bound == "iw":
-            return RMEImportanceWeightedCriterion(lambda_kl, max_log_ratio)
+            return RMEImportanceWeightedCriterion(lambda_kl, max_log_ratio, dreg)
         return RMECriterion(lambda_kl, max_log_ratio)
     if method == "boosting":
         return BoostingCriterion(boosting_entropy_weight, max_log_ratio)
+    if method == "vae" and (dreg or encoder_groups > 1):
+        return ProposalBound(int(encoder_groups), dreg)
     if method in ("vae", "mixture"):
         return ComponentELBO()
     raise ValueError(f"Unknown method {method!r}.")

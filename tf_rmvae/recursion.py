@@ -33,7 +33,15 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tf_rmvae import mixing, objectives
-from tf_rmvae.choices import BOUND_SETTINGS, BOUNDS, METHODS, SCHEDULES, is_stagewise, resolve_bound
+from tf_rmvae.choices import (
+    BOUND_SETTINGS,
+    BOUNDS,
+    METHODS,
+    SCHEDULES,
+    encoder_objective_problem,
+    is_stagewise,
+    resolve_bound,
+)
 from tf_rmvae.encoders import RecursiveMixtureEncoder
 from tf_rmvae.latent_model import replica_batch_layout, standard_normal_log_prob
 
@@ -160,8 +168,8 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
     Args:
       encoder: the `RecursiveMixtureEncoder` to train; the method configures its mixing (`configure_mixing`).
       method, lambda_kl, max_log_ratio, schedule, train_previous, num_samples, bound, eps_grid,
-        eps_search_every, boosting_entropy_weight, noise_seed, component_bound: as for
-        `tf_rmvae.RecursiveMixtureVAE`.
+        eps_search_every, boosting_entropy_weight, noise_seed, component_bound, encoder_gradient, encoder_groups:
+        as for `tf_rmvae.RecursiveMixtureVAE`.
     """
 
     def __init__(
@@ -179,6 +187,8 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
         boosting_entropy_weight: float = 1.0,
         noise_seed: int = 0,
         component_bound: str = "elbo",
+        encoder_gradient: str = "reparam",
+        encoder_groups: int = 1,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -199,6 +209,10 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
         bound = resolve_bound(method, bound)  # "auto": the method's default
         if int(num_samples) < 1 or int(eps_search_every) < 1:
             raise ValueError("num_samples and eps_search_every must be >= 1.")
+        problem = encoder_objective_problem(
+            method, bound, component_bound, int(num_samples), encoder_gradient, int(encoder_groups))
+        if problem:
+            raise ValueError(problem)
         if method == "vae" and encoder.max_components != 1:
             raise ValueError(
                 f"method='vae' needs an encoder with max_components=1; got {encoder.max_components}.")
@@ -217,9 +231,12 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
         self.boosting_entropy_weight = float(boosting_entropy_weight)
         self.noise_seed = int(noise_seed)
         self.component_bound = component_bound
+        self.encoder_gradient = encoder_gradient
+        self.encoder_groups = int(encoder_groups)
         self.criterion = objectives.component_criterion(
             method, lambda_kl=self.lambda_kl, max_log_ratio=self.max_log_ratio,
             boosting_entropy_weight=self.boosting_entropy_weight, component_bound=component_bound,
+            encoder_gradient=encoder_gradient, encoder_groups=self.encoder_groups,
         )
         self.component_training = component_training(method, schedule, self.train_previous)
         self.component_training.configure(encoder)
@@ -307,17 +324,22 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
     def _criteria(self, z, loc, scale, log_joint, log_h, entropy, logit_offsets, sources) -> tf.Tensor:
         """`[B, M]` criterion of every component (against the fixed mixture of the components before it).
         `sources [M]`: the component each slot's samples come from."""
-        if not self.criterion.recursive:
+        if not self.criterion.trains_components:
             return self.criterion(log_joint, tf.linalg.diag_part(log_h))
-        # q_{m-1} is held fixed: its parameters get no gradient, the samples z do.
+        # q_{m-1} is held fixed: its parameters get no gradient, the samples z do; so are the components' own
+        # densities in the doubly reparameterised estimators.
         log_h_fixed = pairwise_log_prob(tf.stop_gradient(loc), tf.stop_gradient(scale), z)
+        sources = sources if self.criterion.uses_sources else None  # None: every slot is its own component's
+        log_h_self_fixed = objectives.own_log_density(log_h_fixed, sources)
+        if not self.criterion.recursive:
+            return self.criterion(log_joint, tf.linalg.diag_part(log_h), log_h_self_fixed=log_h_self_fixed)
         logits = tf.convert_to_tensor(self.encoder.mixing_logits)
         if self.encoder.per_example_proportions:
             logits = logits + logit_offsets  # [B, M]: each example's own earlier mixtures
-        sources = sources if self.criterion.uses_sources else None  # None: every slot is its own component's
         log_h_self, log_q_previous = objectives.criterion_log_densities(
             log_h, log_h_fixed, tf.stop_gradient(logits), sources)
-        return self.criterion(log_joint, log_h_self, log_q_previous, entropy, sources=sources)
+        return self.criterion(log_joint, log_h_self, log_q_previous, entropy, sources=sources,
+                              log_h_self_fixed=log_h_self_fixed)
 
     def newest(self, per_component: tf.Tensor) -> tf.Tensor:
         """Picks the newest active component's column of `[..., M]`."""
@@ -336,7 +358,7 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
         weight = terms.example_weight  # 0 for skipped (non-finite) examples
         global_batch = tf.cast(replica_batch_layout(tf.shape(weight)[0])[1], tf.float32)
         mixture = scale(-tf.reduce_sum(weight * terms.bound) / global_batch)
-        if not self.criterion.recursive:
+        if not self.criterion.trains_components:
             return Losses(mixture, None)
         criteria = tf.where(self.trained_components(), terms.criterion, 0.0) * weight[:, None]
         return Losses(mixture, scale(-tf.reduce_sum(criteria) / global_batch))
@@ -439,6 +461,8 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
             boosting_entropy_weight=self.boosting_entropy_weight,
             noise_seed=self.noise_seed,
             component_bound=self.component_bound,
+            encoder_gradient=self.encoder_gradient,
+            encoder_groups=self.encoder_groups,
         )
         return config
 

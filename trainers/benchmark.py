@@ -62,6 +62,9 @@ flags.DEFINE_list("component_bounds", list(_DEFAULT.component_bounds),
                   "Bounds in rme's component criteria: elbo and/or iw (importance-weighted, label suffix _ciw).")
 flags.DEFINE_integer("num_samples", _DEFAULT.num_samples,
                      "Mixture methods: samples per component slot and step (label suffix _S<n> above 1).")
+flags.DEFINE_list("encoder_gradients", list(_DEFAULT.encoder_gradients),
+                  "iwae, piwae, rme (importance-weighted criteria): reparam and/or dreg (doubly reparameterised; "
+                  "label iwae_dreg_k<k>, piwae_dreg_M<M>_K<K>, suffix _dreg).")
 flags.DEFINE_bool("schedule_in_label", False,
                   "Name cells whose components join one at a time by their schedule too (label suffix _epc<N>).")
 flags.DEFINE_list("eval_epochs", [], "Epochs (besides the last) at which every cell is also evaluated.")
@@ -84,7 +87,7 @@ FLAGS = flags.FLAGS
 _CONVERTERS = dict(
     lambdas=lambda v: tuple(float(x) for x in v), num_components=lambda v: tuple(int(x) for x in v),
     seeds=lambda v: tuple(int(x) for x in v), hidden_units=lambda v: tuple(int(x) for x in v),
-    methods=tuple, schedules=tuple, bounds=tuple, component_bounds=tuple,
+    methods=tuple, schedules=tuple, bounds=tuple, component_bounds=tuple, encoder_gradients=tuple,
     savae_steps=lambda v: tuple(int(x) for x in v),
     eval_epochs=lambda v: tuple(int(x) for x in v),
     jit_compile=lambda v: {"auto": "auto", "true": True, "false": False}[v],
