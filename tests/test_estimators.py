@@ -50,7 +50,8 @@ def test_dreg_matches_hand_computed_gradient(k):
     value, grads = autodiff(lambda m, s: objectives.doubly_reparameterized_log_mean_exp(
         log_ratios(m, s, noise, stop_proposal=True)), mu, sigma)
     np.testing.assert_allclose(grads, hand_dreg(mu, sigma, noise), rtol=1e-6, atol=1e-9)
-    plain = objectives.log_mean_exp(log_ratios(tf.constant(mu, tf.float64), tf.constant(sigma, tf.float64), noise, False))
+    fixed = [tf.constant(v, tf.float64) for v in (mu, sigma)]
+    plain = objectives.log_mean_exp(log_ratios(*fixed, noise, False))
     np.testing.assert_allclose(value.numpy(), plain.numpy(), rtol=1e-12)  # the value is the IWAE bound
 
 
@@ -125,3 +126,90 @@ def test_rme_criterion_dreg_pools_each_components_samples():
     expected_sigma = [hand_dreg(mus[0], sigmas[0], pool0)[1], hand_dreg(mus[1], sigmas[1], noise[:, 0, 1])[1], 0.0]
     np.testing.assert_allclose(grads[0], expected_mu, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(grads[1], expected_sigma, rtol=1e-6, atol=1e-9)
+
+
+# ---------------------------------------------------------------------- in the model
+def step_gradients(model, x, noise):
+    """`[(gradient, is an encoder variable)]` of one training step's routed losses (`RecursiveMixtureTrainer`), in
+    the order of the model's trainable variables."""
+    with tf.GradientTape(persistent=True) as tape:
+        terms = model.terms(x, noise=noise)
+        losses = model.rme.losses(terms)
+    grads = {}
+    for loss, variables in model.rme.gradient_routes(losses, model.trainable_variables):
+        grads.update({id(v): g for v, g in zip(variables, tape.gradient(loss, variables))})
+    encoder = {id(v) for v in model.encoder.trainable_variables}
+    return [(grads[id(v)], id(v) in encoder) for v in model.trainable_variables if id(v) in grads]
+
+
+def twin_models(**kwargs):
+    """Two tiny models with the same weights, the second with `kwargs` (e.g. another encoder gradient)."""
+    from tests.helpers import tiny_model
+
+    models = []
+    for extra in ({}, kwargs):
+        base = {k: v for k, v in kwargs.items() if k not in ("encoder_gradient", "encoder_groups")}
+        model = tiny_model(hidden=16, latent_dim=4, **{**base, **extra})
+        model.ensure_built((None, 28, 28, 1))
+        models.append(model)
+    models[1].set_weights(models[0].get_weights())
+    return models
+
+
+@pytest.mark.parametrize("settings", [
+    dict(method="vae", bound="iw", num_samples=4, encoder_gradient="dreg"),
+    dict(method="vae", bound="iw", num_samples=4, encoder_groups=2),
+    dict(method="rme", components=2, bound="iw", component_bound="iw", num_samples=3, lambda_kl=1.0,
+         encoder_gradient="dreg"),
+])
+def test_encoder_estimators_change_the_encoder_gradient_only(settings):
+    """IWAE-DReG, PIWAE and RME-DReG: the decoder's gradient is the ordinary gradient of the model's bound, the
+    encoder's differs; the reported bound is unchanged."""
+    from tests.helpers import mnist_digits
+
+    plain, other = twin_models(**settings)
+    x = tf.constant(mnist_digits(8))
+    if settings["method"] == "rme":
+        for model in (plain, other):
+            model.add_component()
+            model.encoder.mixing_logits.assign([0.0, 0.0])
+    noise = tf.random.stateless_normal([settings["num_samples"], 8, plain.encoder.max_components, 4], [1, 2])
+    grads_plain, grads_other = step_gradients(plain, x, noise), step_gradients(other, x, noise)
+    np.testing.assert_allclose(plain.terms(x, noise=noise).bound, other.terms(x, noise=noise).bound, rtol=1e-6)
+    assert len(grads_plain) == len(grads_other) and not all(encoder for _, encoder in grads_other)
+    differs = []
+    for (mine, encoder), (theirs, _) in zip(grads_other, grads_plain):
+        if encoder:
+            differs.append(not np.allclose(mine, theirs, rtol=1e-3, atol=1e-6))
+        else:
+            np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-7)
+    assert any(differs)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(method="vae", encoder_gradient="dreg"), "dreg"),  # a VAE on the ELBO has no importance weights
+    (dict(method="rme", component_bound="elbo", encoder_gradient="dreg"), "dreg"),
+    (dict(method="vae", bound="iw", num_samples=5, encoder_groups=2), "divide"),
+    (dict(method="rme", encoder_groups=2), "PIWAE"),
+    (dict(method="vae", encoder_gradient="score"), "encoder_gradient"),
+])
+def test_estimator_settings_that_do_not_apply_are_refused(settings, message):
+    from tests.helpers import tiny_model
+    from tf_rmvae.config import ConfigError, RunConfig
+
+    with pytest.raises(ValueError, match=message):
+        tiny_model(**settings)
+    flags = {k: v for k, v in settings.items() if k != "method"}
+    with pytest.raises(ConfigError, match=message):
+        RunConfig(model_dir="/tmp/unused", method=settings["method"],
+                  num_components=1 if settings["method"] == "vae" else 3, **flags).validate()
+
+
+def test_estimator_settings_survive_serialization():
+    from tests.helpers import tiny_model
+
+    model = tiny_model(method="vae", bound="iw", num_samples=4, encoder_gradient="dreg", encoder_groups=2)
+    config = model.get_config()
+    assert (config["encoder_gradient"], config["encoder_groups"]) == ("dreg", 2)
+    clone = type(model).from_config(config)
+    assert clone.rme.criterion == objectives.ProposalBound(groups=2, dreg=True)
