@@ -52,6 +52,8 @@ RESUMABLE_FIELDS = frozenset({
     "strategy",
     # When to stop and what to draw: the completed epochs trained the same either way.
     "early_stopping_patience", "image_every_epochs",
+    # A preset only names the other settings, which are compared themselves.
+    "preset",
 })
 
 # Values of fields that a saved `config.json` may lack because it was written before the field existed: the behaviour
@@ -64,6 +66,21 @@ LEGACY_DEFAULTS = {"validation_examples": 0, "bound": "elbo", "shared_trunk": Fa
 # component; MixVAE trained far worse on one shared trunk than on M networks (README "Results": 3.3-3.8 nats below
 # at 5 epochs, below a VAE; 2.9 at 40), so it keeps M independent networks.
 METHOD_DEFAULTS = {"vae": {"num_components": 1}, "mixture": {"shared_trunk": False}}
+
+#: Named models: the settings each preset fixes; every other setting keeps its `RunConfig` default, and an explicit
+#: flag or argument overrides the preset (`RunConfig.from_preset`). "default" is the recommended model (the defaults
+#: themselves); "paper" the paper's recursion (ELBO bound and criteria, one sample per component, independent
+#: networks, version 0.1's lambda); "posterior" the model whose q(z|x) is the best posterior (eight heads, one sample
+#: each, ELBO criteria: the highest test ELBO, the smallest amortization gap); "iwae" and "iwae_dreg" the baselines
+#: with as many decoder passes per step as the default (k = 16, the second with DReG encoder gradients).
+PRESETS = {
+    "default": {},
+    "paper": dict(method="rme", num_components=4, shared_trunk=False, bound="elbo", component_bound="elbo",
+                  num_samples=1, lambda_kl=0.3),
+    "posterior": dict(method="rme", num_components=8, bound="iw", component_bound="elbo", num_samples=1),
+    "iwae": dict(method="vae", num_components=1, bound="iw", num_samples=16),
+    "iwae_dreg": dict(method="vae", num_components=1, bound="iw", num_samples=16, encoder_gradient="dreg"),
+}
 
 #: `validation_examples` value that asks for the default hold-out (`tf_rmvae.data.default_validation_examples`).
 AUTO_VALIDATION = -1
@@ -105,6 +122,10 @@ class RunConfig:
     batch_size: int = setting(
         100, "GLOBAL training batch size: split evenly over all replicas (a multiple of their number).")
     # Model
+    preset: str = setting(
+        "default", "Named model whose settings apply where no flag gives them: default (the recommended RME), paper "
+        "(the paper's recursion), posterior (the best q(z|x)), iwae, iwae_dreg (baselines); see docs/flags.md.",
+        choices=tuple(PRESETS))
     method: str = setting(
         "rme", "rme: Recursive Mixture Estimation; vae: single Gaussian; mixture: jointly trained mixture; "
         "boosting: boosting VI.", choices=METHODS)
@@ -357,6 +378,18 @@ class RunConfig:
             for f in dataclasses.fields(self)
             if f.name not in RESUMABLE_FIELDS and self.effective(f.name) != other.effective(f.name)
         }
+
+    @classmethod
+    def from_preset(cls, preset: str = "default", **settings) -> RunConfig:
+        """The config of the named preset (`PRESETS`) with `settings` over it, and the method's own defaults
+        (`METHOD_DEFAULTS`) where neither names them. Not validated (`validate`)."""
+        if preset not in PRESETS:
+            raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}; got {preset!r}.")
+        values = {**PRESETS[preset], **settings}
+        method = values.get("method", cls.method)
+        for name, value in METHOD_DEFAULTS.get(method, {}).items():
+            values.setdefault(name, value)
+        return cls(preset=preset, **values)
 
     def replace(self, **changes) -> RunConfig:
         return dataclasses.replace(self, **changes)

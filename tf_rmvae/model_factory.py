@@ -2,6 +2,7 @@
 
     model = build_compiled_model(config, (28, 28, 1), binary=True)  # built and compiled, ready for `fit`
     model = load_trained_model("runs/quick")                         # the run's model, its saved weights
+    model = build_preset_model("paper", latent_dim=16)               # tf_rmvae.build_model: a named model
     encoder, decoder = build_networks((28, 28, 1), True, latent_dim=32, num_components=4)
     equal_parameter_hidden_units((28, 28, 1), (200, 200), 4, latent_dim=32)   # as big as 4: (585, 585)
 """
@@ -113,6 +114,17 @@ def build_compiled_model(config: RunConfig, image_shape, binary: bool) -> Recurs
     model.ensure_built((None, *image_shape))
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), jit_compile=config.jit_compile)
     return model
+
+
+def build_preset_model(
+    preset: str = "default", *, image_shape: tuple[int, int, int] = (28, 28, 1), binary: bool = True, **settings
+) -> RecursiveMixtureVAE:
+    """The compiled model of a named preset (`config.PRESETS`; "default": the recommended RME) for images
+    `[H, W, C]` = `image_shape`, with any `RunConfig` model or training setting in `settings` over the preset; the
+    same model `trainers.train --preset=...` trains. Call `fit` with `tf_rmvae.ComponentSchedule` (as
+    `training.run_callbacks` does) so that components join."""
+    config = RunConfig.from_preset(preset, **{"model_dir": "(in memory)", **settings}).validate().resolved()
+    return build_compiled_model(config, tuple(image_shape), binary)
 
 
 def load_trained_model(model_dir: str, checkpoint: str | None = None) -> RecursiveMixtureVAE:
