@@ -46,6 +46,7 @@ def test_paired_statistics_match_numpy():
         evaluation.paired_difference(a, b[:10])
 
 
+@pytest.mark.slow
 def test_quick_harness_runs_every_method_end_to_end(tmp_path, capsys):
     config = run_cells.quick_config(
         output_dir=str(tmp_path), lambdas=(0.3,), bounds=("elbo", "iw"), savae_steps=(1, 2), eval_epochs=(1,))
@@ -197,6 +198,7 @@ def test_frontier_keeps_models_no_other_beats_at_equal_or_lower_cost():
     assert frontier.train_step_name("rme_M4_lambda1_iw_shared_ciw_S4_epc34", "auto") == "rme_shared_M4_ciw_S4"
 
 
+@pytest.mark.slow
 def test_speed_benchmark_tiny_prints_ratios(capsys):
     # Times the default RME's training step, and a shared-trunk encoder beside the others.
     result = speed.main(["--tiny", "--output", "", "--bound", "auto", "--shared_components", "3",
@@ -220,6 +222,7 @@ def _tiny_savae(**kwargs):
     return SemiAmortizedVAE(encoder, tf_rmvae.BernoulliDecoder((28, 28, 1), hidden_units=(32,)), **kwargs)
 
 
+@pytest.mark.slow
 def test_savae_refinement_increases_per_example_elbo():
     rng = np.random.default_rng(0)
     x = (rng.random((64, 28, 28, 1)) < 0.2).astype(np.float32)
@@ -251,6 +254,7 @@ def test_savae_unrolled_training_reaches_the_encoder_and_round_trips_config():
         SemiAmortizedVAE(tf_rmvae.RecursiveMixtureEncoder(4, 1), tf_rmvae.BernoulliDecoder((28, 28, 1)))
 
 
+@pytest.mark.slow
 def test_fixed_decoder_study_trains_encoders_only_and_reports_gaps(tmp_path):
     config = amortization.AmortizationConfig(
         methods=("vae", "rme", "rme_shared"), decoder_epochs=1, encoder_epochs=2, epochs_per_component=1,

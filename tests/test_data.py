@@ -122,6 +122,7 @@ def test_load_dataset_rmvae_mnist_batches(mnist_dir):
     assert len(list(ds)) == 3
 
 
+@pytest.mark.slow
 def test_dynamic_binarization_matches_intensity(mnist_dir):
     raw = tfds.load("rmvae_mnist", split="train", data_dir=mnist_dir, batch_size=2000)
     intensity = next(iter(raw))["image"].numpy().astype(np.float32) / 255.0
@@ -282,6 +283,7 @@ def test_unavailable_dataset_without_network(tmp_path, monkeypatch):
         data.load_numpy("fashion_mnist", "test", data_dir=str(tmp_path))
 
 
+@pytest.mark.slow
 def test_a_dataset_that_another_process_prepared_meanwhile_is_used(tmp_path, monkeypatch):
     # Two trainers started together on a fresh data_dir both prepare the dataset; tfds renames each finished copy
     # into place, so the slower one fails on the rename although the dataset is ready (seen with two benchmarks).
@@ -343,6 +345,7 @@ for _ in tfds.builder("rmvae_mnist", data_dir=data_dir).as_dataset(split="test")
 """
 
 
+@pytest.mark.slow
 def test_pipelines_read_no_cache_partially(mnist_dir):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="1", CUDA_VISIBLE_DEVICES="")
     result = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT, mnist_dir], env=env, capture_output=True,

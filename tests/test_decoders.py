@@ -40,6 +40,7 @@ def test_decoder_arguments_are_checked():
         tf_rmvae.make_decoder("poisson", (28, 28, 1))
 
 
+@pytest.mark.slow
 def test_conv_rme_trains_on_continuous_images():
     encoder = tf_rmvae.RecursiveMixtureEncoder(4, 2, architecture="conv", conv_filters=(4, 8), hidden_units=(16,),
                                                seed=0)

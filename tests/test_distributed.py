@@ -136,6 +136,7 @@ def reference(tmp_path_factory):
     return model_dir
 
 
+@pytest.mark.slow
 def test_two_workers_train_the_schedule_and_match_one_device(tmp_path, reference):
     model_dir = tmp_path / "run"
     cluster = Cluster(model_dir, tmp_path)
@@ -160,6 +161,7 @@ def test_two_workers_train_the_schedule_and_match_one_device(tmp_path, reference
     assert not (model_dir / "backup" / "tmp.weights.h5").exists()  # only the chief writes the backup
 
 
+@pytest.mark.slow
 def test_a_killed_worker_and_the_restarted_job_resume_from_the_backup(tmp_path, reference):
     model_dir = tmp_path / "run"
     # 8 batches x 0.4 s: an epoch takes over 3 s, so the kill lands inside an epoch.
@@ -202,6 +204,7 @@ def test_a_killed_worker_and_the_restarted_job_resume_from_the_backup(tmp_path, 
     _assert_same_history(history, _history(reference))
 
 
+@pytest.mark.slow
 def test_a_killed_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, reference):
     model_dir = tmp_path / "run"
     command = _command(model_dir, "--debug_batch_sleep=0.4")
@@ -240,6 +243,7 @@ def test_a_killed_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(
         np.testing.assert_allclose(best_weights[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.slow
 def test_mirrored_over_two_logical_cpus_matches_one_device(tmp_path, reference):
     model_dir = tmp_path / "run"
     _run(_command(model_dir, "--strategy=mirrored", "--epochs=1"), RMVAE_CPU_DEVICES="2")
@@ -248,6 +252,7 @@ def test_mirrored_over_two_logical_cpus_matches_one_device(tmp_path, reference):
     _assert_same_history(_history(model_dir), _history(reference)[:1])
 
 
+@pytest.mark.slow
 def test_mixed_precision_run_is_finite(tmp_path):
     model_dir = tmp_path / "run"
     _run(_command(model_dir, "--mixed_precision=mixed_bfloat16", "--epochs=1"))
@@ -257,6 +262,7 @@ def test_mixed_precision_run_is_finite(tmp_path):
     assert math.isfinite(_history(model_dir)[0]["loss"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "extra, message",
     [

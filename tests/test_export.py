@@ -182,6 +182,7 @@ def _agrees_within_monte_carlo_error(served: np.ndarray, replicates: np.ndarray)
 
 
 # ---------------------------------------------------------------------------------------------- layout and metadata
+@pytest.mark.slow
 def test_export_writes_a_tf_serving_version_directory_with_metadata(exported):
     model_dir = exported["base"] / "rmvae"
     assert exported["full"] == str(model_dir / "1")
@@ -200,6 +201,7 @@ def test_export_writes_a_tf_serving_version_directory_with_metadata(exported):
     assert meta["signatures"]["encode"]["outputs"]["loc"]["shape"] == [-1, COMPONENTS, LATENT_DIM]
 
 
+@pytest.mark.slow
 def test_versions_count_up_and_an_existing_version_is_never_overwritten(exported, tmp_path):
     model = exported["model"]
     assert export.export_encoder(model, str(tmp_path), "m") == str(tmp_path / "m_encoder" / "1")
@@ -214,6 +216,7 @@ def test_versions_count_up_and_an_existing_version_is_never_overwritten(exported
         export.export_encoder(model, str(tmp_path), "m", version=-1)
 
 
+@pytest.mark.slow
 def test_a_failed_export_leaves_no_version_directory(exported, tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("simulated crash after the SavedModel was written")
@@ -233,11 +236,13 @@ def test_export_of_an_unbuilt_model_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- a serving host
+@pytest.mark.slow
 def test_serving_process_never_imports_tf_rmvae(served):
     assert served["tf_rmvae_modules"] == []
     assert not any(os.path.abspath(p) == os.path.dirname(os.path.dirname(export.__file__)) for p in served["sys_path"])
 
 
+@pytest.mark.slow
 def test_every_signature_matches_the_in_process_model(exported, served):
     out, ref = served["results"], exported["reference"]
     expected = ["encode", "generate", "log_likelihood", "reconstruct", "sample", "serving_default"]
@@ -251,12 +256,14 @@ def test_every_signature_matches_the_in_process_model(exported, served):
     np.testing.assert_allclose(out["sample/images"], ref["sampled"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_served_log_likelihood_agrees_within_monte_carlo_error(exported, served):
     served_ll = served["results"]["log_likelihood/log_likelihood"]
     assert served_ll.shape == (len(exported["x"]),)
     _agrees_within_monte_carlo_error(served_ll, exported["reference"]["log_likelihoods"])
 
 
+@pytest.mark.slow
 def test_invalid_inputs_fail_with_clear_errors_at_the_serving_boundary(served):
     errors = served["errors"]
     for case in ("rank", "size"):
@@ -269,6 +276,7 @@ def test_invalid_inputs_fail_with_clear_errors_at_the_serving_boundary(served):
     assert "num_samples must lie in [1, 100000]" in errors["num_samples"]
 
 
+@pytest.mark.slow
 def test_encoder_export_serves_only_the_encode_signature(exported, served):
     out = served["results"]
     assert list(out["encoder_signatures"]) == ["encode", "serving_default"]
@@ -279,6 +287,7 @@ def test_encoder_export_serves_only_the_encode_signature(exported, served):
 
 
 # ---------------------------------------------------------------------------------------------- saved_model_cli
+@pytest.mark.slow
 def test_saved_model_cli_run_matches_the_in_process_model(exported, tmp_path):
     np.save(tmp_path / "x.npy", exported["x"])
     cli = _saved_model_cli() + ["run", "--dir", exported["full"], "--tag_set", "serve"]
@@ -294,6 +303,7 @@ def test_saved_model_cli_run_matches_the_in_process_model(exported, tmp_path):
     _agrees_within_monte_carlo_error(np.load(tmp_path / "ll" / "log_likelihood.npy"), ref["log_likelihoods"])
 
 
+@pytest.mark.slow
 def test_saved_model_cli_refuses_a_wrong_shape(exported, tmp_path):
     np.save(tmp_path / "x.npy", exported["x"][..., 0])  # [B, 28, 28]: channel axis missing
     cli = _saved_model_cli() + ["run", "--dir", exported["full"], "--tag_set", "serve"]
@@ -302,6 +312,7 @@ def test_saved_model_cli_refuses_a_wrong_shape(exported, tmp_path):
     assert "Cannot feed value of shape (4, 28, 28)" in proc.stderr and "(None, 28, 28, 1)" in proc.stderr
 
 
+@pytest.mark.slow
 def test_serving_example_prints_a_real_rest_response(exported):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(
@@ -315,6 +326,7 @@ def test_serving_example_prints_a_real_rest_response(exported):
     np.testing.assert_allclose(prediction["mixture_weights"], exported["reference"]["mixture_weights"][0], atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version_name", ["1", "2", "3", "4"])
 def test_the_committed_model_is_servable_without_our_code(tmp_path, version_name):
     """`saved_models/rmvae_mnist_rme/<version>` (made by the README's quick command: 1, 2 and 3 with the defaults

@@ -158,6 +158,7 @@ def test_malformed_batches_are_refused_with_a_message_saying_what_to_do(element,
 
 
 # ---------------------------------------------------------------------------------------------- 2. broken models
+@pytest.mark.slow
 def test_a_diverged_run_stops_with_an_error_exits_1_and_exports_nothing(tmp_path, capsys):
     model_dir = tmp_path / "run"
     status, stderr = run_main([f"--model_dir={model_dir}", *TINY_FLAGS, "--learning_rate=1e6"], capsys)
@@ -167,6 +168,7 @@ def test_a_diverged_run_stops_with_an_error_exits_1_and_exports_nothing(tmp_path
     assert run_dir.saved_epoch(str(model_dir)) == 0  # no state of a diverged epoch
 
 
+@pytest.mark.slow
 def test_a_run_with_non_finite_test_metrics_is_neither_exported_nor_marked_finished(run_copy, monkeypatch):
     shutil.rmtree(run_copy / "export")
     (run_copy / "metrics.json").unlink()  # as if killed during evaluation: the rerun only evaluates and exports
@@ -196,12 +198,14 @@ def test_chance_level_follows_the_decoder_and_image_size():
 
 
 # ---------------------------------------------------------------------------------------------- 3, 4. exports
+@pytest.mark.slow
 def test_the_default_export_lands_in_the_run_directory(finished_run):
     model_dir, metrics = finished_run
     assert RunConfig(model_dir="runs/x").resolved_export_dir == os.path.join("runs/x", "export")
     assert metrics["exports"]["model"] == str(model_dir / "export" / "rmvae_mnist_rme" / "1")
 
 
+@pytest.mark.slow
 def test_exports_and_published_versions_are_readable_as_the_umask_says(finished_run, tmp_path):
     version_dir = finished_run[1]["exports"]["model"]
     assert stat.S_IMODE(os.stat(version_dir).st_mode) == 0o755  # exported under umask 022, not mkdtemp's 0700
@@ -213,6 +217,7 @@ def test_exports_and_published_versions_are_readable_as_the_umask_says(finished_
     assert os.path.isfile(os.path.join(published, "saved_model.pb"))
 
 
+@pytest.mark.slow
 def test_the_publish_program_is_quiet_and_numbers_the_next_version(finished_run, tmp_path):
     version_dir = finished_run[1]["exports"]["model"]
     base = tmp_path / "served"
@@ -237,6 +242,7 @@ HOLD_LOCK = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_second_trainer_is_refused_naming_the_holder_and_a_dead_holders_lock_is_taken_over(run_copy):
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_copy / ".lock")], stdout=subprocess.PIPE,
                               text=True)
@@ -261,6 +267,7 @@ def _restored_epoch(model_dir) -> int:
     return run_dir.restore(model, str(model_dir), STEPS)
 
 
+@pytest.mark.slow
 def test_a_truncated_backup_resumes_from_the_newest_intact_checkpoint(run_copy):
     backup = run_copy / "backup" / "latest.weights.h5"
     backup.write_bytes(backup.read_bytes()[: backup.stat().st_size // 2])
@@ -269,6 +276,7 @@ def test_a_truncated_backup_resumes_from_the_newest_intact_checkpoint(run_copy):
     assert [row["epoch"] for row in metrics["history"]] == [0, 1]
 
 
+@pytest.mark.slow
 def test_an_edited_epoch_count_is_refused_by_the_optimizer_step_check(run_copy):
     with h5py.File(run_copy / "backup" / "latest.weights.h5", "r+") as f:
         metadata = json.loads(f.attrs[run_dir.METADATA_ATTR])
@@ -279,6 +287,7 @@ def test_an_edited_epoch_count_is_refused_by_the_optimizer_step_check(run_copy):
         _restored_epoch(run_copy)  # nothing intact left: refused, not silently retrained from scratch
 
 
+@pytest.mark.slow
 def test_the_state_is_one_atomic_file_a_crash_mid_save_leaves_the_previous_one(run_copy, monkeypatch):
     assert sorted(os.listdir(run_copy / "backup")) == ["latest.weights.h5"]  # weights and metadata together
     model = model_factory.build_compiled_model(tiny_config(run_copy), (28, 28, 1), True)
@@ -296,6 +305,7 @@ def test_the_state_is_one_atomic_file_a_crash_mid_save_leaves_the_previous_one(r
 
 
 # ---------------------------------------------------------------------------------------------- 7. serving memory
+@pytest.mark.slow
 def test_log_likelihood_signature_takes_empty_and_large_batches_in_bounded_slices(finished_run):
     version_dir = finished_run[1]["exports"]["model"]
     assert export.read_metadata(version_dir)["limits"]["log_likelihood_batch"] == 100
@@ -349,6 +359,7 @@ def test_user_errors_exit_2_with_one_line_before_anything_is_written(case, tmp_p
     assert not (tmp_path / "run").exists()  # so a corrected rerun there is not refused as "a different run"
 
 
+@pytest.mark.slow
 def test_a_truncated_config_exits_2_with_one_line(run_copy, capsys):
     config = run_copy / "config.json"
     config.write_text(config.read_text()[:40])
@@ -358,6 +369,7 @@ def test_a_truncated_config_exits_2_with_one_line(run_copy, capsys):
 
 
 # ---------------------------------------------------------------------------------------------- 9. disk full
+@pytest.mark.slow
 def test_disk_full_while_saving_the_backup_keeps_the_previous_state_and_exits_1(run_copy, monkeypatch, capsys):
     save_weights = keras.Model.save_weights
 
@@ -380,6 +392,7 @@ def test_disk_full_while_saving_the_backup_keeps_the_previous_state_and_exits_1(
     assert metrics["completed"] and metrics["epochs_completed"] == 2 and metrics["optimizer_iterations"] == 2 * STEPS
 
 
+@pytest.mark.slow
 def test_a_state_that_cannot_fit_is_refused_before_hdf5_writes_anything(run_copy, monkeypatch):
     """On a really full disk HDF5 failed mid-write and the process died of a segfault (tried on a small tmpfs):
     a save is refused up front when the free space is smaller than the state."""

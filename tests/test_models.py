@@ -31,6 +31,7 @@ def mean_elbo(model, x, seed=0):
     return float(tf.reduce_mean(model.elbo(x, num_samples=4)))
 
 
+@pytest.mark.slow
 def test_training_raises_the_test_elbo(digits):
     train, test = digits[:1000], mnist_digits(300, "test")
     model = tiny_model("rme", components=3, eps_search_every=10)
@@ -46,6 +47,7 @@ def test_training_raises_the_test_elbo(digits):
     assert expected <= set(history)
 
 
+@pytest.mark.slow
 def test_a_new_component_leaves_the_mixture_elbo_unchanged(digits):
     model, _ = fitted(tiny_model("rme"), digits[:500])
     before = mean_elbo(model, digits[:200])
@@ -53,6 +55,7 @@ def test_a_new_component_leaves_the_mixture_elbo_unchanged(digits):
     np.testing.assert_allclose(mean_elbo(model, digits[:200]), before, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_adding_components_does_not_lower_iwae_on_a_fixed_decoder(digits):
     train, test = digits[:1000], mnist_digits(200, "test")
     model = tiny_model("rme", components=3, eps_search_every=10)
@@ -88,6 +91,7 @@ def test_rme_criterion_gives_no_gradient_to_earlier_components(digits):
         assert np.all(norms[:, m] > 0.0), m
 
 
+@pytest.mark.slow
 def test_stagewise_training_freezes_earlier_components_exactly(digits):
     model, _ = fitted(tiny_model("rme", components=3, train_previous=False), digits[:300])
     model.add_component()
@@ -100,6 +104,7 @@ def test_stagewise_training_freezes_earlier_components_exactly(digits):
         np.testing.assert_array_equal(new[2], old[2])  # inactive
 
 
+@pytest.mark.slow
 def test_line_search_moves_eps_to_the_best_candidate_of_the_grid(digits):
     model, _ = fitted(tiny_model("rme", components=2, eps_search_every=5), digits[:500], epochs=2)
     model.add_component()
@@ -112,6 +117,7 @@ def test_line_search_moves_eps_to_the_best_candidate_of_the_grid(digits):
     np.testing.assert_allclose(weights.sum(), 1.0, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "method,schedule", [("mixture", "stagewise"), ("rme", "sweep"), ("boosting", "stagewise")])
 def test_baselines_and_options_train(digits, method, schedule):
@@ -153,6 +159,7 @@ def test_one_component_kl_matches_closed_form(digits):
     np.testing.assert_allclose(kl_mc, closed, atol=0.1)
 
 
+@pytest.mark.slow
 def test_keras_file_round_trip_keeps_outputs_and_recursion_state(tmp_path, digits):
     model, _ = fitted(tiny_model("rme", components=3), digits[:300])
     model.add_component()
@@ -168,6 +175,7 @@ def test_keras_file_round_trip_keeps_outputs_and_recursion_state(tmp_path, digit
     assert loaded.method == "rme" and loaded.lambda_kl == pytest.approx(0.3)
 
 
+@pytest.mark.slow
 def test_xla_compiled_training_runs(digits):
     model = tiny_model("rme", components=2, eps_search_every=3)
     model, history = fitted(model, digits[:300], epochs=2, jit_compile=True,
@@ -204,6 +212,7 @@ class ThirdPartyVAE(keras.Model):
         return {"loss": self.tracker.result()}
 
 
+@pytest.mark.slow
 def test_encoder_drops_into_a_third_party_vae(digits):
     model = ThirdPartyVAE()
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
@@ -211,6 +220,7 @@ def test_encoder_drops_into_a_third_party_vae(digits):
     assert history["loss"][-1] < history["loss"][0] - 30.0
 
 
+@pytest.mark.slow
 def test_default_rme_keeps_training_every_active_component(digits):
     model, _ = fitted(tiny_model("rme", components=3), digits[:300])
     model.add_component()
@@ -220,6 +230,7 @@ def test_default_rme_keeps_training_every_active_component(digits):
     assert np.all(change[:2] > 0) and change[2] == 0  # both active components train; the inactive slot does not
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, components, samples", [("vae", 1, 4), ("rme", 3, 1)])
 def test_importance_weighted_bound_trains_and_lies_above_the_elbo(digits, method, components, samples):
     # vae + iw + 4 samples is IWAE (k = 4); rme + iw trains the decoder and proportions on the stratified
@@ -250,6 +261,7 @@ def test_rme_defaults_to_the_importance_weighted_bound_saved_resolved_and_old_mo
         assert tiny_model(method).bound == "elbo", method
 
 
+@pytest.mark.slow
 def test_importance_weighted_components_make_the_first_stage_iwae_and_train_every_component(digits):
     # With bound="iw" and component_bound="iw", one active component's criterion is the IWAE bound with
     # k = M samples: the same number as the mixture's bound on the same samples.

@@ -2,6 +2,7 @@
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 import tensorflow_probability as tfp
 
@@ -42,6 +43,7 @@ def test_a_new_encoder_has_the_shared_proportions_and_a_config_round_trip():
     assert clone.per_example_proportions and clone.mixing.max_offset == per_example.mixing.max_offset
 
 
+@pytest.mark.slow
 def test_rme_with_per_example_proportions_learns_proportions_that_vary_over_examples():
     train, test = mnist_digits(600), mnist_digits(200, "test")
     keras.utils.set_random_seed(0)

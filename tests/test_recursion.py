@@ -66,6 +66,7 @@ def trained_user_vae(train, components, method, epochs=3):
     return model
 
 
+@pytest.mark.slow
 def test_user_vae_trained_by_rme_adds_weighted_components_and_is_no_worse_than_as_a_plain_vae():
     train, test = mnist_digits(1000), tf.constant(mnist_digits(300, "test"))
     rme = trained_user_vae(train, components=3, method="rme")
@@ -101,6 +102,7 @@ class SameAsModelVAE(keras.Model):
         return {"elbo": tf.reduce_mean(terms.elbo)}
 
 
+@pytest.mark.slow
 def test_a_user_vae_and_recursive_mixture_vae_share_one_training_step():
     x = mnist_digits(200)
     results = []

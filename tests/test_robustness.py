@@ -32,6 +32,7 @@ def all_finite(model):
     return all(np.all(np.isfinite(keras.ops.convert_to_numpy(v))) for v in model.weights)
 
 
+@pytest.mark.slow
 def test_nan_batch_raises_an_error_naming_the_step_and_leaves_weights_intact():
     x = mnist_digits(150)
     x[120, 3, 4, 0] = np.nan  # third batch
@@ -51,6 +52,7 @@ def test_nan_examples_are_skipped_on_request():
     assert np.isfinite(history["elbo"][0]) and all_finite(model)
 
 
+@pytest.mark.slow
 def test_under_xla_the_guard_callback_names_the_batch():
     x = mnist_digits(150)
     x[70, 5, 5, 0] = np.nan  # second batch
@@ -83,6 +85,7 @@ def test_extreme_inputs_and_tiny_weights_stay_finite(bound):
     assert weights[1] > 0 and weights[1] < 1e-7
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 def test_mixed_precision_training_keeps_distributions_in_float32(policy):
     keras.mixed_precision.set_global_policy(policy)
@@ -150,6 +153,7 @@ MIRRORED_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_over_two_devices_matches_one_device(tmp_path):
     script = tmp_path / "mirrored.py"
     script.write_text(MIRRORED_SCRIPT)

@@ -183,6 +183,7 @@ def test_checkpoints_are_kept_and_tried_by_epoch_past_epoch_999(tmp_path):
     assert run_dir.read_metadata(str(tmp_path / "checkpoints" / kept[1]))["epoch"] == 1001
 
 
+@pytest.mark.slow
 def test_tensorboard_images_and_grouped_mixture_scalars(tmp_path):
     model = tiny_model(components=2, hidden=16, latent_dim=4)
     model.compile(optimizer=keras.optimizers.Adam(1e-3))

@@ -50,6 +50,7 @@ def _metrics(model_dir):
         return json.load(f)
 
 
+@pytest.mark.slow
 def test_run_writes_config_metrics_figures_checkpoints_and_export_and_a_rerun_does_not_retrain(tmp_path):
     model_dir, export_dir = tmp_path / "run", tmp_path / "exports"
     command = _command(model_dir, "--epochs=2", f"--export_dir={export_dir}", "--export_name=tiny")
@@ -95,6 +96,7 @@ def test_run_writes_config_metrics_figures_checkpoints_and_export_and_a_rerun_do
     assert sorted(os.listdir(export_dir / "tiny")) == ["1"]  # nothing trained or exported again
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_last_completed_epoch_with_its_stage_and_optimizer_state(tmp_path):
     model_dir = tmp_path / "run"
     # 8 batches x 0.4 s: an epoch takes over 3 s, so the kill lands inside an epoch.
@@ -146,6 +148,7 @@ def _events(run_dir):
     return tags
 
 
+@pytest.mark.slow
 def test_the_program_is_quiet_prints_one_line_per_stage_and_logs_pictures(tmp_path):
     model_dir = tmp_path / "run"
     env = _env()
@@ -169,6 +172,7 @@ def test_the_program_is_quiet_prints_one_line_per_stage_and_logs_pictures(tmp_pa
     assert "mixture/entropy_1" in _events(model_dir / "logs" / "validation")
 
 
+@pytest.mark.slow
 def test_a_run_that_early_stopping_ended_is_finished_even_if_killed_before_its_metrics(tmp_path):
     model_dir = tmp_path / "run"
     assert _run(_command(model_dir, "--epochs=2", "--export_dir=")).returncode == 0
@@ -189,6 +193,7 @@ def test_a_run_that_early_stopping_ended_is_finished_even_if_killed_before_its_m
     assert "already finished" in _run(command).stdout
 
 
+@pytest.mark.slow
 def test_rerun_with_different_settings_in_the_same_model_dir_fails_clearly(tmp_path):
     model_dir = tmp_path / "run"
     model_dir.mkdir()
@@ -200,6 +205,7 @@ def test_rerun_with_different_settings_in_the_same_model_dir_fails_clearly(tmp_p
     assert not (model_dir / "history.csv").exists()
 
 
+@pytest.mark.slow
 def test_vae_with_several_components_is_refused_by_the_program(tmp_path):
     result = _run([sys.executable, "-m", "trainers.train", f"--model_dir={tmp_path}", "--method=vae",
                    "--num_components=3"])
