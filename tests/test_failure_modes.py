@@ -469,6 +469,7 @@ def run_program(args, module="trainers.train", console_script=False) -> subproce
 
 def test_help_of_the_console_script_lists_the_trainers_flags():
     result = run_program(["--help"], console_script=True)
+    assert result.returncode == 0
     assert result.stdout.startswith("Trains a Recursive Mixture Estimation VAE")
     for flag in ("--model_dir", "--epochs", "--validation_examples", "--tf_log_level"):
         assert f"  {flag}:" in result.stdout, result.stdout[-2000:]

@@ -18,6 +18,7 @@ from typing import Callable, NoReturn, Sequence
 from absl import app, flags
 
 USAGE_ERROR = 2
+HELP_ARGUMENTS = ("--help", "-h", "-?", "--helpshort", "--helpfull")
 
 
 def fail(message: str, status: int = USAGE_ERROR) -> NoReturn:
@@ -27,8 +28,13 @@ def fail(message: str, status: int = USAGE_ERROR) -> NoReturn:
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:
-    """absl's flag parsing, with a parsing error (unknown flag, bad value, a required flag missing) reported as one
-    `error:` line and exit status 2 (absl's own parser exits 1 after several lines)."""
+    """absl's flag parsing, with a parsing error (unknown flag, bad value) reported as one `error:` line and exit
+    status 2 (absl's own parser exits 1 after several lines), and help (`--help`, `--helpfull`) printed on stdout
+    with exit status 0 (absl's exits 1)."""
+    arguments = list(argv[1:]) if "--" not in argv else list(argv[1:list(argv).index("--")])
+    if any(arg in HELP_ARGUMENTS for arg in arguments):
+        app.usage(shorthelp="--helpfull" not in arguments, writeto_stdout=True)
+        sys.exit(0)
     try:
         return flags.FLAGS(list(argv))
     except flags.Error as error:
