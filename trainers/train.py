@@ -11,7 +11,8 @@
 Rerun the same command after an interruption to resume it; rerunning a finished run only reports its metrics.
 The model is exported into the run directory (`<model_dir>/export/<name>/<version>`); publish it for serving with
 `python -m trainers.publish <version_dir>`. A user error exits with status 2 and one line on stderr before anything is
-written; a failed run (diverged, broken model, disk full) exits with status 1 and one line saying what to do.
+written (flag errors included); a failed run (diverged, broken model, disk full, a damaged file of the run) exits with
+status 1 and one line saying what is intact and what to do; Ctrl-C exits with status 130 saying how to resume.
 `--batch_size` is the global batch (split over the replicas). With `multi_worker_mirrored`, `--model_dir` must be on a
 filesystem every worker sees (the chief writes it; all workers restore from it); restart all workers after a failure.
 See `tf_rmvae.training` for the layout of `--model_dir`. TensorFlow's C++ logs are off unless `--tf_log_level` asks
