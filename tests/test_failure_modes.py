@@ -10,6 +10,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -21,6 +22,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from absl import flags
 
 import tf_rmvae
 from tests.helpers import mnist_digits, tiny_model
@@ -60,7 +62,9 @@ def run_main(argv, capsys) -> tuple[int, str]:
         status = exit_.code
     finally:
         flags.FLAGS.unparse_flags()
-    return status, capsys.readouterr().err
+    captured = capsys.readouterr()
+    sys.stdout.write(captured.out)  # left for the test to read
+    return status, captured.err
 
 
 def assert_one_error_line(stderr: str, *fragments: str) -> None:
@@ -218,16 +222,22 @@ def test_exports_and_published_versions_are_readable_as_the_umask_says(finished_
 
 
 @pytest.mark.slow
-def test_the_publish_program_is_quiet_and_numbers_the_next_version(finished_run, tmp_path):
+def test_the_publish_program_is_quiet_numbers_the_next_version_and_never_copies_a_model_twice(finished_run, tmp_path):
     version_dir = finished_run[1]["exports"]["model"]
     base = tmp_path / "served"
+    export.publish(version_dir, str(base))  # version 1; the same model published again is version 1 too
+    (base / "rmvae_mnist_rme" / "1" / "variables" / "variables.index").write_bytes(b"another model")
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-    for version in ("1", "2"):
+    expected = [f"published {version_dir} as {base / 'rmvae_mnist_rme' / '2'}",
+                f"{version_dir} is already published as {base / 'rmvae_mnist_rme' / '2'} (identical model); nothing "
+                "copied"]
+    for line in expected:
         result = subprocess.run([sys.executable, "-m", "trainers.publish", version_dir, f"--base_dir={base}"],
                                 cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
-        assert result.stdout.strip() == f"published {version_dir} as {base / 'rmvae_mnist_rme' / version}"
+        assert result.stdout.strip() == line
         assert result.stderr == ""  # no TensorFlow start-up logs (CUDA stubs, absl pre-init warnings)
+    assert export.existing_versions(str(base / "rmvae_mnist_rme")) == [1, 2]
 
 
 # ---------------------------------------------------------------------------------------------- 5. lock
@@ -338,6 +348,16 @@ USER_ERRORS = {  # case: (flags, what the one error line says); {tmp} is the tes
     "inf_flag": (["--learning_rate=inf"], "--learning_rate must be a finite number"),
     "unwritable_model_dir": (["--model_dir={tmp}/a_file/run"], "is a file"),
     "unwritable_export_dir": (["--export_dir={tmp}/a_file/exports"], "is a file"),
+    "holdout_above_the_split": (["--validation_examples=70000"], "Cannot hold out 70000"),
+    "holdout_of_the_whole_split": (["--validation_examples=60000"], "Cannot hold out 60000"),
+    "holdout_leaving_less_than_a_batch": (["--validation_examples=59950", "--train_examples=0", "--batch_size=100"],
+                                          "--batch_size=100 is larger than the 50 training examples"),
+    "train_examples_overlapping_the_holdout": (["--validation_examples=59900"],
+                                               "--train_examples=200 is more than the 100 training examples"),
+    "patience_without_validation": (["--validation_examples=0", "--early_stopping_patience=2"],
+                                    "--early_stopping_patience=2 stops on the validation bound"),
+    "model_dir_name_too_long": (["--model_dir={tmp}/" + "x" * 300], "300 bytes long; this filesystem allows 255"),
+    "model_dir_near_the_path_limit": (["--model_dir={tmp}/" + "/".join(["d" * 200] * 19)], "the files written below"),
 }
 
 
@@ -356,7 +376,7 @@ def test_user_errors_exit_2_with_one_line_before_anything_is_written(case, tmp_p
                               capsys)
     assert status == 2
     assert_one_error_line(stderr, message)
-    assert not (tmp_path / "run").exists()  # so a corrected rerun there is not refused as "a different run"
+    assert os.listdir(tmp_path) == ["a_file"]  # so a corrected rerun there is not refused as "a different run"
 
 
 @pytest.mark.slow
@@ -410,3 +430,220 @@ def test_a_state_that_cannot_fit_is_refused_before_hdf5_writes_anything(run_copy
         run_dir.write_state(model, backup, run_dir.state_metadata(2, STEPS, 2 * STEPS))
     monkeypatch.undo()
     assert os.listdir(run_copy / "backup") == ["latest.weights.h5"] and run_dir.read_metadata(backup)["epoch"] == 1
+
+
+# ---------------------------------------------------------------------------------------------- 10. README code
+def readme_python_blocks() -> list[str]:
+    """The Python code blocks of README.md, in order."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    return re.findall(r"^```python\n(.*?)^```$", text, flags=re.S | re.M)
+
+
+def _check_own_vae(namespace, printed):
+    losses = json.loads(printed.strip().splitlines()[-1])
+    assert len(losses) == 2 and 100 < losses[1] < losses[0] < 600, printed  # -ELBO, not compile()'s idle 0.0
+    assert namespace["history"].history["loss"] == pytest.approx(losses, abs=0.5)
+
+
+def _check_own_rme(namespace, printed):
+    model = namespace["model"]
+    assert int(model.encoder.num_active_components) == 3
+    assert -600 < float(model.elbo_tracker.result()) < -60
+
+
+def _check_fit(namespace, printed):
+    match = re.fullmatch(r"(-?\d+\.\d) nats on 200 digits", printed.strip().splitlines()[-1])
+    assert match and -543.4 < float(match.group(1)) < -60, printed  # better than chance
+    assert namespace["log_px"].shape == (200,)
+
+
+README_CHECKS = [_check_own_vae, _check_own_rme, _check_fit]  # one per block, in order
+
+
+@pytest.mark.parametrize("index", range(len(README_CHECKS)))
+def test_every_readme_python_block_runs_as_written_and_gives_what_it_says(index, capsys):
+    blocks = readme_python_blocks()
+    assert len(blocks) == len(README_CHECKS), "a README Python block without its check here"
+    namespace = {"__name__": f"readme_block_{index}"}
+    exec(compile(blocks[index], f"README.md python block {index + 1}", "exec"), namespace)  # noqa: S102
+    README_CHECKS[index](namespace, capsys.readouterr().out)
+
+
+# ---------------------------------------------------------------------------------------------- 11. round 2
+def run_program(args, module="trainers.train", console_script=False) -> subprocess.CompletedProcess:
+    """A program in a new process (`console_script`: started as `rmvae-train` is, its main module not ours)."""
+    start = ["-c", f"import sys; sys.argv[0] = 'rmvae'; from {module} import run; run()"] if console_script \
+        else ["-m", module]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    return subprocess.run([sys.executable, *start, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_help_of_the_console_script_lists_the_trainers_flags():
+    result = run_program(["--help"], console_script=True)
+    assert result.returncode == 0
+    assert result.stdout.startswith("Trains a Recursive Mixture Estimation VAE")
+    for flag in ("--model_dir", "--epochs", "--validation_examples", "--tf_log_level"):
+        assert f"  {flag}:" in result.stdout, result.stdout[-2000:]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method=foo", "--model_dir=x"], "value should be one of <rme|vae|mixture|boosting>"),
+    (["--epochs=abc", "--model_dir=x"], "--epochs=abc"),
+    (["--no_such_flag", "--model_dir=x"], "no_such_flag"),
+])
+def test_flag_errors_exit_2_with_one_error_line(args, message, capsys):
+    from trainers import (
+        cli,
+        train,  # noqa: F401  (defines the flags)
+    )
+
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            cli.parse_flags(["train", *args])
+    finally:
+        flags.FLAGS.unparse_flags()
+    assert exit_.value.code == 2
+    assert_one_error_line(capsys.readouterr().err, message)
+
+
+def test_the_programs_exit_2_on_a_flag_error_and_without_the_required_model_dir(tmp_path):
+    result = run_program(["--epochs=abc", f"--model_dir={tmp_path}/run"], console_script=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert_one_error_line(result.stderr, "--epochs=abc")
+    result = run_program(["--epochs=2"])
+    assert result.returncode == 2
+    assert_one_error_line(result.stderr, "--model_dir is required")
+    result = run_program(["--model_dir=x", "stray"])
+    assert result.returncode == 2
+    assert_one_error_line(result.stderr, "unexpected arguments 'stray'")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("damage", ["", '{"epoch": 0, "val', '{"epoch": 0, "value": "abc", "monitor": "val_loss"}',
+                                    '"a string"'], ids=["empty", "truncated", "string_value", "not_an_object"])
+@pytest.mark.slow
+def test_a_damaged_best_record_stops_resume_and_extension_with_one_line_naming_it(run_copy, damage, capsys):
+    (run_copy / "checkpoints" / "best.json").write_text(damage)
+    config_before = (run_copy / "config.json").read_text()
+    for extra in (["--epochs=2"], ["--epochs=1"]):  # an extension; a resume (the metrics gone)
+        if extra == ["--epochs=1"]:
+            (run_copy / "metrics.json").unlink()
+        status, stderr = run_main([f"--model_dir={run_copy}", *TINY_FLAGS, *extra], capsys)
+        assert status == 1
+        assert_one_error_line(stderr, "checkpoints/best.json is damaged", "the resume state is intact",
+                              "Delete best.json and best.weights.h5")
+    assert (run_copy / "config.json").read_text() == config_before
+
+
+@pytest.mark.slow
+def test_a_damaged_metrics_file_is_rewritten_by_evaluating_the_saved_run_again(run_copy, capsys):
+    (run_copy / "metrics.json").write_text('{"completed": tr')
+    status, stderr = run_main([f"--model_dir={run_copy}", *TINY_FLAGS, "--export_dir="], capsys)
+    assert status == 0, stderr
+    metrics = json.loads((run_copy / "metrics.json").read_text())
+    assert metrics["completed"] and metrics["epochs_completed"] == 1 and metrics["resumed_from_epoch"] == 1
+
+
+def test_json_state_is_flushed_to_disk_before_it_replaces_the_old_file(tmp_path, monkeypatch):
+    from tf_rmvae import files
+
+    synced = []
+    monkeypatch.setattr(files.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")))
+    files.write_json_atomic(tmp_path / "best.json", {"epoch": 1})
+    assert synced == [str(tmp_path / "best.json.tmp"), str(tmp_path)]  # the data, then the rename
+    assert json.loads((tmp_path / "best.json").read_text()) == {"epoch": 1}
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_export_exits_1_saying_what_is_intact(run_copy, monkeypatch, capsys):
+    shutil.rmtree(run_copy / "export")
+    (run_copy / "metrics.json").unlink()  # as if killed during evaluation: the rerun evaluates and exports
+
+    def full(*args, **kwargs):
+        raise tf.errors.ResourceExhaustedError(None, None, "export/.tmp-1/variables; No space left on device")
+
+    monkeypatch.setattr(export, "export_model", full)
+    status, stderr = run_main([f"--model_dir={run_copy}", *TINY_FLAGS], capsys)
+    assert status == 1
+    assert_one_error_line(stderr, "No space left on device while exporting", "the trained state is intact",
+                          "rerun the same command")
+    assert not (run_copy / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_a_run_interrupted_after_2_epochs_refuses_fewer_epochs_without_rewriting_its_config(run_copy, capsys):
+    training.train(tiny_config(run_copy, epochs=2, export_dir=""))
+    (run_copy / "metrics.json").unlink()  # as if interrupted after its second epoch
+    config_before = (run_copy / "config.json").read_text()
+    status, stderr = run_main([f"--model_dir={run_copy}", *TINY_FLAGS, "--epochs=1"], capsys)
+    assert status == 2
+    assert_one_error_line(stderr, "holds 2 completed epochs, more than --epochs=1", "--epochs=2 or more")
+    assert (run_copy / "config.json").read_text() == config_before
+
+
+@pytest.mark.slow
+def test_an_early_stopped_run_extended_says_why_nothing_was_trained(finished_run, capsys):
+    from trainers import train as program
+
+    metrics = dict(finished_run[1], skipped=True, stopped_early=True, epochs_completed=3)
+    program._report(tiny_config("runs/x", epochs=10, early_stopping_patience=2), metrics)
+    line = capsys.readouterr().out.splitlines()[0]
+    assert "(already finished: stopped early" in line and "--early_stopping_patience=2" in line, line
+
+
+def test_ctrl_c_exits_130_with_one_line_saying_how_to_resume(tmp_path, monkeypatch, capsys):
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train", interrupted)
+    status, stderr = run_main([f"--model_dir={tmp_path}/run", *TINY_FLAGS], capsys)
+    assert status == 130
+    assert_one_error_line(stderr, "interrupted", "rerun the same command to resume")
+
+
+@pytest.mark.slow
+def test_a_moved_run_directory_reports_its_own_export_path(run_copy, capsys):
+    saved = json.loads((run_copy / "metrics.json").read_text())
+    assert saved["exports"]["model"] == os.path.join("export", "rmvae_mnist_rme", "1")
+    assert saved["figures"]["samples.png"] == "samples.png"
+    status, _ = run_main([f"--model_dir={run_copy}", *TINY_FLAGS], capsys)
+    assert status == 0
+    assert f"exported model: {run_copy / 'export' / 'rmvae_mnist_rme' / '1'}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: tf_rmvae.RecursiveMixtureEncoder(4, 2, hidden_units=(0,)), "hidden_units must be integer widths >= 1"),
+    (lambda: tf_rmvae.GaussianEncoder(2.5, hidden_units=(16,)), "latent_dim must be an integer >= 1; got 2.5"),
+    (lambda: tf_rmvae.RecursiveMixtureEncoder(4, 2, hidden_units=(16, -3)), "hidden_units must be integer widths"),
+    (lambda: tf_rmvae.ComponentNetworks(True, 4), "max_components must be an integer >= 1"),
+], ids=["zero_width", "fractional_latent", "negative_width", "bool_components"])
+def test_the_library_refuses_what_the_command_line_refuses(make, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make()
+
+
+def test_images_without_a_channel_axis_are_refused_naming_the_fix():
+    with pytest.raises(ValueError, match=re.escape("without the channel axis. Add it, e.g. `x[..., None]`")):
+        compiled(tiny_model("vae", hidden=16)).fit(mnist_digits(20)[..., 0], batch_size=10, epochs=1, verbose=0)
+
+
+def test_a_saved_model_loads_after_a_bare_import_of_the_package(tmp_path):
+    path = tmp_path / "vae.keras"
+    model = compiled(tiny_model("rme", hidden=16))
+    model.fit(mnist_digits(20), batch_size=10, epochs=1, verbose=0)
+    model.save(path)
+    script = f"import keras, tf_rmvae; print(type(keras.models.load_model({str(path)!r})).__name__)"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "RecursiveMixtureVAE"
+
+
+@pytest.mark.slow
+def test_the_serving_example_is_quiet(finished_run):
+    result = run_program([f"--model_dir={finished_run[1]['exports']['model']}"], module="trainers.serving_example")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr == "" and result.stdout.startswith("request (image abbreviated):")

@@ -16,6 +16,7 @@ from tf_rmvae import report, run_dir
 from tf_rmvae.best_checkpoint import BestCheckpoint, load_best, read_best, stop_reached
 from tf_rmvae.choices import resolve_best_monitor
 from tf_rmvae.config import RunConfig
+from tf_rmvae.files import DamagedFileError
 from tf_rmvae.run_callbacks import make_callbacks
 from tf_rmvae.summaries import GroupedTensorBoard, ImageSummaries, grouped_name
 from trainers import quiet
@@ -124,7 +125,7 @@ def test_a_record_without_a_mode_or_with_a_wrong_one_fails_clearly(tmp_path):
     with pytest.raises(ValueError, match="records monitor 'val_kl' without its mode"):
         callback.on_train_begin()
     (tmp_path / "best.json").write_text('{"epoch": 2, "value": 100.0, "monitor": "val_loss", "mode": "up"}')
-    with pytest.raises(ValueError, match="best.json names mode 'up'"):
+    with pytest.raises(DamagedFileError, match=r"best.json is damaged \(mode 'up' is not 'max' or 'min'\)"):
         callback.on_train_begin()
 
 

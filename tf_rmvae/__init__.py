@@ -4,13 +4,16 @@ Kim & Pavlovic, "Recursive Inference for Variational Autoencoders", NeurIPS 2020
 
 The names below are imported on first use (PEP 562 module `__getattr__`), so that
 `import tf_rmvae.config` (settings, no TensorFlow) does not import TensorFlow through this package.
-`from tf_rmvae import RecursiveMixtureVAE` works as usual; to load a `.keras` file, import the classes it
-holds first (that registers them with Keras), e.g. `import tf_rmvae.models`.
+`from tf_rmvae import RecursiveMixtureVAE` works as usual. Keras finds a saved class only once its module is
+imported (that registers it), so where Keras is already imported, `import tf_rmvae` imports the modules of every
+serializable class (`SERIALIZABLE_MODULES`) and `keras.models.load_model` then reads any `.keras` file of this
+package; otherwise (TensorFlow not loaded yet) it stays lazy, and `import tf_rmvae.models` registers them.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -82,3 +85,17 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
+
+
+#: Modules defining the classes registered with Keras (`keras.saving.register_keras_serializable`).
+SERIALIZABLE_MODULES = ("tf_rmvae.decoders", "tf_rmvae.models", "tf_rmvae.semi_amortized")
+
+
+def register_serializables() -> None:
+    """Imports `SERIALIZABLE_MODULES` (and so TensorFlow), registering every saved class of the package with Keras."""
+    for module in SERIALIZABLE_MODULES:
+        importlib.import_module(module)
+
+
+if "keras" in sys.modules:  # TensorFlow is loaded already: registering costs little
+    register_serializables()

@@ -23,13 +23,12 @@ same weights and value (resumption is exact), and rewrites both files.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
 import keras
 
-from tf_rmvae.files import write_json_atomic
+from tf_rmvae.files import DamagedFileError, fsync, read_json_object, write_json_atomic
 
 BEST_WEIGHTS_FILE = "best.weights.h5"
 BEST_STATE_FILE = "best.json"
@@ -43,18 +42,34 @@ LEGACY_MODES = {"val_elbo": "max"}
 def read_best(directory: str) -> dict | None:
     """The record `{"epoch" (0-based, as in history.csv), "value", "monitor", "mode"}` in `directory`, or None.
 
-    A record written before records named their mode has none unless its monitor is in `LEGACY_MODES`."""
+    A record written before records named their mode has none unless its monitor is in `LEGACY_MODES`. A damaged
+    record (empty, truncated, edited) raises `DamagedFileError` naming the file, what is intact and what to do."""
     path = os.path.join(directory, BEST_STATE_FILE)
     if not os.path.exists(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        best = json.load(f)
-    mode = best.get("mode", LEGACY_MODES.get(best["monitor"]))
-    if mode is not None:
-        if mode not in MODES:
-            raise ValueError(f"{path} names mode {mode!r}; a best-checkpoint record's mode is 'max' or 'min'.")
-        best["mode"] = mode
-    return best
+    try:
+        return _checked_record(read_json_object(path))
+    except ValueError as error:
+        raise DamagedFileError(
+            f"{path} is damaged ({error}); the resume state is intact. Delete {BEST_STATE_FILE} and "
+            f"{BEST_WEIGHTS_FILE} in {directory} to resume without the best-epoch record (the next validated epoch "
+            "becomes the best), or use a new --model_dir."
+        ) from None
+
+
+def _checked_record(best: dict) -> dict:
+    """`best` with its mode filled in; `ValueError` naming the first entry that a record cannot hold."""
+    epoch, value, monitor = best.get("epoch"), best.get("value"), best.get("monitor")
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise ValueError(f"epoch {epoch!r} is not a count of epochs")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"value {value!r} is not a finite number")
+    if not isinstance(monitor, str):
+        raise ValueError(f"monitor {monitor!r} is not a metric name")
+    mode = best.get("mode", LEGACY_MODES.get(monitor))
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"mode {mode!r} is not 'max' or 'min'")
+    return best if mode is None else dict(best, mode=mode)
 
 
 def stop_reached(best: dict | None, epochs_completed: int, patience: int) -> bool:
@@ -126,6 +141,7 @@ class BestCheckpoint(keras.callbacks.Callback):
         os.makedirs(self.write_directory, exist_ok=True)
         tmp = os.path.join(self.write_directory, f"tmp_{BEST_WEIGHTS_FILE}")
         self.model.save_weights(tmp, overwrite=True)
+        fsync(tmp)
         os.replace(tmp, os.path.join(self.write_directory, BEST_WEIGHTS_FILE))
         self.best = {"epoch": int(epoch), "value": float(value), "monitor": self.monitor, "mode": self.mode}
         write_json_atomic(os.path.join(self.write_directory, BEST_STATE_FILE), self.best)

@@ -21,6 +21,18 @@ def _uniform_init(fan_in: int, fan_out: int, seed):
     return keras.initializers.RandomUniform(-limit, limit, seed=seed)
 
 
+def _is_count(value, low: int) -> bool:
+    """Whether `value` is an integer (Python or NumPy, not bool; a float only if whole) of at least `low`."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if isinstance(value, (float, np.floating)) and not float(value).is_integer():
+        return False
+    try:
+        return int(value) >= low
+    except (TypeError, ValueError):
+        return False
+
+
 @keras.saving.register_keras_serializable(package="tf_rmvae")
 class ComponentNetworks(keras.layers.Layer):
     """M Gaussian networks with batched `[M, ...]` weights: `x [B, ...]` -> `(loc, scale)`, each `[B, M, D]`.
@@ -63,10 +75,14 @@ class ComponentNetworks(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if int(latent_dim) < 1:
-            raise ValueError(f"latent_dim must be >= 1; got {latent_dim}.")
-        if int(num_components) < 1:
-            raise ValueError(f"max_components must be >= 1; got {num_components}.")
+        if not _is_count(latent_dim, 1):
+            raise ValueError(f"latent_dim must be an integer >= 1; got {latent_dim!r}.")
+        if not _is_count(num_components, 1):
+            raise ValueError(f"max_components must be an integer >= 1; got {num_components!r}.")
+        if not all(_is_count(u, 1) for u in hidden_units):
+            raise ValueError(f"hidden_units must be integer widths >= 1; got {tuple(hidden_units)!r}.")
+        if not all(_is_count(f, 1) for f in conv_filters):
+            raise ValueError(f"conv_filters must be integer filter counts >= 1; got {tuple(conv_filters)!r}.")
         if architecture not in ARCHITECTURES:
             raise ValueError(f"architecture must be one of {ARCHITECTURES}; got {architecture!r}.")
         if min_scale <= 0:

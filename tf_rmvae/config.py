@@ -272,6 +272,9 @@ class RunConfig:
               f"--validation_examples must be >= 0, or -1 for the default; got {self.validation_examples}.")
         check(self.early_stopping_patience >= 0,
               f"--early_stopping_patience must be >= 0 (0 = off); got {self.early_stopping_patience}.")
+        check(not (self.early_stopping_patience and self.validation_examples == 0),
+              f"--early_stopping_patience={self.early_stopping_patience} stops on the validation bound, and "
+              "--validation_examples=0 holds out none: hold some out (-1 for the default) or drop the patience.")
         check(self.image_every_epochs >= 0,
               f"--image_every_epochs must be >= 0 (0 = no images); got {self.image_every_epochs}.")
         check(self.eval_examples >= 0, f"--eval_examples must be >= 0 (0 = all); got {self.eval_examples}.")

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import datetime
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -81,6 +82,34 @@ def next_version(model_dir: str) -> int:
     """1 + the largest existing integer version in `model_dir` (1 if there is none)."""
     versions = existing_versions(model_dir)
     return versions[-1] + 1 if versions else 1
+
+
+def content_digest(version_dir: str) -> str:
+    """SHA-256 of a version's files (names and bytes) except its metadata, which differs between copies."""
+    digest = hashlib.sha256()
+    metadata = os.path.join(METADATA_DIR, METADATA_FILE)
+    for root, dirs, files in os.walk(version_dir):
+        dirs.sort()
+        for file in sorted(files):
+            path = os.path.join(root, file)
+            relative = os.path.relpath(path, version_dir)
+            if relative == metadata:
+                continue
+            digest.update(relative.encode() + b"\0")
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def identical_version(version_dir: str, model_dir: str) -> str | None:
+    """The newest version in `model_dir` holding the same model as `version_dir` (`content_digest`), or None."""
+    wanted = content_digest(version_dir)
+    for number in reversed(existing_versions(model_dir)):
+        candidate = os.path.join(model_dir, str(number))
+        if content_digest(candidate) == wanted:
+            return candidate
+    return None
 
 
 def read_metadata(version_dir: str) -> dict:
@@ -364,6 +393,8 @@ def publish(version_dir: str, base_dir: str = "saved_models", name: str | None =
     model the one a TF Serving watching `base_dir/name` serves (the trainer exports into its run directory only).
 
     Same atomicity and permissions as an export; the copy's metadata gets its new `version` and `published_from`.
+    Idempotent: where a version with the same model (`identical_version`) is already served, nothing is copied and
+    that version's path is returned.
 
     Args:
       version_dir: an exported version, e.g. `runs/quick/export/rmvae_mnist_rme/1`.
@@ -379,6 +410,9 @@ def publish(version_dir: str, base_dir: str = "saved_models", name: str | None =
     metadata = read_metadata(version_dir)
     name = name or metadata["name"]
     _check_plain_name(name)
+    same = identical_version(version_dir, os.path.join(os.fspath(base_dir), name))
+    if same is not None:
+        return same
 
     def write(tmp, number):
         shutil.copytree(version_dir, tmp, dirs_exist_ok=True)

@@ -9,8 +9,10 @@ Strict JSON has no NaN or Infinity, and `null` reads back as "no value" in every
 stays valid JSON; finite values are written unchanged. NumPy scalars and arrays become Python numbers and
 lists, tuples become lists, dict keys become strings, and any other object its `str`.
 
-Atomic: the text goes to `<path>.tmp`, which is then renamed over `path` (`os.replace`), so a reader (or a
-rerun after a kill) sees the old file or the new one, never half of one. This module imports no TensorFlow.
+Atomic: the text goes to `<path>.tmp`, flushed to disk (`fsync`), which is then renamed over `path` (`os.replace`)
+and the rename itself flushed, so a reader (or a rerun after a kill or a power cut) sees the old file or the new one,
+never half of one. `read_json_object` reads such a file back and says what is wrong with a damaged one. This module
+imports no TensorFlow.
 """
 
 from __future__ import annotations
@@ -21,6 +23,14 @@ import os
 from typing import Any
 
 import numpy as np
+
+
+class RunError(RuntimeError):
+    """A run cannot go on (diverged, disk full, no intact state...); the message says what is intact and what to do."""
+
+
+class DamagedFileError(RunError):
+    """A file a run wrote cannot be read back; the message names it, what is intact and what to do."""
 
 
 def json_ready(value: Any) -> Any:
@@ -38,13 +48,41 @@ def json_ready(value: Any) -> Any:
     return str(value)
 
 
+def fsync(path: str | os.PathLike) -> None:
+    """Flushes the file or directory `path` to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Writes `text` to `path` (UTF-8, newlines as given) through `<path>.tmp` renamed into place."""
+    """Writes `text` to `path` (UTF-8, newlines as given) through `<path>.tmp`, flushed to disk and renamed into
+    place."""
     path = os.fspath(path)
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8", newline="") as f:
         f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync(os.path.dirname(path) or ".")
+
+
+def read_json_object(path: str | os.PathLike) -> dict:
+    """The JSON object in `path`; `ValueError` saying what is wrong if the file holds none (empty, truncated, not
+    UTF-8, another JSON value)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"not UTF-8 text ({error.reason})") from None
+    except json.JSONDecodeError as error:
+        raise ValueError("empty" if not error.doc.strip() else f"not JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"a JSON {type(value).__name__}, not an object")
+    return value
 
 
 def json_text(value: Any, *, sort_keys: bool = False) -> str:

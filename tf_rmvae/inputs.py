@@ -71,6 +71,9 @@ def check_image_shape(shape: Sequence[int | None], image_shape: Sequence[int] | 
                          f"them, e.g. `x.reshape(-1, {', '.join(map(str, image_shape))})`.")
     if image_shape is None:
         return  # a decoder without an image shape: the encoder takes any [B, ...]
+    if len(shape) == 3 and tuple(image_shape[:2]) == shape[1:] and image_shape[2] == 1:
+        raise ValueError(f"Expected a batch of images {expected}; got shape {list(shape)}, without the channel "
+                         "axis. Add it, e.g. `x[..., None]` (NumPy) or `tf.expand_dims(x, -1)`.")
     if len(shape) != 4:
         raise ValueError(f"Expected a batch of images {expected}; got shape {list(shape)}.")
     if any(actual is not None and actual != want for actual, want in zip(shape[1:], image_shape)):

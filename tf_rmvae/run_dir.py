@@ -38,12 +38,14 @@ from absl import logging
 
 from tf_rmvae.best_checkpoint import read_best, stop_reached
 from tf_rmvae.config import ConfigError, RunConfig
-from tf_rmvae.files import write_text_atomic
+from tf_rmvae.files import RunError, read_json_object, write_text_atomic
+from tf_rmvae.files import fsync as _fsync
 
 LOCK_FILE = ".lock"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 HISTORY_FILE = "history.csv"
+PATH_ENTRIES = ("figures", "exports")  # entries of metrics.json that map names to file paths
 LOG_DIR = "logs"
 BACKUP_DIR = "backup"
 CHECKPOINT_DIR = "checkpoints"
@@ -54,10 +56,8 @@ LEGACY_METADATA_FILE = "training_metadata.json"  # metadata beside the weights, 
 METADATA_ATTR = "tf_rmvae_state"
 STATE_FORMAT = "tf_rmvae.state/1"
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-
-
-class RunError(RuntimeError):
-    """A run cannot go on (diverged, disk full, no intact state...); the message says what is intact and what to do."""
+#: Bytes of path that a run's deepest files take below its directory (an export's temporary variables file).
+PATH_RESERVE = 256
 
 
 class DiskFullError(RunError):
@@ -74,18 +74,35 @@ class RunDirLocked(ConfigError):
 
 # ---------------------------------------------------------------------------------------------- directories
 def check_writable(path: str, flag: str) -> None:
-    """`ConfigError` unless `path` is a writable directory or could be created as one (nothing is written)."""
+    """`ConfigError` unless `path` is a writable directory or could be created as one, with room below it for
+    the run's files (`check_path_length`); nothing is written."""
     path = os.path.abspath(path)
     existing = path
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
+    check_path_length(path, existing, flag)
     if not os.path.isdir(existing):
         raise ConfigError(f"--{flag}={path} cannot be a directory: {existing} is a file.")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"--{flag}={path} is not writable: permission denied on {existing}.")
 
 
-def _is_disk_full(error: BaseException) -> bool:
+def check_path_length(path: str, existing: str, flag: str) -> None:
+    """`ConfigError` if a component of the absolute `path` is longer than its filesystem allows (`existing`: the
+    deepest ancestor that exists), or if `path` leaves fewer than `PATH_RESERVE` bytes for the files below it."""
+    name_max = os.pathconf(existing, "PC_NAME_MAX")
+    path_max = os.pathconf(existing, "PC_PATH_MAX")
+    for part in path.split(os.sep):
+        if len(os.fsencode(part)) > name_max:
+            raise ConfigError(f"--{flag}: the name {part[:40]}... is {len(os.fsencode(part))} bytes long; this "
+                              f"filesystem allows {name_max}: choose a shorter --{flag}.")
+    if len(os.fsencode(path)) + PATH_RESERVE > path_max:
+        raise ConfigError(f"--{flag} is {len(os.fsencode(path))} bytes long; the files written below it need it "
+                          f"under {path_max - PATH_RESERVE} (of {path_max}): choose a shorter --{flag}.")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` says the disk (or the user's quota) is full."""
     # h5py reports HDF5's write failures as OSError without errno, naming the cause in the message only.
     return getattr(error, "errno", None) in _DISK_FULL or "No space left on device" in str(error)
 
@@ -144,14 +161,6 @@ def _save_weights(model: keras.Model, path: str) -> None:
     model.save_weights(path, overwrite=True)
 
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _state_size(model: keras.Model, path: str) -> int:
     """Bytes a new state file will take: the current one's size, else the variables' bytes plus HDF5 overhead."""
     if os.path.exists(path):
@@ -194,7 +203,7 @@ def write_state(model: keras.Model, path: str, metadata: dict) -> None:
         os.replace(tmp, path)
         _fsync(directory)
     except OSError as error:
-        if _is_disk_full(error):
+        if is_disk_full(error):
             raise _disk_full(path, metadata.get("epoch"), str(error).splitlines()[0]) from error
         raise
     finally:
@@ -409,11 +418,46 @@ def check_run_dir(config: RunConfig) -> dict | None:
             f"{config.model_dir} holds a run with different settings:\n{lines}\n"
             "Rerun with the saved settings to resume it, or choose a new --model_dir."
         )
-    metrics_path = os.path.join(config.model_dir, METRICS_FILE)
-    if os.path.exists(metrics_path):
-        with open(metrics_path, encoding="utf-8") as f:
-            metrics = json.load(f)
+    read_best(os.path.join(config.model_dir, CHECKPOINT_DIR))  # a damaged record stops the run before any write
+    metrics = read_metrics(config.model_dir)
+    if metrics is not None and metrics.get("completed"):
         done = metrics.get("epochs_completed", 0)
-        if metrics.get("completed") and (done >= config.epochs or early_stop_reached(config, done)):
+        if done >= config.epochs or early_stop_reached(config, done):
             return metrics
+    done = saved_epoch(config.model_dir)
+    if done > config.epochs:
+        raise ConfigError(f"{config.model_dir} holds {done} completed epochs, more than --epochs={config.epochs}: "
+                          f"rerun with --epochs={done} or more to finish it, or use a new --model_dir.")
     return None
+
+
+def read_metrics(model_dir: str) -> dict | None:
+    """The metrics of the run in `model_dir`, or None where there are none or they are damaged (warned about: the
+    run is then evaluated and exported again from its saved state, which rewrites them)."""
+    path = os.path.join(model_dir, METRICS_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        metrics = read_json_object(path)
+    except ValueError as error:
+        logging.warning("%s is damaged (%s): the run is evaluated again from its saved state.", path, error)
+        return None
+    return _map_paths(metrics, lambda entry: os.path.join(model_dir, entry))  # an absolute entry stays as it is
+
+
+def portable_paths(metrics: dict, model_dir: str) -> dict:
+    """`metrics` with its file paths (`PATH_ENTRIES`) inside `model_dir` made relative to it, as `metrics.json`
+    holds them: a moved or copied run directory still names its own files (`read_metrics` joins them back)."""
+    root = os.path.abspath(model_dir)
+
+    def relative(entry: str) -> str:
+        absolute = os.path.abspath(entry)
+        return os.path.relpath(absolute, root) if absolute.startswith(root + os.sep) else entry
+
+    return _map_paths(metrics, relative)
+
+
+def _map_paths(metrics: dict, function) -> dict:
+    paths = {key: {name: function(entry) for name, entry in metrics[key].items()}
+             for key in PATH_ENTRIES if isinstance(metrics.get(key), dict)}
+    return dict(metrics, **paths)

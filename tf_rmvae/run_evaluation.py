@@ -13,8 +13,9 @@ from typing import Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 
-from tf_rmvae import export, plots
+from tf_rmvae import export, plots, run_dir
 from tf_rmvae.config import RunConfig
 from tf_rmvae.evaluation import evaluate, mixture_summary
 from tf_rmvae.guards import chance_log_likelihood, check_exportable
@@ -67,7 +68,17 @@ def export_run(model: RecursiveMixtureVAE, config: RunConfig, metrics: dict) -> 
     if not export_dir:
         return {}
     name = config.resolved_export_name
-    paths = {"model": export.export_model(model, export_dir, name, metrics=metrics)}
-    if config.export_encoder:
-        paths["encoder"] = export.export_encoder(model, export_dir, name, metrics=metrics)
+    paths = {}
+    try:
+        paths["model"] = export.export_model(model, export_dir, name, metrics=metrics)
+        if config.export_encoder:
+            paths["encoder"] = export.export_encoder(model, export_dir, name, metrics=metrics)
+    except (OSError, tf.errors.OpError) as error:
+        if not run_dir.is_disk_full(error):
+            raise
+        raise run_dir.DiskFullError(
+            f"No space left on device while exporting into {export_dir} ({str(error).splitlines()[0]}); the "
+            f"trained state is intact{' and ' + paths['model'] + ' was exported' if paths else ''}, the run not "
+            "marked finished. Free some space and rerun the same command: only the evaluation and export are redone."
+        ) from None
     return paths

@@ -106,7 +106,8 @@ def train(config: RunConfig) -> dict[str, Any]:
     metrics, or a test ELBO below chance), `run_dir.DiskFullError`, `run_dir.ResumeStateError`.
 
     Returns:
-      The metrics written to `model_dir/metrics.json` (plus `"skipped": True` for an already finished run).
+      The metrics written to `model_dir/metrics.json`, its file paths as the run directory was given (plus
+      `"skipped": True` for an already finished run).
     """
     start = time.perf_counter()
     # The run's files (config.json, metrics.json) name the bound, samples and schedule it trains with, never "auto":
@@ -139,12 +140,14 @@ def _make_strategy(config: RunConfig) -> tf.distribute.Strategy:
 
 def check_before_writing(config: RunConfig, chief: bool = True) -> None:
     """User errors that must stop a run before it writes anything (`ConfigError`): a dataset that is unknown or
-    unavailable, a `model_dir` or export directory that cannot be written."""
+    unavailable, a split of it that leaves no training step (`_RunData.of`), a `model_dir` or export directory
+    that cannot be written."""
     try:
         spec = get_dataset_spec(config.dataset)
         load_numpy(config.dataset, spec.test_split, take=1, data_dir=config.data_dir or None)  # prepares if needed
     except (ValueError, DatasetUnavailableError) as error:
         raise ConfigError(f"--dataset={config.dataset}: {error}") from None
+    _RunData.of(config)
     if chief:
         run_dir.check_writable(config.model_dir, "model_dir")
         if config.resolved_export_dir:
@@ -223,12 +226,23 @@ class _RunData:
                                                            data_dir=config.data_dir or None)
         except ValueError as e:
             raise ConfigError(f"--validation_examples: {e}") from e
+        examples = _training_examples(config, train_split)
         _, steps_per_epoch = _epochs(config, train_split, config.epochs, config.epochs)  # the count only
         if steps_per_epoch < 1:
-            raise ConfigError(f"--batch_size={config.batch_size} is larger than the "
-                              f"{config.train_examples or 'whole'} training examples: an epoch would have no "
-                              "step.")
+            raise ConfigError(f"--batch_size={config.batch_size} is larger than the {examples} training examples "
+                              f"({train_split}): an epoch would have no step.")
         return cls(spec, train_split, validation_split, steps_per_epoch)
+
+
+def _training_examples(config: RunConfig, train_split: str) -> int:
+    """The examples an epoch trains on; `ConfigError` if `--train_examples` asks for more than the hold-out leaves."""
+    available = split_size(config.dataset, train_split, data_dir=config.data_dir or None)
+    if config.train_examples > available:
+        raise ConfigError(
+            f"--train_examples={config.train_examples} is more than the {available} training examples "
+            f"({train_split}) left after the validation hold-out (--validation_examples="
+            f"{config.validation_examples}): use at most {available}, or hold out fewer.")
+    return config.train_examples or available
 
 
 def _epochs(config: RunConfig, train_split: str, first_epoch: int, last_epoch: int):
@@ -309,5 +323,6 @@ def _evaluate_and_publish(model, config: RunConfig, data: _RunData, summary: dic
         history=history,
     )
     metrics = json_ready(metrics)
-    write_json_atomic(os.path.join(config.model_dir, run_dir.METRICS_FILE), metrics)
+    write_json_atomic(os.path.join(config.model_dir, run_dir.METRICS_FILE),
+                      run_dir.portable_paths(metrics, config.model_dir))
     return metrics

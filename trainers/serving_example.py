@@ -4,17 +4,24 @@
 
 The signature runs through `tf.saved_model.load` (no tf_rmvae code is involved in computing it); the response is
 formatted as TF Serving's REST API returns it (row format: `{"predictions": [...]}`), rounded for reading.
+TensorFlow's logs are off unless `--tf_log_level` asks for them (`trainers.quiet`), as in the other programs.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 
-import numpy as np
-import tensorflow as tf
-from absl import app, flags
+from trainers import cli, quiet
 
-from tf_rmvae.data import load_numpy
+with quiet.quiet_imports(sys.argv):  # first: TensorFlow reads its log level when it is imported
+    import numpy as np
+    import tensorflow as tf
+    from absl import flags
+
+    from tf_rmvae.data import load_numpy
+
+flags.adopt_module_key_flags(quiet)  # --tf_log_level in --help
 
 flags.DEFINE_string("model_dir", None, "An exported version directory (saved_models/NAME/VERSION).", required=True)
 flags.DEFINE_string("signature", "serving_default", "Signature to run.")
@@ -30,6 +37,7 @@ def rounded(value, decimals):
 
 def main(argv):
     del argv
+    quiet.quiet_python_logs()
     image = load_numpy(FLAGS.dataset, "test", take=FLAGS.index + 1)[FLAGS.index:FLAGS.index + 1]
     outputs = tf.saved_model.load(FLAGS.model_dir).signatures[FLAGS.signature](images=tf.constant(image))
     request = {"signature_name": FLAGS.signature, "instances": image.tolist()}
@@ -39,4 +47,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, sys.modules[__name__])

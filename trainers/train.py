@@ -11,7 +11,8 @@
 Rerun the same command after an interruption to resume it; rerunning a finished run only reports its metrics.
 The model is exported into the run directory (`<model_dir>/export/<name>/<version>`); publish it for serving with
 `python -m trainers.publish <version_dir>`. A user error exits with status 2 and one line on stderr before anything is
-written; a failed run (diverged, broken model, disk full) exits with status 1 and one line saying what to do.
+written (flag errors included); a failed run (diverged, broken model, disk full, a damaged file of the run) exits with
+status 1 and one line saying what is intact and what to do; Ctrl-C exits with status 130 saying how to resume.
 `--batch_size` is the global batch (split over the replicas). With `multi_worker_mirrored`, `--model_dir` must be on a
 filesystem every worker sees (the chief writes it; all workers restore from it); restart all workers after a failure.
 See `tf_rmvae.training` for the layout of `--model_dir`. TensorFlow's C++ logs are off unless `--tf_log_level` asks
@@ -25,10 +26,10 @@ import errno
 import sys
 import typing
 
-from trainers import quiet
+from trainers import cli, quiet
 
 with quiet.quiet_imports(sys.argv):  # first: TensorFlow reads its log level when it is imported
-    from absl import app, flags
+    from absl import flags
 
     from tf_rmvae.config import METHOD_DEFAULTS, ConfigError, RunConfig
     from tf_rmvae.run_dir import RunError
@@ -37,13 +38,15 @@ flags.adopt_module_key_flags(quiet)  # --tf_log_level in --help
 
 _FIELD_TYPES = typing.get_type_hints(RunConfig)
 _INT_LIST = tuple[int, ...]
+INTERRUPTED = 130  # the shell's status for a program stopped by Ctrl-C (128 + SIGINT)
 
 
 def define_flags() -> None:
     """One flag per `RunConfig` field, with the field's name, default and help (`tf_rmvae.config.setting`).
 
     A field with choices is an enum flag, a tuple of ints a comma list (`DEFINE_list`), a required field's
-    flag has no default (`run` marks it required); bool, int, float and str fields get flags of their type.
+    flag has no default (`RunConfig.validate` refuses a run without it); bool, int, float and str fields get flags
+    of their type.
     """
     define = {bool: flags.DEFINE_boolean, int: flags.DEFINE_integer, float: flags.DEFINE_float,
               str: flags.DEFINE_string}
@@ -87,14 +90,9 @@ def config_from_flags() -> RunConfig:
     return RunConfig(**values).validate()
 
 
-def _fail(message: str, status: int) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(status)
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+        cli.fail(f"unexpected arguments {' '.join(argv[1:])!r}: every setting is a flag (--help lists them).")
     quiet.quiet_python_logs()
     try:
         config = config_from_flags()
@@ -104,19 +102,26 @@ def main(argv: list[str]) -> None:
 
         metrics = train(config)
     except ConfigError as e:  # the user's mistake, found before anything was written
-        _fail(str(e), 2)
+        cli.fail(str(e))
     except RunError as e:  # the run failed; the message says what is intact and what to do
-        _fail(str(e), 1)
+        cli.fail(str(e), 1)
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        _fail(f"{e}. Free some space and rerun the same command: the last saved epoch is intact.", 1)
+        cli.fail(f"{e}. Free some space and rerun the same command: the last saved epoch is intact.", 1)
+    except KeyboardInterrupt:
+        cli.fail(f"interrupted: {FLAGS.model_dir} keeps every completed epoch; rerun the same command to resume.",
+                 INTERRUPTED)
+    _report(config, metrics)
+
+
+def _report(config: RunConfig, metrics: dict) -> None:
     if not metrics.get("chief", True):
         print(f"{config.model_dir}: worker finished {metrics['epochs_completed']} epochs; "
               "the chief writes the metrics.")
         return
     test = metrics["test"]
-    status = "already finished; nothing trained" if metrics.get("skipped") else f"{metrics['wall_time_s']:.0f} s"
+    status = _skipped_reason(config, metrics) if metrics.get("skipped") else f"{metrics['wall_time_s']:.0f} s"
     print(
         f"{config.model_dir}: {metrics['epochs_completed']} epochs ({status}). Test ELBO {test['elbo_mean']:.2f} "
         f"± {test['elbo_se']:.2f}, IWAE log-likelihood (K={test['iwae_samples']}) {test['log_likelihood_mean']:.2f} "
@@ -126,12 +131,19 @@ def main(argv: list[str]) -> None:
         print(f"exported {kind}: {path}")
 
 
+def _skipped_reason(config: RunConfig, metrics: dict) -> str:
+    """Why a rerun trained nothing: the run finished its epochs, or early stopping ended it (which more --epochs
+    do not undo)."""
+    if metrics.get("stopped_early") and metrics["epochs_completed"] < config.epochs:
+        return (f"already finished: stopped early, no better validation bound in the last "
+                f"--early_stopping_patience={config.early_stopping_patience} epochs; raise it to train on; "
+                "nothing trained")
+    return "already finished; nothing trained"
+
+
 def run() -> None:
     """Console-script entry point (`rmvae-train`)."""
-    for field in dataclasses.fields(RunConfig):
-        if field.metadata["required"]:
-            flags.mark_flag_as_required(field.name)
-    app.run(main)
+    cli.run(main, sys.modules[__name__])
 
 
 if __name__ == "__main__":
