@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# {public name: the module that defines it}; a name equal to its module's last part is the module itself.
+# {public name: the module that defines it, or "module:name" where the name there differs}; a name equal to its
+# module's last part is the module itself.
 _LAZY = {
+    "build_model": "tf_rmvae.model_factory:build_preset_model",
     "export": "tf_rmvae.export",
     "mixing": "tf_rmvae.mixing",
     "objectives": "tf_rmvae.objectives",
@@ -42,6 +44,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "build_model",
     "BernoulliDecoder",
     "ComponentNetworks",
     "ComponentSchedule",
@@ -70,6 +73,7 @@ if TYPE_CHECKING:  # what static analysis and IDEs see
     from tf_rmvae.decoders import BernoulliDecoder, GaussianDecoder, ImageDecoder, make_decoder
     from tf_rmvae.encoders import GaussianEncoder, RecursiveMixtureEncoder, make_mixture
     from tf_rmvae.mixing_weights import RecursiveMixingWeights
+    from tf_rmvae.model_factory import build_preset_model as build_model
     from tf_rmvae.models import RecursiveMixtureVAE
     from tf_rmvae.recursion import METHODS, SCHEDULES, RecursiveMixtureTrainer
 
@@ -77,8 +81,9 @@ if TYPE_CHECKING:  # what static analysis and IDEs see
 def __getattr__(name: str) -> Any:
     if name not in _LAZY:
         raise AttributeError(f"module 'tf_rmvae' has no attribute {name!r}")
-    module = importlib.import_module(_LAZY[name])
-    value = module if _LAZY[name] == f"tf_rmvae.{name}" else getattr(module, name)
+    module_name, _, attribute = _LAZY[name].partition(":")
+    module = importlib.import_module(module_name)
+    value = module if module_name == f"tf_rmvae.{name}" else getattr(module, attribute or name)
     globals()[name] = value  # later look-ups skip this function
     return value
 

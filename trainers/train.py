@@ -31,7 +31,7 @@ from trainers import cli, quiet
 with quiet.quiet_imports(sys.argv):  # first: TensorFlow reads its log level when it is imported
     from absl import flags
 
-    from tf_rmvae.config import METHOD_DEFAULTS, ConfigError, RunConfig
+    from tf_rmvae.config import ConfigError, RunConfig
     from tf_rmvae.run_dir import RunError
 
 flags.adopt_module_key_flags(quiet)  # --tf_log_level in --help
@@ -74,20 +74,17 @@ def _int_list(values: list[str], name: str) -> tuple[int, ...]:
 
 
 def config_from_flags() -> RunConfig:
-    """The validated `RunConfig` of the parsed flags, with the method's own defaults (`config.METHOD_DEFAULTS`: one
-    component for `--method=vae`, independent networks for `--method=mixture`) where their flags were not given."""
+    """The validated `RunConfig` of the flags given, over the `--preset` and the method's own defaults
+    (`RunConfig.from_preset`: e.g. one component for `--method=vae`) where their flags were not given."""
     values = {}
     for field in dataclasses.fields(RunConfig):
         value = FLAGS[field.name].value
-        if value is None:  # a required flag not given: the field's default, refused by `validate`
-            value = field.default
-        elif _FIELD_TYPES[field.name] == _INT_LIST:
+        if not FLAGS[field.name].present or field.name == "preset":
+            continue
+        if _FIELD_TYPES[field.name] == _INT_LIST:
             value = _int_list(value, field.name)
         values[field.name] = value
-    for name, value in METHOD_DEFAULTS.get(FLAGS.method, {}).items():
-        if not FLAGS[name].present:
-            values[name] = value
-    return RunConfig(**values).validate()
+    return RunConfig.from_preset(FLAGS.preset, **values).validate()
 
 
 def main(argv: list[str]) -> None:
