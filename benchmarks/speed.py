@@ -49,6 +49,9 @@ class SpeedConfig:
     # (M, S) of shared-trunk RME with S samples per slot and importance-weighted component criteria whose training
     # step is timed (the harness's `--num_samples=S --component_bounds=iw`); their inference is the M-head encoder's
     sampled_shared: Sequence[tuple[int, int]] = ()
+    # Also time the DReG twins of IWAE k = M (`shared_components`) and of the sampled shared-trunk RME: their encoder
+    # trains on its own loss, a second backward pass through the decoder (`RecursiveMixtureTrainer.gradient_routes`).
+    dreg: bool = False
     hidden_units: Sequence[int] = (500, 500)
     latent_dim: int = 32
     train_batch_size: int = 100
@@ -134,6 +137,7 @@ class _TimedModel(NamedTuple):
     bound: str = "elbo"
     samples: int = 1
     component_bound: str = "elbo"
+    encoder_gradient: str = "reparam"
 
 
 def train_step_times(config: SpeedConfig, mode: str) -> dict[str, float]:
@@ -152,11 +156,18 @@ def train_step_times(config: SpeedConfig, mode: str) -> dict[str, float]:
                    _TimedModel(f"iwae_k{m}", "vae", 1, bound="iw", samples=m)]
     models += [_TimedModel(f"rme_shared_M{m}_ciw_S{n}", "rme", m, shared_trunk=True, bound=config.bound, samples=n,
                            component_bound="iw") for m, n in config.sampled_shared]
+    if config.dreg:
+        models += [_TimedModel(f"iwae_dreg_k{m}", "vae", 1, bound="iw", samples=m, encoder_gradient="dreg")
+                   for m in config.shared_components]
+        models += [_TimedModel(f"rme_shared_M{m}_ciw_S{n}_dreg", "rme", m, shared_trunk=True, bound="iw",
+                               samples=n, component_bound="iw", encoder_gradient="dreg")
+                   for m, n in config.sampled_shared]
     for spec in models:
         keras.utils.set_random_seed(0)
         model = tf_rmvae.RecursiveMixtureVAE(
             _encoder(config, spec.components, shared_trunk=spec.shared_trunk), _decoder(config), method=spec.method,
-            bound=spec.bound, num_samples=spec.samples, component_bound=spec.component_bound)
+            bound=spec.bound, num_samples=spec.samples, component_bound=spec.component_bound,
+            encoder_gradient=spec.encoder_gradient)
         model.compile(optimizer=keras.optimizers.Adam(1e-3))
         model.ensure_built((None, *IMAGE_SHAPE))
         model.optimizer.build(model.trainable_variables)
@@ -260,6 +271,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "--sampled_shared", default=None,
         help="comma-separated MxS (e.g. 4x4): training step of shared-trunk RME with S samples per slot and "
              "importance-weighted component criteria")
+    parser.add_argument("--dreg", action="store_true",
+                        help="also time the DReG twins of IWAE (--shared_components) and of --sampled_shared")
     parser.add_argument("--output", default=None, help="JSON path ('' to write nothing)")
     parser.add_argument("--bound", default=None, choices=BOUND_SETTINGS,
                         help="the bound RME's training step is timed on (default elbo)")
@@ -286,6 +299,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         config.output = args.output or None
     if args.bound:
         config.bound = args.bound
+    config.dreg = args.dreg
     return run(config)
 
 
