@@ -4,7 +4,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="tf-rmvae",
-    version="0.1.0",
+    version="0.2.0",
     description=(
         "Recursive Mixture Estimation (Kim & Pavlovic, NeurIPS 2020) for variational "
         "autoencoders in Keras 3 and TensorFlow Probability"

@@ -1,4 +1,4 @@
-"""Inference on one fixed decoder (issue 11): approximation and amortization gaps, after Cremer, Li & Duvenaud,
+"""Inference on one fixed decoder: approximation and amortization gaps, after Cremer, Li & Duvenaud,
 "Inference Suboptimality in Variational Autoencoders" (ICML 2018).
 
 1. A decoder is trained as part of a plain VAE for `decoder_epochs`, then frozen.

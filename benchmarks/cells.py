@@ -48,7 +48,7 @@ class BenchmarkConfig:
     iwae, piwae and rme on importance-weighted component criteria (`RecursiveMixtureVAE(encoder_gradient=...)`;
     labels `iwae_dreg_k<k>`, `piwae_dreg_M<M>_K<K>`, suffix `_dreg`).
     `eval_examples = 0` / `train_examples = 0` use the full split. `rme_max_log_ratio < 0` runs RME (and boosting)
-    with the uncapped criterion; `rme_train_previous = False` freezes earlier components (ablations of issue 8).
+    with the uncapped criterion; `rme_train_previous = False` freezes earlier components (ablations).
     `lambdas` apply to "rme" only (boosting and the other baselines have no lambda; their rows hold
     `lambda_kl = None`); `schedules` apply to "rme" and "boosting".
     """

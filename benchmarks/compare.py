@@ -1,4 +1,4 @@
-"""Paired comparisons of stored benchmark cells (issue 11): models against a reference, per training seed, at the
+"""Paired comparisons of stored benchmark cells: models against a reference, per training seed, at the
 end of training and at every evaluated epoch, with the mean over seeds; optionally a plot of the differences
 along training. The paired differences that docs/results.md quotes come from here (or from `benchmarks.frontier`'s
 table, which has the final ones).

@@ -1,4 +1,4 @@
-"""The accuracy-cost frontier (issue 11): test log-likelihood against inference and training cost, and over epochs.
+"""The accuracy-cost frontier: test log-likelihood against inference and training cost, and over epochs.
 
     python -m benchmarks.frontier benchmarks/results/budget12.json --speed benchmarks/results/speed_frontier.json \
         --reference rme_M4_lambda0.3 --out_dir benchmarks/results/frontier_budget12

@@ -1,4 +1,4 @@
-"""Plots of benchmark results (issue 8): test log-likelihood vs number of components, vs lambda, and vs inference time.
+"""Plots of benchmark results: test log-likelihood vs number of components, vs lambda, and vs inference time.
 
     python -m benchmarks.plots benchmarks/results/cpu_budget.json [more.json ...] --out_dir benchmarks/results/plots
 

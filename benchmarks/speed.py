@@ -1,4 +1,4 @@
-"""Inference and training-step speed of RME against a plain VAE and SA-VAE (issue 8), as ratios.
+"""Inference and training-step speed of RME against a plain VAE and SA-VAE, as ratios.
 
 Inference for the same inputs at each batch size: (a) the mixture encoder's single batched pass (M components),
 (b) a plain VAE encoder (M = 1; also IWAE's test-time inference), (c) a VAE encoder with as many parameters as the
@@ -13,7 +13,7 @@ machine hits them alike. Networks are untrained: speed does not depend on the we
     python -m benchmarks.speed                     # full measurement, writes benchmarks/results/speed.json
     python -m benchmarks.speed --tiny              # seconds-long smoke run (tests)
 
-Targets (issue 8) for M = 4 independent component networks: batch 1: RME <= 2 x VAE encoder and SA-VAE(10) >=
+Targets for M = 4 independent component networks: batch 1: RME <= 2 x VAE encoder and SA-VAE(10) >=
 10 x RME; batch 1000: RME <= 1.25 x M x VAE encoder; training step at batch 100: RME <= 1.25 x M x VAE step.
 """
 

@@ -36,7 +36,7 @@ def resolve_bound(method: str, bound: str) -> str:
     """The bound that the `bound` setting names; "auto" is the method's default.
 
     RME's default is the importance-weighted bound: RME on it was above RME on the ELBO in every budget and seed
-    measured (README "Results"). The paper's RME is `bound="elbo"`. The other methods train on the ELBO unless told
+    measured (docs/results.md). The paper's RME is `bound="elbo"`. The other methods train on the ELBO unless told
     (`bound="iw"` with `method="vae"` and k samples is IWAE).
     """
     if bound != "auto":
@@ -76,14 +76,14 @@ def resolve_component_bound(method: str, bound: str, component_bound: str) -> st
     """The bound in each RME component's criterion that the `component_bound` setting names; "auto" is "iw" for RME
     on the importance-weighted bound (`resolve_bound`), "elbo" otherwise (so `bound="elbo"` alone gives the paper's
     bound and criteria, with one sample per component). RME with importance-weighted component criteria and several
-    samples per component beat IWAE with as many decoder passes at 100 epochs (README "Results")."""
+    samples per component beat IWAE with as many decoder passes at 100 epochs (docs/results.md)."""
     if component_bound != "auto":
         return component_bound
     return "iw" if method == "rme" and resolve_bound(method, bound) == "iw" else "elbo"
 
 
 #: `num_samples` of RME with importance-weighted component criteria where the setting is 0 ("auto"): with three
-#: components, 15 decoder passes per step, as IWAE k = 15 (README "Results").
+#: components, 15 decoder passes per step, as IWAE k = 15 (docs/results.md).
 RME_DEFAULT_SAMPLES = 5
 
 
@@ -107,7 +107,7 @@ def resolve_epochs_per_component(epochs_per_component: int, epochs: int, num_com
 
 #: What the best checkpoint and early stopping compare, by the bound a run trains on: `(epoch log, mode)`. The
 #: validation value of the bound trained: `val_loss` is the negative importance-weighted bound of an "iw" run (its
-#: ELBO is not what it maximises: RME's default components are proposals whose ELBO lags, README "Results").
+#: ELBO is not what it maximises: RME's default components are proposals whose ELBO lags, docs/results.md).
 BEST_MONITORS = {"elbo": ("val_elbo", "max"), "iw": ("val_loss", "min")}
 
 

@@ -57,14 +57,14 @@ RESUMABLE_FIELDS = frozenset({
 })
 
 # Values of fields that a saved `config.json` may lack because it was written before the field existed: the behaviour
-# of that version (runs saved before issue 14 held no validation examples out of training; before `bound` was a
-# setting, every method trained on the ELBO; before `component_bound` and `num_samples`, one sample per component on
-# ELBO criteria).
+# of that version (runs saved before the validation split held no validation examples out of training; before
+# `bound` was a setting, every method trained on the ELBO; before `component_bound` and `num_samples`, one sample per
+# component on ELBO criteria).
 LEGACY_DEFAULTS = {"validation_examples": 0, "bound": "elbo", "shared_trunk": False, "component_bound": "elbo",
                    "num_samples": 1}
 # Defaults that depend on the method, which the trainer applies where the flag was not given: a VAE has one
-# component; MixVAE trained far worse on one shared trunk than on M networks (README "Results": 3.3-3.8 nats below
-# at 5 epochs, below a VAE; 2.9 at 40), so it keeps M independent networks.
+# component; MixVAE trained far worse on one shared trunk than on M networks (below a VAE at 5
+# epochs; docs/results.md), so it keeps M independent networks.
 METHOD_DEFAULTS = {"vae": {"num_components": 1}, "mixture": {"shared_trunk": False}}
 
 #: Named models: the settings each preset fixes; every other setting keeps its `RunConfig` default, and an explicit

@@ -19,7 +19,7 @@ Training (method "rme", schedule "stagewise": the default, the recursion that th
    Since eps = 0 reproduces `q_{k-1}`, a new component cannot lower the (batch-estimated) training bound.
 5. The decoder trains on the mixture's bound (`bound`). RME's default ("auto" = "iw") is the stratified
    importance-weighted bound `log sum_i v_i p(x, z_i) / q(z_i | x)` over one sample per slot (idle slots draw
-   from the active components): above the paper's ELBO in every budget and seed we measured (README "Results";
+   from the active components): above the paper's ELBO in every budget and seed we measured (docs/results.md;
    with the stage-wise schedule and one sample per component). `bound="elbo"` is the paper's stratified ELBO
    `sum_j w_j E_{h_j}[log p(x, z) - log q(z | x)]`, one reparameterised sample per component.
 

@@ -1,4 +1,4 @@
-"""Benchmark program (issue 8): trains every method with identical settings, evaluates, writes JSON rows.
+"""Benchmark program: trains every method with identical settings, evaluates, writes JSON rows.
 
     python -m trainers.benchmark --quick                       # tiny smoke run (seconds)
     python -m trainers.benchmark --epochs=10 --eval_examples=1000 --iwae_samples=1000 --run_name=cpu_budget
