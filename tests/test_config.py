@@ -81,7 +81,8 @@ def test_the_auto_bound_is_each_methods_default_and_old_run_directories_keep_the
     assert mixture.replace(bound="elbo").mismatches(mixture) == {}
     # (the bound also decides what "auto" means for the component criteria and samples; a saved run names them)
     assert RunConfig(model_dir="a", bound="elbo").resolved().mismatches(RunConfig(model_dir="a")) == {
-        "bound": ("elbo", "auto"), "component_bound": ("elbo", "auto"), "num_samples": (1, 0)}
+        "bound": ("elbo", "auto"), "component_bound": ("elbo", "auto"), "num_samples": (1, 0),
+        "encoder_gradient": ("reparam", "auto")}
 
 
 def test_the_cap_and_trunk_rules_are_stated_once_in_the_choices_module():
@@ -222,3 +223,13 @@ def test_json_ready_writes_non_finite_numbers_as_null_and_finite_ones_unchanged(
     files.write_json_atomic(path, {"b": 2, "a": math.nan}, sort_keys=True)
     assert path.read_text() == '{\n  "a": null,\n  "b": 2\n}\n'
     assert not (tmp_path / "x.json.tmp").exists()
+
+
+def test_rme_on_importance_weighted_criteria_defaults_to_dreg_and_older_runs_keep_the_plain_gradient():
+    assert RunConfig(model_dir="x").resolved().encoder_gradient == "dreg"
+    for preset in ("paper", "posterior", "iwae"):
+        assert RunConfig.from_preset(preset, model_dir="x").resolved().encoder_gradient == "reparam"
+    assert RunConfig(model_dir="x", method="vae", num_components=1, bound="iw").resolved_encoder_gradient == "reparam"
+    old = {k: v for k, v in RunConfig(model_dir="x").resolved().to_dict().items() if k != "encoder_gradient"}
+    assert RunConfig.from_dict(old).encoder_gradient == "reparam"  # saved before the setting: what it trained
+    assert RunConfig.from_dict(old).mismatches(RunConfig(model_dir="x")) == {"encoder_gradient": ("reparam", "auto")}

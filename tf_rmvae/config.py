@@ -18,7 +18,7 @@ from tf_rmvae.choices import (
     ARCHITECTURES,
     BOUND_SETTINGS,
     DECODERS,
-    ENCODER_GRADIENTS,
+    ENCODER_GRADIENT_SETTINGS,
     METHODS,
     NONFINITE_POLICIES,
     PRECISIONS,
@@ -29,6 +29,7 @@ from tf_rmvae.choices import (
     encoder_objective_problem,
     resolve_bound,
     resolve_component_bound,
+    resolve_encoder_gradient,
     resolve_epochs_per_component,
     resolve_max_log_ratio,
     resolve_num_samples,
@@ -59,9 +60,9 @@ RESUMABLE_FIELDS = frozenset({
 # Values of fields that a saved `config.json` may lack because it was written before the field existed: the behaviour
 # of that version (runs saved before the validation split held no validation examples out of training; before
 # `bound` was a setting, every method trained on the ELBO; before `component_bound` and `num_samples`, one sample per
-# component on ELBO criteria).
+# component on ELBO criteria; before `encoder_gradient`, the ordinary reparameterised gradient).
 LEGACY_DEFAULTS = {"validation_examples": 0, "bound": "elbo", "shared_trunk": False, "component_bound": "elbo",
-                   "num_samples": 1}
+                   "num_samples": 1, "encoder_gradient": "reparam"}
 # Defaults that depend on the method, which the trainer applies where the flag was not given: a VAE has one
 # component; MixVAE trained far worse on one shared trunk than on M networks (below a VAE at 5
 # epochs; docs/results.md), so it keeps M independent networks.
@@ -170,9 +171,10 @@ class RunConfig:
         0, "Reparameterised samples per component per step (0 = auto: 5 for --method=rme with importance-weighted "
         "component criteria, 1 otherwise).")
     encoder_gradient: str = setting(
-        "reparam", "How the encoder's importance-weighted objective is differentiated: reparam (ordinary) or dreg "
+        "auto", "How the encoder's importance-weighted objective is differentiated: reparam (ordinary) or dreg "
         "(doubly reparameterised, DReG): --method=vae on --bound=iw (IWAE-DReG) or --method=rme on "
-        "--component_bound=iw (DReG on each component's bound).", choices=ENCODER_GRADIENTS)
+        "--component_bound=iw (DReG on each component's bound); auto: dreg for --method=rme on importance-weighted "
+        "component criteria, reparam otherwise.", choices=ENCODER_GRADIENT_SETTINGS)
     encoder_groups: int = setting(
         1, "--method=vae on --bound=iw: G > 1 trains the encoder on MIWAE(G, num_samples / G) and the decoder on "
         "IWAE(num_samples) (PIWAE); 1: both on the bound.")
@@ -337,7 +339,13 @@ class RunConfig:
         if not self.epochs_per_component and saved is not None:
             schedule = saved.resolved_epochs_per_component  # (a config saved unresolved holds 0)
         return self.replace(bound=self.resolved_bound, component_bound=self.resolved_component_bound,
-                            num_samples=self.resolved_num_samples, epochs_per_component=schedule)
+                            num_samples=self.resolved_num_samples, epochs_per_component=schedule,
+                            encoder_gradient=self.resolved_encoder_gradient)
+
+    @property
+    def resolved_encoder_gradient(self) -> str:
+        """The encoder's gradient estimator ("auto": `choices.resolve_encoder_gradient`)."""
+        return resolve_encoder_gradient(self.method, self.bound, self.component_bound, self.encoder_gradient)
 
     @property
     def resolved_max_log_ratio(self) -> float | None:
@@ -366,6 +374,8 @@ class RunConfig:
             return self.resolved_component_bound
         if name == "num_samples":
             return self.resolved_num_samples
+        if name == "encoder_gradient":
+            return self.resolved_encoder_gradient
         if name == "shared_trunk":
             return uses_shared_trunk(self.shared_trunk, self.num_components)
         if name == "epochs_per_component":

@@ -101,7 +101,7 @@ def build_model(config: RunConfig, image_shape: tuple[int, int, int], binary: bo
         encoder, decoder, method=config.method, lambda_kl=config.lambda_kl, schedule=config.schedule,
         bound=config.resolved_bound, component_bound=config.resolved_component_bound,
         num_samples=config.resolved_num_samples,
-        encoder_gradient=config.encoder_gradient, encoder_groups=config.encoder_groups,
+        encoder_gradient=config.resolved_encoder_gradient, encoder_groups=config.encoder_groups,
         max_log_ratio=config.resolved_max_log_ratio,
         train_previous=config.train_previous,
         eps_search_every=config.eps_search_every, noise_seed=config.seed, nonfinite_inputs=config.nonfinite_inputs,
