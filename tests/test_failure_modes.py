@@ -456,9 +456,10 @@ def _check_fit(namespace, printed):
     match = re.fullmatch(r"(-?\d+\.\d) nats on 200 digits", printed.strip().splitlines()[-1])
     assert match and -543.4 < float(match.group(1)) < -60, printed  # better than chance
     assert namespace["log_px"].shape == (200,)
-    model = namespace["model"]  # the recommended model the comment names: 3 heads on one trunk, 5 samples, lambda 1
-    assert int(model.encoder.num_active_components) == 3 and model.encoder.max_components == 3
+    model = namespace["model"]  # the recommended model the comment names: 3 heads on one trunk, 5 samples, lambda 1,
+    assert int(model.encoder.num_active_components) == 3 and model.encoder.max_components == 3  # DReG components
     assert model.encoder.shared_trunk and model.rme.num_samples == 5 and model.rme.lambda_kl == 1.0
+    assert model.rme.criterion.dreg
 
 
 README_CHECKS = [_check_own_vae, _check_fit, _check_own_rme]  # one per block, in order
