@@ -160,3 +160,13 @@ def test_joint_schedules_do_not_add_components_and_vae_needs_one_component():
         tf_rmvae.RecursiveMixtureTrainer(tf_rmvae.GaussianEncoder(4))
     clone = tf_rmvae.RecursiveMixtureTrainer.from_config(model.rme.get_config())
     assert clone.component_training == model.rme.component_training and clone.criterion == model.rme.criterion
+
+
+def test_freezing_earlier_components_on_a_shared_trunk_is_refused_by_the_library():
+    """The command line refuses it (`RunConfig.validate`); so does the library, naming the fix."""
+    encoder = tf_rmvae.RecursiveMixtureEncoder(4, 3, hidden_units=(8,), shared_trunk=True)
+    with pytest.raises(ValueError, match="shared_trunk=False"):
+        recursion.RecursiveMixtureTrainer(encoder, method="rme", train_previous=False)
+    recursion.RecursiveMixtureTrainer(encoder, method="rme", train_previous=True)  # training them is fine
+    separate = tf_rmvae.RecursiveMixtureEncoder(4, 3, hidden_units=(8,), shared_trunk=False)
+    assert recursion.RecursiveMixtureTrainer(separate, method="rme", train_previous=False).component_training.freezes

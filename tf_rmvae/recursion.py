@@ -216,6 +216,11 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
         if method == "vae" and encoder.max_components != 1:
             raise ValueError(
                 f"method='vae' needs an encoder with max_components=1; got {encoder.max_components}.")
+        if (not train_previous and is_stagewise(method, schedule) and encoder.shared_trunk
+                and encoder.max_components > 1):
+            raise ValueError(
+                "train_previous=False freezes earlier components, but on a shared trunk their common trunk keeps "
+                "training on the newest component's criterion: build the encoder with shared_trunk=False.")
         eps_grid = tuple(float(e) for e in eps_grid)
         mixing.eps_to_logit(eps_grid)  # validates the range
         self.encoder = encoder
