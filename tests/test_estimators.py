@@ -213,3 +213,12 @@ def test_estimator_settings_survive_serialization():
     assert (config["encoder_gradient"], config["encoder_groups"]) == ("dreg", 2)
     clone = type(model).from_config(config)
     assert clone.rme.criterion == objectives.ProposalBound(groups=2, dreg=True)
+
+
+def test_auto_encoder_gradient_is_resolved_by_the_library_as_by_the_configuration():
+    from tests.helpers import tiny_model
+
+    rme = tiny_model(bound="iw", component_bound="iw", lambda_kl=1.0, encoder_gradient="auto").rme
+    assert rme.encoder_gradient == "dreg" and rme.criterion.dreg
+    iwae = tiny_model(method="vae", bound="iw", num_samples=4, encoder_gradient="auto").rme
+    assert iwae.encoder_gradient == "reparam"

@@ -117,7 +117,8 @@ class RecursiveMixtureVAE(LatentVariableModel):
       encoder_gradient: how the encoder's importance-weighted objective is differentiated: "reparam" (default) or
         "dreg", doubly reparameterised (`objectives.doubly_reparameterized_log_mean_exp`): for method "vae" on
         the "iw" bound (IWAE-DReG: the encoder on DReG, the decoder on the ordinary IWAE gradient) and for RME's
-        components on `component_bound="iw"` (DReG on each component's own bound; its KL term unchanged).
+        components on `component_bound="iw"` (DReG on each component's own bound; its KL term unchanged); "auto":
+        "dreg" for RME on importance-weighted component criteria, "reparam" otherwise (held resolved).
       encoder_groups: method "vae" on the "iw" bound: G > 1 trains the encoder on MIWAE(G, S / G) while the decoder
         trains on IWAE(S) (PIWAE, Rainforth et al. 2018); 1 (default): the encoder on the model's bound.
 

@@ -38,9 +38,11 @@ from tf_rmvae.choices import (
     BOUNDS,
     METHODS,
     SCHEDULES,
+    adds_components,
     encoder_objective_problem,
     is_stagewise,
     resolve_bound,
+    resolve_encoder_gradient,
 )
 from tf_rmvae.encoders import RecursiveMixtureEncoder
 from tf_rmvae.latent_model import replica_batch_layout, standard_normal_log_prob
@@ -216,8 +218,7 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
         if method == "vae" and encoder.max_components != 1:
             raise ValueError(
                 f"method='vae' needs an encoder with max_components=1; got {encoder.max_components}.")
-        if (not train_previous and is_stagewise(method, schedule) and encoder.shared_trunk
-                and encoder.max_components > 1):
+        if not train_previous and encoder.shared_trunk and adds_components(method, schedule, encoder.max_components):
             raise ValueError(
                 "train_previous=False freezes earlier components, but on a shared trunk their common trunk keeps "
                 "training on the newest component's criterion: build the encoder with shared_trunk=False.")
@@ -236,12 +237,14 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
         self.boosting_entropy_weight = float(boosting_entropy_weight)
         self.noise_seed = int(noise_seed)
         self.component_bound = component_bound
-        self.encoder_gradient = encoder_gradient
+        # "auto" is what it means for this model (as `RunConfig` resolves it), so the criterion and the saved config
+        # name the estimator that trains.
+        self.encoder_gradient = resolve_encoder_gradient(method, bound, component_bound, encoder_gradient)
         self.encoder_groups = int(encoder_groups)
         self.criterion = objectives.component_criterion(
             method, lambda_kl=self.lambda_kl, max_log_ratio=self.max_log_ratio,
             boosting_entropy_weight=self.boosting_entropy_weight, component_bound=component_bound,
-            encoder_gradient=encoder_gradient, encoder_groups=self.encoder_groups,
+            encoder_gradient=self.encoder_gradient, encoder_groups=self.encoder_groups,
         )
         self.component_training = component_training(method, schedule, self.train_previous)
         self.component_training.configure(encoder)
