@@ -4,6 +4,7 @@ comparisons read cells without TensorFlow).
     <cells_dir>/<label>_seed<seed>/result.json        the finished row and the fingerprint (`cell_store`)
     <cells_dir>/<label>_seed<seed>/per_example.npz    per-digit test ELBO and log-likelihood
     <cells_dir>/<label>_seed<seed>/curve/epoch_NNN.*  the same at the run's `eval_epochs` along training
+    <cells_dir>/<label>_seed<seed>/final.weights.h5   the trained model's weights (untracked: .gitignore)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 RESULT_FILE = "result.json"
 PER_EXAMPLE_FILE = "per_example.npz"
 CURVE_DIR = "curve"
+FINAL_WEIGHTS_FILE = "final.weights.h5"
 
 
 def cell_key(label: str, seed: int | str) -> str:
@@ -33,6 +35,11 @@ def stored_seeds(cells_dir: str, label: str) -> list[int]:
     names = os.listdir(cells_dir) if os.path.isdir(cells_dir) else []
     return sorted(int(name[len(prefix):]) for name in names
                   if name.startswith(prefix) and name[len(prefix):].isdigit())
+
+
+def final_weights_path(directory: str) -> str:
+    """The trained model's weights in a cell's `directory` (written when training ends; never committed)."""
+    return os.path.join(directory, FINAL_WEIGHTS_FILE)
 
 
 def curve_path(directory: str, epoch: int) -> str:

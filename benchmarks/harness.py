@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 import tf_rmvae
-from benchmarks import cell_store
+from benchmarks import cell_files, cell_store
 from benchmarks.cells import (
     BOUND_METHODS,
     SINGLE_COMPONENT_METHODS,
@@ -153,6 +153,10 @@ def run_cell(
     history = model.fit(train, epochs=config.epochs, callbacks=callbacks, verbose=config.verbose)
     train_time = time.perf_counter() - start
     epochs_run = max(1, len(history.epoch))
+    # The final weights stay beside the row (untracked) for later scoring at the standard protocol (`benchmarks.rescore`).
+    weights_path = cell_files.final_weights_path(cell_dir)
+    model.save_weights(weights_path[:-len(".weights.h5")] + ".tmp.weights.h5")
+    os.replace(weights_path[:-len(".weights.h5")] + ".tmp.weights.h5", weights_path)
 
     test = evaluate_test(model)
     train_elbo = evaluation.per_example_elbo(model, x_train_eval, batch_size=max(config.eval_batch_size, 100))
