@@ -5,6 +5,8 @@ comparisons read cells without TensorFlow).
     <cells_dir>/<label>_seed<seed>/per_example.npz    per-digit test ELBO and log-likelihood
     <cells_dir>/<label>_seed<seed>/curve/epoch_NNN.*  the same at the run's `eval_epochs` along training
     <cells_dir>/<label>_seed<seed>/final.weights.h5   the trained model's weights (untracked: .gitignore)
+    <cells_dir>/<label>_seed<seed>/scored/<name>.*    the final model scored again (`benchmarks.rescore`, e.g.
+                                                      `K5000_N10000`: K = 5000 on all 10000 test digits)
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ RESULT_FILE = "result.json"
 PER_EXAMPLE_FILE = "per_example.npz"
 CURVE_DIR = "curve"
 FINAL_WEIGHTS_FILE = "final.weights.h5"
+SCORED_DIR = "scored"
 
 
 def cell_key(label: str, seed: int | str) -> str:
@@ -42,6 +45,11 @@ def final_weights_path(directory: str) -> str:
     return os.path.join(directory, FINAL_WEIGHTS_FILE)
 
 
+def scored_path(directory: str, scoring: str) -> str:
+    """`directory/scored/<scoring>` (add `.npz` or `.json`): a cell's final model scored by `benchmarks.rescore`."""
+    return os.path.join(directory, SCORED_DIR, scoring)
+
+
 def curve_path(directory: str, epoch: int) -> str:
     """`directory/curve/epoch_NNN` (add `.npz` or `.json`) of a cell's evaluation after `epoch` (1-based)."""
     return os.path.join(directory, CURVE_DIR, f"epoch_{epoch:03d}")
@@ -55,11 +63,16 @@ def curve_epochs(directory: str) -> list[int]:
                   if name.startswith("epoch_") and name.endswith(".npz"))
 
 
-def per_example(cells_dir: str, label: str, seed: int, epoch: int | None = None) -> dict[str, np.ndarray] | None:
-    """`{"elbo": [N], "log_likelihood": [N]}` (float64) of a cell at the end (`epoch=None`) or after `epoch`; None
-    where it was not stored (an unfinished cell, an epoch not evaluated)."""
+def per_example(cells_dir: str, label: str, seed: int, epoch: int | None = None,
+                scoring: str | None = None) -> dict[str, np.ndarray] | None:
+    """`{"elbo": [N], "log_likelihood": [N]}` (float64) of a cell at the end (`epoch=None`) or after `epoch`, or
+    its final model scored again as `scoring` (`scored_path`); None where it was not stored (an unfinished cell,
+    an epoch not evaluated, a model not scored so)."""
     directory = cell_dir(cells_dir, label, seed)
-    path = os.path.join(directory, PER_EXAMPLE_FILE) if epoch is None else curve_path(directory, epoch) + ".npz"
+    if scoring is not None:
+        path = scored_path(directory, scoring) + ".npz"
+    else:
+        path = os.path.join(directory, PER_EXAMPLE_FILE) if epoch is None else curve_path(directory, epoch) + ".npz"
     if not os.path.exists(path):
         return None
     with np.load(path) as arrays:

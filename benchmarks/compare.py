@@ -47,11 +47,12 @@ def _paired(mine: dict | None, theirs: dict | None, key: str) -> tuple[float, fl
     return None if mine is None or theirs is None else cell_files.paired_difference(mine[key], theirs[key])
 
 
-def compare(cells_dir: str, reference: str, model: str) -> list[dict]:
+def compare(cells_dir: str, reference: str, model: str, scoring: str | None = None) -> list[dict]:
     """One dict per seed both have cells for: `log_likelihood` and `elbo` as `(diff, paired s.e.)` at the end (None
     where either is unfinished), `epochs` (the epoch count both finished at; None if they differ or either is
     unfinished) and `curve`, `{epoch: (diff, s.e.)}` of log p(x) at the epochs both evaluated. `reference` and
-    `model` as in `resolve`."""
+    `model` as in `resolve`. `scoring` (e.g. "K5000_N10000") pairs the final models as `benchmarks.rescore` scored
+    them instead (no curve)."""
     (model_dir, model), (reference_dir, reference) = resolve(model, cells_dir), resolve(reference, cells_dir)
     seeds = sorted(set(cell_files.stored_seeds(reference_dir, reference))
                    & set(cell_files.stored_seeds(model_dir, model)))
@@ -60,10 +61,10 @@ def compare(cells_dir: str, reference: str, model: str) -> list[dict]:
                          f"(in {model_dir}).")
     result = []
     for seed in seeds:
-        mine = cell_files.per_example(model_dir, model, seed)
-        theirs = cell_files.per_example(reference_dir, reference, seed)
-        epochs = sorted(set(evaluated_epochs(model_dir, model, seed))
-                        & set(evaluated_epochs(reference_dir, reference, seed)))
+        mine = cell_files.per_example(model_dir, model, seed, scoring=scoring)
+        theirs = cell_files.per_example(reference_dir, reference, seed, scoring=scoring)
+        epochs = [] if scoring else sorted(set(evaluated_epochs(model_dir, model, seed))
+                                           & set(evaluated_epochs(reference_dir, reference, seed)))
         curve = {e: _paired(cell_files.per_example(model_dir, model, seed, e),
                             cell_files.per_example(reference_dir, reference, seed, e), "log_likelihood")
                  for e in epochs}
@@ -132,9 +133,11 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("models", nargs="+", help="[CELLS_DIR:]LABEL[=NAME] of each model to compare")
     parser.add_argument("--cells_dir", required=True, help="the harness's cells directory")
     parser.add_argument("--plot", help="also plot the differences along training to this PNG")
+    parser.add_argument("--scoring", help="pair the final models as benchmarks.rescore scored them, e.g. K5000_N10000")
     args = parser.parse_args(argv)
     reference_name, reference = named(args.reference)
-    comparisons = {name: compare(args.cells_dir, reference, spec) for name, spec in map(named, args.models)}
+    comparisons = {name: compare(args.cells_dir, reference, spec, args.scoring)
+                   for name, spec in map(named, args.models)}
     text = "\n\n".join(comparison_table(reference_name, m, rows) for m, rows in comparisons.items())
     if args.plot:
         plot_differences(reference_name, comparisons, args.plot)

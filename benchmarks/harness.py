@@ -153,7 +153,7 @@ def run_cell(
     history = model.fit(train, epochs=config.epochs, callbacks=callbacks, verbose=config.verbose)
     train_time = time.perf_counter() - start
     epochs_run = max(1, len(history.epoch))
-    # The final weights stay beside the row (untracked) for later scoring at the standard protocol (`benchmarks.rescore`).
+    # The final weights stay beside the row (untracked), to be scored at the standard protocol (`benchmarks.rescore`).
     weights_path = cell_files.final_weights_path(cell_dir)
     model.save_weights(weights_path[:-len(".weights.h5")] + ".tmp.weights.h5")
     os.replace(weights_path[:-len(".weights.h5")] + ".tmp.weights.h5", weights_path)
