@@ -23,7 +23,7 @@ setup(
         "tensorflow-datasets>=4.9,<5",
         "importlib_resources>=6",  # tfds 4.9.10 imports it in download_and_prepare but does not declare it
         "absl-py>=2.0",
-        "h5py>=3.10",  # the resume state's metadata lives in its .weights.h5 file (tf_rmvae.run_dir)
+        "h5py>=3.10",  # the resume state's metadata lives in its .weights.h5 file (tf_rmvae.run.directory)
         "numpy>=1.26",
         "matplotlib>=3.8",
         "tensorboard>=2.21,<2.22",

@@ -42,10 +42,10 @@ import tf_rmvae
 from benchmarks import harness
 from benchmarks.cells import BenchmarkConfig, Cell, adds_components, epochs_per_component
 from tf_rmvae import data as rm_data
-from tf_rmvae import evaluation
-from tf_rmvae.encoders import GaussianEncoder
 from tf_rmvae.files import write_json_atomic
-from tf_rmvae.semi_amortized import SemiAmortizedVAE
+from tf_rmvae.layers.encoders import GaussianEncoder
+from tf_rmvae.models.semi_amortized import SemiAmortizedVAE
+from tf_rmvae.run import evaluation
 
 METHODS = ("vae", "vae_equal_params", "iwae", "rme", "savae")
 # Not in the default list (the committed study ran without it): RME with one shared trunk and M heads (variant b).

@@ -39,9 +39,10 @@ from benchmarks.cells import (
     epochs_per_component,
 )
 from tf_rmvae import data as rm_data
-from tf_rmvae import evaluation, model_factory
 from tf_rmvae.choices import RECURSIVE_METHODS, resolve_max_log_ratio
-from tf_rmvae.semi_amortized import SemiAmortizedVAE
+from tf_rmvae.models.semi_amortized import SemiAmortizedVAE
+from tf_rmvae.run import evaluation
+from tf_rmvae.run import factory as model_factory
 
 
 def device_description() -> str:

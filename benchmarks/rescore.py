@@ -49,7 +49,7 @@ def rebuild(directory: str):
 
 def score_cell(directory: str, iwae_samples: int, examples: int, chunk: int, batch_size: int, x_test) -> dict:
     """Scores one cell (see the module docstring); returns its summary (also written beside the arrays)."""
-    from tf_rmvae import evaluation
+    from tf_rmvae.run import evaluation
 
     model, config = rebuild(directory)
     test = evaluation.evaluate(model, x_test, iwae_samples, chunk_size=chunk, batch_size=batch_size, seed=0)

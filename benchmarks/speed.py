@@ -31,9 +31,10 @@ import numpy as np
 import tensorflow as tf
 
 import tf_rmvae
-from tf_rmvae import evaluation, model_factory
 from tf_rmvae.choices import BOUND_SETTINGS
-from tf_rmvae.semi_amortized import SemiAmortizedVAE
+from tf_rmvae.models.semi_amortized import SemiAmortizedVAE
+from tf_rmvae.run import evaluation
+from tf_rmvae.run import factory as model_factory
 
 IMAGE_SHAPE = (28, 28, 1)
 MODES = ("function", "jit")

@@ -20,8 +20,8 @@ import h5py
 import numpy as np
 import pytest
 
-from tf_rmvae.config import RunConfig
-from tf_rmvae.run_dir import saved_epoch
+from tf_rmvae.run.config import RunConfig
+from tf_rmvae.run.directory import saved_epoch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS = 3

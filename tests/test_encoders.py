@@ -5,7 +5,7 @@ import tensorflow_probability as tfp
 
 import tf_rmvae
 from tf_rmvae import RecursiveMixtureEncoder
-from tf_rmvae.component_networks import ComponentNetworks
+from tf_rmvae.layers.component_networks import ComponentNetworks
 
 tfd = tfp.distributions
 

@@ -195,7 +195,7 @@ def test_encoder_estimators_change_the_encoder_gradient_only(settings):
 ])
 def test_estimator_settings_that_do_not_apply_are_refused(settings, message):
     from tests.helpers import tiny_model
-    from tf_rmvae.config import ConfigError, RunConfig
+    from tf_rmvae.run.config import ConfigError, RunConfig
 
     with pytest.raises(ValueError, match=message):
         tiny_model(**settings)

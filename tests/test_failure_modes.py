@@ -26,10 +26,14 @@ from absl import flags
 
 import tf_rmvae
 from tests.helpers import mnist_digits, tiny_model
-from tf_rmvae import export, model_factory, run_dir, run_evaluation, training
-from tf_rmvae.config import RunConfig
-from tf_rmvae.guards import ExportRefused, chance_log_likelihood
-from tf_rmvae.semi_amortized import SemiAmortizedVAE
+from tf_rmvae import export
+from tf_rmvae.models.semi_amortized import SemiAmortizedVAE
+from tf_rmvae.run import directory as run_dir
+from tf_rmvae.run import factory as model_factory
+from tf_rmvae.run import final_evaluation as run_evaluation
+from tf_rmvae.run import training
+from tf_rmvae.run.config import RunConfig
+from tf_rmvae.run.guards import ExportRefused, chance_log_likelihood
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Independent component networks (the default before the shared trunk, what older run directories hold): the
@@ -244,7 +248,7 @@ def test_the_publish_program_is_quiet_numbers_the_next_version_and_never_copies_
 HOLD_LOCK = textwrap.dedent("""
     import fcntl, os, socket, sys, time
     fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o666)
-    fcntl.flock(fd, fcntl.LOCK_EX)  # what tf_rmvae.run_dir.RunLock does, without importing TensorFlow
+    fcntl.flock(fd, fcntl.LOCK_EX)  # what tf_rmvae.run.directory.RunLock does, without importing TensorFlow
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\\n".encode(), 0)
     print("locked", flush=True)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import tf_rmvae
-from tf_rmvae import legacy_weights
-from tf_rmvae.semi_amortized import SemiAmortizedVAE
+from tf_rmvae.models import legacy_weights
+from tf_rmvae.models.semi_amortized import SemiAmortizedVAE
 
 # Written by tf-rmvae 0.1 (commit 7c4cbe1) with the settings below; expected.json holds what 0.1 computed from them.
 FIXTURES = os.path.join(os.path.dirname(__file__), "data", "weights_0.1")

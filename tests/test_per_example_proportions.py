@@ -8,7 +8,7 @@ import tensorflow_probability as tfp
 
 import tf_rmvae
 from tests.helpers import mnist_digits
-from tf_rmvae.evaluation import mixture_summary
+from tf_rmvae.run.evaluation import mixture_summary
 
 
 def model_with_per_example_proportions(components=3, **kwargs):

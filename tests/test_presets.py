@@ -10,7 +10,7 @@ import pytest
 
 import tf_rmvae
 from tests.test_trainer import _config_from_flags
-from tf_rmvae.config import PRESETS, ConfigError, RunConfig
+from tf_rmvae.run.config import PRESETS, ConfigError, RunConfig
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))

@@ -1,4 +1,4 @@
-"""RME training reused in a user's own Keras VAE (`tf_rmvae.recursion`), and the pieces it is made of."""
+"""RME training reused in a user's own Keras VAE (`tf_rmvae.models.recursion`), and the pieces it is made of."""
 
 import keras
 import numpy as np
@@ -8,7 +8,8 @@ import tensorflow_probability as tfp
 
 import tf_rmvae
 from tests.helpers import mnist_digits, tiny_model
-from tf_rmvae import objectives, recursion
+from tf_rmvae import objectives
+from tf_rmvae.models import recursion
 
 tfd = tfp.distributions
 

@@ -1,6 +1,6 @@
 """The allowed values of the settings that name a choice, in one place without TensorFlow.
 
-`tf_rmvae.config` validates a `RunConfig` against them (and `trainers/train.py` makes them its enum flags)
+`tf_rmvae.run.config` validates a `RunConfig` against them (and `trainers/train.py` makes them its enum flags)
 without importing TensorFlow; the modules that implement each choice import them from here.
 """
 
@@ -28,9 +28,9 @@ NONFINITE_POLICIES = ("raise", "skip")
 ARCHITECTURES = ("dense", "conv")
 #: Likelihoods p(x|z) of a run; "auto": Bernoulli for binary datasets, Gaussian otherwise.
 DECODERS = ("auto", "bernoulli", "gaussian")
-#: `tf.distribute` strategies by name (`tf_rmvae.distribute.make_strategy`).
+#: `tf.distribute` strategies by name (`tf_rmvae.run.strategies.make_strategy`).
 STRATEGIES = ("default", "mirrored", "multi_worker_mirrored", "tpu")
-#: Keras global dtype policies (`tf_rmvae.distribute.set_precision`).
+#: Keras global dtype policies (`tf_rmvae.run.strategies.set_precision`).
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 

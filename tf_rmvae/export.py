@@ -47,6 +47,7 @@ from __future__ import annotations
 import datetime
 import errno
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -56,9 +57,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-import tf_rmvae
 from tf_rmvae.files import json_ready, json_text
-from tf_rmvae.inputs import IMAGE_RANGE_MESSAGE, assert_unit_range
+from tf_rmvae.models.inputs import IMAGE_RANGE_MESSAGE, assert_unit_range
 
 METADATA_DIR = "assets.extra"
 METADATA_FILE = "rmvae_metadata.json"
@@ -127,7 +127,7 @@ def _checked_images(images: tf.Tensor, image_shape) -> tf.Tensor:
     """
     images = tf.ensure_shape(images, (None, *image_shape))
     images = tf.debugging.assert_all_finite(images, "images contain NaN or Inf values")
-    return assert_unit_range(images)  # the models' own check (tf_rmvae.inputs)
+    return assert_unit_range(images)  # the models' own check (tf_rmvae.models.inputs)
 
 
 def _checked_count(value: tf.Tensor, low: int, high: int, name: str) -> tf.Tensor:
@@ -255,7 +255,8 @@ def _metadata(model, kind, name, version, image_shape, signatures, metrics, limi
         "signatures": {key: signatures[key] for key in sorted(signatures)},
         "metrics": metrics or {},
         "model_config": model.get_config() if kind == "full" else encoder.get_config(),
-        "versions": {"tf_rmvae": tf_rmvae.__version__, "tensorflow": tf.__version__, "keras": keras.__version__},
+        "versions": {"tf_rmvae": importlib.metadata.version("tf-rmvae"), "tensorflow": tf.__version__,
+                     "keras": keras.__version__},
     })
 
 

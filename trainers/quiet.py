@@ -11,7 +11,7 @@ what the libraries print on the stderr file descriptor while they load (replayed
     from trainers import quiet
 
     with quiet.quiet_imports(sys.argv):
-        from tf_rmvae.training import train
+        from tf_rmvae.run.training import train
 
     def main(argv):
         quiet.quiet_python_logs()     # after flag parsing: TensorFlow's and tfds's INFO logs off (unless level 0)

@@ -15,7 +15,7 @@ written (flag errors included); a failed run (diverged, broken model, disk full,
 status 1 and one line saying what is intact and what to do; Ctrl-C exits with status 130 saying how to resume.
 `--batch_size` is the global batch (split over the replicas). With `multi_worker_mirrored`, `--model_dir` must be on a
 filesystem every worker sees (the chief writes it; all workers restore from it); restart all workers after a failure.
-See `tf_rmvae.training` for the layout of `--model_dir`. TensorFlow's C++ logs are off unless `--tf_log_level` asks
+See `tf_rmvae.run.training` for the layout of `--model_dir`. TensorFlow's C++ logs are off unless `--tf_log_level` asks
 for them (`trainers.quiet`); the program prints one line per stage (data, training, evaluation, figures, export).
 """
 
@@ -31,8 +31,8 @@ from trainers import cli, quiet
 with quiet.quiet_imports(sys.argv):  # first: TensorFlow reads its log level when it is imported
     from absl import flags
 
-    from tf_rmvae.config import ConfigError, RunConfig
-    from tf_rmvae.run_dir import RunError
+    from tf_rmvae.run.config import ConfigError, RunConfig
+    from tf_rmvae.run.directory import RunError
 
 flags.adopt_module_key_flags(quiet)  # --tf_log_level in --help
 
@@ -42,7 +42,7 @@ INTERRUPTED = 130  # the shell's status for a program stopped by Ctrl-C (128 + S
 
 
 def define_flags() -> None:
-    """One flag per `RunConfig` field, with the field's name, default and help (`tf_rmvae.config.setting`).
+    """One flag per `RunConfig` field, with the field's name, default and help (`tf_rmvae.run.config.setting`).
 
     A field with choices is an enum flag, a tuple of ints a comma list (`DEFINE_list`), a required field's
     flag has no default (`RunConfig.validate` refuses a run without it); bool, int, float and str fields get flags
@@ -95,7 +95,7 @@ def main(argv: list[str]) -> None:
         config = config_from_flags()
         # Imported after the flags are parsed: it pulls in tensorflow_datasets, which defines absl flags of
         # its own (e.g. --tfds_debug_list_dir) that are no flags of this program.
-        from tf_rmvae.training import train
+        from tf_rmvae.run.training import train
 
         metrics = train(config)
     except ConfigError as e:  # the user's mistake, found before anything was written

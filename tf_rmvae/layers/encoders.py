@@ -14,8 +14,8 @@ import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tf_rmvae.component_networks import ARCHITECTURES, ComponentNetworks
-from tf_rmvae.mixing_weights import RecursiveMixingWeights
+from tf_rmvae.layers.component_networks import ARCHITECTURES, ComponentNetworks
+from tf_rmvae.layers.mixing_weights import RecursiveMixingWeights
 
 tfd = tfp.distributions
 
@@ -66,7 +66,7 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
     `num_active_components` slots have non-zero weight. The networks are a `ComponentNetworks` layer
     (`networks`), the recursion state a `RecursiveMixingWeights` layer (`mixing`).
 
-    Example (inside any Keras VAE; `tf_rmvae.recursion.RecursiveMixtureTrainer` trains it by RME):
+    Example (inside any Keras VAE; `tf_rmvae.models.recursion.RecursiveMixtureTrainer` trains it by RME):
 
         encoder = RecursiveMixtureEncoder(latent_dim=32, max_components=4)
         q = encoder(images)          # MixtureSameFamily, batch [B], event [32]

@@ -32,9 +32,9 @@ import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tf_rmvae.encoders import GaussianEncoder
-from tf_rmvae.latent_model import LatentVariableModel, replica_batch_layout
-from tf_rmvae.legacy_weights import GAUSSIAN_LAYOUT
+from tf_rmvae.layers.encoders import GaussianEncoder
+from tf_rmvae.models.latent_model import LatentVariableModel, replica_batch_layout
+from tf_rmvae.models.legacy_weights import GAUSSIAN_LAYOUT
 
 tfd = tfp.distributions
 

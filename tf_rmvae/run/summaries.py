@@ -27,7 +27,7 @@ import tensorflow as tf
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import summary as custom_scalar_summary
 
-from tf_rmvae import plots
+from tf_rmvae.run import figures as plots
 
 #: `weight_3`, `entropy_0`, `val_entropy_2`: the per-component metrics of `RecursiveMixtureVAE`.
 COMPONENT_METRIC = re.compile(r"^(val_)?(weight|entropy)_(\d+)$")

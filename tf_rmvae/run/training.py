@@ -1,7 +1,7 @@
 """One training run, start to finish: data, model, `fit` with resumable callbacks, test metrics, figures, export.
 
-    from tf_rmvae.config import RunConfig
-    from tf_rmvae.training import train
+    from tf_rmvae.run.config import RunConfig
+    from tf_rmvae.run.training import train
 
     metrics = train(RunConfig(model_dir="runs/quick"))      # rerunning the same call resumes or reports
     metrics["test"]["elbo_mean"], metrics["test"]["log_likelihood_mean"]
@@ -16,10 +16,10 @@ Layout of `model_dir`:
     checkpoints/           `epoch_NNN.weights.h5` after every epoch (the last `keep_checkpoints`), same format; with
                            validation, `best.weights.h5` (the epoch with the best validation bound, the one trained:
                            the weights evaluated and exported) and `best.json` (its epoch, value and monitor; see
-                           `tf_rmvae.best_checkpoint`)
+                           `tf_rmvae.run.best_checkpoint`)
     logs/                  TensorBoard event files: `train/` and `validation/` scalars (per-component metrics grouped
                            as `mixture/...`, a custom-scalars layout), reconstructions and samples as images
-                           (`tf_rmvae.summaries`)
+                           (`tf_rmvae.run.summaries`)
     metrics.json           final test ELBO / IWAE log-likelihood (mean, s.e.), mixture weights, component
                            entropies, timing, per-epoch history, the best checkpoint's record (`validation.best`:
                            its value is its monitor's, `val_loss` = the negative bound on --bound=iw);
@@ -29,7 +29,7 @@ Layout of `model_dir`:
 
 Resumption: the `.weights.h5` file that `Model.save_weights` writes holds every model variable, including the
 recursion state (`num_active_components`, `mixing_logits`, the line-search accumulators), and the optimizer's
-variables (`iterations`, Adam's moments); `tf_rmvae.run_dir` adds the epoch count to the same file, writes it
+variables (`iterations`, Adam's moments); `tf_rmvae.run.directory` adds the epoch count to the same file, writes it
 atomically and, on resume, loads the newest state that passes its checks (optimizer step = epochs x steps per
 epoch), falling back to the per-epoch checkpoints. The training data of epoch e is a function of (seed, e)
 (`tf_rmvae.data.pipeline.load_epochs`) and the training noise of step t of (seed, t), so a run killed and resumed
@@ -42,9 +42,9 @@ stopping derived from it, survives an interruption.
 
 What can go wrong (each fault refused with a clear error, nothing half-written): see "Failure modes" in README.md.
 
-The pieces, one module each: the model (`tf_rmvae.model_factory`), the callbacks (`tf_rmvae.run_callbacks`),
-the run directory's files, lock and resume state (`tf_rmvae.run_dir`), test metrics, figures and export
-(`tf_rmvae.run_evaluation`), strategies (`tf_rmvae.distribute`); this module runs them in order.
+The pieces, one module each: the model (`tf_rmvae.run.factory`), the callbacks (`tf_rmvae.run.callbacks`),
+the run directory's files, lock and resume state (`tf_rmvae.run.directory`), test metrics, figures and export
+(`tf_rmvae.run.final_evaluation`), strategies (`tf_rmvae.run.strategies`); this module runs them in order.
 """
 
 from __future__ import annotations
@@ -61,22 +61,25 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tf_rmvae import distribute, report, run_dir, run_evaluation
-from tf_rmvae.best_checkpoint import load_best
-from tf_rmvae.config import ConfigError, RunConfig
 from tf_rmvae.data import DatasetSpec, DatasetUnavailableError, get_dataset_spec, holdout_splits, load_numpy
 from tf_rmvae.data.pipeline import load_epochs, split_size
 from tf_rmvae.files import json_ready, write_json_atomic
-from tf_rmvae.model_factory import (
+from tf_rmvae.run import directory as run_dir
+from tf_rmvae.run import final_evaluation as run_evaluation
+from tf_rmvae.run import report
+from tf_rmvae.run import strategies as distribute
+from tf_rmvae.run.best_checkpoint import load_best
+from tf_rmvae.run.callbacks import make_callbacks
+from tf_rmvae.run.config import ConfigError, RunConfig
+from tf_rmvae.run.factory import (
     build_compiled_model,
     build_model,
     build_networks,
     equal_parameter_hidden_units,
     load_trained_model,
 )
-from tf_rmvae.run_callbacks import make_callbacks
 
-# The model factory's names are re-exported for the callers of `tf_rmvae.training` from before the split.
+# The model factory's names are re-exported for the callers of `tf_rmvae.run.training` from before the split.
 __all__ = [
     "build_compiled_model",
     "build_model",

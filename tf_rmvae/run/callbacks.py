@@ -3,9 +3,9 @@
     callbacks = make_callbacks(config, initial_epoch=resumed_from, validation=True, preview=x_validation[:16])
     model.fit(..., initial_epoch=resumed_from, callbacks=callbacks)
 
-History (`ResumableCSVLogger`), TensorBoard (`tf_rmvae.summaries`), the divergence and input guards, the
-component schedule (`tf_rmvae.callbacks`), the best checkpoint (`tf_rmvae.best_checkpoint`) and, last, the
-resume state (`tf_rmvae.run_dir.SaveState`).
+History (`ResumableCSVLogger`), TensorBoard (`tf_rmvae.run.summaries`), the divergence and input guards, the
+component schedule (`tf_rmvae.models.callbacks`), the best checkpoint (`tf_rmvae.run.best_checkpoint`) and, last, the
+resume state (`tf_rmvae.run.directory.SaveState`).
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import time
 import keras
 import numpy as np
 
-from tf_rmvae import run_dir
-from tf_rmvae.best_checkpoint import BestCheckpoint
-from tf_rmvae.callbacks import ComponentSchedule, NonFiniteInputGuard
 from tf_rmvae.choices import resolve_best_monitor
-from tf_rmvae.config import RunConfig
-from tf_rmvae.guards import DivergenceGuard
-from tf_rmvae.summaries import GroupedTensorBoard, ImageSummaries
+from tf_rmvae.models.callbacks import ComponentSchedule, NonFiniteInputGuard
+from tf_rmvae.run import directory as run_dir
+from tf_rmvae.run.best_checkpoint import BestCheckpoint
+from tf_rmvae.run.config import RunConfig
+from tf_rmvae.run.guards import DivergenceGuard
+from tf_rmvae.run.summaries import GroupedTensorBoard, ImageSummaries
 
 
 class ResumableCSVLogger(keras.callbacks.CSVLogger):

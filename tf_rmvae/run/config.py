@@ -192,7 +192,7 @@ class RunConfig:
     learning_rate: float = setting(1e-3, "Adam learning rate.")
     seed: int = setting(0, "Seed of initialisation, shuffling and binarization.")
     jit_compile: bool = setting(False, "Compile the train step with XLA.")
-    # verbose > 0 also prints the stage lines (`tf_rmvae.report`).
+    # verbose > 0 also prints the stage lines (`tf_rmvae.run.report`).
     verbose: int = setting(1, "Keras progress: 0 silent, 1 progress bar, 2 one line per epoch.")
     # Evaluation
     eval_examples: int = setting(1000, "Test examples evaluated (0 = the whole test split).")

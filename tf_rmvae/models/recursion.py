@@ -44,8 +44,8 @@ from tf_rmvae.choices import (
     resolve_bound,
     resolve_encoder_gradient,
 )
-from tf_rmvae.encoders import RecursiveMixtureEncoder
-from tf_rmvae.latent_model import replica_batch_layout, standard_normal_log_prob
+from tf_rmvae.layers.encoders import RecursiveMixtureEncoder
+from tf_rmvae.models.latent_model import replica_batch_layout, standard_normal_log_prob
 
 tfd = tfp.distributions
 

@@ -14,13 +14,13 @@ import os
 import keras
 import numpy as np
 
-from tf_rmvae import run_dir
 from tf_rmvae.choices import uses_shared_trunk
-from tf_rmvae.config import RunConfig
 from tf_rmvae.data import get_dataset_spec
-from tf_rmvae.decoders import make_decoder
-from tf_rmvae.encoders import GaussianEncoder, RecursiveMixtureEncoder
-from tf_rmvae.models import RecursiveMixtureVAE
+from tf_rmvae.layers.decoders import make_decoder
+from tf_rmvae.layers.encoders import GaussianEncoder, RecursiveMixtureEncoder
+from tf_rmvae.models.recursive_mixture_vae import RecursiveMixtureVAE
+from tf_rmvae.run import directory as run_dir
+from tf_rmvae.run.config import RunConfig
 
 
 def build_networks(

@@ -14,8 +14,8 @@ import math
 import keras
 import numpy as np
 
-from tf_rmvae.decoders import BernoulliDecoder, GaussianDecoder
-from tf_rmvae.run_dir import RunError
+from tf_rmvae.layers.decoders import BernoulliDecoder, GaussianDecoder
+from tf_rmvae.run.directory import RunError
 
 
 class TrainingDiverged(RunError):

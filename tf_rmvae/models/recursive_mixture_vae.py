@@ -35,7 +35,7 @@ default, measured best at 100 epochs with one trunk and eight heads). This class
 never collapsed with any encoder we tried.
 
 The recursion itself (criteria, gradient routing, freezing, line search, component schedule) is
-`tf_rmvae.recursion.RecursiveMixtureTrainer`, which any Keras VAE can use; this model adds the decoder,
+`tf_rmvae.models.recursion.RecursiveMixtureTrainer`, which any Keras VAE can use; this model adds the decoder,
 metrics and the non-finite input policy around it.
 """
 
@@ -47,9 +47,9 @@ import tensorflow_probability as tfp
 
 from tf_rmvae import mixing
 from tf_rmvae.choices import NONFINITE_POLICIES, RECURSIVE_METHODS  # noqa: F401  (RECURSIVE_METHODS: re-exported)
-from tf_rmvae.encoders import RecursiveMixtureEncoder, make_mixture
-from tf_rmvae.latent_model import LatentVariableModel
-from tf_rmvae.recursion import (  # noqa: F401  (re-exported: the names users import from here)
+from tf_rmvae.layers.encoders import RecursiveMixtureEncoder, make_mixture
+from tf_rmvae.models.latent_model import LatentVariableModel
+from tf_rmvae.models.recursion import (  # noqa: F401  (re-exported: the names users import from here)
     BOUNDS,
     LEGACY_ARGUMENTS,
     METHODS,

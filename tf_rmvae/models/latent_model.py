@@ -12,9 +12,10 @@ import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tf_rmvae import inputs as image_inputs
-from tf_rmvae import legacy_weights, objectives
-from tf_rmvae.encoders import RecursiveMixtureEncoder, build_eagerly
+from tf_rmvae import objectives
+from tf_rmvae.layers.encoders import RecursiveMixtureEncoder, build_eagerly
+from tf_rmvae.models import inputs as image_inputs
+from tf_rmvae.models import legacy_weights
 
 tfd = tfp.distributions
 
@@ -67,7 +68,7 @@ class LatentVariableModel(keras.Model):
 
     def load_weights(self, filepath, *args, **kwargs):
         """`keras.Model.load_weights`; also reads `.weights.h5` files written by tf-rmvae 0.1 (an interrupted
-        run or benchmark cell of that version resumes; see `tf_rmvae.legacy_weights`)."""
+        run or benchmark cell of that version resumes; see `tf_rmvae.models.legacy_weights`)."""
         with legacy_weights.upgraded_copy(filepath, self.weights_layout) as path:
             return super().load_weights(path, *args, **kwargs)
 
@@ -82,7 +83,8 @@ class LatentVariableModel(keras.Model):
 
     def _unpack(self, data) -> tf.Tensor:
         """A batch as float32 images `[B, H, W, C]` in [0, 1]: `x`, `(x,)`, `(x, y)` or a tfds-style dict; uint8
-        pixels scaled by 1/255; float pixels outside [0, 1], flat or label-only batches refused (`tf_rmvae.inputs`)."""
+        pixels scaled by 1/255; float pixels outside [0, 1], flat or label-only batches refused
+        (`tf_rmvae.models.inputs`)."""
         images = image_inputs.as_images(data, self._image_shape())
         self.ensure_built(images.shape)
         return images
@@ -98,11 +100,11 @@ class LatentVariableModel(keras.Model):
         return x
 
     def fit(self, x=None, *args, **kwargs):
-        """`keras.Model.fit`; batches as `_unpack` accepts them (see `tf_rmvae.inputs`)."""
+        """`keras.Model.fit`; batches as `_unpack` accepts them (see `tf_rmvae.models.inputs`)."""
         return super().fit(self._checked_data(x), *args, **kwargs)
 
     def evaluate(self, x=None, *args, **kwargs):
-        """`keras.Model.evaluate`; batches as `_unpack` accepts them (see `tf_rmvae.inputs`)."""
+        """`keras.Model.evaluate`; batches as `_unpack` accepts them (see `tf_rmvae.models.inputs`)."""
         return super().evaluate(self._checked_data(x), *args, **kwargs)
 
     # ------------------------------------------------------------------ inference API
