@@ -7,7 +7,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 import tf_rmvae
-from tests.helpers import mnist_digits, tiny_model
+from tests.helpers import TEST_SETTINGS, mnist_digits, tiny_model
 from tf_rmvae import objectives, recursion
 
 tfd = tfp.distributions
@@ -18,10 +18,11 @@ class UserVAE(keras.Model):
 
     def __init__(self, components=3, method="rme", latent_dim=8, **rme_kwargs):
         super().__init__()
-        self.encoder = tf_rmvae.RecursiveMixtureEncoder(latent_dim, components, hidden_units=(64,), seed=0)
+        self.encoder = tf_rmvae.RecursiveMixtureEncoder(latent_dim, components, hidden_units=(64,), seed=0,
+                                                       shared_trunk=False)
         self.hidden = keras.layers.Dense(64, activation="relu")
         self.pixel_logits = keras.layers.Dense(784)
-        self.rme = tf_rmvae.RecursiveMixtureTrainer(self.encoder, method=method, **rme_kwargs)
+        self.rme = tf_rmvae.RecursiveMixtureTrainer(self.encoder, method=method, **{**TEST_SETTINGS, **rme_kwargs})
         self.elbo_tracker = keras.metrics.Mean(name="elbo")
 
     @property
@@ -48,10 +49,10 @@ class UserVAE(keras.Model):
         return {"elbo": self.elbo_tracker.result()}
 
 
-def iwae_log_likelihood(model, x, num_samples=100):
+def iwae_log_likelihood(model, x, iwae_samples=100):
     """`[B]` importance-weighted log-likelihood with the model's mixture posterior as proposal."""
     q = model.encoder(x)
-    z = q.sample(num_samples)
+    z = q.sample(iwae_samples)
     prior = tfd.MultivariateNormalDiag(tf.zeros(model.encoder.latent_dim))
     log_weights = model.decode(z).log_prob(x[None]) + prior.log_prob(z) - q.log_prob(z)
     return objectives.log_mean_exp(log_weights, axis=0).numpy()
@@ -87,7 +88,8 @@ class SameAsModelVAE(keras.Model):
     def __init__(self, model):
         super().__init__()
         self.encoder, self.decoder = model.encoder, model.decoder
-        self.rme = tf_rmvae.RecursiveMixtureTrainer(self.encoder, eps_search_every=2, train_previous=False)
+        self.rme = tf_rmvae.RecursiveMixtureTrainer(self.encoder, eps_search_every=2, train_previous=False,
+                                                    **TEST_SETTINGS)
 
     def add_component(self):
         return self.rme.add_component()

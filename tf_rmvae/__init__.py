@@ -16,7 +16,7 @@ import importlib
 import sys
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.2.0"
+from tf_rmvae.version import __version__  # noqa: F401  (the installed metadata; see tf_rmvae.version)
 
 # {public name: the module that defines it, or "module:name" where the name there differs}; a name equal to its
 # module's last part is the module itself.

@@ -56,9 +56,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-import tf_rmvae
 from tf_rmvae.files import json_ready, json_text
 from tf_rmvae.inputs import IMAGE_RANGE_MESSAGE, assert_unit_range
+from tf_rmvae.version import __version__
 
 METADATA_DIR = "assets.extra"
 METADATA_FILE = "rmvae_metadata.json"
@@ -255,7 +255,7 @@ def _metadata(model, kind, name, version, image_shape, signatures, metrics, limi
         "signatures": {key: signatures[key] for key in sorted(signatures)},
         "metrics": metrics or {},
         "model_config": model.get_config() if kind == "full" else encoder.get_config(),
-        "versions": {"tf_rmvae": tf_rmvae.__version__, "tensorflow": tf.__version__, "keras": keras.__version__},
+        "versions": {"tf_rmvae": __version__, "tensorflow": tf.__version__, "keras": keras.__version__},
     })
 
 
