@@ -129,7 +129,7 @@ def test_float_pixels_outside_the_unit_range_are_refused(call):
         "fit": lambda: model.fit(raw, batch_size=10, epochs=1, verbose=0),
         "evaluate": lambda: model.evaluate(raw, batch_size=10, verbose=0),
         "elbo": lambda: model.elbo(raw),
-        "log_likelihood": lambda: model.log_likelihood(raw, num_samples=4),
+        "log_likelihood": lambda: model.log_likelihood(raw, iwae_samples=4),
         "savae_elbo": lambda: model.elbo(raw),
     }
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"images must lie in \[0, 1\]"):
