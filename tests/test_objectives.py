@@ -221,7 +221,8 @@ def test_criterion_densities_of_a_slot_are_those_of_the_component_it_draws_from(
 
 
 def test_component_bound_iw_is_for_rme_only():
-    assert isinstance(objectives.component_criterion("rme", component_bound="iw"),
-                      objectives.RMEImportanceWeightedCriterion)
+    settings = dict(lambda_kl=1.0, max_log_ratio=5.0, boosting_entropy_weight=1.0, component_bound="iw",
+                    encoder_gradient="reparam", encoder_groups=1)
+    assert isinstance(objectives.component_criterion("rme", **settings), objectives.RMEImportanceWeightedCriterion)
     with pytest.raises(ValueError, match="applies to method .rme. only"):
-        objectives.component_criterion("boosting", component_bound="iw")
+        objectives.component_criterion("boosting", **settings)

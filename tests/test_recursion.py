@@ -122,9 +122,11 @@ def test_a_user_vae_and_recursive_mixture_vae_share_one_training_step():
 
 
 def test_the_method_chooses_the_criterion_and_the_component_training():
-    assert objectives.component_criterion("rme", lambda_kl=0.5) == objectives.RMECriterion(0.5, 5.0)
-    assert isinstance(objectives.component_criterion("boosting"), objectives.BoostingCriterion)
-    assert not objectives.component_criterion("mixture").recursive
+    settings = dict(lambda_kl=0.5, max_log_ratio=5.0, boosting_entropy_weight=1.0, component_bound="elbo",
+                    encoder_gradient="reparam", encoder_groups=1)
+    assert objectives.component_criterion("rme", **settings) == objectives.RMECriterion(0.5, 5.0)
+    assert isinstance(objectives.component_criterion("boosting", **settings), objectives.BoostingCriterion)
+    assert not objectives.component_criterion("mixture", **settings).recursive
     assert recursion.component_training("rme", "stagewise", False) == recursion.StagewiseTraining(False)
     assert recursion.component_training("rme", "sweep", True) == recursion.JointTraining()
     assert recursion.component_training("mixture", "stagewise", True) == recursion.JointTraining()

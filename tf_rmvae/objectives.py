@@ -388,12 +388,12 @@ Criterion = ComponentELBO | ProposalBound | RMECriterion | RMEImportanceWeighted
 def component_criterion(
     method: str,
     *,
-    lambda_kl: float = 0.3,
-    max_log_ratio: float | None = 5.0,
-    boosting_entropy_weight: float = 1.0,
-    component_bound: str = "elbo",
-    encoder_gradient: str = "reparam",
-    encoder_groups: int = 1,
+    lambda_kl: float,
+    max_log_ratio: float | None,
+    boosting_entropy_weight: float,
+    component_bound: str,
+    encoder_gradient: str,
+    encoder_groups: int,
 ) -> Criterion:
     """The per-component criterion of a training method: "rme", "boosting", or "vae"/"mixture" (own ELBO).
 
@@ -401,7 +401,8 @@ def component_criterion(
     its ELBO in the RME criterion (`RMEImportanceWeightedCriterion`). `encoder_gradient="dreg"` gives that bound
     (or, for method "vae", the encoder's importance-weighted bound: `ProposalBound`) the doubly reparameterised
     gradient; `encoder_groups > 1` (method "vae") trains the encoder on MIWAE (PIWAE). The caller checks that the
-    model trains on the "iw" bound where these need it (`choices.encoder_objective_problem`)."""
+    model trains on the "iw" bound where these need it (`choices.encoder_objective_problem`). Every setting is named:
+    their defaults are the model's (`recursion.TRAINING_DEFAULTS`)."""
     if component_bound not in BOUNDS:
         raise ValueError(f"component_bound must be one of {BOUNDS}; got {component_bound!r}.")
     if component_bound == "iw" and method != "rme":
