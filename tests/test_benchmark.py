@@ -235,7 +235,7 @@ def test_savae_refinement_increases_per_example_elbo():
     gain, se = evaluation.paired_difference(refined, amortized)
     assert gain > 3 * se and gain > 0
     assert np.mean(refined > amortized) > 0.7
-    log_px = model.log_likelihood(x[:8], num_samples=50, chunk_size=25).numpy()
+    log_px = model.log_likelihood(x[:8], iwae_samples=50, chunk_size=25).numpy()
     assert log_px.shape == (8,) and np.all(np.isfinite(log_px))
 
 

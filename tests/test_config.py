@@ -15,13 +15,13 @@ from absl import flags
 
 from tf_rmvae import choices, files
 from tf_rmvae.choices import METHODS
-from tf_rmvae.run.config import METHOD_DEFAULTS, ConfigError, RunConfig
+from tf_rmvae.config import METHOD_DEFAULTS, ConfigError, RunConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_importing_the_config_loads_no_tensorflow():
-    code = ("import sys, tf_rmvae.run.config, tf_rmvae.choices, tf_rmvae.files; "
+    code = ("import sys, tf_rmvae.config, tf_rmvae.choices, tf_rmvae.files; "
             "print(sorted(m for m in ('tensorflow', 'keras', 'tensorflow_probability') if m in sys.modules))")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,

@@ -4,6 +4,7 @@ import pytest
 import tensorflow as tf
 
 import tf_rmvae
+from tests.helpers import TEST_SETTINGS
 
 
 @pytest.mark.parametrize("architecture", ["dense", "conv"])
@@ -43,9 +44,9 @@ def test_decoder_arguments_are_checked():
 @pytest.mark.slow
 def test_conv_rme_trains_on_continuous_images():
     encoder = tf_rmvae.RecursiveMixtureEncoder(4, 2, architecture="conv", conv_filters=(4, 8), hidden_units=(16,),
-                                               seed=0)
+                                               seed=0, shared_trunk=False)
     decoder = tf_rmvae.GaussianDecoder((16, 16, 3), architecture="conv", hidden_units=(16,), conv_filters=(8, 4))
-    model = tf_rmvae.RecursiveMixtureVAE(encoder, decoder, eps_search_every=4)
+    model = tf_rmvae.RecursiveMixtureVAE(encoder, decoder, eps_search_every=4, **TEST_SETTINGS)
     model.compile(optimizer=keras.optimizers.Adam(3e-3))
     rng = np.random.default_rng(0)
     images = np.clip(rng.random((1, 16, 16, 3)) * 0.2 + rng.random((256, 1, 1, 3)) * 0.8, 0, 1).astype("float32")

@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 import pytest
 
-from tf_rmvae.run.config import RunConfig
+from tf_rmvae.config import RunConfig
 from tf_rmvae.run.directory import saved_epoch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,8 +10,9 @@ from tf_rmvae.layers.component_networks import ComponentNetworks
 tfd = tfp.distributions
 
 
-def encoder_with(active, latent_dim=2, max_components=4, eps=0.4, **kwargs):
-    encoder = RecursiveMixtureEncoder(latent_dim, max_components, hidden_units=(16,), seed=7, **kwargs)
+def encoder_with(active, latent_dim=2, max_components=4, eps=0.4, shared_trunk=False, **kwargs):
+    encoder = RecursiveMixtureEncoder(latent_dim, max_components, hidden_units=(16,), seed=7,
+                                      shared_trunk=shared_trunk, **kwargs)
     encoder(tf.zeros([1, 5]))
     for _ in range(active - 1):
         encoder.add_component(eps)

@@ -143,11 +143,12 @@ def step_gradients(model, x, noise):
 
 
 def twin_models(**kwargs):
-    """Two tiny models with the same weights, the second with `kwargs` (e.g. another encoder gradient)."""
+    """Two tiny models with the same weights, the first with the ordinary gradient, the second with `kwargs` (e.g.
+    another encoder gradient)."""
     from tests.helpers import tiny_model
 
     models = []
-    for extra in ({}, kwargs):
+    for extra in ({"encoder_gradient": "reparam"}, kwargs):
         base = {k: v for k, v in kwargs.items() if k not in ("encoder_gradient", "encoder_groups")}
         model = tiny_model(hidden=16, latent_dim=4, **{**base, **extra})
         model.ensure_built((None, 28, 28, 1))
@@ -195,7 +196,7 @@ def test_encoder_estimators_change_the_encoder_gradient_only(settings):
 ])
 def test_estimator_settings_that_do_not_apply_are_refused(settings, message):
     from tests.helpers import tiny_model
-    from tf_rmvae.run.config import ConfigError, RunConfig
+    from tf_rmvae.config import ConfigError, RunConfig
 
     with pytest.raises(ValueError, match=message):
         tiny_model(**settings)

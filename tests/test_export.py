@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import tf_rmvae
+from tests.helpers import TEST_SETTINGS
 from tf_rmvae import export
 
 LATENT_DIM = 2
@@ -39,9 +40,9 @@ def _small_trained_model():
     """A tiny RME model after three short epochs (enough for importance weights without heavy tails), with a
     second component mixed in at eps = 0.3."""
     keras.utils.set_random_seed(0)
-    encoder = tf_rmvae.RecursiveMixtureEncoder(LATENT_DIM, COMPONENTS, hidden_units=(32,), seed=1)
+    encoder = tf_rmvae.RecursiveMixtureEncoder(LATENT_DIM, COMPONENTS, hidden_units=(32,), seed=1, shared_trunk=False)
     decoder = tf_rmvae.BernoulliDecoder((28, 28, 1), hidden_units=(32,))
-    model = tf_rmvae.RecursiveMixtureVAE(encoder, decoder, method="rme")
+    model = tf_rmvae.RecursiveMixtureVAE(encoder, decoder, method="rme", **TEST_SETTINGS)
     model.compile(optimizer=keras.optimizers.Adam(3e-3))
     model.fit(_digits(2048), batch_size=32, epochs=3, verbose=0)
     model.add_component()

@@ -27,12 +27,12 @@ from absl import flags
 import tf_rmvae
 from tests.helpers import mnist_digits, tiny_model
 from tf_rmvae import export
+from tf_rmvae.config import RunConfig
 from tf_rmvae.models.semi_amortized import SemiAmortizedVAE
 from tf_rmvae.run import directory as run_dir
 from tf_rmvae.run import factory as model_factory
 from tf_rmvae.run import final_evaluation as run_evaluation
 from tf_rmvae.run import training
-from tf_rmvae.run.config import RunConfig
 from tf_rmvae.run.guards import ExportRefused, chance_log_likelihood
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,7 +133,7 @@ def test_float_pixels_outside_the_unit_range_are_refused(call):
         "fit": lambda: model.fit(raw, batch_size=10, epochs=1, verbose=0),
         "evaluate": lambda: model.evaluate(raw, batch_size=10, verbose=0),
         "elbo": lambda: model.elbo(raw),
-        "log_likelihood": lambda: model.log_likelihood(raw, num_samples=4),
+        "log_likelihood": lambda: model.log_likelihood(raw, iwae_samples=4),
         "savae_elbo": lambda: model.elbo(raw),
     }
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"images must lie in \[0, 1\]"):

@@ -2,7 +2,7 @@
 
 import dataclasses
 
-from tf_rmvae.run.config import RunConfig
+from tf_rmvae.config import RunConfig
 from trainers import flags_doc
 
 

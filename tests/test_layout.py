@@ -7,9 +7,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(REPO, "tf_rmvae")
 
 # What each part of the package may import from tf_rmvae (its own part always). Pure modules are functions of
-# tensors or plain values; `data` knows no model; a layer knows nothing of how it is trained; a model nothing of
-# the run that trains it; export takes a model, not a run.
-PURE = {"objectives", "mixing", "choices", "files"}
+# tensors or plain values (the configuration among them: every default is written there once, and the layers and
+# models read theirs from it, so it sits below them); `data` knows no model; a layer knows nothing of how it is
+# trained; a model nothing of the run that trains it; export takes a model, not a run.
+PURE = {"objectives", "mixing", "choices", "config", "files", "version"}
 ALLOWED = {
     "pure": {"pure"},
     "data": {"data"},

@@ -61,12 +61,12 @@ def test_adding_components_does_not_lower_iwae_on_a_fixed_decoder(digits):
     model = tiny_model("rme", components=3, eps_search_every=10)
     model, _ = fitted(model, train, epochs=2)
     tf.random.set_seed(1)
-    before = model.log_likelihood(test, num_samples=200).numpy()
+    before = model.log_likelihood(test, iwae_samples=200).numpy()
     model.decoder.trainable = False  # the decoder is fixed; only the new components and their eps move
     schedule = tf_rmvae.ComponentSchedule(epochs_per_component=1)
     model, history = fitted(model, train, epochs=2, callbacks=[schedule])
     tf.random.set_seed(1)
-    after = model.log_likelihood(test, num_samples=200).numpy()
+    after = model.log_likelihood(test, iwae_samples=200).numpy()
     diff = after - before
     paired_se = diff.std() / np.sqrt(len(diff))
     assert diff.mean() > -3 * paired_se - 0.05, (diff.mean(), paired_se)
@@ -278,3 +278,11 @@ def test_importance_weighted_components_make_the_first_stage_iwae_and_train_ever
     clone = tf_rmvae.RecursiveMixtureVAE.from_config(model.get_config())
     assert clone.rme.component_bound == "iw"
     assert isinstance(clone.rme.criterion, objectives.RMEImportanceWeightedCriterion)
+
+
+def test_the_test_estimates_sample_count_is_iwae_samples_and_the_old_name_warns(digits):
+    model = tiny_model("vae")
+    x = digits[:4]
+    assert model.log_likelihood(x, iwae_samples=8, chunk_size=4).shape == (4,)
+    with pytest.warns(DeprecationWarning, match="iwae_samples"):
+        assert model.log_likelihood(x, num_samples=8).shape == (4,)

@@ -17,7 +17,7 @@ def test_importance_weighted_estimate_is_exact_for_the_true_posterior():
         z = posterior.sample(size, seed=1)
         return tfd.Normal(0.0, 1.0).log_prob(z) + tfd.Normal(z, 1.0).log_prob(x) - posterior.log_prob(z)
 
-    estimate = objectives.importance_weighted_log_likelihood(log_weights, num_samples=250, chunk_size=64)
+    estimate = objectives.importance_weighted_log_likelihood(log_weights, iwae_samples=250, chunk_size=64)
     exact = tfd.Normal(0.0, np.float32(np.sqrt(2.0))).log_prob(x).numpy()
     np.testing.assert_allclose(estimate.numpy(), exact, atol=1e-4)
 
@@ -32,13 +32,13 @@ def test_chunked_estimate_equals_log_mean_exp_of_all_samples():
         return values[start:start + size]
 
     # Eager execution: the while loop runs in Python, so chunks come in order.
-    estimate = objectives.importance_weighted_log_likelihood(log_weights, num_samples=300, chunk_size=128)
+    estimate = objectives.importance_weighted_log_likelihood(log_weights, iwae_samples=300, chunk_size=128)
     np.testing.assert_allclose(estimate.numpy(), objectives.log_mean_exp(values).numpy(), rtol=1e-5)
     assert calls == [128, 128, 44]
 
 
 def test_importance_weighted_estimate_validates_sizes():
-    with pytest.raises(ValueError, match="num_samples"):
+    with pytest.raises(ValueError, match="iwae_samples"):
         objectives.importance_weighted_log_likelihood(lambda size: tf.zeros([size, 1]), 0)
 
 
@@ -126,7 +126,7 @@ def test_boosting_residual_elbo_adds_the_entropy_and_is_capped_like_rme():
 def test_tensor_sample_count_below_one_fails_clearly():
     estimate = tf.function(lambda k: objectives.importance_weighted_log_likelihood(
         lambda size: tf.zeros([size, 2]), k, 4))
-    with pytest.raises(tf.errors.InvalidArgumentError, match="num_samples must be >= 1"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="iwae_samples must be >= 1"):
         estimate(tf.constant(0))
 
 
@@ -221,7 +221,8 @@ def test_criterion_densities_of_a_slot_are_those_of_the_component_it_draws_from(
 
 
 def test_component_bound_iw_is_for_rme_only():
-    assert isinstance(objectives.component_criterion("rme", component_bound="iw"),
-                      objectives.RMEImportanceWeightedCriterion)
+    settings = dict(lambda_kl=1.0, max_log_ratio=5.0, boosting_entropy_weight=1.0, component_bound="iw",
+                    encoder_gradient="reparam", encoder_groups=1)
+    assert isinstance(objectives.component_criterion("rme", **settings), objectives.RMEImportanceWeightedCriterion)
     with pytest.raises(ValueError, match="applies to method .rme. only"):
-        objectives.component_criterion("boosting", component_bound="iw")
+        objectives.component_criterion("boosting", **settings)

@@ -7,14 +7,15 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 import tf_rmvae
-from tests.helpers import mnist_digits
+from tests.helpers import TEST_SETTINGS, mnist_digits
 from tf_rmvae.run.evaluation import mixture_summary
 
 
 def model_with_per_example_proportions(components=3, **kwargs):
-    encoder = tf_rmvae.RecursiveMixtureEncoder(8, components, hidden_units=(32,), seed=3, per_example_proportions=True)
+    encoder = tf_rmvae.RecursiveMixtureEncoder(8, components, hidden_units=(32,), seed=3, per_example_proportions=True,
+                                               shared_trunk=False)
     decoder = tf_rmvae.BernoulliDecoder((28, 28, 1), hidden_units=(32,))
-    return tf_rmvae.RecursiveMixtureVAE(encoder, decoder, eps_search_every=5, **kwargs)
+    return tf_rmvae.RecursiveMixtureVAE(encoder, decoder, eps_search_every=5, **{**TEST_SETTINGS, **kwargs})
 
 
 def two_components_with_varied_offsets(input_shape, head_noise):

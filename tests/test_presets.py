@@ -3,14 +3,19 @@ ways, and explicit settings over a preset."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import numpy as np
 import pytest
 
 import tf_rmvae
+from tests.helpers import tiny_model
 from tests.test_trainer import _config_from_flags
-from tf_rmvae.run.config import PRESETS, ConfigError, RunConfig
+from tf_rmvae import objectives
+from tf_rmvae.config import PRESETS, ConfigError, RunConfig
+from tf_rmvae.models import recursion
+from tf_rmvae.run import factory as model_factory
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -51,3 +56,88 @@ def test_build_model_gives_the_recommended_model_and_the_papers_recursion():
     history = paper.fit(x, batch_size=4, epochs=1, verbose=0)  # compiled and built: ready to train
     assert np.isfinite(history.history["loss"][-1])
     assert inspect.signature(tf_rmvae.build_model).parameters["preset"].default == "default"
+
+
+def preset_defaults(preset: str = "default") -> dict:
+    """The settings of `preset` as the configuration defines them: its fields' defaults under the preset's values."""
+    return {**{f.name: f.default for f in dataclasses.fields(RunConfig)}, **PRESETS[preset]}
+
+
+def signature_defaults(function) -> dict:
+    return {name: p.default for name, p in inspect.signature(function).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def test_the_classes_defaults_are_the_configurations_default_preset():
+    config = preset_defaults()
+    # Each class argument that is a setting of the configuration, and the field it must default to.
+    expected = {
+        tf_rmvae.RecursiveMixtureTrainer: dict(
+            method="method", lambda_kl="lambda_kl", max_log_ratio="max_log_ratio", schedule="schedule",
+            train_previous="train_previous", num_samples="num_samples", bound="bound",
+            component_bound="component_bound", encoder_gradient="encoder_gradient", encoder_groups="encoder_groups",
+            eps_search_every="eps_search_every", noise_seed="seed"),
+        tf_rmvae.RecursiveMixtureEncoder: dict(
+            latent_dim="latent_dim", max_components="num_components", architecture="architecture",
+            hidden_units="hidden_units", conv_filters="conv_filters", shared_trunk="shared_trunk",
+            per_example_proportions="per_example_proportions"),
+        tf_rmvae.GaussianEncoder: dict(latent_dim="latent_dim", architecture="architecture",
+                                       hidden_units="hidden_units", conv_filters="conv_filters"),
+        model_factory.build_networks: dict(
+            latent_dim="latent_dim", num_components="num_components", architecture="architecture",
+            hidden_units="hidden_units", conv_filters="conv_filters", likelihood="decoder",
+            shared_trunk="shared_trunk", per_example_proportions="per_example_proportions"),
+        tf_rmvae.RecursiveMixtureVAE: dict(nonfinite_inputs="nonfinite_inputs"),
+    }
+    for owner, arguments in expected.items():
+        defaults = signature_defaults(owner)
+        for argument, field in arguments.items():
+            assert defaults[argument] == config[field], (owner.__name__, argument)
+    # The model defines no training setting of its own: it forwards them to the trainer, whose defaults are tested.
+    assert not set(signature_defaults(tf_rmvae.RecursiveMixtureVAE)) & set(recursion.TRAINING_ARGUMENTS)
+
+
+def test_the_classes_built_with_their_defaults_train_the_recommended_model():
+    resolved = RunConfig.from_preset("default", model_dir="x").resolved()
+    encoder = tf_rmvae.RecursiveMixtureEncoder()
+    model = tf_rmvae.RecursiveMixtureVAE(encoder, tf_rmvae.BernoulliDecoder((28, 28, 1)))
+    names = ("method", "bound", "component_bound", "num_samples", "lambda_kl", "encoder_gradient", "encoder_groups",
+             "schedule", "train_previous", "eps_search_every")
+    assert {n: getattr(model.rme, n) for n in names} == {n: getattr(resolved, n) for n in names}
+    assert (model.lambda_kl, model.num_samples, model.encoder_gradient) == (1.0, 5, "dreg")  # resolved, readable
+    assert model.max_log_ratio == resolved.resolved_max_log_ratio == 5.0
+    assert isinstance(model.rme.criterion, objectives.RMEImportanceWeightedCriterion) and model.rme.criterion.dreg
+    assert (encoder.max_components, encoder.shared_trunk, encoder.latent_dim, encoder.hidden_units) == (
+        resolved.num_components, True, resolved.latent_dim, resolved.hidden_units)
+    # The trainer resolves "auto" for other methods as the configuration does.
+    for method in ("vae", "mixture", "boosting"):
+        config = RunConfig.from_preset("default", model_dir="x", method=method).resolved()
+        encoder = tf_rmvae.RecursiveMixtureEncoder(4, config.num_components, hidden_units=(4,))
+        trainer = tf_rmvae.RecursiveMixtureTrainer(encoder, method=method)
+        assert (trainer.bound, trainer.component_bound, trainer.num_samples, trainer.encoder_gradient) == (
+            config.bound, config.component_bound, config.num_samples, config.encoder_gradient), method
+    assert not tf_rmvae.RecursiveMixtureEncoder(4, 1).shared_trunk  # one component is one network either way
+
+
+def test_models_saved_before_the_new_defaults_load_with_the_settings_they_were_saved_with():
+    paper = tiny_model("rme", bound="elbo", shared_trunk=False)
+    config = paper.get_config()
+    assert {k: config[k] for k in ("num_samples", "component_bound", "encoder_gradient")} == dict(
+        num_samples=1, component_bound="elbo", encoder_gradient="reparam")  # saved resolved
+    # A config of a version whose classes had the paper's defaults lacks the settings added since.
+    old = {k: v for k, v in config.items() if k not in ("bound", "component_bound", "num_samples", "encoder_gradient",
+                                                           "encoder_groups")}
+    old["encoder"] = dict(old["encoder"], config={k: v for k, v in old["encoder"]["config"].items()
+                                                  if k not in ("shared_trunk", "per_example_proportions")})
+    del old["lambda_kl"]
+    loaded = tf_rmvae.RecursiveMixtureVAE.from_config(old)
+    assert (loaded.bound, loaded.component_bound, loaded.num_samples, loaded.lambda_kl, loaded.encoder_gradient) == (
+        "elbo", "elbo", 1, 0.3, "reparam")
+    assert not loaded.encoder.shared_trunk and loaded.encoder.max_components == 3
+    trainer = {k: v for k, v in paper.rme.get_config().items() if k not in ("component_bound", "num_samples")}
+    assert tf_rmvae.RecursiveMixtureTrainer.from_config(trainer).num_samples == 1
+    # A config saved now loads as saved, whatever the defaults.
+    default = tf_rmvae.RecursiveMixtureVAE.from_config(
+        tf_rmvae.RecursiveMixtureVAE(tf_rmvae.RecursiveMixtureEncoder(4, 2, hidden_units=(4,)),
+                                     tf_rmvae.BernoulliDecoder((28, 28, 1), hidden_units=(4,))).get_config())
+    assert (default.num_samples, default.component_bound, default.encoder.shared_trunk) == (5, "iw", True)

@@ -7,7 +7,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 import tf_rmvae
-from tests.helpers import mnist_digits, tiny_model
+from tests.helpers import TEST_SETTINGS, mnist_digits, tiny_model
 from tf_rmvae import objectives
 from tf_rmvae.models import recursion
 
@@ -19,10 +19,11 @@ class UserVAE(keras.Model):
 
     def __init__(self, components=3, method="rme", latent_dim=8, **rme_kwargs):
         super().__init__()
-        self.encoder = tf_rmvae.RecursiveMixtureEncoder(latent_dim, components, hidden_units=(64,), seed=0)
+        self.encoder = tf_rmvae.RecursiveMixtureEncoder(latent_dim, components, hidden_units=(64,), seed=0,
+                                                       shared_trunk=False)
         self.hidden = keras.layers.Dense(64, activation="relu")
         self.pixel_logits = keras.layers.Dense(784)
-        self.rme = tf_rmvae.RecursiveMixtureTrainer(self.encoder, method=method, **rme_kwargs)
+        self.rme = tf_rmvae.RecursiveMixtureTrainer(self.encoder, method=method, **{**TEST_SETTINGS, **rme_kwargs})
         self.elbo_tracker = keras.metrics.Mean(name="elbo")
 
     @property
@@ -49,10 +50,10 @@ class UserVAE(keras.Model):
         return {"elbo": self.elbo_tracker.result()}
 
 
-def iwae_log_likelihood(model, x, num_samples=100):
+def iwae_log_likelihood(model, x, iwae_samples=100):
     """`[B]` importance-weighted log-likelihood with the model's mixture posterior as proposal."""
     q = model.encoder(x)
-    z = q.sample(num_samples)
+    z = q.sample(iwae_samples)
     prior = tfd.MultivariateNormalDiag(tf.zeros(model.encoder.latent_dim))
     log_weights = model.decode(z).log_prob(x[None]) + prior.log_prob(z) - q.log_prob(z)
     return objectives.log_mean_exp(log_weights, axis=0).numpy()
@@ -88,7 +89,8 @@ class SameAsModelVAE(keras.Model):
     def __init__(self, model):
         super().__init__()
         self.encoder, self.decoder = model.encoder, model.decoder
-        self.rme = tf_rmvae.RecursiveMixtureTrainer(self.encoder, eps_search_every=2, train_previous=False)
+        self.rme = tf_rmvae.RecursiveMixtureTrainer(self.encoder, eps_search_every=2, train_previous=False,
+                                                    **TEST_SETTINGS)
 
     def add_component(self):
         return self.rme.add_component()
@@ -121,9 +123,11 @@ def test_a_user_vae_and_recursive_mixture_vae_share_one_training_step():
 
 
 def test_the_method_chooses_the_criterion_and_the_component_training():
-    assert objectives.component_criterion("rme", lambda_kl=0.5) == objectives.RMECriterion(0.5, 5.0)
-    assert isinstance(objectives.component_criterion("boosting"), objectives.BoostingCriterion)
-    assert not objectives.component_criterion("mixture").recursive
+    settings = dict(lambda_kl=0.5, max_log_ratio=5.0, boosting_entropy_weight=1.0, component_bound="elbo",
+                    encoder_gradient="reparam", encoder_groups=1)
+    assert objectives.component_criterion("rme", **settings) == objectives.RMECriterion(0.5, 5.0)
+    assert isinstance(objectives.component_criterion("boosting", **settings), objectives.BoostingCriterion)
+    assert not objectives.component_criterion("mixture", **settings).recursive
     assert recursion.component_training("rme", "stagewise", False) == recursion.StagewiseTraining(False)
     assert recursion.component_training("rme", "sweep", True) == recursion.JointTraining()
     assert recursion.component_training("mixture", "stagewise", True) == recursion.JointTraining()

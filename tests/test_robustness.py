@@ -80,7 +80,7 @@ def test_extreme_inputs_and_tiny_weights_stay_finite(bound):
     grads = tape.gradient(loss, model.trainable_variables)
     assert np.all(np.isfinite(terms.elbo.numpy())) and np.all(np.isfinite(terms.bound.numpy()))
     assert all(np.all(np.isfinite(g.numpy())) for g in grads if g is not None)
-    assert np.all(np.isfinite(model.log_likelihood(images, num_samples=16).numpy()))
+    assert np.all(np.isfinite(model.log_likelihood(images, iwae_samples=16).numpy()))
     weights = np.exp(model.encoder.mixture_log_weights().numpy())
     assert weights[1] > 0 and weights[1] < 1e-7
 

@@ -13,12 +13,12 @@ import tensorflow as tf
 
 from tests.helpers import mnist_digits, tiny_model
 from tf_rmvae.choices import resolve_best_monitor
+from tf_rmvae.config import RunConfig
 from tf_rmvae.files import DamagedFileError
 from tf_rmvae.run import directory as run_dir
 from tf_rmvae.run import report
 from tf_rmvae.run.best_checkpoint import BestCheckpoint, load_best, read_best, stop_reached
 from tf_rmvae.run.callbacks import make_callbacks
-from tf_rmvae.run.config import RunConfig
 from tf_rmvae.run.summaries import GroupedTensorBoard, ImageSummaries, grouped_name
 from trainers import quiet
 

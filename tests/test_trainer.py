@@ -17,8 +17,8 @@ import time
 import numpy as np
 import pytest
 
+from tf_rmvae.config import ConfigError, RunConfig
 from tf_rmvae.run import directory as run_dir
-from tf_rmvae.run.config import ConfigError, RunConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -286,9 +286,9 @@ def test_history_keeps_only_the_rows_of_saved_epochs(tmp_path):
 
 
 def test_nonfinite_policy_is_validated_and_reaches_the_model():
+    from tf_rmvae.config import ConfigError, RunConfig
     from tf_rmvae.run import callbacks as run_callbacks
     from tf_rmvae.run import factory as model_factory
-    from tf_rmvae.run.config import ConfigError, RunConfig
 
     with pytest.raises(ConfigError, match="nonfinite_inputs"):
         RunConfig(nonfinite_inputs="ignore").validate()
@@ -299,8 +299,8 @@ def test_nonfinite_policy_is_validated_and_reaches_the_model():
 
 
 def test_the_runs_bound_reaches_the_model_resolved():
+    from tf_rmvae.config import RunConfig
     from tf_rmvae.run import factory as model_factory
-    from tf_rmvae.run.config import RunConfig
 
     config = RunConfig(hidden_units=(8,), latent_dim=2)  # --bound=auto
     resolved = {name: model_factory.build_model(run, (28, 28, 1), True).bound for name, run in [
@@ -309,8 +309,8 @@ def test_the_runs_bound_reaches_the_model_resolved():
 
 
 def test_the_runs_cap_reaches_the_model_and_every_negative_cap_is_uncapped():
+    from tf_rmvae.config import RunConfig
     from tf_rmvae.run import factory as model_factory
-    from tf_rmvae.run.config import RunConfig
 
     config = RunConfig(hidden_units=(8,), latent_dim=2)
     caps = [model_factory.build_model(config.replace(max_log_ratio=cap), (28, 28, 1), True).rme.max_log_ratio

@@ -3,7 +3,7 @@
 Kim & Pavlovic, "Recursive Inference for Variational Autoencoders", NeurIPS 2020 (arXiv:2011.08544).
 
 The names below are imported on first use (PEP 562 module `__getattr__`), so that
-`import tf_rmvae.run.config` (settings, no TensorFlow) does not import TensorFlow through this package.
+`import tf_rmvae.config` (settings, no TensorFlow) does not import TensorFlow through this package.
 `from tf_rmvae import RecursiveMixtureVAE` works as usual. Keras finds a saved class only once its module is
 imported (that registers it), so where Keras is already imported, `import tf_rmvae` imports the modules of every
 serializable class (`SERIALIZABLE_MODULES`) and `keras.models.load_model` then reads any `.keras` file of this
@@ -17,10 +17,10 @@ import importlib
 import sys
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.2.0"
+from tf_rmvae.version import __version__  # noqa: F401  (the installed metadata; see tf_rmvae.version)
 
 # {public name: the module that defines it, or "module:name" where the name there differs}; a name equal to its
-# module's last part is the module itself (`tf_rmvae.recursion` is `tf_rmvae.models.recursion`).
+# module's last part is the module itself (`tf_rmvae.models.recursion` is `tf_rmvae.models.recursion`).
 _LAZY = {
     "build_model": "tf_rmvae.run.factory:build_preset_model",
     "export": "tf_rmvae.export",

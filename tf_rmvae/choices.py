@@ -1,6 +1,6 @@
 """The allowed values of the settings that name a choice, in one place without TensorFlow.
 
-`tf_rmvae.run.config` validates a `RunConfig` against them (and `trainers/train.py` makes them its enum flags)
+`tf_rmvae.config` validates a `RunConfig` against them (and `trainers/train.py` makes them its enum flags)
 without importing TensorFlow; the modules that implement each choice import them from here.
 """
 

@@ -47,7 +47,6 @@ from __future__ import annotations
 import datetime
 import errno
 import hashlib
-import importlib.metadata
 import json
 import os
 import shutil
@@ -59,6 +58,7 @@ import tensorflow as tf
 
 from tf_rmvae.files import json_ready, json_text
 from tf_rmvae.models.inputs import IMAGE_RANGE_MESSAGE, assert_unit_range
+from tf_rmvae.version import __version__
 
 METADATA_DIR = "assets.extra"
 METADATA_FILE = "rmvae_metadata.json"
@@ -255,8 +255,7 @@ def _metadata(model, kind, name, version, image_shape, signatures, metrics, limi
         "signatures": {key: signatures[key] for key in sorted(signatures)},
         "metrics": metrics or {},
         "model_config": model.get_config() if kind == "full" else encoder.get_config(),
-        "versions": {"tf_rmvae": importlib.metadata.version("tf-rmvae"), "tensorflow": tf.__version__,
-                     "keras": keras.__version__},
+        "versions": {"tf_rmvae": __version__, "tensorflow": tf.__version__, "keras": keras.__version__},
     })
 
 

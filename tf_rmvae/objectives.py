@@ -388,12 +388,12 @@ Criterion = ComponentELBO | ProposalBound | RMECriterion | RMEImportanceWeighted
 def component_criterion(
     method: str,
     *,
-    lambda_kl: float = 0.3,
-    max_log_ratio: float | None = 5.0,
-    boosting_entropy_weight: float = 1.0,
-    component_bound: str = "elbo",
-    encoder_gradient: str = "reparam",
-    encoder_groups: int = 1,
+    lambda_kl: float,
+    max_log_ratio: float | None,
+    boosting_entropy_weight: float,
+    component_bound: str,
+    encoder_gradient: str,
+    encoder_groups: int,
 ) -> Criterion:
     """The per-component criterion of a training method: "rme", "boosting", or "vae"/"mixture" (own ELBO).
 
@@ -401,7 +401,8 @@ def component_criterion(
     its ELBO in the RME criterion (`RMEImportanceWeightedCriterion`). `encoder_gradient="dreg"` gives that bound
     (or, for method "vae", the encoder's importance-weighted bound: `ProposalBound`) the doubly reparameterised
     gradient; `encoder_groups > 1` (method "vae") trains the encoder on MIWAE (PIWAE). The caller checks that the
-    model trains on the "iw" bound where these need it (`choices.encoder_objective_problem`)."""
+    model trains on the "iw" bound where these need it (`choices.encoder_objective_problem`). Every setting is named:
+    their defaults are the model's (`recursion.TRAINING_DEFAULTS`)."""
     if component_bound not in BOUNDS:
         raise ValueError(f"component_bound must be one of {BOUNDS}; got {component_bound!r}.")
     if component_bound == "iw" and method != "rme":
@@ -428,7 +429,7 @@ def log_mean_exp(log_values: tf.Tensor, axis: int = 0) -> tf.Tensor:
 
 def importance_weighted_log_likelihood(
     log_importance_weights_fn: Callable[[tf.Tensor], tf.Tensor],
-    num_samples: int,
+    iwae_samples: int,
     chunk_size: int = 100,
 ) -> tf.Tensor:
     """Importance-weighted estimate `log p(x) ~ logmeanexp_k [log p(x, z_k) - log q(z_k | x)]`, `z_k ~ q`.
@@ -439,30 +440,30 @@ def importance_weighted_log_likelihood(
     Args:
       log_importance_weights_fn: maps a chunk size `C` (int32 scalar) to `[C, B]` log importance weights of
         fresh samples.
-      num_samples: K >= 1 (a Python int or an int32 scalar tensor, e.g. a serving input).
+      iwae_samples: K >= 1 (a Python int or an int32 scalar tensor, e.g. a serving input).
       chunk_size: samples per chunk.
 
     Returns:
       `[B]` estimate of `log p(x)` (a stochastic lower bound, tight as K grows).
     """
-    if isinstance(num_samples, int) and num_samples < 1 or isinstance(chunk_size, int) and chunk_size < 1:
-        raise ValueError(f"num_samples and chunk_size must be >= 1; got {num_samples}, {chunk_size}.")
-    num_samples = tf.convert_to_tensor(num_samples, tf.int32)
-    positive = tf.debugging.assert_positive(num_samples, message="num_samples must be >= 1")
+    if isinstance(iwae_samples, int) and iwae_samples < 1 or isinstance(chunk_size, int) and chunk_size < 1:
+        raise ValueError(f"iwae_samples and chunk_size must be >= 1; got {iwae_samples}, {chunk_size}.")
+    iwae_samples = tf.convert_to_tensor(iwae_samples, tf.int32)
+    positive = tf.debugging.assert_positive(iwae_samples, message="iwae_samples must be >= 1")
     with tf.control_dependencies([positive]):
-        num_samples = tf.identity(num_samples)  # a tensor K < 1 (e.g. a serving input) fails here, not as NaN
-    chunk_size = tf.minimum(tf.convert_to_tensor(chunk_size, tf.int32), num_samples)
+        iwae_samples = tf.identity(iwae_samples)  # a tensor K < 1 (e.g. a serving input) fails here, not as NaN
+    chunk_size = tf.minimum(tf.convert_to_tensor(chunk_size, tf.int32), iwae_samples)
     first = log_importance_weights_fn(chunk_size)
     total = tf.reduce_logsumexp(first, axis=0)
 
     def body(done, total):
-        size = tf.minimum(chunk_size, num_samples - done)
+        size = tf.minimum(chunk_size, iwae_samples - done)
         chunk = log_importance_weights_fn(size)
         total = tf.reduce_logsumexp(tf.stack([total, tf.reduce_logsumexp(chunk, axis=0)]), axis=0)
         return done + size, total
 
-    _, total = tf.while_loop(lambda done, _: done < num_samples, body, (chunk_size, total))
-    return total - tf.math.log(tf.cast(num_samples, total.dtype))
+    _, total = tf.while_loop(lambda done, _: done < iwae_samples, body, (chunk_size, total))
+    return total - tf.math.log(tf.cast(iwae_samples, total.dtype))
 
 
 def line_search_scores(

@@ -1,4 +1,4 @@
-"""Writes docs/flags.md, the table of `trainers/train.py`'s flags, from `tf_rmvae.run.config.RunConfig`.
+"""Writes docs/flags.md, the table of `trainers/train.py`'s flags, from `tf_rmvae.config.RunConfig`.
 
     python -m trainers.flags_doc              # rewrites docs/flags.md
     python -m trainers.flags_doc OTHER.md     # writes elsewhere
@@ -14,7 +14,7 @@ import dataclasses
 import os
 import sys
 
-from tf_rmvae.run.config import METHOD_DEFAULTS, RunConfig
+from tf_rmvae.config import METHOD_DEFAULTS, RunConfig
 
 COMMAND = "python -m trainers.flags_doc"
 DOC_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "flags.md")
@@ -49,7 +49,7 @@ def render() -> str:
     lines = [
         "# Flags of `python -m trainers.train`",
         "",
-        f"Generated from `tf_rmvae.run.config.RunConfig` by `{COMMAND}`; do not edit by hand. Boolean flags also take",
+        f"Generated from `tf_rmvae.config.RunConfig` by `{COMMAND}`; do not edit by hand. Boolean flags also take",
         "the `--no<flag>` form; `--helpfull` lists these with absl's own flags.",
         "",
         "| flag | default | choices | help |",

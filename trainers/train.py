@@ -31,7 +31,7 @@ from trainers import cli, quiet
 with quiet.quiet_imports(sys.argv):  # first: TensorFlow reads its log level when it is imported
     from absl import flags
 
-    from tf_rmvae.run.config import ConfigError, RunConfig
+    from tf_rmvae.config import ConfigError, RunConfig
     from tf_rmvae.run.directory import RunError
 
 flags.adopt_module_key_flags(quiet)  # --tf_log_level in --help
@@ -42,7 +42,7 @@ INTERRUPTED = 130  # the shell's status for a program stopped by Ctrl-C (128 + S
 
 
 def define_flags() -> None:
-    """One flag per `RunConfig` field, with the field's name, default and help (`tf_rmvae.run.config.setting`).
+    """One flag per `RunConfig` field, with the field's name, default and help (`tf_rmvae.config.setting`).
 
     A field with choices is an enum flag, a tuple of ints a comma list (`DEFINE_list`), a required field's
     flag has no default (`RunConfig.validate` refuses a run without it); bool, int, float and str fields get flags

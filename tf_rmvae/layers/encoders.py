@@ -14,6 +14,8 @@ import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from tf_rmvae.choices import uses_shared_trunk
+from tf_rmvae.config import DEFAULTS
 from tf_rmvae.layers.component_networks import ARCHITECTURES, ComponentNetworks
 from tf_rmvae.layers.mixing_weights import RecursiveMixingWeights
 
@@ -25,6 +27,9 @@ OUTPUT_MODES = ("distribution", "parameters")
 NEW_COMPONENT_INITS = ("copy", "random")
 # The offset head's initialiser seed is the encoder's seed plus this, apart from the networks' `seed + i`.
 OFFSET_HEAD_SEED_OFFSET = 10_000
+# Arguments that an encoder config saved before the defaults were the configuration's (`config.DEFAULTS`) may lack,
+# with the behaviour of then: M independent networks.
+LEGACY_ARGUMENTS = {"shared_trunk": False}
 
 
 def build_eagerly(layer: keras.layers.Layer, input_shape) -> None:
@@ -68,10 +73,13 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
 
     Example (inside any Keras VAE; `tf_rmvae.models.recursion.RecursiveMixtureTrainer` trains it by RME):
 
-        encoder = RecursiveMixtureEncoder(latent_dim=32, max_components=4)
+        encoder = RecursiveMixtureEncoder(latent_dim=32, max_components=4)   # 4 heads on one trunk
         q = encoder(images)          # MixtureSameFamily, batch [B], event [32]
         z = q.sample()               # [B, 32], reparameterised
         kl_mc = q.log_prob(z) - prior.log_prob(z)
+
+    The defaults of the networks are the recommended model's (`config.DEFAULTS`): D = 32, three heads on one
+    200-200 dense trunk.
 
     Args:
       latent_dim: D.
@@ -81,8 +89,9 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
       hidden_units: dense layer widths (after the convolutions for "conv").
       conv_filters: filters of each stride-2 convolution ("conv" only).
       activation: hidden activation.
-      shared_trunk: if True, one trunk feeds M per-component heads (fewer parameters; with stage-wise training
-        earlier components are then no longer exactly frozen). Default False: M independent networks.
+      shared_trunk: if True (default), one trunk feeds M per-component heads (fewer parameters; with stage-wise
+        training earlier components are then no longer exactly frozen). False: M independent networks. With one
+        component, one network either way (`shared_trunk` then reads False).
       min_scale: floor added to the softplus scale.
       initial_active_components: active components at construction (1 for RME; M for a jointly trained
         mixture).
@@ -104,13 +113,13 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
 
     def __init__(
         self,
-        latent_dim: int,
-        max_components: int,
-        architecture: str = "dense",
-        hidden_units: Sequence[int] = (500, 500),
-        conv_filters: Sequence[int] = (32, 64),
+        latent_dim: int = DEFAULTS.latent_dim,
+        max_components: int = DEFAULTS.num_components,
+        architecture: str = DEFAULTS.architecture,
+        hidden_units: Sequence[int] = DEFAULTS.hidden_units,
+        conv_filters: Sequence[int] = DEFAULTS.conv_filters,
         activation: str = "relu",
-        shared_trunk: bool = False,
+        shared_trunk: bool = DEFAULTS.shared_trunk,
         min_scale: float = 1e-4,
         initial_active_components: int = 1,
         learn_mixing_proportions: bool = False,
@@ -119,7 +128,7 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
         output_mode: str = "distribution",
         validate_inputs: bool = True,
         seed: int | None = None,
-        per_example_proportions: bool = False,
+        per_example_proportions: bool = DEFAULTS.per_example_proportions,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -132,7 +141,8 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
                 f"new_component_init must be one of {NEW_COMPONENT_INITS}; got {new_component_init!r}.")
         self.networks = ComponentNetworks(
             max_components, latent_dim, architecture=architecture, hidden_units=hidden_units,
-            conv_filters=conv_filters, activation=activation, shared_trunk=shared_trunk, min_scale=min_scale,
+            conv_filters=conv_filters, activation=activation, min_scale=min_scale,
+            shared_trunk=uses_shared_trunk(shared_trunk, int(max_components)),
             validate_inputs=validate_inputs, seed=seed, dtype=self.dtype_policy, name="networks",
         )
         self.mixing = RecursiveMixingWeights(
@@ -274,6 +284,10 @@ class RecursiveMixtureEncoder(keras.layers.Layer):
         )
         return config
 
+    @classmethod
+    def from_config(cls, config):
+        return cls(**{**LEGACY_ARGUMENTS, **config})
+
 
 @keras.saving.register_keras_serializable(package="tf_rmvae")
 class GaussianEncoder(keras.layers.Layer):
@@ -294,10 +308,10 @@ class GaussianEncoder(keras.layers.Layer):
 
     def __init__(
         self,
-        latent_dim: int,
-        architecture: str = "dense",
-        hidden_units: Sequence[int] = (500, 500),
-        conv_filters: Sequence[int] = (32, 64),
+        latent_dim: int = DEFAULTS.latent_dim,
+        architecture: str = DEFAULTS.architecture,
+        hidden_units: Sequence[int] = DEFAULTS.hidden_units,
+        conv_filters: Sequence[int] = DEFAULTS.conv_filters,
         activation: str = "relu",
         min_scale: float = 1e-4,
         validate_inputs: bool = True,

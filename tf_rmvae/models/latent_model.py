@@ -8,6 +8,8 @@ importance-weighted log-likelihood and Keras serialization of the two sub-layers
 
 from __future__ import annotations
 
+import warnings
+
 import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
@@ -126,30 +128,35 @@ class LatentVariableModel(keras.Model):
         z = tf.random.stateless_normal([num_images, self.encoder.latent_dim], seed=seed)
         return self.decoder(z).mean()
 
-    def log_likelihood(self, x, num_samples: int = 5000, chunk_size: int = 100) -> tf.Tensor:
-        """`[B]` importance-weighted estimate of `log p(x)`: K = `num_samples` proposal samples, in chunks.
+    def log_likelihood(self, x, iwae_samples: int = 5000, chunk_size: int = 100, *, num_samples=None) -> tf.Tensor:
+        """`[B]` importance-weighted estimate of `log p(x)`: K = `iwae_samples` proposal samples, in chunks.
 
-        `num_samples` may be a Python int or an int32 scalar tensor (e.g. a serving input). An empty batch gives an
+        `iwae_samples` may be a Python int or an int32 scalar tensor (e.g. a serving input). An empty batch gives an
         empty result. Memory grows with B x `chunk_size` (the decoder runs on `[chunk_size, B, D]` latents): split
-        large batches (the exported `log_likelihood` signature does, see `tf_rmvae.export`).
+        large batches (the exported `log_likelihood` signature does, see `tf_rmvae.export`). `num_samples`: the
+        former name of `iwae_samples` (deprecated: `num_samples` names the training samples per component).
         """
+        if num_samples is not None:
+            warnings.warn("log_likelihood(num_samples=...) is deprecated: the test estimate's K is `iwae_samples`.",
+                          DeprecationWarning, stacklevel=2)
+            iwae_samples = num_samples
         x = self._unpack(x)
         if x.shape[0] == 0:
             return tf.zeros([0], tf.float32)  # TFP's sampling fails on an empty batch
         if tf.executing_eagerly():  # one compiled graph per (K, chunk) instead of eager sampling op by op
             if self._log_likelihood_fn is None:
                 self._log_likelihood_fn = tf.function(self._log_likelihood, reduce_retracing=True)
-            return self._log_likelihood_fn(x, num_samples, chunk_size)
-        return self._log_likelihood(x, num_samples, chunk_size)
+            return self._log_likelihood_fn(x, iwae_samples, chunk_size)
+        return self._log_likelihood(x, iwae_samples, chunk_size)
 
-    def _log_likelihood(self, x, num_samples, chunk_size):
+    def _log_likelihood(self, x, iwae_samples, chunk_size):
         q = self.proposal(x)
 
         def log_importance_weights(size):  # [C, B]
             z = q.sample(size)
             return self.decoder(z).log_prob(x[None]) + standard_normal_log_prob(z) - q.log_prob(z)
 
-        return objectives.importance_weighted_log_likelihood(log_importance_weights, num_samples, chunk_size)
+        return objectives.importance_weighted_log_likelihood(log_importance_weights, iwae_samples, chunk_size)
 
     # ------------------------------------------------------------------ serialization
     def get_config(self):

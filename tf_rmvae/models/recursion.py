@@ -35,15 +35,18 @@ import tensorflow_probability as tfp
 from tf_rmvae import mixing, objectives
 from tf_rmvae.choices import (
     BOUND_SETTINGS,
-    BOUNDS,
+    BOUNDS,  # noqa: F401  (re-exported: tf_rmvae.models.recursive_mixture_vae imports it from here)
     METHODS,
     SCHEDULES,
     adds_components,
     encoder_objective_problem,
     is_stagewise,
     resolve_bound,
+    resolve_component_bound,
     resolve_encoder_gradient,
+    resolve_num_samples,
 )
+from tf_rmvae.config import DEFAULTS
 from tf_rmvae.layers.encoders import RecursiveMixtureEncoder
 from tf_rmvae.models.latent_model import replica_batch_layout, standard_normal_log_prob
 
@@ -61,9 +64,32 @@ def pairwise_log_prob(loc: tf.Tensor, scale: tf.Tensor, z: tf.Tensor) -> tf.Tens
     return components.log_prob(z[..., None, :])
 
 
-# Arguments that a config saved before they existed lacks, with the behaviour of then: before `bound` was an
-# argument (its default is now "auto", the method's default), every method trained on the ELBO.
-LEGACY_ARGUMENTS = {"bound": "elbo"}
+# Arguments that a config saved before they existed lacks, or that it may lack, with the behaviour of then: before
+# `bound` was an argument (its default is now "auto", the method's default), every method trained on the ELBO; before
+# the classes read the configuration's defaults (`config.DEFAULTS`), they trained on ELBO criteria with one sample per
+# component, lambda 0.3 and ordinary gradients (a config saved since holds every setting, resolved).
+LEGACY_ARGUMENTS = {"bound": "elbo", "component_bound": "elbo", "num_samples": 1, "lambda_kl": 0.3,
+                    "encoder_gradient": "reparam"}
+
+# The settings that configure the training, each with its default (the configuration's, `config.DEFAULTS`, where it
+# has one; the arguments of `RecursiveMixtureTrainer`, which `RecursiveMixtureVAE` forwards).
+TRAINING_DEFAULTS = dict(
+    method=DEFAULTS.method,
+    lambda_kl=DEFAULTS.lambda_kl,
+    max_log_ratio=DEFAULTS.resolved_max_log_ratio,
+    schedule=DEFAULTS.schedule,
+    train_previous=DEFAULTS.train_previous,
+    num_samples=DEFAULTS.num_samples,
+    bound=DEFAULTS.bound,
+    eps_grid=mixing.DEFAULT_EPS_GRID,
+    eps_search_every=DEFAULTS.eps_search_every,
+    boosting_entropy_weight=1.0,
+    noise_seed=DEFAULTS.seed,
+    component_bound=DEFAULTS.component_bound,
+    encoder_gradient=DEFAULTS.encoder_gradient,
+    encoder_groups=DEFAULTS.encoder_groups,
+)
+TRAINING_ARGUMENTS = tuple(TRAINING_DEFAULTS)
 
 
 class MixtureTerms(NamedTuple):
@@ -169,28 +195,58 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
 
     Args:
       encoder: the `RecursiveMixtureEncoder` to train; the method configures its mixing (`configure_mixing`).
-      method, lambda_kl, max_log_ratio, schedule, train_previous, num_samples, bound, eps_grid,
-        eps_search_every, boosting_entropy_weight, noise_seed, component_bound, encoder_gradient, encoder_groups:
-        as for `tf_rmvae.RecursiveMixtureVAE`.
+      method: "rme" (default), "vae", "mixture" or "boosting".
+      lambda_kl: RME's KL weight lambda (>= 0); the default 1 relies on the cap `max_log_ratio`.
+      max_log_ratio: cap (>= 0) of each sample's `log h - log q_prev` in the RME criterion's KL term (default 5 nats;
+        None: uncapped); boosting's residual ELBO has the same unbounded reward and gets the same cap. The uncapped
+        KL reward is unbounded above and lets a new component run off (see `objectives.rme_criterion`).
+      schedule: "stagewise" (default, the paper's recursion) or "sweep" (all components every step).
+      train_previous: stage-wise only: keep training earlier components on their own criteria (default True;
+        False freezes them, which needs an encoder with `shared_trunk=False`).
+      num_samples: reparameterised samples per component per step (S); 0 (default, "auto"): 5 for RME on
+        importance-weighted component criteria, 1 otherwise (`choices.resolve_num_samples`).
+      bound: what the decoder and the mixing proportions train on (and the line search scores): "elbo", the
+        stratified mixture ELBO; "iw", the stratified importance-weighted bound
+        (`objectives.stratified_importance_weighted_bound`), whose inactive slots draw extra samples from the
+        active components (`method="vae"` with `num_samples=k` is IWAE); "auto" (default): "iw" for method "rme",
+        "elbo" otherwise (`choices.resolve_bound`). The paper's RME is `bound="elbo"`.
+      component_bound: method "rme": the bound in each component's criterion, "elbo" (the paper's
+        `ELBO(h_m) + lambda KL`) or "iw", the importance-weighted bound of `h_m` over every sample drawn from it
+        (`objectives.rme_importance_weighted_criterion`); "auto" (default): "iw" for RME on the "iw" bound, "elbo"
+        otherwise (`choices.resolve_component_bound`).
+      eps_grid: candidate mixing proportions for the line search (stage-wise recursive methods).
+      eps_search_every: steps between line searches.
+      boosting_entropy_weight: c in boosting's residual ELBO.
+      noise_seed: seed of the training noise (`training_noise`): each step draws it statelessly from
+        `(noise_seed, step)` for the whole global batch, so a run is reproducible and resumes with the same noise.
+      encoder_gradient: how the encoder's importance-weighted objective is differentiated: "reparam" or "dreg",
+        doubly reparameterised (`objectives.doubly_reparameterized_log_mean_exp`), for method "vae" on the "iw"
+        bound (IWAE-DReG) and for RME's components on `component_bound="iw"`; "auto" (default): "dreg" for RME on
+        importance-weighted component criteria, "reparam" otherwise (`choices.resolve_encoder_gradient`).
+      encoder_groups: method "vae" on the "iw" bound: G > 1 trains the encoder on MIWAE(G, S / G) while the decoder
+        trains on IWAE(S) (PIWAE, Rainforth et al. 2018); 1 (default): the encoder on the model's bound.
+
+    The defaults are the recommended model's (`config.DEFAULTS`, the "default" preset; `TRAINING_DEFAULTS`). The
+    trainer holds, and saves, every "auto" setting resolved.
     """
 
     def __init__(
         self,
         encoder: RecursiveMixtureEncoder,
-        method: str = "rme",
-        lambda_kl: float = 0.3,
-        max_log_ratio: float | None = 5.0,
-        schedule: str = "stagewise",
-        train_previous: bool = True,
-        num_samples: int = 1,
-        bound: str = "auto",
-        eps_grid=mixing.DEFAULT_EPS_GRID,
-        eps_search_every: int = 50,
-        boosting_entropy_weight: float = 1.0,
-        noise_seed: int = 0,
-        component_bound: str = "elbo",
-        encoder_gradient: str = "reparam",
-        encoder_groups: int = 1,
+        method: str = TRAINING_DEFAULTS["method"],
+        lambda_kl: float = TRAINING_DEFAULTS["lambda_kl"],
+        max_log_ratio: float | None = TRAINING_DEFAULTS["max_log_ratio"],
+        schedule: str = TRAINING_DEFAULTS["schedule"],
+        train_previous: bool = TRAINING_DEFAULTS["train_previous"],
+        num_samples: int = TRAINING_DEFAULTS["num_samples"],
+        bound: str = TRAINING_DEFAULTS["bound"],
+        eps_grid=TRAINING_DEFAULTS["eps_grid"],
+        eps_search_every: int = TRAINING_DEFAULTS["eps_search_every"],
+        boosting_entropy_weight: float = TRAINING_DEFAULTS["boosting_entropy_weight"],
+        noise_seed: int = TRAINING_DEFAULTS["noise_seed"],
+        component_bound: str = TRAINING_DEFAULTS["component_bound"],
+        encoder_gradient: str = TRAINING_DEFAULTS["encoder_gradient"],
+        encoder_groups: int = TRAINING_DEFAULTS["encoder_groups"],
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -206,11 +262,14 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
             raise ValueError(f"max_log_ratio must be a number >= 0, or None for uncapped; got {max_log_ratio}.")
         if bound not in BOUND_SETTINGS:
             raise ValueError(f"bound must be one of {BOUND_SETTINGS}; got {bound!r}.")
-        if component_bound not in BOUNDS:
-            raise ValueError(f"component_bound must be one of {BOUNDS}; got {component_bound!r}.")
-        bound = resolve_bound(method, bound)  # "auto": the method's default
-        if int(num_samples) < 1 or int(eps_search_every) < 1:
-            raise ValueError("num_samples and eps_search_every must be >= 1.")
+        if component_bound not in BOUND_SETTINGS:
+            raise ValueError(f"component_bound must be one of {BOUND_SETTINGS}; got {component_bound!r}.")
+        if int(num_samples) < 0 or int(eps_search_every) < 1:
+            raise ValueError("num_samples must be >= 1 (or 0 for auto) and eps_search_every >= 1.")
+        # "auto" settings: what they mean for this model, as `RunConfig.resolved` resolves them.
+        num_samples = resolve_num_samples(method, bound, component_bound, int(num_samples))
+        component_bound = resolve_component_bound(method, bound, component_bound)
+        bound = resolve_bound(method, bound)
         problem = encoder_objective_problem(
             method, bound, component_bound, int(num_samples), encoder_gradient, int(encoder_groups))
         if problem:

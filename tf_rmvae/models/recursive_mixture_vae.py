@@ -2,8 +2,8 @@
 
 Training (method "rme", schedule "stagewise": the default, the recursion that the method's name describes):
 
-1. Component 1 and the decoder train alone (component 1's criterion is its own ELBO; the decoder's bound, below,
-   is importance-weighted over the M slots' samples, all drawn from component 1).
+1. Component 1 and the decoder train alone (component 1's criterion is its own importance-weighted bound over the
+   samples of every slot, all drawn from it: IWAE; with `component_bound="elbo"` its own ELBO).
 2. Components join one at a time (`add_component()`, usually from the `ComponentSchedule` callback). A new
    component `h_k` starts as a copy of `h_{k-1}` plus noise with proportion `eps_k = 0`, so the mixture and
    its bound are unchanged when it joins.
@@ -30,9 +30,14 @@ gradient ascent on the mixture ELBO. Baselines share everything else: "vae" (one
 but the criterion is boosting VI's residual ELBO `E_h[log p(x, z) - log q_{k-1}(z)] + c * H(h)`).
 
 Note `ELBO(h) + lambda KL(h || q) = E_h[log p] - lambda E_h[log q] + (1 - lambda) H(h)`: at lambda = 1 the
-entropy of h drops out and, uncapped, components collapse; the cap stops that (lambda = 1 is the trainer's
-default, measured best at 100 epochs with one trunk and eight heads). This class keeps lambda = 0.3, the value that
-never collapsed with any encoder we tried.
+entropy of h drops out and, uncapped, components collapse; the cap stops that (lambda = 1, the default, was
+measured best at 100 epochs with one trunk and eight heads; the paper's 0.3 never collapsed with any encoder we
+tried, capped or not).
+
+The defaults are the recommended model's, the configuration's "default" preset (`config.DEFAULTS`): RME on the
+stratified importance-weighted bound, each component on its own importance-weighted bound with 5 samples per step,
+lambda = 1, the cap 5, DReG encoder gradients. `bound="elbo"` alone gives the paper's bound and criteria (one
+sample per component); add `lambda_kl=0.3` for its lambda.
 
 The recursion itself (criteria, gradient routing, freezing, line search, component schedule) is
 `tf_rmvae.models.recursion.RecursiveMixtureTrainer`, which any Keras VAE can use; this model adds the decoder,
@@ -45,8 +50,8 @@ import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tf_rmvae import mixing
 from tf_rmvae.choices import NONFINITE_POLICIES, RECURSIVE_METHODS  # noqa: F401  (RECURSIVE_METHODS: re-exported)
+from tf_rmvae.config import DEFAULTS
 from tf_rmvae.layers.encoders import RecursiveMixtureEncoder, make_mixture
 from tf_rmvae.models.latent_model import LatentVariableModel
 from tf_rmvae.models.recursion import (  # noqa: F401  (re-exported: the names users import from here)
@@ -54,6 +59,7 @@ from tf_rmvae.models.recursion import (  # noqa: F401  (re-exported: the names u
     LEGACY_ARGUMENTS,
     METHODS,
     SCHEDULES,
+    TRAINING_ARGUMENTS,
     JointTraining,
     MixtureTerms,
     RecursiveMixtureTrainer,
@@ -62,17 +68,18 @@ from tf_rmvae.models.recursion import (  # noqa: F401  (re-exported: the names u
 
 tfd = tfp.distributions
 
-# The constructor arguments that configure the training (held by the model's `RecursiveMixtureTrainer`).
-TRAINING_ARGUMENTS = (
-    "method", "lambda_kl", "max_log_ratio", "schedule", "train_previous", "num_samples", "bound", "eps_grid",
-    "eps_search_every", "boosting_entropy_weight", "noise_seed", "component_bound", "encoder_gradient",
-    "encoder_groups",
-)
 
 
 @keras.saving.register_keras_serializable(package="tf_rmvae")
 class RecursiveMixtureVAE(LatentVariableModel):
     """VAE with a `RecursiveMixtureEncoder`, trained by RME or a baseline (see the module docstring).
+
+    Example (the recommended model: three heads on one trunk, each on its importance-weighted bound with five
+    samples per step, lambda = 1, DReG gradients; `tf_rmvae.build_model()` builds and compiles the same):
+
+        model = RecursiveMixtureVAE(RecursiveMixtureEncoder(), BernoulliDecoder((28, 28, 1), hidden_units=(200, 200)))
+        paper = RecursiveMixtureVAE(RecursiveMixtureEncoder(max_components=4, shared_trunk=False),
+                                    BernoulliDecoder((28, 28, 1)), bound="elbo", lambda_kl=0.3)
 
     Args:
       encoder: a `RecursiveMixtureEncoder`. The method configures its mixing at construction
@@ -81,46 +88,17 @@ class RecursiveMixtureVAE(LatentVariableModel):
         constructed with.
       decoder: a layer mapping `z [..., D]` to a distribution over images with event shape `[H, W, C]`
         (e.g. `BernoulliDecoder`).
-      method: "rme" (default), "vae", "mixture" or "boosting".
-      lambda_kl: RME's KL weight lambda (default 0.3; must be >= 0; lambda = 1 needs the cap `max_log_ratio`).
-      max_log_ratio: cap (>= 0) of each sample's `log h - log q_prev` in the RME criterion's KL term (default 5 nats;
-        None: uncapped); boosting's residual ELBO has the same unbounded reward and gets the same cap.
-        The uncapped KL reward is unbounded above and lets a new component run off where the decoder is
-        untrained (see `objectives.rme_criterion`).
-      schedule: "stagewise" (default, the paper's recursion) or "sweep" (all components every step).
-      train_previous: stage-wise only: keep training earlier components on their own criteria (default True;
-        False freezes them).
-      num_samples: reparameterised samples per component per step (S).
-      bound: what the decoder and the mixing proportions are trained on (and the line search scores): "elbo",
-        the stratified mixture ELBO; "iw", the stratified importance-weighted bound
-        (`objectives.stratified_importance_weighted_bound`) whose inactive slots draw extra samples from the
-        active components, so every slot's decoder pass counts (`method="vae"` with `num_samples=k` is IWAE);
-        or "auto" (default): "iw" for method "rme", "elbo" otherwise (`choices.resolve_bound`; the model holds
-        and saves the resolved value). The paper's RME is `bound="elbo"`. The components' own criteria are
-        unchanged unless `component_bound="iw"`.
-      eps_grid: candidate mixing proportions for the line search (stage-wise recursive methods).
-      eps_search_every: steps between line searches.
-      boosting_entropy_weight: c in boosting's residual ELBO.
       nonfinite_inputs: what a training/evaluation batch with NaN/Inf pixels does. Either way such examples
         are replaced by zeros and get zero weight, so they never reach the weights, and are counted in the
         `nonfinite_examples` metric. "raise" (default) also stops with an error naming the optimizer step
         (in-graph; XLA drops assertions, so with `jit_compile=True` add `tf_rmvae.NonFiniteInputGuard` to the
         callbacks, which raises after the batch); "skip" only counts them.
-      noise_seed: seed of the training noise. Each step draws its reparameterisation noise statelessly from
-        `(noise_seed, optimizer.iterations)` for the whole global batch and takes this replica's slice, so a
-        run is reproducible, a resumed run repeats the same noise, and N replicas see the noise of one device.
-      component_bound: method "rme": the bound in each component's criterion, "elbo" (default, the paper's
-        `ELBO(h_m) + lambda KL`) or "iw", the importance-weighted bound of `h_m` over every sample drawn from it
-        (`objectives.rme_importance_weighted_criterion`). With `bound="iw"` the first stage is then IWAE with
-        k = M x `num_samples` samples (the inactive slots draw from the active components); once every
-        component is active and `num_samples=1`, it is the paper's criterion.
-      encoder_gradient: how the encoder's importance-weighted objective is differentiated: "reparam" (default) or
-        "dreg", doubly reparameterised (`objectives.doubly_reparameterized_log_mean_exp`): for method "vae" on
-        the "iw" bound (IWAE-DReG: the encoder on DReG, the decoder on the ordinary IWAE gradient) and for RME's
-        components on `component_bound="iw"` (DReG on each component's own bound; its KL term unchanged); "auto":
-        "dreg" for RME on importance-weighted component criteria, "reparam" otherwise (held resolved).
-      encoder_groups: method "vae" on the "iw" bound: G > 1 trains the encoder on MIWAE(G, S / G) while the decoder
-        trains on IWAE(S) (PIWAE, Rainforth et al. 2018); 1 (default): the encoder on the model's bound.
+      **settings: the training settings, keyword arguments of `tf_rmvae.RecursiveMixtureTrainer` (which holds
+        them and documents each): `method`, `lambda_kl`, `max_log_ratio`, `schedule`, `train_previous`,
+        `num_samples`, `bound`, `component_bound`, `encoder_gradient`, `encoder_groups`, `eps_grid`,
+        `eps_search_every`, `boosting_entropy_weight`, `noise_seed`; each defaults to the recommended model's
+        (`config.DEFAULTS`). Any other keyword argument goes to `keras.Model`. The model reads the settings in
+        use as attributes (`model.lambda_kl`, ...), every "auto" resolved.
 
     Call `fit(dataset_of_images)`: batches are image tensors `[B, H, W, C]` (or `(x,)` / `(x, y)` tuples, y
     ignored). Reported metrics: `loss` (= -mixture bound), `elbo`, `reconstruction`, `kl`, `criterion` (the
@@ -134,31 +112,13 @@ class RecursiveMixtureVAE(LatentVariableModel):
         self,
         encoder: RecursiveMixtureEncoder,
         decoder: keras.layers.Layer,
-        method: str = "rme",
-        lambda_kl: float = 0.3,
-        max_log_ratio: float | None = 5.0,
-        schedule: str = "stagewise",
-        train_previous: bool = True,
-        num_samples: int = 1,
-        bound: str = "auto",
-        eps_grid=mixing.DEFAULT_EPS_GRID,
-        eps_search_every: int = 50,
-        boosting_entropy_weight: float = 1.0,
-        nonfinite_inputs: str = "raise",
-        noise_seed: int = 0,
-        component_bound: str = "elbo",
-        encoder_gradient: str = "reparam",
-        encoder_groups: int = 1,
-        **kwargs,
+        *,
+        nonfinite_inputs: str = DEFAULTS.nonfinite_inputs,
+        **settings,
     ):
-        super().__init__(encoder, decoder, **kwargs)
-        self.rme = RecursiveMixtureTrainer(
-            encoder, method=method, lambda_kl=lambda_kl, max_log_ratio=max_log_ratio, schedule=schedule,
-            train_previous=train_previous, num_samples=num_samples, bound=bound, eps_grid=eps_grid,
-            eps_search_every=eps_search_every, boosting_entropy_weight=boosting_entropy_weight,
-            noise_seed=noise_seed, component_bound=component_bound, encoder_gradient=encoder_gradient,
-            encoder_groups=encoder_groups,
-        )
+        training = {name: settings.pop(name) for name in TRAINING_ARGUMENTS if name in settings}
+        super().__init__(encoder, decoder, **settings)
+        self.rme = RecursiveMixtureTrainer(encoder, **training)
         if nonfinite_inputs not in NONFINITE_POLICIES:
             raise ValueError(
                 f"nonfinite_inputs must be one of {NONFINITE_POLICIES}; got {nonfinite_inputs!r}.")

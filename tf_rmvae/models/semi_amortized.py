@@ -23,7 +23,7 @@ Example:
     model = SemiAmortizedVAE(encoder, BernoulliDecoder((28, 28, 1)), refine_steps=10, refine_lr=0.05)
     model.compile(keras.optimizers.Adam(1e-3))
     model.fit(images_dataset, epochs=10)
-    log_px = model.log_likelihood(test_images, num_samples=5000)   # [B], refined Gaussian as proposal
+    log_px = model.log_likelihood(test_images, iwae_samples=5000)   # [B], refined Gaussian as proposal
 """
 
 from __future__ import annotations

@@ -17,10 +17,10 @@ import keras
 import numpy as np
 
 from tf_rmvae.choices import resolve_best_monitor
+from tf_rmvae.config import RunConfig
 from tf_rmvae.models.callbacks import ComponentSchedule, NonFiniteInputGuard
 from tf_rmvae.run import directory as run_dir
 from tf_rmvae.run.best_checkpoint import BestCheckpoint
-from tf_rmvae.run.config import RunConfig
 from tf_rmvae.run.guards import DivergenceGuard
 from tf_rmvae.run.summaries import GroupedTensorBoard, ImageSummaries
 

@@ -36,10 +36,10 @@ import keras
 import numpy as np
 from absl import logging
 
+from tf_rmvae.config import ConfigError, RunConfig
 from tf_rmvae.files import RunError, read_json_object, write_text_atomic
 from tf_rmvae.files import fsync as _fsync
 from tf_rmvae.run.best_checkpoint import read_best, stop_reached
-from tf_rmvae.run.config import ConfigError, RunConfig
 
 LOCK_FILE = ".lock"
 CONFIG_FILE = "config.json"

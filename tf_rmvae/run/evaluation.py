@@ -1,6 +1,6 @@
 """Per-example test metrics of any tf_rmvae model, and the statistics that compare methods on the same digits.
 
-Works with every model that has `elbo(x, num_samples) -> [B]` and `log_likelihood(x, num_samples, chunk_size) -> [B]`
+Works with every model that has `elbo(x, num_samples) -> [B]` and `log_likelihood(x, iwae_samples, chunk_size) -> [B]`
 (`RecursiveMixtureVAE`, `SemiAmortizedVAE`). Data are numpy arrays with a fixed binarization, so two models see the
 same digits and their per-example differences can be paired:
 
@@ -67,10 +67,10 @@ def per_example_elbo(model, x: np.ndarray, num_samples: int = 1, batch_size: int
 
 
 def per_example_log_likelihood(
-    model, x: np.ndarray, num_samples: int = 5000, chunk_size: int = 100, batch_size: int = 100
+    model, x: np.ndarray, iwae_samples: int = 5000, chunk_size: int = 100, batch_size: int = 100
 ) -> np.ndarray:
-    """`[N]` importance-weighted `log p(x)` with K = `num_samples`, in batches of examples and chunks of samples."""
-    fn = tf.function(lambda batch: model.log_likelihood(batch, num_samples, chunk_size), reduce_retracing=True)
+    """`[N]` importance-weighted `log p(x)` with K = `iwae_samples`, in batches of examples and chunks of samples."""
+    fn = tf.function(lambda batch: model.log_likelihood(batch, iwae_samples, chunk_size), reduce_retracing=True)
     return _batched(fn, x, batch_size)
 
 

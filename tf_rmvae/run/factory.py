@@ -15,29 +15,29 @@ import keras
 import numpy as np
 
 from tf_rmvae.choices import uses_shared_trunk
+from tf_rmvae.config import DEFAULTS, RunConfig
 from tf_rmvae.data import get_dataset_spec
 from tf_rmvae.layers.decoders import make_decoder
 from tf_rmvae.layers.encoders import GaussianEncoder, RecursiveMixtureEncoder
 from tf_rmvae.models.recursive_mixture_vae import RecursiveMixtureVAE
 from tf_rmvae.run import directory as run_dir
-from tf_rmvae.run.config import RunConfig
 
 
 def build_networks(
     image_shape: tuple[int, int, int],
     binary: bool,
     *,
-    latent_dim: int,
-    num_components: int,
-    architecture: str = "dense",
-    hidden_units: tuple[int, ...] = (200, 200),
-    conv_filters: tuple[int, int] = (32, 64),
-    likelihood: str = "auto",
+    latent_dim: int = DEFAULTS.latent_dim,
+    num_components: int = DEFAULTS.num_components,
+    architecture: str = DEFAULTS.architecture,
+    hidden_units: tuple[int, ...] = DEFAULTS.hidden_units,
+    conv_filters: tuple[int, int] = DEFAULTS.conv_filters,
+    likelihood: str = DEFAULTS.decoder,
     seed: int | None = None,
     encoder_hidden_units: tuple[int, ...] | None = None,
-    shared_trunk: bool = False,
+    shared_trunk: bool = DEFAULTS.shared_trunk,
     gaussian: bool = False,
-    per_example_proportions: bool = False,
+    per_example_proportions: bool = DEFAULTS.per_example_proportions,
 ) -> tuple[RecursiveMixtureEncoder | GaussianEncoder, keras.layers.Layer]:
     """Encoder and decoder for images `[H, W, C]` = `image_shape`: the decoder mirrors the encoder's widths and
     filters and is Bernoulli for `binary` data and Gaussian otherwise (unless `likelihood` names one).
@@ -45,7 +45,8 @@ def build_networks(
     `shared_trunk` one trunk with a head per component (see `RecursiveMixtureEncoder`; with one component the
     trunk and its head are one network, built as such, so a VAE's weights do not depend on it); `gaussian` makes it a
     plain `GaussianEncoder` (SA-VAE; `num_components` and `shared_trunk` are then ignored);
-    `per_example_proportions` gives the mixture per-example proportions eps_m(x)."""
+    `per_example_proportions` gives the mixture per-example proportions eps_m(x). The defaults are the
+    recommended model's (`config.DEFAULTS`)."""
     settings = dict(latent_dim=latent_dim, architecture=architecture,
                     hidden_units=encoder_hidden_units or hidden_units, conv_filters=conv_filters, seed=seed)
     if gaussian:

@@ -16,10 +16,10 @@ import numpy as np
 import tensorflow as tf
 
 from tf_rmvae import export
+from tf_rmvae.config import RunConfig
 from tf_rmvae.models.recursive_mixture_vae import RecursiveMixtureVAE
 from tf_rmvae.run import directory as run_dir
 from tf_rmvae.run import figures as plots
-from tf_rmvae.run.config import RunConfig
 from tf_rmvae.run.evaluation import evaluate, mixture_summary
 from tf_rmvae.run.guards import chance_log_likelihood, check_exportable
 

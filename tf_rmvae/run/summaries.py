@@ -121,11 +121,11 @@ class ImageSummaries(keras.callbacks.Callback):
       log_dir: TensorBoard log directory (the images go to its `train` run).
       images: `[N, H, W, C]` in [0, 1], the digits to reconstruct (the same ones every time; a few, e.g. 16).
       every_epochs: write after every this many epochs and after the last epoch (0: never).
-      num_samples: prior samples drawn (stateless in `seed`: the same latent points every time).
+      num_images: images sampled from the prior (stateless in `seed`: the same latent points every time).
       seed: seed of the samples.
     """
 
-    def __init__(self, log_dir: str, images: np.ndarray, every_epochs: int = 2, num_samples: int = 64,
+    def __init__(self, log_dir: str, images: np.ndarray, every_epochs: int = 2, num_images: int = 64,
                  seed: int = 0):
         super().__init__()
         if every_epochs < 0:
@@ -133,7 +133,7 @@ class ImageSummaries(keras.callbacks.Callback):
         self.log_dir = log_dir
         self.images = np.asarray(images, np.float32)
         self.every_epochs = int(every_epochs)
-        self.num_samples = int(num_samples)
+        self.num_images = int(num_images)
         self.seed = int(seed)
         self._writer = None
 
@@ -149,7 +149,7 @@ class ImageSummaries(keras.callbacks.Callback):
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, TRAIN_RUN))
         reconstructions = plots.reconstruction_grid(self.model, self.images)
-        samples = plots.sample_grid(self.model, self.num_samples, self.seed)
+        samples = plots.sample_grid(self.model, self.num_images, self.seed)
         with self._writer.as_default():
             tf.summary.image("reconstructions", reconstructions[None], step=epoch,
                              description="data (odd rows) and reconstructions (even rows)")

@@ -1,6 +1,6 @@
 """One training run, start to finish: data, model, `fit` with resumable callbacks, test metrics, figures, export.
 
-    from tf_rmvae.run.config import RunConfig
+    from tf_rmvae.config import RunConfig
     from tf_rmvae.run.training import train
 
     metrics = train(RunConfig(model_dir="runs/quick"))      # rerunning the same call resumes or reports
@@ -61,6 +61,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from tf_rmvae.config import ConfigError, RunConfig
 from tf_rmvae.data import DatasetSpec, DatasetUnavailableError, get_dataset_spec, holdout_splits, load_numpy
 from tf_rmvae.data.pipeline import load_epochs, split_size
 from tf_rmvae.files import json_ready, write_json_atomic
@@ -70,7 +71,6 @@ from tf_rmvae.run import report
 from tf_rmvae.run import strategies as distribute
 from tf_rmvae.run.best_checkpoint import load_best
 from tf_rmvae.run.callbacks import make_callbacks
-from tf_rmvae.run.config import ConfigError, RunConfig
 from tf_rmvae.run.factory import (
     build_compiled_model,
     build_model,

@@ -440,3 +440,10 @@ class RunConfig:
                 f"{path} is not a readable run configuration ({error}). Restore it (a finished run's settings are also "
                 "in metrics.json), or use a new --model_dir."
             ) from None
+
+
+#: The settings of the "default" preset, the recommended model: the defaults that the library's classes read
+#: (`RecursiveMixtureVAE`, `RecursiveMixtureTrainer`, `RecursiveMixtureEncoder`, `model_factory.build_networks`), so
+#: that each is written once, in the fields above. "auto" values are resolved where a class is built
+#: (`tf_rmvae.choices`), as `RunConfig.resolved` resolves them.
+DEFAULTS = RunConfig.from_preset("default")
