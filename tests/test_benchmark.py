@@ -19,8 +19,8 @@ import tensorflow as tf  # noqa: E402
 import tf_rmvae  # noqa: E402
 from benchmarks import amortization, cell_store, compare, frontier, harness, plots, speed  # noqa: E402
 from benchmarks import cells as run_cells  # noqa: E402
-from tf_rmvae import evaluation  # noqa: E402
 from tf_rmvae.models.semi_amortized import SemiAmortizedVAE  # noqa: E402
+from tf_rmvae.run import evaluation  # noqa: E402
 
 NUMERIC_FIELDS = ("test_elbo", "test_log_likelihood", "test_log_likelihood_se", "train_elbo", "wall_time_s",
                   "epochs", "seed", "iwae_samples", "num_components")
