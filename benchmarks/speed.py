@@ -7,8 +7,8 @@ shared trunk and M heads for each M in `shared_components`. Training: one `train
 `rme` with M = 2, 4, 8 (all M components active) relative to `vae`, at batch 100, and for each shared-trunk M the
 shared encoder's step and IWAE's with k = M. Every number is the median of
 `repeats` calls after warm-up (outputs fetched to the host), measured both as a `tf.function` graph and with
-`jit_compile=True` (XLA); the inference models are called in turn in every round, so a slowdown of the shared
-machine hits them alike. Networks are untrained: speed does not depend on the weights.
+`jit_compile=True` (XLA); the inference models, and the training steps, are called in turn in every round, so a
+slowdown of the shared machine hits them alike. Networks are untrained: speed does not depend on the weights.
 
     python -m benchmarks.speed                     # full measurement, writes benchmarks/results/speed.json
     python -m benchmarks.speed --tiny              # seconds-long smoke run (tests)
@@ -51,8 +51,11 @@ class SpeedConfig:
     # step is timed (the harness's `--num_samples=S --component_bounds=iw`); their inference is the M-head encoder's
     sampled_shared: Sequence[tuple[int, int]] = ()
     # Also time the DReG twins of IWAE k = M (`shared_components`) and of the sampled shared-trunk RME: their encoder
-    # trains on its own loss, a second backward pass through the decoder (`RecursiveMixtureTrainer.gradient_routes`).
+    # trains on its own loss (`RecursiveMixtureTrainer.gradients`: still one backward pass through the decoder).
     dreg: bool = False
+    # Also time each model whose encoder trains on a loss of its own with each loss's own backward pass through the
+    # decoder (`two_pass_train_step`, the step before `RecursiveMixtureTrainer.gradients` took one): "NAME_twopass".
+    two_pass: bool = False
     hidden_units: Sequence[int] = (500, 500)
     latent_dim: int = 32
     train_batch_size: int = 100
@@ -143,10 +146,11 @@ class _TimedModel(NamedTuple):
 
 def train_step_times(config: SpeedConfig, mode: str) -> dict[str, float]:
     """`{"vae": s, "rme_M2": s, ..., "rme_shared_M8": s, "iwae_k8": s}`: median seconds of one training step at
-    `train_batch_size` (every model timed after the previous one: run with the machine otherwise idle)."""
+    `train_batch_size`, the models' steps called in turn in every round (`evaluation.time_functions`), so a slowdown
+    of a shared machine hits them alike and their ratios stay comparable."""
     jit = mode == "jit"
     x = _images(config.train_batch_size, seed=1)
-    times = {}
+    steps = {}
     # RME with M independent networks, for each shared-trunk M the shared encoder beside IWAE with k = M (as many
     # decoder passes per step), and the shared-trunk RME with S samples per slot (M x S decoder passes;
     # `frontier.train_step_name` names them alike)
@@ -164,18 +168,41 @@ def train_step_times(config: SpeedConfig, mode: str) -> dict[str, float]:
                                samples=n, component_bound="iw", encoder_gradient="dreg")
                    for m, n in config.sampled_shared]
     for spec in models:
-        keras.utils.set_random_seed(0)
-        model = tf_rmvae.RecursiveMixtureVAE(
-            _encoder(config, spec.components, shared_trunk=spec.shared_trunk), _decoder(config), method=spec.method,
-            bound=spec.bound, num_samples=spec.samples, component_bound=spec.component_bound,
-            encoder_gradient=spec.encoder_gradient)
-        model.compile(optimizer=keras.optimizers.Adam(1e-3))
-        model.ensure_built((None, *IMAGE_SHAPE))
-        model.optimizer.build(model.trainable_variables)
-        model.encoder.num_active_components.assign(spec.components)  # the full cost: every component active
-        step = tf.function(model.train_step, jit_compile=jit)
-        times[spec.name] = evaluation.time_function(step, x, repeats=config.repeats)
-    return times
+        for two_pass in (False, True) if config.two_pass else (False,):
+            keras.utils.set_random_seed(0)
+            model = tf_rmvae.RecursiveMixtureVAE(
+                _encoder(config, spec.components, shared_trunk=spec.shared_trunk), _decoder(config),
+                method=spec.method, bound=spec.bound, num_samples=spec.samples, component_bound=spec.component_bound,
+                encoder_gradient=spec.encoder_gradient)
+            if two_pass and not model.rme.criterion.trains_components:
+                continue  # one loss: one backward pass either way
+            model.compile(optimizer=keras.optimizers.Adam(1e-3))
+            model.ensure_built((None, *IMAGE_SHAPE))
+            model.optimizer.build(model.trainable_variables)
+            model.encoder.num_active_components.assign(spec.components)  # the full cost: every component active
+            step = two_pass_train_step(model) if two_pass else model.train_step
+            steps[spec.name + ("_twopass" if two_pass else "")] = tf.function(step, jit_compile=jit)
+    return evaluation.time_functions(steps, x, repeats=config.repeats)
+
+
+def two_pass_train_step(model: tf_rmvae.RecursiveMixtureVAE):
+    """`model`'s training step with each loss's own backward pass through the decoder (`gradient_routes`), as it
+    was before `RecursiveMixtureTrainer.gradients` took one pass for both: the same gradients (tested in
+    `tests/test_decoder_pass.py`), timed beside it. Frozen components are not restored (timing only)."""
+
+    def step(data):
+        x = model._unpack(data)
+        with tf.GradientTape(persistent=True) as tape:
+            terms = model.terms(x, noise=model.rme.training_noise(x, model.optimizer.iterations))
+            losses = model.rme.losses(terms, model.optimizer)
+        gradients = []
+        for loss, variables in model.rme.gradient_routes(losses, model.trainable_variables):
+            gradients += zip(tape.gradient(loss, variables), variables)
+        model.optimizer.apply_gradients(gradients)
+        model.rme.after_step(terms)
+        return model._update_metrics(terms)
+
+    return step
 
 
 def ratios_and_targets(config: SpeedConfig, inference: dict, training: dict) -> tuple[dict, list[dict]]:
@@ -193,6 +220,23 @@ def ratios_and_targets(config: SpeedConfig, inference: dict, training: dict) -> 
         ratios[f"train_rme_M{components}/train_vae@{config.train_batch_size}"] = (
             training[f"rme_M{components}"] / training["vae"]
         )
+    # The sampled shared-trunk RME against IWAE with as many decoder passes or the next M it was timed with (3 x 5
+    # against k = 16: the issue's pairing), and every DReG twin against its plain twin.
+    for heads, samples in config.sampled_shared:
+        iwae = next((f"iwae_k{k}" for k in sorted(config.shared_components) if k >= heads * samples), None)
+        for suffix in ("", "_dreg"):
+            for name in (f"rme_shared_M{heads}_ciw_S{samples}{suffix}",
+                         f"rme_shared_M{heads}_ciw_S{samples}{suffix}_twopass"):
+                if iwae is not None and name in training:
+                    ratios[f"train_{name}/train_{iwae}@{config.train_batch_size}"] = training[name] / training[iwae]
+    for name in training:
+        if name.endswith("_twopass"):
+            ratios[f"train_{name}/train_{name.removesuffix('_twopass')}@{config.train_batch_size}"] = (
+                training[name] / training[name.removesuffix("_twopass")])
+        elif name.endswith("_dreg") or name.startswith("iwae_dreg_"):
+            plain = name.removesuffix("_dreg").replace("iwae_dreg_", "iwae_")
+            if plain in training:
+                ratios[f"train_{name}/train_{plain}@{config.train_batch_size}"] = training[name] / training[plain]
     small, large = min(config.batch_sizes), max(config.batch_sizes)
     targets = [
         dict(name=f"batch {small}: RME(M={m}) <= 2 x VAE encoder",
@@ -274,6 +318,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
              "importance-weighted component criteria")
     parser.add_argument("--dreg", action="store_true",
                         help="also time the DReG twins of IWAE (--shared_components) and of --sampled_shared")
+    parser.add_argument("--two_pass", action="store_true",
+                        help="also time the models whose encoder trains on its own loss with two backward passes "
+                             "through the decoder (NAME_twopass: the step before one pass took both)")
     parser.add_argument("--output", default=None, help="JSON path ('' to write nothing)")
     parser.add_argument("--bound", default=None, choices=BOUND_SETTINGS,
                         help="the bound RME's training step is timed on (default elbo)")
@@ -301,6 +348,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.bound:
         config.bound = args.bound
     config.dreg = args.dreg
+    config.two_pass = args.two_pass
     return run(config)
 
 

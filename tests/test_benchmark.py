@@ -202,13 +202,20 @@ def test_frontier_keeps_models_no_other_beats_at_equal_or_lower_cost():
 def test_speed_benchmark_tiny_prints_ratios(capsys):
     # Times the default RME's training step, and a shared-trunk encoder beside the others.
     result = speed.main(["--tiny", "--output", "", "--bound", "auto", "--shared_components", "3",
-                         "--sampled_shared", "2x2"])
+                         "--sampled_shared", "2x2", "--dreg", "--two_pass"])
     out = capsys.readouterr().out
     assert "rme_shared_encoder_M3: b1=" in out
     # ... and its training step beside IWAE's with as many decoder passes (k = 3)
     steps = result["modes"]["function"]["train_step_ms"]
-    # ... and shared-trunk RME with two samples per slot and importance-weighted component criteria
-    assert set(steps) == {"vae", "rme_M2", "rme_shared_M3", "iwae_k3", "rme_shared_M2_ciw_S2"}
+    # ... and shared-trunk RME with two samples per slot and importance-weighted component criteria, and the DReG
+    # twins beside their plain twins
+    # ... and, with two backward passes through the decoder, those whose encoder trains on a loss of its own
+    one_pass = {"vae", "rme_M2", "rme_shared_M3", "iwae_k3", "rme_shared_M2_ciw_S2", "iwae_dreg_k3",
+                "rme_shared_M2_ciw_S2_dreg"}
+    assert set(steps) == one_pass | {f"{name}_twopass" for name in one_pass - {"vae", "iwae_k3"}}
+    assert "ratio train_rme_shared_M2_ciw_S2_dreg_twopass/train_rme_shared_M2_ciw_S2_dreg@8" in out
+    assert "ratio train_iwae_dreg_k3/train_iwae_k3@8" in out
+    assert "ratio train_rme_shared_M2_ciw_S2_dreg/train_rme_shared_M2_ciw_S2@8" in out
     assert all(np.isfinite(t) and t > 0 for t in steps.values())
     assert result["config"]["bound"] == "auto" and speed.SpeedConfig().bound == "elbo"
     assert "ratio rme_M2/vae_encoder@1" in out and "ratio train_rme_M2/train_vae@8" in out

@@ -48,6 +48,7 @@ from tf_rmvae.choices import (
 )
 from tf_rmvae.config import DEFAULTS
 from tf_rmvae.layers.encoders import RecursiveMixtureEncoder
+from tf_rmvae.models import decoder_pass
 from tf_rmvae.models.latent_model import replica_batch_layout, standard_normal_log_prob
 
 tfd = tfp.distributions
@@ -106,6 +107,7 @@ class MixtureTerms(NamedTuple):
     log_h: tf.Tensor  # [S, B, M, M] log h_j at the samples of slot i
     example_weight: tf.Tensor  # [B] 1, or 0 for a skipped example
     logit_offsets: tf.Tensor | None = None  # [B, M] per-example proportions' logit offsets (zeros if shared)
+    decoder_route: decoder_pass.DecoderRoute | None = None  # z -> log p(x | z), for the step's backward pass
 
 
 class Losses(NamedTuple):
@@ -113,6 +115,7 @@ class Losses(NamedTuple):
 
     mixture: tf.Tensor  # -bound: trains the decoder and learned proportions
     components: tf.Tensor | None  # -criteria of the trained components; None: they train on `mixture`
+    decoder_route: decoder_pass.DecoderRoute | None = None  # the terms' decoder call (`gradients`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -371,7 +374,10 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
             z = loc + scale * noise  # [S, B, M, D], reparameterised sample of every component
         entropy = tfd.Independent(tfd.Normal(loc, scale), reinterpreted_batch_ndims=1).entropy()  # [B, M]
         log_h = pairwise_log_prob(loc, scale, z)  # [S, B, M, M]: density of h_j at samples of h_i
-        log_px_z = log_likelihood_fn(x, z)  # [S, B, M]
+        # The decoder's input and output pass `decoder_pass.switch`: `gradients` takes both losses' gradients with
+        # one backward pass through the decoder; elsewhere the terms differentiate as usual.
+        decoder_route = decoder_pass.route(x, z, log_likelihood_fn)
+        log_px_z = decoder_route.log_likelihood_used  # [S, B, M]
         log_joint = log_px_z + standard_normal_log_prob(z)
         log_q = objectives.mixture_log_density(log_h, log_w)
         elbo = objectives.stratified_mixture_elbo(log_joint, log_q, log_w)
@@ -385,7 +391,7 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
             bound=bound, elbo=elbo, reconstruction=reconstruction, kl=reconstruction - elbo,
             criterion=self._criteria(z, loc, scale, log_joint, log_h, entropy, offsets, sources), log_weights=log_w,
             entropy=entropy, log_joint=log_joint, log_h=log_h, example_weight=example_weight,
-            logit_offsets=offsets,
+            logit_offsets=offsets, decoder_route=decoder_route,
         )
 
     def _criteria(self, z, loc, scale, log_joint, log_h, entropy, logit_offsets, sources) -> tf.Tensor:
@@ -428,12 +434,13 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
         if not self.criterion.trains_components:
             return Losses(mixture, None)
         criteria = tf.where(self.trained_components(), terms.criterion, 0.0) * weight[:, None]
-        return Losses(mixture, scale(-tf.reduce_sum(criteria) / global_batch))
+        return Losses(mixture, scale(-tf.reduce_sum(criteria) / global_batch), terms.decoder_route)
 
     def gradient_routes(self, losses: Losses, variables: list) -> list[tuple[tf.Tensor, list]]:
         """`[(loss, variables)]`: which loss trains which of the model's trainable `variables`. The mixture's
         bound trains the decoder (every variable outside the encoder) and learned proportions; the component
-        networks train on their criteria, or on the bound too when the method has none."""
+        networks train on their criteria, or on the bound too when the method has none. (`gradients` takes them
+        with one backward pass through the decoder; each loss's own gradient for its variables is the same.)"""
         if losses.components is None:
             return [(losses.mixture, list(variables))]
         networks = self.encoder.networks.trainable_variables
@@ -442,18 +449,30 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
         decoder = [v for v in variables if id(v) not in encoder_ids]
         return [(losses.mixture, decoder + proportions), (losses.components, networks)]
 
+    def gradients(self, tape: tf.GradientTape, losses: Losses, variables: list) -> list[tuple]:
+        """`[(gradient, variable)]`: each loss's gradient for its variables (`gradient_routes`), from a persistent
+        `tape`. With two losses, one backward pass through the decoder gives both (`decoder_pass.gradients`:
+        the decoder's cotangent floored where the bound gives a sample no weight, below the decoder's rounding).
+        `variables`: the model's trainable variables."""
+        routes = self.gradient_routes(losses, variables)
+        if len(routes) == 1:
+            (loss, route), = routes
+            return list(zip(tape.gradient(loss, route), route))
+        (mixture, decoder), (components, networks) = routes
+        decoder_gradients, network_gradients = decoder_pass.gradients(
+            tape, mixture, components, losses.decoder_route, decoder, networks,
+            floor=decoder_pass.cotangent_floor(self.compute_dtype))
+        return list(zip(decoder_gradients + network_gradients, decoder + networks))
+
     def apply_gradients(
         self, tape: tf.GradientTape, losses: Losses, optimizer: keras.optimizers.Optimizer, variables: list
     ) -> None:
-        """Takes each loss's gradient for its variables (`gradient_routes`; a persistent tape) and applies
-        them; frozen components keep their values. `variables`: the model's trainable variables."""
+        """Applies `gradients` (a persistent tape); frozen components keep their values. `variables`: the model's
+        trainable variables."""
         _build_optimizer(optimizer, variables)
-        gradients, routed = [], []
-        for loss, route in self.gradient_routes(losses, variables):
-            gradients += tape.gradient(loss, route)
-            routed += route
+        gradients = self.gradients(tape, losses, variables)
         with self._frozen_components():
-            optimizer.apply_gradients(zip(gradients, routed))
+            optimizer.apply_gradients(gradients)
 
     @contextlib.contextmanager
     def _frozen_components(self):
