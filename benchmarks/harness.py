@@ -45,7 +45,6 @@ from benchmarks.cells import (
 )
 from tf_rmvae import data as rm_data
 from tf_rmvae import evaluation, model_factory, run_dir, training
-from tf_rmvae.semi_amortized import SemiAmortizedVAE
 
 
 def device_description() -> str:
@@ -62,20 +61,7 @@ def build_model(config: BenchmarkConfig, cell: Cell) -> keras.Model:
     optimizer built (untrained: `run_cell` trains it)."""
     spec = rm_data.get_dataset_spec(config.dataset)
     run = run_config(config, cell, model_dir="(in memory)").resolved()
-    model = model_factory.build_compiled_model(run, spec.image_shape, spec.binary)
-    model.optimizer.build(model.trainable_variables)
-    return model
-
-
-def _mixture_summary(model, x: np.ndarray) -> tuple[list[float], list[float]]:
-    """Final mixture weights (per-example proportions: their mean) and each component's mean entropy (nats) on
-    the first 500 examples of `x`."""
-    if isinstance(model, SemiAmortizedVAE):
-        _, scale = model.variational_parameters(tf.constant(x[:500]))
-        entropy = tf.reduce_sum(0.5 * np.log(2 * np.pi * np.e) + tf.math.log(scale), -1)
-        return [1.0], [float(tf.reduce_mean(entropy))]
-    weights, entropies = evaluation.mixture_summary(model.encoder, x[:500])
-    return [float(w) for w in weights], [float(e) for e in entropies]
+    return model_factory.build_compiled_model(run, spec.image_shape, spec.binary)
 
 
 def _finite(value):
@@ -93,6 +79,11 @@ def run_cell(
     run = run_config(config, cell, cell_dir)
     if not config.resume:
         clear_run(cell_dir)
+    elif run_dir.has_state(cell_dir) and not os.path.exists(os.path.join(cell_dir, run_dir.CONFIG_FILE)):
+        # A cell interrupted before cells were run configurations: Keras's BackupAndRestore left its state in the
+        # run directory's layout (backup/latest.weights.h5 and training_metadata.json) for the model this config
+        # builds; naming the config adopts it (the state is still checked when it loads).
+        run.resolved().save(os.path.join(cell_dir, run_dir.CONFIG_FILE))
 
     def evaluate_test(model):
         return evaluation.evaluate(
@@ -111,7 +102,8 @@ def run_cell(
 
     test = evaluate_test(model)
     train_elbo = evaluation.per_example_elbo(model, x_train_eval, batch_size=max(config.eval_batch_size, 100))
-    weights, entropies = _mixture_summary(model, x_test)
+    # Final mixture weights (per-example proportions: their mean), each component's mean entropy (nats).
+    weights, entropies = evaluation.model_mixture_summary(model, x_test[:500])
     inference_s = evaluation.inference_time(model, x_test[:100], repeats=10)
     inference_1_s = evaluation.inference_time(model, x_test[:1], repeats=20)
     row = dict(
@@ -151,7 +143,7 @@ def run_cell(
         encoder_parameters=sum(int(np.prod(v.shape)) for v in model.encoder.trainable_weights),
     )
     arrays = dict(elbo=test["elbo"], log_likelihood=test["log_likelihood"])
-    cell_store.save_finished(config, cell, cell_dir, row, arrays)
+    cell_store.save_finished(config, cell, cell_dir, row, arrays, run)
     return row, arrays
 
 

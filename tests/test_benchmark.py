@@ -471,6 +471,10 @@ def test_the_trainer_trains_a_cells_run_configuration_to_the_benchmarks_weights(
     # The same RunConfig, trained (and evaluated) by the trainer's own entry point, in another directory.
     run = run_cells.run_config(config, cell, str(tmp_path / "trainer_run"))
     assert (run.seed, run.resolved_noise_seed, run.validation_examples, run.data_order) == (1, 0, 0, "reshuffled")
+    with open(tmp_path / "quick_cells" / cell.key / "result.json") as f:
+        stored = json.load(f)
+    assert stored["run_identity"] == run.identity() and stored["row"]["label"] == cell.label
+    assert tf_rmvae.config.RunConfig.from_dict(stored["run_config"]).identity() == run.identity()
     from tf_rmvae.training import train
 
     metrics = train(run)
@@ -491,6 +495,7 @@ class _Interrupt(keras.callbacks.Callback):
             raise KeyboardInterrupt
 
 
+@pytest.mark.slow
 def test_an_interrupted_cell_resumes_from_its_run_directorys_checked_state(tmp_path):
     config = _tiny_run(tmp_path, methods=("vae",), seeds=(0,))
     [cell] = run_cells.cells(config)
@@ -530,3 +535,24 @@ def test_every_method_is_a_run_configuration_the_factory_builds():
     assert (equal.method, equal.num_components, equal.encoder_parameters_of) == ("vae", 1, 2)
     piwae = run_cells.run_config(config, run_cells.Cell("piwae", 2, None, 0, None, num_samples=2), "unused")
     assert (piwae.bound, piwae.num_samples, piwae.encoder_groups) == ("iw", 4, 2)
+
+
+@pytest.mark.slow
+def test_a_cell_interrupted_under_backup_and_restore_is_adopted_and_resumed(tmp_path):
+    config = _tiny_run(tmp_path, methods=("vae",), seeds=(0,))
+    [cell] = run_cells.cells(config)
+    cell_dir = tmp_path / "quick_cells" / cell.key
+    from tf_rmvae import data as rm_data
+    from tf_rmvae import run_dir
+
+    # What the harness left before cells were run configurations: Keras's backup of epoch 1, no config.json.
+    model = harness.build_model(config, cell)
+    train = rm_data.load_dataset(config.dataset, "train", config.batch_size, seed=cell.seed,
+                                 take=config.train_examples, drop_remainder=True)
+    backup = keras.callbacks.BackupAndRestore(str(cell_dir / "backup"), delete_checkpoint=False)
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(train, epochs=2, callbacks=[backup, _Interrupt()], verbose=0)
+    assert run_dir.saved_epoch(str(cell_dir)) == 1 and not (cell_dir / "config.json").exists()
+    [row] = harness.run_benchmark(config, log=lambda line: None)
+    assert row["epochs"] == 2 and run_dir.saved_epoch(str(cell_dir)) == 2
+    assert len(run_dir.read_history(str(cell_dir / "history.csv"))) == 1  # only epoch 2 trained here

@@ -250,5 +250,8 @@ def test_benchmark_settings_keep_the_trainers_behaviour_by_default_and_old_runs_
         savae.replace(bound="iw").validate()
     with pytest.raises(ConfigError, match="--encoder_parameters_of"):
         RunConfig(model_dir="a", num_components=3, encoder_parameters_of=2).validate()
+    # The identity hashes what trains the model: not the directory or the evaluation, nor "auto" against its meaning.
+    assert config.identity() == config.replace(model_dir="b", iwae_samples=7).identity() == config.resolved().identity()
+    assert config.identity() != config.replace(noise_seed=0).identity() and len(config.identity()) == 16
     with pytest.raises(ConfigError, match="--data_order must be one of"):
         RunConfig(model_dir="a", data_order="random").validate()

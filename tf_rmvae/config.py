@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -67,8 +68,9 @@ LEGACY_DEFAULTS = {"validation_examples": 0, "bound": "elbo", "shared_trunk": Fa
                    "num_samples": 1, "encoder_gradient": "reparam"}
 # Defaults that depend on the method, which the trainer applies where the flag was not given: a VAE has one
 # component; MixVAE trained far worse on one shared trunk than on M networks (below a VAE at 5
-# epochs; docs/results.md), so it keeps M independent networks.
-METHOD_DEFAULTS = {"vae": {"num_components": 1}, "savae": {"num_components": 1}, "mixture": {"shared_trunk": False}}
+# epochs; docs/results.md), so it keeps M independent networks. SA-VAE has one Gaussian and no serving export.
+METHOD_DEFAULTS = {"vae": {"num_components": 1}, "savae": {"num_components": 1, "export_dir": ""},
+                   "mixture": {"shared_trunk": False}}
 
 #: Named models: the settings each preset fixes; every other setting keeps its `RunConfig` default, and an explicit
 #: flag or argument overrides the preset (`RunConfig.from_preset`). "default" is the recommended model (the defaults
@@ -267,6 +269,8 @@ class RunConfig:
         check(self.method not in ("vae", "savae") or self.num_components == 1,
               f"--method={self.method} trains a single-component encoder: use --num_components=1 (got "
               f"{self.num_components}), or --method=rme/mixture/boosting for a mixture encoder.")
+        check(self.method != "savae" or not self.resolved_export_dir,
+              "--method=savae has no serving export (its inference is an optimisation): use --export_dir=''.")
         check(self.method != "savae" or (self.resolved_bound, self.resolved_num_samples) == ("elbo", 1),
               "--method=savae trains on the ELBO with one sample: use --bound=elbo (or auto) and --num_samples=1.")
         check(self.encoder_parameters_of >= 0 and (self.encoder_parameters_of == 0 or self.num_components == 1),
@@ -419,6 +423,14 @@ class RunConfig:
         if name == "epochs_per_component":
             return self.resolved_epochs_per_component if self.adds_components else None
         return getattr(self, name)
+
+    def identity(self) -> str:
+        """A stable hash (16 hex digits) of what the run trains: the `effective` value of every field outside
+        `RESUMABLE_FIELDS`. Two configs without `mismatches` have the same identity, whatever their directories,
+        evaluation or spelling ("auto" or what it means)."""
+        values = {f.name: self.effective(f.name) for f in dataclasses.fields(self) if f.name not in RESUMABLE_FIELDS}
+        text = json.dumps(values, sort_keys=True, default=list)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
     def mismatches(self, other: RunConfig) -> dict[str, tuple[Any, Any]]:
         """`{field: (self's value, other's value)}` for fields not in `RESUMABLE_FIELDS` whose `effective` values

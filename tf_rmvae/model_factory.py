@@ -123,11 +123,15 @@ def build_model(
     )
 
 
-def build_compiled_model(config: RunConfig, image_shape, binary: bool) -> RecursiveMixtureVAE:
-    """`build_model`, built for `[None, *image_shape]` and compiled with Adam(`learning_rate`) and `jit_compile`."""
+def build_compiled_model(config: RunConfig, image_shape, binary: bool) -> RecursiveMixtureVAE | SemiAmortizedVAE:
+    """`build_model`, built for `[None, *image_shape]` and compiled with Adam(`learning_rate`) and `jit_compile`,
+    its optimizer built."""
     model = build_model(config, tuple(image_shape), binary)
     model.ensure_built((None, *image_shape))
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), jit_compile=config.jit_compile)
+    # Built here, on the model's variables in their order, not by the first step on the order that step applies its
+    # gradients in (SA-VAE's differs): a saved state then loads into a fresh model, which builds it so as well.
+    model.optimizer.build(model.trainable_variables)
     return model
 
 
@@ -148,7 +152,6 @@ def load_trained_model(model_dir: str, checkpoint: str | None = None) -> Recursi
     config = RunConfig.load(os.path.join(model_dir, run_dir.CONFIG_FILE))
     spec = get_dataset_spec(config.dataset)
     model = build_compiled_model(config, spec.image_shape, spec.binary)
-    model.optimizer.build(model.trainable_variables)
     if checkpoint is not None:
         model.load_weights(checkpoint)
         return model

@@ -5,6 +5,8 @@
 
     metrics = train(RunConfig(model_dir="runs/quick"))      # rerunning the same call resumes or reports
     metrics["test"]["elbo_mean"], metrics["test"]["log_likelihood_mean"]
+    fitted = fit(config, callbacks=[...])                    # the same training, evaluated by the caller
+    fitted.model, fitted.history                             # (the benchmark's cells)
 
 Layout of `model_dir`:
 
@@ -32,8 +34,9 @@ recursion state (`num_active_components`, `mixing_logits`, the line-search accum
 variables (`iterations`, Adam's moments); `tf_rmvae.run_dir` adds the epoch count to the same file, writes it
 atomically and, on resume, loads the newest state that passes its checks (optimizer step = epochs x steps per
 epoch), falling back to the per-epoch checkpoints. The training data of epoch e is a function of (seed, e)
-(`tf_rmvae.data.pipeline.load_epochs`) and the training noise of step t of (seed, t), so a run killed and resumed
-ends with the weights of an uninterrupted run (up to float reduction order).
+(`tf_rmvae.data.pipeline.load_epochs`) and the training noise of step t of (noise seed, t), so a run killed and
+resumed ends with the weights of an uninterrupted run (up to float reduction order); not so with
+`data_order="reshuffled"` (how the benchmark's cells train), whose resumed epochs see other batches.
 
 Validation (`validation_examples`): the last examples of the training split are held out (`holdout_splits`) and
 evaluated after every epoch (`val_*` columns of `history.csv`). The validation noise is keyed by the step counter, so
@@ -207,7 +210,7 @@ def _train_locked(config: RunConfig, strategy, chief: bool, start: float, evalua
     worker_dir = None if chief else tempfile.mkdtemp(prefix="rmvae_worker_")
     try:
         if not evaluate:
-            return _fit_in_strategy(config, strategy, chief, worker_dir, start, callbacks).result
+            return _fit_in_strategy(config, strategy, chief, worker_dir, callbacks).result
         return _train_in_strategy(config, strategy, chief, worker_dir, start)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
@@ -223,7 +226,7 @@ class _Fitted:
     train_end: float
 
 
-def _fit_in_strategy(config: RunConfig, strategy, chief: bool, worker_dir: str | None, start: float,
+def _fit_in_strategy(config: RunConfig, strategy, chief: bool, worker_dir: str | None,
                      callbacks: tuple = ()) -> _Fitted:
     """Builds the model, restores the run's state and trains the remaining epochs."""
     keras.utils.set_random_seed(config.seed)
@@ -240,7 +243,7 @@ def _fit_in_strategy(config: RunConfig, strategy, chief: bool, worker_dir: str |
 
 
 def _train_in_strategy(config: RunConfig, strategy, chief: bool, worker_dir: str | None, start: float) -> dict:
-    fitted = _fit_in_strategy(config, strategy, chief, worker_dir, start)
+    fitted = _fit_in_strategy(config, strategy, chief, worker_dir)
     model, resumed_from = fitted.result.model, fitted.result.resumed_from
     data, x_validation, train_end = fitted.data, fitted.x_validation, fitted.train_end
     # The backup may be older than the state resumed from (a checkpoint, after a failed backup save).
