@@ -54,7 +54,9 @@ OPTIONAL_METHODS = ("rme_shared",)
 
 @dataclasses.dataclass
 class AmortizationConfig:
-    """Everything the study depends on; the networks are the benchmark's (`harness.build_model`)."""
+    """Everything the study depends on; the models are the benchmark cells' (`harness.build_model`: each cell's
+    run configuration through `tf_rmvae.run.factory`). Their training stays here (`_fit`): the encoders train
+    against a frozen decoder, which a run configuration does not express."""
 
     methods: Sequence[str] = METHODS
     decoder_epochs: int = 20

@@ -1,7 +1,10 @@
 """Where a benchmark cell's files lie, and reading its per-digit arrays (numpy only: the frontier and the paired
 comparisons read cells without TensorFlow).
 
-    <cells_dir>/<label>_seed<seed>/result.json        the finished row and the fingerprint (`cell_store`)
+    <cells_dir>/<label>_seed<seed>/result.json        the finished row, the fingerprint (`cell_store`), the run
+                                                      configuration and its identity (cells trained since 0.2)
+    <cells_dir>/<label>_seed<seed>/config.json, backup/, checkpoints/, history.csv, logs/   its run directory
+                                                      (`tf_rmvae.run.training.fit`; untracked)
     <cells_dir>/<label>_seed<seed>/per_example.npz    per-digit test ELBO and log-likelihood
     <cells_dir>/<label>_seed<seed>/curve/epoch_NNN.*  the same at the run's `eval_epochs` along training
     <cells_dir>/<label>_seed<seed>/final.weights.h5   the trained model's weights (untracked: .gitignore)

@@ -17,6 +17,7 @@ import numpy as np
 from benchmarks.cell_files import CURVE_DIR, PER_EXAMPLE_FILE, RESULT_FILE, curve_path
 from benchmarks.cells import BenchmarkConfig, Cell, adds_components, stage_epochs
 from tf_rmvae.choices import RECURSIVE_METHODS
+from tf_rmvae.config import RunConfig
 
 
 def curve_point(epoch: int, test: dict) -> dict:
@@ -130,9 +131,15 @@ def load_finished(config: BenchmarkConfig, cell: Cell, cell_dir: str) -> tuple[d
         return dict(stored["row"], label=cell.label), {k: arrays[k] for k in arrays.files}
 
 
-def save_finished(config: BenchmarkConfig, cell: Cell, cell_dir: str, row: dict, arrays: dict) -> None:
+def save_finished(config: BenchmarkConfig, cell: Cell, cell_dir: str, row: dict, arrays: dict,
+                  run: RunConfig | None = None) -> None:
     """Stores a finished cell: its per-example arrays, then its row with the fingerprint (the file that marks it
-    finished, written last)."""
+    finished, written last) and, where given, the run configuration that trained it (`run_config`, resolved) with
+    its identity (`RunConfig.identity`) beside the readable label."""
     np.savez(os.path.join(cell_dir, PER_EXAMPLE_FILE), **arrays)
+    stored = dict(fingerprint=fingerprint(config, cell), row=row)
+    if run is not None:
+        run = run.resolved()
+        stored.update(run_identity=run.identity(), run_config=json.loads(json.dumps(run.to_dict())))
     with open(os.path.join(cell_dir, RESULT_FILE), "w") as f:
-        json.dump(dict(fingerprint=fingerprint(config, cell), row=row), f, indent=1)
+        json.dump(stored, f, indent=1)

@@ -1,10 +1,12 @@
 """What a benchmark run trains: its settings (`BenchmarkConfig`) and the cells they expand to.
 
 One *cell* is one (method, schedule, lambda, number of components, bound, SA-VAE steps, seed): one trained model,
-named by `Cell.key` (its directory under `<run_name>_cells/`) and `Cell.label` (its name within one seed).
+named by `Cell.key` (its directory under `<run_name>_cells/`) and `Cell.label` (its name within one seed). What
+trains it is a run configuration (`run_config`), trained by the library's run code (`tf_rmvae.run.training.fit`).
 
     config = BenchmarkConfig(methods=("vae", "rme"), lambdas=(0.3,), seeds=(0, 1))
     [c.key for c in cells(config)]  # ['vae_seed0', 'rme_M4_lambda0.3_seed0', 'vae_seed1', ...]
+    run_config(config, cells(config)[1], "cells/rme_M4_lambda0.3_seed0")  # its RunConfig
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import dataclasses
 from typing import Sequence
 
 from benchmarks.cell_files import cell_key
+from tf_rmvae.choices import RECURSIVE_METHODS
 from tf_rmvae.choices import adds_components as components_join_one_at_a_time
+from tf_rmvae.config import RunConfig
 
 ALL_METHODS = ("vae", "mixture", "boosting", "rme", "savae", "vae_equal_params", "iwae", "piwae")
 # Methods with one Gaussian encoder: vae_equal_params is a VAE whose encoder has as many parameters as M encoders;
@@ -255,3 +259,57 @@ def stage_epochs(epochs_per_component: int, epochs: int, num_components: int) ->
 
 def epochs_per_component(config: BenchmarkConfig, cell: Cell) -> int:
     return stage_epochs(config.epochs_per_component, config.epochs, cell.num_components)
+
+
+def run_config(config: BenchmarkConfig, cell: Cell, model_dir: str) -> RunConfig:
+    """The `RunConfig` that trains `cell` of `config` in `model_dir` (validated, not resolved).
+
+    Every setting that a method's model reads is named, whatever the library's defaults: the benchmark's cells
+    keep their numbers when a default changes. As the cells trained before they were run configurations: the
+    reparameterisation noise keyed by seed 0 for every seed (`noise_seed`), no validation hold-out, one tf.data
+    pipeline reshuffled every epoch (`data_order`); nothing is exported or drawn (the benchmark evaluates the
+    model itself, `benchmarks.harness`). `jit_compile="auto"` is XLA where a GPU is visible, as Keras reads it.
+    """
+    method, components, settings = cell.method, cell.num_components, {}
+    if method in ("vae", "savae", "vae_equal_params"):
+        method, components = ("savae" if cell.method == "savae" else "vae"), 1
+        settings.update(bound="elbo", num_samples=1)
+    if cell.method == "savae":
+        settings.update(refine_steps=cell.refine_steps, refine_lr=config.savae_lr,
+                        refine_momentum=config.savae_momentum, refine_encoder_objective=config.savae_encoder_objective)
+    elif cell.method == "vae_equal_params":
+        settings.update(encoder_parameters_of=cell.num_components)
+    elif cell.method == "iwae":  # k = M samples: as many decoder passes per step as RME's M slots
+        method, components = "vae", 1
+        settings.update(bound="iw", num_samples=cell.num_components)
+    elif cell.method == "piwae":  # the encoder on MIWAE(M, K), the decoder on IWAE(M K)
+        method, components = "vae", 1
+        settings.update(bound="iw", num_samples=cell.num_components * cell.num_samples,
+                        encoder_groups=cell.num_components)
+    elif cell.method != "vae":
+        settings.update(bound=cell.bound, component_bound=cell.component_bound, num_samples=cell.num_samples,
+                        schedule=cell.schedule or "stagewise", eps_search_every=config.eps_search_every)
+    if cell.method in ("vae", "vae_equal_params"):
+        settings.update(eps_search_every=config.eps_search_every if cell.method == "vae" else 50)
+    recursive = method in RECURSIVE_METHODS  # rme and boosting share the cap and the earlier-component rule
+    jit = config.jit_compile
+    if jit == "auto":
+        import tensorflow as tf  # only here: the tables and the frontier read cells without TensorFlow
+
+        jit = bool(tf.config.list_physical_devices("GPU"))
+    return RunConfig(
+        dataset=config.dataset, data_dir=config.data_dir or "", train_examples=config.train_examples,
+        validation_examples=0, batch_size=config.batch_size, data_order="reshuffled",
+        method=method, num_components=components, shared_trunk=cell.shared_trunk,
+        per_example_proportions=cell.per_example_proportions, latent_dim=config.latent_dim,
+        architecture=config.architecture, hidden_units=tuple(config.hidden_units),
+        lambda_kl=0.3 if cell.lambda_kl is None else cell.lambda_kl,
+        max_log_ratio=config.rme_max_log_ratio if recursive else 5.0,
+        train_previous=config.rme_train_previous if recursive else True,
+        encoder_gradient=cell.encoder_gradient,
+        epochs=config.epochs, epochs_per_component=epochs_per_component(config, cell),
+        learning_rate=config.learning_rate, seed=cell.seed, noise_seed=0, jit_compile=bool(jit),
+        verbose=config.verbose, eval_examples=config.eval_examples, iwae_samples=config.iwae_samples,
+        eval_chunk_size=config.iwae_chunk, model_dir=model_dir, export_dir="", image_every_epochs=0,
+        keep_checkpoints=1, **settings,
+    ).validate()

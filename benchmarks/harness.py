@@ -3,9 +3,14 @@
 Every method gets the same data, encoder/decoder architecture, latent size, optimizer, epochs and seeds. Each cell
 of the run (`benchmarks.cells`) trains, is evaluated on the same test digits (fixed binarization, so per-example
 differences pair), and is stored in its own directory `<output_dir>/<run_name>_cells/<cell key>/`
-(`benchmarks.cell_store`), with keras BackupAndRestore under `backup/` while it trains.
+(`benchmarks.cell_store`). A cell is a run configuration (`cells.run_config`) trained by the library's run code
+(`tf_rmvae.run.training.fit`: the model factory, the callbacks, the run directory's checked resume state under
+`backup/` and `checkpoints/`); the benchmark adds its evaluation: the curve at `eval_epochs`, the final per-digit
+arrays and the row.
 
-A rerun with `resume=True` skips finished cells and continues unfinished ones from their last epoch. When every
+A rerun with `resume=True` skips finished cells and continues unfinished ones from their last saved epoch (an
+unfinished cell whose training settings changed is refused by its run directory; a finished cell whose settings
+changed trains again from scratch). When every
 cell is done the run's rows, with paired statistics between all cells of the same seed, go to
 `<output_dir>/<run_name>.json`.
 
@@ -27,7 +32,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-import tf_rmvae
 from benchmarks import cell_files, cell_store
 from benchmarks.cells import (
     BOUND_METHODS,
@@ -37,11 +41,11 @@ from benchmarks.cells import (
     adds_components,
     cells,
     epochs_per_component,
+    run_config,
 )
 from tf_rmvae import data as rm_data
-from tf_rmvae.choices import RECURSIVE_METHODS, resolve_max_log_ratio
-from tf_rmvae.models.semi_amortized import SemiAmortizedVAE
-from tf_rmvae.run import evaluation
+from tf_rmvae.run import directory as run_dir
+from tf_rmvae.run import evaluation, training
 from tf_rmvae.run import factory as model_factory
 
 
@@ -55,65 +59,11 @@ def device_description() -> str:
 
 # ---------------------------------------------------------------------- models
 def build_model(config: BenchmarkConfig, cell: Cell) -> keras.Model:
-    """The cell's model, compiled (Adam at `learning_rate`) and built for the dataset's image shape."""
+    """The cell's model as its run configuration describes it (`cells.run_config`), compiled and built, with its
+    optimizer built (untrained: `run_cell` trains it)."""
     spec = rm_data.get_dataset_spec(config.dataset)
-    components = 1 if cell.method in SINGLE_COMPONENT_METHODS else cell.num_components
-    encoder_hidden_units = None
-    if cell.method == "vae_equal_params":
-        encoder_hidden_units = model_factory.equal_parameter_hidden_units(
-            spec.image_shape, config.hidden_units, cell.num_components, latent_dim=config.latent_dim,
-            architecture=config.architecture)
-    encoder, decoder = model_factory.build_networks(
-        spec.image_shape, spec.binary, latent_dim=config.latent_dim, num_components=components,
-        architecture=config.architecture, hidden_units=config.hidden_units, seed=cell.seed,
-        encoder_hidden_units=encoder_hidden_units, shared_trunk=cell.shared_trunk,
-        per_example_proportions=cell.per_example_proportions,
-        gaussian=cell.method == "savae",
-    )
-    if cell.method == "savae":
-        model = SemiAmortizedVAE(
-            encoder, decoder, refine_steps=cell.refine_steps, refine_lr=config.savae_lr,
-            refine_momentum=config.savae_momentum, encoder_objective=config.savae_encoder_objective,
-        )
-    elif cell.method == "vae_equal_params":
-        model = tf_rmvae.RecursiveMixtureVAE(encoder, decoder, method="vae", bound="elbo", num_samples=1)
-    elif cell.method == "iwae":
-        model = tf_rmvae.RecursiveMixtureVAE(
-            encoder, decoder, method="vae", bound="iw", num_samples=cell.num_components,
-            encoder_gradient=cell.encoder_gradient)
-    elif cell.method == "piwae":
-        model = tf_rmvae.RecursiveMixtureVAE(
-            encoder, decoder, method="vae", bound="iw", num_samples=cell.num_components * cell.num_samples,
-            encoder_groups=cell.num_components, encoder_gradient=cell.encoder_gradient)
-    else:
-        kwargs = {} if cell.lambda_kl is None else {"lambda_kl": cell.lambda_kl}
-        # Always named: a cell's label says its bounds, whatever the library's default ("auto").
-        kwargs.update(bound=cell.bound, component_bound=cell.component_bound,
-                      encoder_gradient=cell.encoder_gradient)
-        if cell.method in RECURSIVE_METHODS:  # rme and boosting share the cap and the earlier-component rule
-            kwargs.update(
-                max_log_ratio=resolve_max_log_ratio(config.rme_max_log_ratio),
-                train_previous=config.rme_train_previous,
-            )
-        model = tf_rmvae.RecursiveMixtureVAE(
-            encoder, decoder, method=cell.method, schedule=cell.schedule or "stagewise",
-            eps_search_every=config.eps_search_every, num_samples=cell.num_samples, **kwargs,
-        )
-    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), jit_compile=config.jit_compile)
-    model.ensure_built((None, *spec.image_shape))
-    model.optimizer.build(model.trainable_variables)
-    return model
-
-
-def _mixture_summary(model, x: np.ndarray) -> tuple[list[float], list[float]]:
-    """Final mixture weights (per-example proportions: their mean) and each component's mean entropy (nats) on
-    the first 500 examples of `x`."""
-    if isinstance(model, SemiAmortizedVAE):
-        _, scale = model.variational_parameters(tf.constant(x[:500]))
-        entropy = tf.reduce_sum(0.5 * np.log(2 * np.pi * np.e) + tf.math.log(scale), -1)
-        return [1.0], [float(tf.reduce_mean(entropy))]
-    weights, entropies = evaluation.mixture_summary(model.encoder, x[:500])
-    return [float(w) for w in weights], [float(e) for e in entropies]
+    run = run_config(config, cell, model_dir="(in memory)").resolved()
+    return model_factory.build_compiled_model(run, spec.image_shape, spec.binary)
 
 
 def _finite(value):
@@ -128,13 +78,14 @@ def run_cell(
 ) -> tuple[dict, dict]:
     """Trains and evaluates one cell; returns its row and its per-example arrays (also saved in `cell_dir`)."""
     os.makedirs(cell_dir, exist_ok=True)
-    keras.utils.set_random_seed(cell.seed)
-    model = build_model(config, cell)
-    train = rm_data.load_dataset(
-        config.dataset, "train", config.batch_size, seed=cell.seed, take=config.train_examples or None,
-        data_dir=config.data_dir, drop_remainder=True,
-    )
-    backup_dir = os.path.join(cell_dir, "backup")
+    run = run_config(config, cell, cell_dir)
+    if not config.resume:
+        clear_run(cell_dir)
+    elif run_dir.has_state(cell_dir) and not os.path.exists(os.path.join(cell_dir, run_dir.CONFIG_FILE)):
+        # A cell interrupted before cells were run configurations: Keras's BackupAndRestore left its state in the
+        # run directory's layout (backup/latest.weights.h5 and training_metadata.json) for the model this config
+        # builds; naming the config adopts it (the state is still checked when it loads).
+        run.resolved().save(os.path.join(cell_dir, run_dir.CONFIG_FILE))
 
     def evaluate_test(model):
         return evaluation.evaluate(
@@ -142,17 +93,9 @@ def run_cell(
             seed=cell.seed,
         )
 
-    # The curve is stored before the backup of the same epoch, so a resumed run never lacks a point it passed.
-    callbacks = [cell_store.CurveEvaluation(config.eval_epochs, evaluate_test, cell_dir)]
-    if config.resume:
-        callbacks.append(keras.callbacks.BackupAndRestore(backup_dir, save_freq="epoch", delete_checkpoint=True))
-    else:
-        shutil.rmtree(backup_dir, ignore_errors=True)
-    if adds_components(cell):
-        callbacks.append(tf_rmvae.ComponentSchedule(epochs_per_component=epochs_per_component(config, cell)))
-    start = time.perf_counter()
-    history = model.fit(train, epochs=config.epochs, callbacks=callbacks, verbose=config.verbose)
-    train_time = time.perf_counter() - start
+    # Run before the resume state of the same epoch is saved, so a resumed run never lacks a point it passed.
+    fitted = training.fit(run, callbacks=[cell_store.CurveEvaluation(config.eval_epochs, evaluate_test, cell_dir)])
+    model, history, train_time = fitted.model, fitted.history, fitted.train_time_s
     epochs_run = max(1, len(history.epoch))
     # The final weights stay beside the row (untracked), to be scored at the standard protocol (`benchmarks.rescore`).
     weights_path = cell_files.final_weights_path(cell_dir)
@@ -161,7 +104,8 @@ def run_cell(
 
     test = evaluate_test(model)
     train_elbo = evaluation.per_example_elbo(model, x_train_eval, batch_size=max(config.eval_batch_size, 100))
-    weights, entropies = _mixture_summary(model, x_test)
+    # Final mixture weights (per-example proportions: their mean), each component's mean entropy (nats).
+    weights, entropies = evaluation.model_mixture_summary(model, x_test[:500])
     inference_s = evaluation.inference_time(model, x_test[:100], repeats=10)
     inference_1_s = evaluation.inference_time(model, x_test[:1], repeats=20)
     row = dict(
@@ -201,8 +145,19 @@ def run_cell(
         encoder_parameters=sum(int(np.prod(v.shape)) for v in model.encoder.trainable_weights),
     )
     arrays = dict(elbo=test["elbo"], log_likelihood=test["log_likelihood"])
-    cell_store.save_finished(config, cell, cell_dir, row, arrays)
+    cell_store.save_finished(config, cell, cell_dir, row, arrays, run)
     return row, arrays
+
+
+def clear_run(cell_dir: str) -> None:
+    """Removes the training run in `cell_dir` (its configuration, resume state, history, logs and curve), so the
+    cell trains from scratch: a cell retrained under other settings, or a run that asks not to resume."""
+    for name in (run_dir.CONFIG_FILE, run_dir.HISTORY_FILE, run_dir.METRICS_FILE):
+        path = os.path.join(cell_dir, name)
+        if os.path.exists(path):
+            os.remove(path)
+    for name in (run_dir.BACKUP_DIR, run_dir.CHECKPOINT_DIR, run_dir.LOG_DIR, cell_files.CURVE_DIR):
+        shutil.rmtree(os.path.join(cell_dir, name), ignore_errors=True)
 
 
 # ---------------------------------------------------------------------- the run
@@ -249,6 +204,8 @@ def run_benchmark(
             missing.append(cell.key)
             continue
         if finished is None:
+            if os.path.exists(os.path.join(cell_dir, cell_files.RESULT_FILE)):  # finished under other settings
+                clear_run(cell_dir)
             log(f"[{cell.key}] training {config.epochs} epochs")
             row, arrays = run_cell(config, cell, x_test, x_train_eval, cell_dir)
         else:

@@ -32,7 +32,7 @@ import tensorflow as tf
 
 import tf_rmvae
 from tf_rmvae.choices import BOUND_SETTINGS
-from tf_rmvae.models.semi_amortized import SemiAmortizedVAE
+from tf_rmvae.config import RunConfig
 from tf_rmvae.run import evaluation
 from tf_rmvae.run import factory as model_factory
 
@@ -82,19 +82,23 @@ def tiny_config(**overrides) -> SpeedConfig:
     return SpeedConfig(**values)
 
 
-def _encoder(
-    config: SpeedConfig, components: int, hidden_units=None, shared_trunk: bool = False
-) -> tf_rmvae.RecursiveMixtureEncoder:
-    encoder = tf_rmvae.RecursiveMixtureEncoder(
-        config.latent_dim, components, hidden_units=hidden_units or config.hidden_units,
-        initial_active_components=components, shared_trunk=shared_trunk, seed=0,
-    )
-    encoder.ensure_built((None, *IMAGE_SHAPE))
-    return encoder
+def _model(config: SpeedConfig, method: str = "vae", components: int = 1, **settings) -> keras.Model:
+    """The compiled model of a run configuration (`tf_rmvae.run.factory`) at the speed run's sizes, every
+    component active (the full cost); `settings` are other `RunConfig` fields."""
+    run = RunConfig.from_preset(
+        model_dir="(in memory)", method=method, num_components=components, hidden_units=tuple(config.hidden_units),
+        latent_dim=config.latent_dim, export_dir="", **settings).validate().resolved()
+    model = model_factory.build_compiled_model(run, IMAGE_SHAPE, binary=True)
+    if hasattr(model.encoder, "num_active_components"):
+        model.encoder.num_active_components.assign(components)
+    return model
 
 
-def _decoder(config: SpeedConfig) -> tf_rmvae.BernoulliDecoder:
-    return tf_rmvae.BernoulliDecoder(IMAGE_SHAPE, hidden_units=tuple(reversed(config.hidden_units)))
+def _encoder(config: SpeedConfig, components: int, **settings) -> tf_rmvae.RecursiveMixtureEncoder:
+    """A mixture encoder of `components` components (all active) built by the model factory."""
+    method = "vae" if components == 1 else "rme"
+    settings = dict(dict(shared_trunk=False, bound="elbo", component_bound="elbo"), **settings)
+    return _model(config, method, components, **settings).encoder
 
 
 def _images(batch: int, seed: int = 0) -> tf.Tensor:
@@ -108,11 +112,8 @@ def inference_times(config: SpeedConfig, mode: str) -> dict[str, dict[int, float
     m = config.target_components
     vae_encoder = _encoder(config, 1)
     rme_encoder = _encoder(config, m)
-    equal_encoder = _encoder(config, 1, model_factory.equal_parameter_hidden_units(
-        IMAGE_SHAPE, tuple(config.hidden_units), m, latent_dim=config.latent_dim))
-    savae = SemiAmortizedVAE(
-        tf_rmvae.GaussianEncoder(config.latent_dim, hidden_units=config.hidden_units, seed=0), _decoder(config))
-    savae.ensure_built((None, *IMAGE_SHAPE))
+    equal_encoder = _encoder(config, 1, encoder_parameters_of=m)
+    savae = _model(config, "savae")
     functions = {
         "vae_encoder": tf.function(vae_encoder.compute_parameters, jit_compile=jit),
         f"rme_encoder_M{m}": tf.function(rme_encoder.compute_parameters, jit_compile=jit),
@@ -170,16 +171,11 @@ def train_step_times(config: SpeedConfig, mode: str) -> dict[str, float]:
     for spec in models:
         for two_pass in (False, True) if config.two_pass else (False,):
             keras.utils.set_random_seed(0)
-            model = tf_rmvae.RecursiveMixtureVAE(
-                _encoder(config, spec.components, shared_trunk=spec.shared_trunk), _decoder(config),
-                method=spec.method, bound=spec.bound, num_samples=spec.samples, component_bound=spec.component_bound,
-                encoder_gradient=spec.encoder_gradient)
+            model = _model(config, spec.method, spec.components, shared_trunk=spec.shared_trunk, bound=spec.bound,
+                           num_samples=spec.samples, component_bound=spec.component_bound,
+                           encoder_gradient=spec.encoder_gradient, lambda_kl=0.3)
             if two_pass and not model.rme.criterion.trains_components:
                 continue  # one loss: one backward pass either way
-            model.compile(optimizer=keras.optimizers.Adam(1e-3))
-            model.ensure_built((None, *IMAGE_SHAPE))
-            model.optimizer.build(model.trainable_variables)
-            model.encoder.num_active_components.assign(spec.components)  # the full cost: every component active
             step = two_pass_train_step(model) if two_pass else model.train_step
             steps[spec.name + ("_twopass" if two_pass else "")] = tf.function(step, jit_compile=jit)
     return evaluation.time_functions(steps, x, repeats=config.repeats)

@@ -454,3 +454,113 @@ def test_estimator_and_no_join_cells_are_labelled_and_build_their_models():
         stored = json.dumps(cell_store.fingerprint(joining, plain[label]))
         assert "encoder_gradient" not in stored and '"joins"' not in stored
     assert "joins" in json.dumps(cell_store.fingerprint(config, cells["rme_M3_lambda1_iw_ciw_S5_nojoin"]))
+
+
+def _tiny_run(tmp_path, **overrides):
+    values = dict(output_dir=str(tmp_path), methods=("rme",), lambdas=(0.3,), num_components=(2,), bounds=("iw",),
+                  component_bounds=("iw",), num_samples=2, encoder_gradients=("dreg",), shared_trunk=True,
+                  train_examples=128, eval_examples=16, iwae_samples=4, iwae_chunk=4, eval_batch_size=16,
+                  hidden_units=(8,), latent_dim=2)
+    return run_cells.quick_config(**{**values, **overrides})
+
+
+def _weights(config, cell, path):
+    model = harness.build_model(config, cell)
+    model.load_weights(path)
+    return model.get_weights()
+
+
+def test_the_trainer_trains_a_cells_run_configuration_to_the_benchmarks_weights(tmp_path):
+    config = _tiny_run(tmp_path, seeds=(1,))
+    [cell] = run_cells.cells(config)
+    harness.run_benchmark(config, log=lambda line: None)
+    benchmark = _weights(config, cell, tmp_path / "quick_cells" / cell.key / "final.weights.h5")
+    # The same RunConfig, trained (and evaluated) by the trainer's own entry point, in another directory.
+    run = run_cells.run_config(config, cell, str(tmp_path / "trainer_run"))
+    assert (run.seed, run.resolved_noise_seed, run.validation_examples, run.data_order) == (1, 0, 0, "reshuffled")
+    with open(tmp_path / "quick_cells" / cell.key / "result.json") as f:
+        stored = json.load(f)
+    assert stored["run_identity"] == run.identity() and stored["row"]["label"] == cell.label
+    assert tf_rmvae.config.RunConfig.from_dict(stored["run_config"]).identity() == run.identity()
+    from tf_rmvae.run.training import train
+
+    metrics = train(run)
+    assert metrics["completed"] and metrics["epochs_completed"] == config.epochs
+    trainer = _weights(config, cell, tmp_path / "trainer_run" / "backup" / "latest.weights.h5")
+    assert len(trainer) == len(benchmark) > 0
+    assert all(np.array_equal(a, b) for a, b in zip(trainer, benchmark))
+    # The seed's noise matters: the trainer's default (noise seed = seed) trains other weights.
+    other = train(run.replace(model_dir=str(tmp_path / "seeded_noise"), noise_seed=-1))
+    assert other["epochs_completed"] == config.epochs
+    seeded = _weights(config, cell, tmp_path / "seeded_noise" / "backup" / "latest.weights.h5")
+    assert not all(np.array_equal(a, b) for a, b in zip(seeded, benchmark))
+
+
+class _Interrupt(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.slow
+def test_an_interrupted_cell_resumes_from_its_run_directorys_checked_state(tmp_path):
+    config = _tiny_run(tmp_path, methods=("vae",), seeds=(0,))
+    [cell] = run_cells.cells(config)
+    cell_dir = str(tmp_path / "quick_cells" / cell.key)
+    from tf_rmvae.run import directory as run_dir
+    from tf_rmvae.run import training
+
+    with pytest.raises(KeyboardInterrupt):  # killed after epoch 1's state was saved
+        training.fit(run_cells.run_config(config, cell, cell_dir), callbacks=[_Interrupt()])
+    assert run_dir.saved_epoch(cell_dir) == 1 and not os.path.exists(os.path.join(cell_dir, "result.json"))
+    [row] = harness.run_benchmark(config, log=lambda line: None)
+    assert row["epochs"] == 2 and run_dir.saved_epoch(cell_dir) == 2
+    assert len(run_dir.read_history(os.path.join(cell_dir, "history.csv"))) == 2  # epoch 1 kept, epoch 2 trained
+    # A cell whose training settings changed while it was unfinished is refused, not resumed with the wrong state.
+    os.remove(os.path.join(cell_dir, "result.json"))
+    with pytest.raises(tf_rmvae.config.ConfigError, match="different settings"):
+        harness.run_benchmark(dataclasses.replace(config, learning_rate=0.01), log=lambda line: None)
+    # Without resume, the cell starts over.
+    [again] = harness.run_benchmark(dataclasses.replace(config, learning_rate=0.01, resume=False),
+                                    log=lambda line: None)
+    assert again["epochs"] == 2 and len(run_dir.read_history(os.path.join(cell_dir, "history.csv"))) == 2
+
+
+def test_every_method_is_a_run_configuration_the_factory_builds():
+    config = run_cells.quick_config(lambdas=(0.3,), bounds=("elbo", "iw"), encoder_gradients=("reparam", "dreg"),
+                                    component_bounds=("elbo", "iw"), num_samples=2)
+    cells = run_cells.cells(config)
+    assert {c.method for c in cells} == set(run_cells.ALL_METHODS)
+    for cell in cells:
+        run = run_cells.run_config(config, cell, "unused")
+        assert run.noise_seed == 0 and run.seed == cell.seed and run.export_dir == ""
+        model = harness.build_model(config, cell)
+        if cell.method == "savae":
+            assert isinstance(model, SemiAmortizedVAE) and model.refine_steps == cell.refine_steps
+            continue
+        assert model.rme.noise_seed == 0
+    equal = run_cells.run_config(config, run_cells.Cell("vae_equal_params", 2, None, 0, None), "unused")
+    assert (equal.method, equal.num_components, equal.encoder_parameters_of) == ("vae", 1, 2)
+    piwae = run_cells.run_config(config, run_cells.Cell("piwae", 2, None, 0, None, num_samples=2), "unused")
+    assert (piwae.bound, piwae.num_samples, piwae.encoder_groups) == ("iw", 4, 2)
+
+
+@pytest.mark.slow
+def test_a_cell_interrupted_under_backup_and_restore_is_adopted_and_resumed(tmp_path):
+    config = _tiny_run(tmp_path, methods=("vae",), seeds=(0,))
+    [cell] = run_cells.cells(config)
+    cell_dir = tmp_path / "quick_cells" / cell.key
+    from tf_rmvae import data as rm_data
+    from tf_rmvae.run import directory as run_dir
+
+    # What the harness left before cells were run configurations: Keras's backup of epoch 1, no config.json.
+    model = harness.build_model(config, cell)
+    train = rm_data.load_dataset(config.dataset, "train", config.batch_size, seed=cell.seed,
+                                 take=config.train_examples, drop_remainder=True)
+    backup = keras.callbacks.BackupAndRestore(str(cell_dir / "backup"), delete_checkpoint=False)
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(train, epochs=2, callbacks=[backup, _Interrupt()], verbose=0)
+    assert run_dir.saved_epoch(str(cell_dir)) == 1 and not (cell_dir / "config.json").exists()
+    [row] = harness.run_benchmark(config, log=lambda line: None)
+    assert row["epochs"] == 2 and run_dir.saved_epoch(str(cell_dir)) == 2
+    assert len(run_dir.read_history(str(cell_dir / "history.csv"))) == 1  # only epoch 2 trained here

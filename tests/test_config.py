@@ -14,7 +14,6 @@ import pytest
 from absl import flags
 
 from tf_rmvae import choices, files
-from tf_rmvae.choices import METHODS
 from tf_rmvae.config import METHOD_DEFAULTS, ConfigError, RunConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,7 +55,7 @@ def test_every_field_has_a_flag_with_its_default_and_help_and_every_flag_is_a_fi
 
 def test_choice_fields_take_their_values_from_the_choices_module():
     fields = {field.name: field.metadata["choices"] for field in dataclasses.fields(RunConfig)}
-    assert fields["method"] == choices.METHODS and fields["strategy"] == choices.STRATEGIES
+    assert fields["method"] == choices.RUN_METHODS and fields["strategy"] == choices.STRATEGIES
     assert fields["mixed_precision"] == choices.PRECISIONS and fields["architecture"] == choices.ARCHITECTURES
     with pytest.raises(ConfigError, match="--bound must be one of auto, elbo, iw"):
         RunConfig(model_dir="a", bound="kl").validate()
@@ -174,7 +173,7 @@ def test_a_run_saves_what_auto_meant_and_an_extended_run_keeps_its_schedule():
 def test_the_methods_own_defaults_name_methods_and_fields_and_change_a_default():
     names = {f.name: f.default for f in dataclasses.fields(RunConfig)}
     for method, defaults in METHOD_DEFAULTS.items():
-        assert method in METHODS
+        assert method in choices.RUN_METHODS
         for name, value in defaults.items():
             assert name in names and names[name] != value, (method, name)
 
@@ -233,3 +232,26 @@ def test_rme_on_importance_weighted_criteria_defaults_to_dreg_and_older_runs_kee
     old = {k: v for k, v in RunConfig(model_dir="x").resolved().to_dict().items() if k != "encoder_gradient"}
     assert RunConfig.from_dict(old).encoder_gradient == "reparam"  # saved before the setting: what it trained
     assert RunConfig.from_dict(old).mismatches(RunConfig(model_dir="x")) == {"encoder_gradient": ("reparam", "auto")}
+
+
+def test_benchmark_settings_keep_the_trainers_behaviour_by_default_and_old_runs_resume():
+    config = RunConfig(model_dir="a", seed=3)
+    assert config.resolved_noise_seed == 3 and config.replace(noise_seed=0).resolved_noise_seed == 0
+    assert config.data_order == "epoch_keyed" and config.encoder_parameters_of == 0
+    saved = {k: v for k, v in config.to_dict().items()
+             if k not in ("noise_seed", "data_order", "encoder_parameters_of") and not k.startswith("refine_")}
+    assert RunConfig.from_dict(saved).mismatches(config) == {}  # a run saved before these settings resumes
+    assert set(config.mismatches(config.replace(noise_seed=0))) == {"noise_seed"}
+    assert config.mismatches(config.replace(noise_seed=3)) == {}  # the same noise, spelled out
+    assert config.mismatches(config.replace(refine_steps=2)) == {}  # SA-VAE's settings: only SA-VAE reads them
+    savae = RunConfig.from_preset(model_dir="a", method="savae").validate()
+    assert savae.num_components == 1 and set(savae.mismatches(savae.replace(refine_steps=2))) == {"refine_steps"}
+    with pytest.raises(ConfigError, match="--method=savae trains on the ELBO"):
+        savae.replace(bound="iw").validate()
+    with pytest.raises(ConfigError, match="--encoder_parameters_of"):
+        RunConfig(model_dir="a", num_components=3, encoder_parameters_of=2).validate()
+    # The identity hashes what trains the model: not the directory or the evaluation, nor "auto" against its meaning.
+    assert config.identity() == config.replace(model_dir="b", iwae_samples=7).identity() == config.resolved().identity()
+    assert config.identity() != config.replace(noise_seed=0).identity() and len(config.identity()) == 16
+    with pytest.raises(ConfigError, match="--data_order must be one of"):
+        RunConfig(model_dir="a", data_order="random").validate()

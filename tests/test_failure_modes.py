@@ -497,7 +497,7 @@ def test_help_of_the_console_script_lists_the_trainers_flags():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--method=foo", "--model_dir=x"], "value should be one of <rme|vae|mixture|boosting>"),
+    (["--method=foo", "--model_dir=x"], "value should be one of <rme|vae|mixture|boosting|savae>"),
     (["--epochs=abc", "--model_dir=x"], "--epochs=abc"),
     (["--no_such_flag", "--model_dir=x"], "no_such_flag"),
 ])

@@ -18,8 +18,8 @@ def test_every_setting_is_a_row_with_its_default_and_help():
     assert list(rows) == [field.name for field in dataclasses.fields(RunConfig)]
     assert rows["model_dir"].split(" | ")[1] == "(required)"
     assert rows["hidden_units"].split(" | ")[1] == "`200,200`"
-    assert rows["method"].split(" | ")[2] == "`rme`, `vae`, `mixture`, `boosting`"
-    assert rows["num_components"].split(" | ")[1] == "`3` (`--method=vae`: `1`)"
+    assert rows["method"].split(" | ")[2] == "`rme`, `vae`, `mixture`, `boosting`, `savae`"
+    assert rows["num_components"].split(" | ")[1] == "`3` (`--method=vae`: `1`; `--method=savae`: `1`)"
     assert "p(x\\|z)" in rows["decoder"], "a | in a help text must not split the row"
 
 

@@ -9,6 +9,15 @@ import math
 #: Training methods of `RecursiveMixtureVAE`: Recursive Mixture Estimation, one Gaussian, a jointly trained
 #: mixture, boosting variational inference.
 METHODS = ("rme", "vae", "mixture", "boosting")
+#: Methods a run can train: those of `RecursiveMixtureVAE` and SA-VAE (`SemiAmortizedVAE`: one Gaussian encoder whose
+#: output is refined by gradient steps on each example's ELBO).
+RUN_METHODS = (*METHODS, "savae")
+#: What SA-VAE's encoder trains on: the ELBO at the end of the unrolled refinement, or its own (amortized) ELBO.
+REFINE_OBJECTIVES = ("unrolled", "amortized")
+#: How a run's training batches are drawn: epoch e's order and binarization a function of (seed, e) (a resumed run
+#: sees the uninterrupted run's batches), or one pipeline reshuffled on every pass (the benchmark's cells trained
+#: so before they were run configurations; a resumed run sees other batches than an uninterrupted one).
+DATA_ORDERS = ("epoch_keyed", "reshuffled")
 #: Methods that add components one at a time (recursively).
 RECURSIVE_METHODS = ("rme", "boosting")
 #: When components train: one joins per stage, or all of them every step.

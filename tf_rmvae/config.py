@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -17,12 +18,14 @@ from typing import Any
 from tf_rmvae.choices import (
     ARCHITECTURES,
     BOUND_SETTINGS,
+    DATA_ORDERS,
     DECODERS,
     ENCODER_GRADIENT_SETTINGS,
-    METHODS,
     NONFINITE_POLICIES,
     PRECISIONS,
     RECURSIVE_METHODS,
+    REFINE_OBJECTIVES,
+    RUN_METHODS,
     SCHEDULES,
     STRATEGIES,
     adds_components,
@@ -65,8 +68,9 @@ LEGACY_DEFAULTS = {"validation_examples": 0, "bound": "elbo", "shared_trunk": Fa
                    "num_samples": 1, "encoder_gradient": "reparam"}
 # Defaults that depend on the method, which the trainer applies where the flag was not given: a VAE has one
 # component; MixVAE trained far worse on one shared trunk than on M networks (below a VAE at 5
-# epochs; docs/results.md), so it keeps M independent networks.
-METHOD_DEFAULTS = {"vae": {"num_components": 1}, "mixture": {"shared_trunk": False}}
+# epochs; docs/results.md), so it keeps M independent networks. SA-VAE has one Gaussian and no serving export.
+METHOD_DEFAULTS = {"vae": {"num_components": 1}, "savae": {"num_components": 1, "export_dir": ""},
+                   "mixture": {"shared_trunk": False}}
 
 #: Named models: the settings each preset fixes; every other setting keeps its `RunConfig` default, and an explicit
 #: flag or argument overrides the preset (`RunConfig.from_preset`). "default" is the recommended model (the defaults
@@ -122,6 +126,10 @@ class RunConfig:
         f"({AUTO_VALIDATION} = min(10000, a sixth of the split): 10000 for MNIST; 0 = no validation).")
     batch_size: int = setting(
         100, "GLOBAL training batch size: split evenly over all replicas (a multiple of their number).")
+    data_order: str = setting(
+        "epoch_keyed", "epoch_keyed: epoch e's shuffle and binarization are a function of (seed, e), so a resumed run "
+        "trains on the batches of an uninterrupted one; reshuffled: one pipeline reshuffled on every pass (how the "
+        "benchmark's cells train; a resumed run sees other batches).", choices=DATA_ORDERS)
     # Model
     preset: str = setting(
         "default", "Named model whose settings apply where no flag gives them: default (the recommended RME), paper "
@@ -129,14 +137,18 @@ class RunConfig:
         choices=tuple(PRESETS))
     method: str = setting(
         "rme", "rme: Recursive Mixture Estimation; vae: single Gaussian; mixture: jointly trained mixture; "
-        "boosting: boosting VI.", choices=METHODS)
+        "boosting: boosting VI; savae: SA-VAE (one Gaussian encoder refined per example, --refine_*).",
+        choices=RUN_METHODS)
     num_components: int = setting(
-        3, "Mixture components M (default 1 for --method=vae, which allows only 1).")
+        3, "Mixture components M (default 1 for --method=vae and savae, which allow only 1).")
     shared_trunk: bool = setting(
         True, "Mixture methods: one encoder trunk with a head per component (many components at little cost); "
         "--noshared_trunk: M independent networks (the default for --method=mixture, which trains worse on one "
         "trunk). Ignored with one component.")
     latent_dim: int = setting(32, "Latent dimension D.")
+    encoder_parameters_of: int = setting(
+        0, "One-component methods: widen the encoder (every width by one factor) to about as many parameters as N "
+        "encoders of --hidden_units (the equal-parameter VAE baseline; the decoder keeps --hidden_units); 0 = off.")
     architecture: str = setting("dense", "Encoder and decoder networks.", choices=ARCHITECTURES)
     hidden_units: tuple[int, ...] = setting(
         (200, 200), "Encoder dense widths (comma list); the decoder mirrors them.")
@@ -179,6 +191,12 @@ class RunConfig:
         1, "--method=vae on --bound=iw: G > 1 trains the encoder on MIWAE(G, num_samples / G) and the decoder on "
         "IWAE(num_samples) (PIWAE); 1: both on the bound.")
     eps_search_every: int = setting(50, "Steps between mixing-proportion line searches.")
+    refine_steps: int = setting(10, "--method=savae: gradient steps refining each example's Gaussian.")
+    refine_lr: float = setting(0.05, "--method=savae: step size of the refinement.")
+    refine_momentum: float = setting(0.5, "--method=savae: momentum of the refinement (0: plain gradient steps).")
+    refine_encoder_objective: str = setting(
+        "unrolled", "--method=savae: the encoder trains on the ELBO after the unrolled refinement, or on its own "
+        "(amortized) ELBO.", choices=REFINE_OBJECTIVES)
     per_example_proportions: bool = setting(
         False, "Per-example mixing proportions eps_m(x): the searched logit plus a small head's bounded offset.")
     # Training
@@ -191,6 +209,9 @@ class RunConfig:
         "importance-weighted bound of --bound=iw, which auto picks for RME; 0 = train every epoch).")
     learning_rate: float = setting(1e-3, "Adam learning rate.")
     seed: int = setting(0, "Seed of initialisation, shuffling and binarization.")
+    noise_seed: int = setting(
+        -1, "Seed of the training noise (the reparameterisation samples; -1 = --seed). The benchmark's cells keep 0 "
+        "for every seed, as they trained before they were run configurations.")
     jit_compile: bool = setting(False, "Compile the train step with XLA.")
     # verbose > 0 also prints the stage lines (`tf_rmvae.run.report`).
     verbose: int = setting(1, "Keras progress: 0 silent, 1 progress bar, 2 one line per epoch.")
@@ -245,16 +266,28 @@ class RunConfig:
                                             self.encoder_gradient, self.encoder_groups)
         check(problem is None, f"--{problem}" if problem else "")
         check(self.num_components >= 1, f"--num_components must be >= 1; got {self.num_components}.")
-        check(self.method != "vae" or self.num_components == 1,
-              f"--method=vae trains a single-component encoder: use --num_components=1 (got {self.num_components}), "
-              "or --method=rme/mixture/boosting for a mixture encoder.")
+        check(self.method not in ("vae", "savae") or self.num_components == 1,
+              f"--method={self.method} trains a single-component encoder: use --num_components=1 (got "
+              f"{self.num_components}), or --method=rme/mixture/boosting for a mixture encoder.")
+        check(self.method != "savae" or not self.resolved_export_dir,
+              "--method=savae has no serving export (its inference is an optimisation): use --export_dir=''.")
+        check(self.method != "savae" or (self.resolved_bound, self.resolved_num_samples) == ("elbo", 1),
+              "--method=savae trains on the ELBO with one sample: use --bound=elbo (or auto) and --num_samples=1.")
+        check(self.encoder_parameters_of >= 0 and (self.encoder_parameters_of == 0 or self.num_components == 1),
+              f"--encoder_parameters_of must be >= 0 and needs --num_components=1; got {self.encoder_parameters_of} "
+              f"with {self.num_components} components.")
+        check(self.refine_steps >= 0 and self.refine_lr >= 0 and 0 <= self.refine_momentum < 1,
+              f"--refine_steps and --refine_lr must be >= 0 and --refine_momentum in [0, 1); got {self.refine_steps}, "
+              f"{self.refine_lr}, {self.refine_momentum}.")
+        check(self.noise_seed >= -1, f"--noise_seed must be >= 0, or -1 for --seed; got {self.noise_seed}.")
         check(self.latent_dim >= 1, f"--latent_dim must be >= 1; got {self.latent_dim}.")
         check(len(self.hidden_units) >= 1 and min(self.hidden_units) >= 1,
               f"--hidden_units must be a comma-separated list of positive widths; got {self.hidden_units}.")
         check(self.architecture != "conv" or (len(self.conv_filters) == 2 and min(self.conv_filters) >= 1),
               f"--conv_filters must be two positive filter counts (encoder order; the decoder mirrors them); "
               f"got {self.conv_filters}.")
-        for name in ("lambda_kl", "max_log_ratio", "learning_rate", "debug_batch_sleep"):
+        for name in ("lambda_kl", "max_log_ratio", "learning_rate", "debug_batch_sleep", "refine_lr",
+                     "refine_momentum"):
             check(math.isfinite(getattr(self, name)), f"--{name} must be a finite number; got {getattr(self, name)}.")
         check(self.lambda_kl >= 0, f"--lambda_kl must be a number >= 0; got {self.lambda_kl}.")
         check(self.epochs >= 1, f"--epochs must be >= 1; got {self.epochs}.")
@@ -348,6 +381,11 @@ class RunConfig:
         return resolve_encoder_gradient(self.method, self.bound, self.component_bound, self.encoder_gradient)
 
     @property
+    def resolved_noise_seed(self) -> int:
+        """The seed of the training noise (`noise_seed`, or `seed` where it is -1)."""
+        return self.seed if self.noise_seed < 0 else self.noise_seed
+
+    @property
     def resolved_max_log_ratio(self) -> float | None:
         """The cap of RME's and boosting's KL log-ratio, or None for uncapped (any negative `max_log_ratio`)."""
         return resolve_max_log_ratio(self.max_log_ratio)
@@ -358,9 +396,13 @@ class RunConfig:
         with several components (one component is one network either way), `epochs_per_component` only where
         components join one at a time (`adds_components`; None otherwise), `lambda_kl` only for RME with several
         components and `max_log_ratio` only for RME or boosting with several (the only criteria that read them; None
-        otherwise), resolved (`resolved_max_log_ratio`: every negative cap is `inf`, uncapped); any other field as
-        it is."""
+        otherwise; the cap resolved, `resolved_max_log_ratio`: every negative cap is `inf`, uncapped), the `refine_*`
+        settings only for SA-VAE, `noise_seed` resolved (`resolved_noise_seed`); any other field as it is."""
         several = self.num_components > 1
+        if name == "noise_seed":
+            return self.resolved_noise_seed
+        if name.startswith("refine_"):
+            return getattr(self, name) if self.method == "savae" else None
         if name == "lambda_kl":
             return self.lambda_kl if self.method == "rme" and several else None
         if name == "max_log_ratio":
@@ -381,6 +423,14 @@ class RunConfig:
         if name == "epochs_per_component":
             return self.resolved_epochs_per_component if self.adds_components else None
         return getattr(self, name)
+
+    def identity(self) -> str:
+        """A stable hash (16 hex digits) of what the run trains: the `effective` value of every field outside
+        `RESUMABLE_FIELDS`. Two configs without `mismatches` have the same identity, whatever their directories,
+        evaluation or spelling ("auto" or what it means)."""
+        values = {f.name: self.effective(f.name) for f in dataclasses.fields(self) if f.name not in RESUMABLE_FIELDS}
+        text = json.dumps(values, sort_keys=True, default=list)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
     def mismatches(self, other: RunConfig) -> dict[str, tuple[Any, Any]]:
         """`{field: (self's value, other's value)}` for fields not in `RESUMABLE_FIELDS` whose `effective` values

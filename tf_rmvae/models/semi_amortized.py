@@ -32,13 +32,14 @@ import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from tf_rmvae.choices import REFINE_OBJECTIVES
 from tf_rmvae.layers.encoders import GaussianEncoder
 from tf_rmvae.models.latent_model import LatentVariableModel, replica_batch_layout
 from tf_rmvae.models.legacy_weights import GAUSSIAN_LAYOUT
 
 tfd = tfp.distributions
 
-ENCODER_OBJECTIVES = ("unrolled", "amortized")
+ENCODER_OBJECTIVES = REFINE_OBJECTIVES  # (the name this module exported first)
 
 
 @keras.saving.register_keras_serializable(package="tf_rmvae")

@@ -54,13 +54,14 @@ class BatchSleep(keras.callbacks.Callback):
 
 def make_callbacks(
     config: RunConfig, worker_dir: str | None = None, initial_epoch: int = 0, *, validation: bool = False,
-    preview: np.ndarray | None = None,
+    preview: np.ndarray | None = None, extra: tuple[keras.callbacks.Callback, ...] = (),
 ) -> list[keras.callbacks.Callback]:
     """The callbacks of a run in `config.model_dir` that resumes after `initial_epoch` completed epochs.
 
     `validation`: `fit` gets validation data: keep the best-validation checkpoint (and stop early if asked), on the
     validation value of the bound the run trains (`choices.resolve_best_monitor`).
     `preview`: a few images whose reconstructions TensorBoard shows every `config.image_every_epochs` epochs.
+    `extra`: the caller's callbacks (e.g. the benchmark's curve evaluation), run before the state is saved.
 
     The state is saved last (`run_dir.SaveState`: checkpoint, then backup) so that at the end of an epoch it is saved
     after the history row and the best checkpoint are written: an epoch whose state was saved always has them, and a
@@ -95,6 +96,7 @@ def make_callbacks(
             os.path.join(config.model_dir, run_dir.CHECKPOINT_DIR), monitor=monitor, mode=mode,
             patience=config.early_stopping_patience,
             write_directory=None if worker_dir is None else os.path.join(worker_dir, run_dir.CHECKPOINT_DIR)))
+    callbacks += list(extra)
     callbacks.append(run_dir.SaveState(
         os.path.join(write_dir, run_dir.BACKUP_DIR), os.path.join(write_dir, run_dir.CHECKPOINT_DIR),
         keep=config.keep_checkpoints if worker_dir is None else 1,

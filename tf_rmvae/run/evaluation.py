@@ -123,6 +123,17 @@ def mixture_summary(encoder, x: np.ndarray, batch_size: int = 500) -> tuple[np.n
     return weight_sum / count, entropy_sum / count
 
 
+def model_mixture_summary(model, x: np.ndarray) -> tuple[list[float], list[float]]:
+    """`mixture_summary` of `model`'s encoder on `x [N, ...]` as lists; for SA-VAE (one Gaussian, refined per
+    example: `variational_parameters`) `[1.0]` and the mean entropy (nats) of its refined posteriors."""
+    if not hasattr(model.encoder, "max_components"):
+        _, scale = model.variational_parameters(tf.constant(x))
+        entropy = tf.reduce_sum(0.5 * np.log(2 * np.pi * np.e) + tf.math.log(scale), -1)
+        return [1.0], [float(tf.reduce_mean(entropy))]
+    weights, entropies = mixture_summary(model.encoder, x)
+    return [float(w) for w in weights], [float(e) for e in entropies]
+
+
 def inference_function(model) -> Callable[[tf.Tensor], object]:
     """The test-time inference of `model` (what a served encoder computes for a batch of images).
 

@@ -20,6 +20,7 @@ from tf_rmvae.data import get_dataset_spec
 from tf_rmvae.layers.decoders import make_decoder
 from tf_rmvae.layers.encoders import GaussianEncoder, RecursiveMixtureEncoder
 from tf_rmvae.models.recursive_mixture_vae import RecursiveMixtureVAE
+from tf_rmvae.models.semi_amortized import SemiAmortizedVAE
 from tf_rmvae.run import directory as run_dir
 
 
@@ -90,14 +91,27 @@ def equal_parameter_hidden_units(
         encoder_parameter_count(image_shape, max_components=1, hidden_units=w, **encoder_kwargs) - target))
 
 
-def build_model(config: RunConfig, image_shape: tuple[int, int, int], binary: bool) -> RecursiveMixtureVAE:
-    """The unbuilt `RecursiveMixtureVAE` that `config` describes, for images `[H, W, C]` = `image_shape`."""
+def build_model(
+    config: RunConfig, image_shape: tuple[int, int, int], binary: bool
+) -> RecursiveMixtureVAE | SemiAmortizedVAE:
+    """The unbuilt model that `config` describes, for images `[H, W, C]` = `image_shape`: a `SemiAmortizedVAE` for
+    `method="savae"`, else a `RecursiveMixtureVAE`."""
+    encoder_hidden_units = None
+    if config.encoder_parameters_of:
+        encoder_hidden_units = equal_parameter_hidden_units(
+            tuple(image_shape), config.hidden_units, config.encoder_parameters_of, latent_dim=config.latent_dim,
+            architecture=config.architecture)
     encoder, decoder = build_networks(
         image_shape, binary, latent_dim=config.latent_dim, num_components=config.num_components,
         architecture=config.architecture, hidden_units=config.hidden_units, conv_filters=config.conv_filters,
         likelihood=config.decoder, seed=config.seed, per_example_proportions=config.per_example_proportions,
-        shared_trunk=config.shared_trunk,
+        shared_trunk=config.shared_trunk, encoder_hidden_units=encoder_hidden_units,
+        gaussian=config.method == "savae",
     )
+    if config.method == "savae":
+        return SemiAmortizedVAE(
+            encoder, decoder, refine_steps=config.refine_steps, refine_lr=config.refine_lr,
+            refine_momentum=config.refine_momentum, encoder_objective=config.refine_encoder_objective)
     return RecursiveMixtureVAE(
         encoder, decoder, method=config.method, lambda_kl=config.lambda_kl, schedule=config.schedule,
         bound=config.resolved_bound, component_bound=config.resolved_component_bound,
@@ -105,15 +119,20 @@ def build_model(config: RunConfig, image_shape: tuple[int, int, int], binary: bo
         encoder_gradient=config.resolved_encoder_gradient, encoder_groups=config.encoder_groups,
         max_log_ratio=config.resolved_max_log_ratio,
         train_previous=config.train_previous,
-        eps_search_every=config.eps_search_every, noise_seed=config.seed, nonfinite_inputs=config.nonfinite_inputs,
+        eps_search_every=config.eps_search_every, noise_seed=config.resolved_noise_seed,
+        nonfinite_inputs=config.nonfinite_inputs,
     )
 
 
-def build_compiled_model(config: RunConfig, image_shape, binary: bool) -> RecursiveMixtureVAE:
-    """`build_model`, built for `[None, *image_shape]` and compiled with Adam(`learning_rate`) and `jit_compile`."""
+def build_compiled_model(config: RunConfig, image_shape, binary: bool) -> RecursiveMixtureVAE | SemiAmortizedVAE:
+    """`build_model`, built for `[None, *image_shape]` and compiled with Adam(`learning_rate`) and `jit_compile`,
+    its optimizer built."""
     model = build_model(config, tuple(image_shape), binary)
     model.ensure_built((None, *image_shape))
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), jit_compile=config.jit_compile)
+    # Built here, on the model's variables in their order, not by the first step on the order that step applies its
+    # gradients in (SA-VAE's differs): a saved state then loads into a fresh model, which builds it so as well.
+    model.optimizer.build(model.trainable_variables)
     return model
 
 
@@ -134,7 +153,6 @@ def load_trained_model(model_dir: str, checkpoint: str | None = None) -> Recursi
     config = RunConfig.load(os.path.join(model_dir, run_dir.CONFIG_FILE))
     spec = get_dataset_spec(config.dataset)
     model = build_compiled_model(config, spec.image_shape, spec.binary)
-    model.optimizer.build(model.trainable_variables)
     if checkpoint is not None:
         model.load_weights(checkpoint)
         return model

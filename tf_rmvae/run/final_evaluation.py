@@ -20,7 +20,7 @@ from tf_rmvae.config import RunConfig
 from tf_rmvae.models.recursive_mixture_vae import RecursiveMixtureVAE
 from tf_rmvae.run import directory as run_dir
 from tf_rmvae.run import figures as plots
-from tf_rmvae.run.evaluation import evaluate, mixture_summary
+from tf_rmvae.run.evaluation import evaluate, model_mixture_summary
 from tf_rmvae.run.guards import chance_log_likelihood, check_exportable
 
 RECONSTRUCTIONS_FILE = "reconstructions.png"
@@ -33,16 +33,17 @@ def evaluate_run(model: RecursiveMixtureVAE, x_test: np.ndarray, config: RunConf
     their mean over `x_test`) and component entropies."""
     result = evaluate(model, x_test, iwae_samples=config.iwae_samples, chunk_size=config.eval_chunk_size,
                       seed=config.seed)
-    active = int(keras.ops.convert_to_numpy(model.encoder.num_active_components))
-    weights, entropies = mixture_summary(model.encoder, x_test)
+    # SA-VAE's one Gaussian encoder has no mixture state: one component, always active.
+    active = int(keras.ops.convert_to_numpy(getattr(model.encoder, "num_active_components", 1)))
+    weights, entropies = model_mixture_summary(model, x_test)
     return dict(
         examples=int(len(x_test)),
         elbo_mean=result["elbo_mean"], elbo_se=result["elbo_se"],
         log_likelihood_mean=result["log_likelihood_mean"], log_likelihood_se=result["log_likelihood_se"],
         iwae_samples=int(config.iwae_samples), eval_time_s=result["eval_time_s"],
         active_components=active,
-        mixture_weights=[float(w) for w in weights],
-        component_entropy=[float(h) if m < active else None for m, h in enumerate(entropies)],
+        mixture_weights=weights,
+        component_entropy=[h if m < active else None for m, h in enumerate(entropies)],
     )
 
 

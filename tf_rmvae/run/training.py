@@ -5,6 +5,8 @@
 
     metrics = train(RunConfig(model_dir="runs/quick"))      # rerunning the same call resumes or reports
     metrics["test"]["elbo_mean"], metrics["test"]["log_likelihood_mean"]
+    fitted = fit(config, callbacks=[...])                    # the same training, evaluated by the caller
+    fitted.model, fitted.history                             # (the benchmark's cells)
 
 Layout of `model_dir`:
 
@@ -32,8 +34,9 @@ recursion state (`num_active_components`, `mixing_logits`, the line-search accum
 variables (`iterations`, Adam's moments); `tf_rmvae.run.directory` adds the epoch count to the same file, writes it
 atomically and, on resume, loads the newest state that passes its checks (optimizer step = epochs x steps per
 epoch), falling back to the per-epoch checkpoints. The training data of epoch e is a function of (seed, e)
-(`tf_rmvae.data.pipeline.load_epochs`) and the training noise of step t of (seed, t), so a run killed and resumed
-ends with the weights of an uninterrupted run (up to float reduction order).
+(`tf_rmvae.data.pipeline.load_epochs`) and the training noise of step t of (noise seed, t), so a run killed and
+resumed ends with the weights of an uninterrupted run (up to float reduction order); not so with
+`data_order="reshuffled"` (how the benchmark's cells train), whose resumed epochs see other batches.
 
 Validation (`validation_examples`): the last examples of the training split are held out (`holdout_splits`) and
 evaluated after every epoch (`val_*` columns of `history.csv`). The validation noise is keyed by the step counter, so
@@ -54,7 +57,7 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import keras
 import numpy as np
@@ -62,7 +65,14 @@ import tensorflow as tf
 from absl import logging
 
 from tf_rmvae.config import ConfigError, RunConfig
-from tf_rmvae.data import DatasetSpec, DatasetUnavailableError, get_dataset_spec, holdout_splits, load_numpy
+from tf_rmvae.data import (
+    DatasetSpec,
+    DatasetUnavailableError,
+    get_dataset_spec,
+    holdout_splits,
+    load_dataset,
+    load_numpy,
+)
 from tf_rmvae.data.pipeline import load_epochs, split_size
 from tf_rmvae.files import json_ready, write_json_atomic
 from tf_rmvae.run import directory as run_dir
@@ -86,6 +96,8 @@ __all__ = [
     "build_networks",
     "check_before_writing",
     "equal_parameter_hidden_units",
+    "fit",
+    "FitResult",
     "load_trained_model",
     "train",
 ]
@@ -112,6 +124,33 @@ def train(config: RunConfig) -> dict[str, Any]:
       The metrics written to `model_dir/metrics.json`, its file paths as the run directory was given (plus
       `"skipped": True` for an already finished run).
     """
+    return _run(config, evaluate=True, callbacks=())
+
+
+@dataclasses.dataclass(frozen=True)
+class FitResult:
+    """What `fit` returns: the trained model (the last epoch's weights), the `History` of the epochs this call
+    trained, the epoch it resumed after (0: a fresh start) and its training time."""
+
+    model: keras.Model
+    history: keras.callbacks.History
+    resumed_from: int
+    train_time_s: float
+
+
+def fit(config: RunConfig, callbacks: Sequence[keras.callbacks.Callback] = ()) -> FitResult:
+    """Trains the run that `config` describes into `config.model_dir` as `train` does (the same checks, lock, model,
+    data, callbacks and checked resume state), and returns the model without evaluating, drawing or exporting it:
+    for callers that evaluate it their own way (the benchmark's cells).
+
+    `callbacks` run at every epoch's end before the resume state is saved (an epoch whose state is saved has their
+    work done). Rerunning after an interruption resumes; rerunning a finished run trains no epoch and returns its
+    saved weights. A `model_dir` holding a run with different settings raises `ConfigError`.
+    """
+    return _run(config, evaluate=False, callbacks=tuple(callbacks))
+
+
+def _run(config: RunConfig, evaluate: bool, callbacks: tuple) -> dict[str, Any] | FitResult:
     start = time.perf_counter()
     # The run's files (config.json, metrics.json) name the bound, samples and schedule it trains with, never "auto":
     # a later default cannot change what a resumed run trains.
@@ -120,11 +159,11 @@ def train(config: RunConfig) -> dict[str, Any]:
     chief = distribute.is_chief(strategy)
     check_before_writing(config, chief)
     if not chief:  # workers write nothing to model_dir: the chief holds its lock
-        return _train_locked(config, strategy, chief, start)
+        return _train_locked(config, strategy, chief, start, evaluate, callbacks)
     os.makedirs(config.model_dir, exist_ok=True)
     with run_dir.RunLock(config.model_dir):
         run_dir.remove_stale_temporaries(config.model_dir)
-        return _train_locked(config, strategy, chief, start)
+        return _train_locked(config, strategy, chief, start, evaluate, callbacks)
 
 
 def _make_strategy(config: RunConfig) -> tf.distribute.Strategy:
@@ -157,9 +196,10 @@ def check_before_writing(config: RunConfig, chief: bool = True) -> None:
             run_dir.check_writable(config.resolved_export_dir, "export_dir")
 
 
-def _train_locked(config: RunConfig, strategy, chief: bool, start: float) -> dict[str, Any]:
+def _train_locked(config: RunConfig, strategy, chief: bool, start: float, evaluate: bool,
+                  callbacks: tuple) -> dict[str, Any] | FitResult:
     finished = run_dir.check_run_dir(config)
-    if finished is not None:
+    if finished is not None and evaluate:
         logging.info("%s already finished (%d epochs); nothing to train.", config.model_dir,
                      finished["epochs_completed"])
         return dict(finished, skipped=True)
@@ -172,6 +212,8 @@ def _train_locked(config: RunConfig, strategy, chief: bool, start: float) -> dic
     previous_policy = distribute.set_precision(config.mixed_precision)
     worker_dir = None if chief else tempfile.mkdtemp(prefix="rmvae_worker_")
     try:
+        if not evaluate:
+            return _fit_in_strategy(config, strategy, chief, worker_dir, callbacks).result
         return _train_in_strategy(config, strategy, chief, worker_dir, start)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
@@ -179,7 +221,17 @@ def _train_locked(config: RunConfig, strategy, chief: bool, start: float) -> dic
             shutil.rmtree(worker_dir, ignore_errors=True)
 
 
-def _train_in_strategy(config: RunConfig, strategy, chief: bool, worker_dir: str | None, start: float) -> dict:
+@dataclasses.dataclass(frozen=True)
+class _Fitted:
+    result: FitResult
+    data: _RunData
+    x_validation: np.ndarray | None
+    train_end: float
+
+
+def _fit_in_strategy(config: RunConfig, strategy, chief: bool, worker_dir: str | None,
+                     callbacks: tuple = ()) -> _Fitted:
+    """Builds the model, restores the run's state and trains the remaining epochs."""
     keras.utils.set_random_seed(config.seed)
     data = _RunData.of(config)
     with strategy.scope():
@@ -187,8 +239,16 @@ def _train_in_strategy(config: RunConfig, strategy, chief: bool, worker_dir: str
         resumed_from = run_dir.restore(model, config.model_dir, data.steps_per_epoch)
     if resumed_from:
         logging.info("Resuming %s after epoch %d of %d.", config.model_dir, resumed_from, config.epochs)
-    x_validation = _fit(model, config, data, chief, worker_dir, resumed_from)
+    fit_start = time.perf_counter()
+    x_validation, history = _fit(model, config, data, chief, worker_dir, resumed_from, callbacks)
     train_end = time.perf_counter()
+    return _Fitted(FitResult(model, history, resumed_from, train_end - fit_start), data, x_validation, train_end)
+
+
+def _train_in_strategy(config: RunConfig, strategy, chief: bool, worker_dir: str | None, start: float) -> dict:
+    fitted = _fit_in_strategy(config, strategy, chief, worker_dir)
+    model, resumed_from = fitted.result.model, fitted.result.resumed_from
+    data, x_validation, train_end = fitted.data, fitted.x_validation, fitted.train_end
     # The backup may be older than the state resumed from (a checkpoint, after a failed backup save).
     epochs_completed = max(resumed_from, run_dir.saved_epoch(config.model_dir))
     stopped_early = epochs_completed < config.epochs and run_dir.early_stop_reached(config, epochs_completed)
@@ -254,6 +314,14 @@ def _epochs(config: RunConfig, train_split: str, first_epoch: int, last_epoch: i
     Epoch e's batches are a function of (seed, e): a resumed run sees the data the uninterrupted run saw. Every
     step has the full global batch (the last incomplete batch of an epoch is dropped) on any strategy.
     """
+    if config.data_order == "reshuffled" and first_epoch < last_epoch:
+        # One epoch of batches, reshuffled by tf.data on every pass of `fit` (no `steps_per_epoch`: Keras then starts
+        # a new pass each epoch); its steps are those of the epoch-keyed pipeline (same examples, same batch).
+        _, steps = load_epochs(config.dataset, train_split, config.batch_size, 0, 0, seed=config.seed,
+                               data_dir=config.data_dir or None, take=config.train_examples or None)
+        return load_dataset(
+            config.dataset, train_split, config.batch_size, seed=config.seed, take=config.train_examples or None,
+            data_dir=config.data_dir or None, drop_remainder=True), steps
     return load_epochs(
         config.dataset, train_split, config.batch_size, first_epoch, last_epoch,
         seed=config.seed, data_dir=config.data_dir or None, take=config.train_examples or None,
@@ -262,8 +330,9 @@ def _epochs(config: RunConfig, train_split: str, first_epoch: int, last_epoch: i
 
 
 def _fit(model, config: RunConfig, data: _RunData, chief: bool, worker_dir: str | None,
-         resumed_from: int) -> np.ndarray | None:
-    """Trains the epochs after `resumed_from` with the run's callbacks; returns the validation images or None."""
+         resumed_from: int, extra_callbacks: tuple = ()) -> tuple[np.ndarray | None, keras.callbacks.History]:
+    """Trains the epochs after `resumed_from` with the run's callbacks (and `extra_callbacks`, before the state is
+    saved); returns the validation images or None, and the `History` of the epochs trained."""
     # Early stopping decided after the saved epochs (a run killed after it stopped): train no further epoch.
     epochs = resumed_from if run_dir.early_stop_reached(config, resumed_from) else config.epochs
     train_data, _ = _epochs(config, data.train_split, min(resumed_from, epochs), epochs)
@@ -280,12 +349,14 @@ def _fit(model, config: RunConfig, data: _RunData, chief: bool, worker_dir: str 
     ), enabled=chief and config.verbose > 0)
     preview = _preview_images(config, x_validation, data.train_split) if chief else None
     callbacks = make_callbacks(config, worker_dir, resumed_from, validation=validation_data is not None,
-                               preview=preview)
+                               preview=preview, extra=extra_callbacks)
+    # The reshuffled pipeline holds one epoch, which `fit` iterates anew each epoch (`_epochs`).
+    steps = None if config.data_order == "reshuffled" else data.steps_per_epoch
     # shuffle=False: the dataset is shuffled already (per epoch, see load_epochs); Keras warns about the default.
-    model.fit(train_data, epochs=epochs, steps_per_epoch=data.steps_per_epoch,
-              initial_epoch=min(resumed_from, epochs), shuffle=False, validation_data=validation_data,
-              callbacks=callbacks, verbose=config.verbose if chief else 0)
-    return x_validation
+    history = model.fit(train_data, epochs=epochs, steps_per_epoch=steps,
+                        initial_epoch=min(resumed_from, epochs), shuffle=False, validation_data=validation_data,
+                        callbacks=callbacks, verbose=config.verbose if chief else 0)
+    return x_validation, history
 
 
 def _validation_data(config: RunConfig, split: str | None, options: tf.data.Options):
