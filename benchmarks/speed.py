@@ -145,10 +145,10 @@ class _TimedModel(NamedTuple):
     encoder_gradient: str = "reparam"
 
 
-def train_step_times(config: SpeedConfig, mode: str) -> dict[str, float]:
-    """`{"vae": s, "rme_M2": s, ..., "rme_shared_M8": s, "iwae_k8": s}`: median seconds of one training step at
-    `train_batch_size`, the models' steps called in turn in every round (`evaluation.time_functions`), so a slowdown
-    of a shared machine hits them alike and their ratios stay comparable."""
+def train_step_times(config: SpeedConfig, mode: str) -> dict[str, list[float]]:
+    """`{"vae": [s, ...], "rme_M2": [...], ..., "iwae_k8": [...]}`: seconds of one training step at `train_batch_size`
+    in each round, the models' steps called in turn in every round (`evaluation.time_rounds`), so a slowdown of a
+    shared machine hits them alike and their per-round ratios stay comparable (`evaluation.paired_ratio`)."""
     jit = mode == "jit"
     x = _images(config.train_batch_size, seed=1)
     steps = {}
@@ -178,7 +178,7 @@ def train_step_times(config: SpeedConfig, mode: str) -> dict[str, float]:
                 continue  # one loss: one backward pass either way
             step = two_pass_train_step(model) if two_pass else model.train_step
             steps[spec.name + ("_twopass" if two_pass else "")] = tf.function(step, jit_compile=jit)
-    return evaluation.time_functions(steps, x, repeats=config.repeats)
+    return evaluation.time_rounds(steps, x, repeats=config.repeats)
 
 
 def two_pass_train_step(model: tf_rmvae.RecursiveMixtureVAE):
@@ -201,8 +201,10 @@ def two_pass_train_step(model: tf_rmvae.RecursiveMixtureVAE):
     return step
 
 
-def ratios_and_targets(config: SpeedConfig, inference: dict, training: dict) -> tuple[dict, list[dict]]:
-    """Ratios to the VAE and the issue's targets (value, bound, PASS/FAIL)."""
+def ratios_and_targets(config: SpeedConfig, inference: dict, training_rounds: dict) -> tuple[dict, list[dict]]:
+    """Ratios to the VAE and the issue's targets (value, bound, PASS/FAIL); training steps as paired ratios, the
+    median over rounds of the two steps' times in the same round (`train_step_times`)."""
+    training, ratio = training_rounds, evaluation.paired_ratio
     m = config.target_components
     rme = f"rme_encoder_M{m}"
     vae = "vae_encoder"
@@ -214,7 +216,7 @@ def ratios_and_targets(config: SpeedConfig, inference: dict, training: dict) -> 
             ratios[f"savae_{steps}/rme_M{m}@{batch}"] = savae_time / inference[rme][batch]
     for components in config.components:
         ratios[f"train_rme_M{components}/train_vae@{config.train_batch_size}"] = (
-            training[f"rme_M{components}"] / training["vae"]
+            ratio(training[f"rme_M{components}"], training["vae"])
         )
     # The sampled shared-trunk RME against IWAE with as many decoder passes or the next M it was timed with (3 x 5
     # against k = 16: the issue's pairing), and every DReG twin against its plain twin.
@@ -224,15 +226,16 @@ def ratios_and_targets(config: SpeedConfig, inference: dict, training: dict) -> 
             for name in (f"rme_shared_M{heads}_ciw_S{samples}{suffix}",
                          f"rme_shared_M{heads}_ciw_S{samples}{suffix}_twopass"):
                 if iwae is not None and name in training:
-                    ratios[f"train_{name}/train_{iwae}@{config.train_batch_size}"] = training[name] / training[iwae]
+                    ratios[f"train_{name}/train_{iwae}@{config.train_batch_size}"] = ratio(
+                        training[name], training[iwae])
     for name in training:
         if name.endswith("_twopass"):
             ratios[f"train_{name}/train_{name.removesuffix('_twopass')}@{config.train_batch_size}"] = (
-                training[name] / training[name.removesuffix("_twopass")])
+                ratio(training[name], training[name.removesuffix("_twopass")]))
         elif name.endswith("_dreg") or name.startswith("iwae_dreg_"):
             plain = name.removesuffix("_dreg").replace("iwae_dreg_", "iwae_")
             if plain in training:
-                ratios[f"train_{name}/train_{plain}@{config.train_batch_size}"] = training[name] / training[plain]
+                ratios[f"train_{name}/train_{plain}@{config.train_batch_size}"] = ratio(training[name], training[plain])
     small, large = min(config.batch_sizes), max(config.batch_sizes)
     targets = [
         dict(name=f"batch {small}: RME(M={m}) <= 2 x VAE encoder",
@@ -262,8 +265,9 @@ def run(config: SpeedConfig, log=print) -> dict:
     )
     for mode in config.modes:
         inference = inference_times(config, mode)
-        training = train_step_times(config, mode)
-        ratios, targets = ratios_and_targets(config, inference, training)
+        rounds = train_step_times(config, mode)
+        ratios, targets = ratios_and_targets(config, inference, rounds)
+        training = {name: float(np.median(times)) for name, times in rounds.items()}
         result["modes"][mode] = dict(
             inference_ms={name: {str(b): 1000 * t for b, t in by_batch.items()}
                           for name, by_batch in inference.items()},

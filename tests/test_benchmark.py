@@ -564,3 +564,13 @@ def test_a_cell_interrupted_under_backup_and_restore_is_adopted_and_resumed(tmp_
     [row] = harness.run_benchmark(config, log=lambda line: None)
     assert row["epochs"] == 2 and run_dir.saved_epoch(str(cell_dir)) == 2
     assert len(run_dir.read_history(str(cell_dir / "history.csv"))) == 1  # only epoch 2 trained here
+
+
+def test_paired_ratio_takes_each_rounds_ratio_so_a_slowdown_between_rounds_cancels():
+    # Round 2 ran on a loaded machine for `a`, round 3 for `b`: the ratio of medians (10 / 0.5) says 20, each round 2.
+    a, b = [1.0, 10.0, 10.0], [0.5, 0.5, 5.0]
+    assert evaluation.paired_ratio(a, b) == pytest.approx(np.median([2.0, 20.0, 2.0]))
+    assert np.median(a) / np.median(b) == pytest.approx(20.0)
+    rounds = evaluation.time_rounds({"x": lambda v: v, "y": lambda v: v}, 1.0, repeats=5, warmup=1)
+    assert {name: len(times) for name, times in rounds.items()} == {"x": 5, "y": 5}
+    assert evaluation.time_rounds({}, 1.0) == {}

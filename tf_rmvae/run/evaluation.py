@@ -150,10 +150,11 @@ def time_function(fn: Callable, *args, repeats: int = 20, warmup: int = 3) -> fl
     return time_functions({"fn": fn}, *args, repeats=repeats, warmup=warmup)["fn"]
 
 
-def time_functions(functions: dict[str, Callable], *args, repeats: int = 20, warmup: int = 3) -> dict[str, float]:
-    """`{name: median seconds of fn(*args)}`, the functions called in turn in every round: a slowdown of a shared
-    machine then hits all of them alike, and their ratios stay comparable. Each round starts one function later
-    than the last, so no function always runs right after the same neighbour (caches, allocator state)."""
+def time_rounds(functions: dict[str, Callable], *args, repeats: int = 20, warmup: int = 3) -> dict[str, list[float]]:
+    """`{name: [seconds of fn(*args) in each round]}`, the functions called in turn in every round: a slowdown of a
+    shared machine then hits all of them alike, and the ratio of two functions' times in one round stays comparable
+    (`paired_ratio`). Each round starts one function later than the last, so no function always runs right after
+    the same neighbour (caches, allocator state)."""
     def run(fn):
         return tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, fn(*args))
 
@@ -162,15 +163,26 @@ def time_functions(functions: dict[str, Callable], *args, repeats: int = 20, war
             run(fn)
     times = {name: [] for name in functions}
     order = list(functions.items())
-    if not order:
-        return {}
-    for round_index in range(max(repeats, 1)):
+    for round_index in range(max(repeats, 1) if order else 0):
         shift = round_index % len(order)
         for name, fn in order[shift:] + order[:shift]:
             start = time.perf_counter()
             run(fn)
             times[name].append(time.perf_counter() - start)
-    return {name: float(np.median(values)) for name, values in times.items()}
+    return times
+
+
+def time_functions(functions: dict[str, Callable], *args, repeats: int = 20, warmup: int = 3) -> dict[str, float]:
+    """`{name: median seconds of fn(*args)}` over the rounds of `time_rounds`."""
+    return {name: float(np.median(values))
+            for name, values in time_rounds(functions, *args, repeats=repeats, warmup=warmup).items()}
+
+
+def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """The median over rounds of one function's time over another's in the same round (`time_rounds`): robust to a
+    machine whose load changes between rounds, where a ratio of two medians is not."""
+    ratios = np.asarray(numerator, np.float64) / np.asarray(denominator, np.float64)
+    return float(np.median(ratios))
 
 
 def inference_time(model, x: np.ndarray, repeats: int = 20, jit_compile: bool = False) -> float:

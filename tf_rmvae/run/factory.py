@@ -74,8 +74,9 @@ def encoder_parameter_count(image_shape: tuple[int, int, int], **encoder_kwargs)
 def equal_parameter_hidden_units(
     image_shape: tuple[int, int, int], hidden_units: tuple[int, ...], num_components: int, **encoder_kwargs
 ) -> tuple[int, ...]:
-    """Widths of one Gaussian encoder with about as many parameters as `num_components` encoders of
+    """Widths of one Gaussian encoder with about as many parameters as `num_components` independent encoders of
     `hidden_units` (all widths scaled by one factor, found by bisection; e.g. 200,200 x 4 -> 585,585 on MNIST)."""
+    encoder_kwargs = {**encoder_kwargs, "shared_trunk": False}  # M networks, whatever the encoder's default
     target = encoder_parameter_count(
         image_shape, max_components=num_components, hidden_units=hidden_units, **encoder_kwargs)
 
