@@ -85,12 +85,12 @@ def comparison_table(reference: str, model: str, per_seed: list[dict]) -> str:
     epochs = sorted({e for row in per_seed for e in row["curve"]})
     show = lambda pair: "-" if pair is None else f"{pair[0]:+.2f} ({pair[1]:.2f})"  # noqa: E731
     lines = [f"{model} minus {reference} (paired s.e.)", "",
-             "| seed | log p(x) | ELBO | " + " | ".join(f"epoch {e}" for e in epochs) + " |",
+             "| seed | log p(x) | ELBO |" + "".join(f" epoch {e} |" for e in epochs),
              "| --- | --- | --- |" + " --- |" * len(epochs)]
     for row in per_seed:
         cells = [show(row["curve"].get(e)) for e in epochs]
-        lines.append(f"| {row['seed']} | {show(row['log_likelihood'])} | {show(row['elbo'])} | "
-                     + " | ".join(cells) + " |")
+        lines.append(f"| {row['seed']} | {show(row['log_likelihood'])} | {show(row['elbo'])} |"
+                     + "".join(f" {cell} |" for cell in cells))
     finals = [row["log_likelihood"][0] for row in per_seed if row["log_likelihood"] is not None]
     if len(finals) > 1:
         spread = np.std(finals, ddof=1) / np.sqrt(len(finals))
