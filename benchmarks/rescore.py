@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from benchmarks import cell_files
+from tf_rmvae.files import write_json_atomic
 
 
 def scoring_name(iwae_samples: int, examples: int) -> str:
@@ -68,9 +69,7 @@ def score_cell(directory: str, iwae_samples: int, examples: int, chunk: int, bat
         first_digits=first, first_digits_log_likelihood=float(np.mean(test["log_likelihood"][:first])),
         first_digits_log_likelihood_at_training=at_training, training_iwae_samples=config.iwae_samples,
     )
-    with open(path + ".json.tmp", "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(path + ".json.tmp", path + ".json")
+    write_json_atomic(path + ".json", summary)
     return summary
 
 

@@ -182,23 +182,16 @@ def train_step_times(config: SpeedConfig, mode: str) -> dict[str, list[float]]:
 
 
 def two_pass_train_step(model: tf_rmvae.RecursiveMixtureVAE):
-    """`model`'s training step with each loss's own backward pass through the decoder (`gradient_routes`), as it
-    was before `RecursiveMixtureTrainer.gradients` took one pass for both: the same gradients (tested in
-    `tests/test_decoder_pass.py`), timed beside it. Frozen components are not restored (timing only)."""
+    """`model`'s own training step with each loss's gradient taken by its own backward pass through the decoder
+    (`gradient_routes`), as it was before `RecursiveMixtureTrainer.gradients` took one pass for both: the same
+    gradients (tested in `tests/test_decoder_pass.py`), timed beside it. Changes `model` (a model built to be timed)."""
 
-    def step(data):
-        x = model._unpack(data)
-        with tf.GradientTape(persistent=True) as tape:
-            terms = model.terms(x, noise=model.rme.training_noise(x, model.optimizer.iterations))
-            losses = model.rme.losses(terms, model.optimizer)
-        gradients = []
-        for loss, variables in model.rme.gradient_routes(losses, model.trainable_variables):
-            gradients += zip(tape.gradient(loss, variables), variables)
-        model.optimizer.apply_gradients(gradients)
-        model.rme.after_step(terms)
-        return model._update_metrics(terms)
+    def routed_gradients(tape, losses, variables):
+        return [pair for loss, route in model.rme.gradient_routes(losses, variables)
+                for pair in zip(tape.gradient(loss, route), route)]
 
-    return step
+    model.rme.gradients = routed_gradients  # this instance only: `apply_gradients` calls it
+    return model.train_step
 
 
 def ratios_and_targets(config: SpeedConfig, inference: dict, training_rounds: dict) -> tuple[dict, list[dict]]:
