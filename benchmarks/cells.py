@@ -24,8 +24,9 @@ ALL_METHODS = ("vae", "mixture", "boosting", "rme", "savae", "vae_equal_params",
 # iwae is a VAE trained on the IWAE bound with k = M samples (as many decoder passes per step as RME's M slots);
 # piwae is PIWAE(M, K = num_samples): the encoder on MIWAE(M, K), the decoder on IWAE(M K).
 SINGLE_COMPONENT_METHODS = ("vae", "savae", "vae_equal_params", "iwae", "piwae")
-# Methods whose encoder gradient is swept over `encoder_gradients` (rme only with importance-weighted criteria).
-ENCODER_GRADIENT_METHODS = ("iwae", "piwae", "rme")
+# Methods whose encoder gradient is swept over `encoder_gradients` (rme only with importance-weighted criteria,
+# mixture only on the "iw" bound).
+ENCODER_GRADIENT_METHODS = ("iwae", "piwae", "rme", "mixture")
 BOUND_METHODS = ("rme", "mixture")  # methods whose decoder/mixture bound is swept over `bounds`
 LEGACY_SAVAE_STEPS = 10  # the SA-VAE cell labelled plain "savae" (earlier runs had one SA-VAE cell)
 
@@ -49,8 +50,8 @@ class BenchmarkConfig:
     one model at several schedules can share a cells directory, a table and a frontier (off: the labels of
     committed cells stay as they are). A stage as long as the run (`epochs_per_component >= epochs`) is the no-join
     control: components never join (label suffix `_nojoin`). `encoder_gradients` ("reparam", "dreg") apply to
-    iwae, piwae and rme on importance-weighted component criteria (`RecursiveMixtureVAE(encoder_gradient=...)`;
-    labels `iwae_dreg_k<k>`, `piwae_dreg_M<M>_K<K>`, suffix `_dreg`).
+    iwae, piwae, rme on importance-weighted component criteria and mixture on the "iw" bound
+    (`RecursiveMixtureVAE(encoder_gradient=...)`; labels `iwae_dreg_k<k>`, `piwae_dreg_M<M>_K<K>`, suffix `_dreg`).
     `eval_examples = 0` / `train_examples = 0` use the full split. `rme_max_log_ratio < 0` runs RME (and boosting)
     with the uncapped criterion; `rme_train_previous = False` freezes earlier components (ablations).
     `lambdas` apply to "rme" only (boosting and the other baselines have no lambda; their rows hold
@@ -164,7 +165,7 @@ class Cell:
     # Where the run names cells by their schedule (`schedule_in_label`): epochs per component, in the label only
     # (the run's `epochs_per_component` is what trains it and what its fingerprint records).
     epochs_per_component: int | None = None
-    encoder_gradient: str = "reparam"  # iwae, piwae, rme on importance-weighted criteria
+    encoder_gradient: str = "reparam"  # iwae, piwae, rme on importance-weighted criteria, mixture on "iw"
     joins: bool = True  # False: a stage-wise mixture whose components never join (the no-join control)
 
     @property
@@ -225,7 +226,8 @@ def cells(config: BenchmarkConfig) -> list[Cell]:
                     result.extend(Cell(method, m, None, seed, None, encoder_gradient=g, **options) for g in gradients)
                     continue
                 if method in ("mixture", "vae_equal_params"):
-                    result.extend(Cell(method, m, None, seed, None, bound=b, **options) for b in bounds)
+                    result.extend(Cell(method, m, None, seed, None, bound=b, encoder_gradient=g, **options)
+                                  for b in bounds for g in gradients if g == "reparam" or b == "iw")
                     continue
                 for schedule in config.schedules:
                     lambdas = config.lambdas if method == "rme" else (None,)

@@ -90,6 +90,9 @@ CASES = {
     "rme_dreg_newest_at_eps0": (RME_DREG, (0.4, 0.0)),  # its samples get (almost) no decoder weight
     "rme_dreg_frozen": (dict(RME_DREG, train_previous=False, shared_trunk=False), (0.5, 0.3)),
     "rme_dreg_per_example": (dict(RME_DREG, per_example=True), (0.4, 0.3)),
+    "mixture_dreg": (dict(method="mixture", bound="iw", num_samples=3, encoder_gradient="dreg"), ()),
+    "mixture_dreg_per_example": (dict(method="mixture", bound="iw", num_samples=2, encoder_gradient="dreg",
+                                      per_example=True), ()),
     "rme_reparam_stage3": (dict(RME_DREG, encoder_gradient="reparam"), (0.4, 0.3)),
     "rme_paper_stage2": (dict(lambda_kl=0.3, bound="elbo", num_samples=2), (0.3,)),
     "boosting_stage2": (dict(method="boosting", bound="iw", num_samples=2), (0.3,)),

@@ -59,8 +59,9 @@ def encoder_objective_problem(method: str, bound: str, component_bound: str, num
                               encoder_gradient: str, encoder_groups: int) -> str | None:
     """Why `encoder_gradient` and `encoder_groups` do not apply to a model, or None when they do.
 
-    DReG applies to an importance-weighted objective of one proposal: IWAE (`method="vae"` on the "iw" bound) or RME's
-    components on their importance-weighted criteria. `encoder_groups = G > 1` is PIWAE: a VAE on the "iw" bound
+    DReG applies to an importance-weighted objective: IWAE (`method="vae"` on the "iw" bound), RME's components on their
+    importance-weighted criteria, or a jointly trained mixture on the "iw" bound (`method="mixture"`, the stratified
+    bound's DReG). `encoder_groups = G > 1` is PIWAE: a VAE on the "iw" bound
     whose encoder trains on MIWAE(G, S / G) (`num_samples` S divisible by G) while its decoder trains on IWAE(S).
     `num_samples` 0 ("auto") is read as `resolve_num_samples` gives it, `encoder_gradient` "auto" as
     `resolve_encoder_gradient` gives it."""
@@ -79,17 +80,19 @@ def encoder_objective_problem(method: str, bound: str, component_bound: str, num
             return f"encoder_groups ({encoder_groups}) must divide num_samples ({samples})."
     if encoder_gradient == "dreg":
         rme_iw = method == "rme" and resolve_component_bound(method, bound, component_bound) == "iw"
-        if not (iwae or rme_iw):
-            return ("encoder_gradient='dreg' applies to method 'vae' on bound 'iw' (IWAE) and to method 'rme' with "
-                    f"component_bound 'iw'; got method {method!r}, bound {bound!r}.")
+        mixture_iw = method == "mixture" and bound == "iw"
+        if not (iwae or rme_iw or mixture_iw):
+            return ("encoder_gradient='dreg' applies to method 'vae' on bound 'iw' (IWAE), to method 'rme' with "
+                    f"component_bound 'iw' and to method 'mixture' on bound 'iw'; got method {method!r}, bound "
+                    f"{bound!r}.")
     return None
 
 
 def resolve_encoder_gradient(method: str, bound: str, component_bound: str, encoder_gradient: str) -> str:
     """The estimator that the `encoder_gradient` setting names; "auto" is "dreg" for RME on importance-weighted
     component criteria (`resolve_component_bound`): with DReG its components were better proposals and better
-    posteriors at 40 epochs in every seed measured (docs/results.md); "reparam" otherwise (IWAE-DReG is asked for by
-    name, so `method="vae"` on the "iw" bound stays IWAE)."""
+    posteriors at 40 epochs in every seed measured (docs/results.md); "reparam" otherwise (IWAE-DReG and the mixture's
+    DReG are asked for by name, so `method="vae"` on the "iw" bound stays IWAE and a mixture keeps its numbers)."""
     if encoder_gradient != "auto":
         return encoder_gradient
     return "dreg" if method == "rme" and resolve_component_bound(method, bound, component_bound) == "iw" else "reparam"

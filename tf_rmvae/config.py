@@ -184,9 +184,10 @@ class RunConfig:
         "component criteria, 1 otherwise).")
     encoder_gradient: str = setting(
         "auto", "How the encoder's importance-weighted objective is differentiated: reparam (ordinary) or dreg "
-        "(doubly reparameterised, DReG): --method=vae on --bound=iw (IWAE-DReG) or --method=rme on "
-        "--component_bound=iw (DReG on each component's bound); auto: dreg for --method=rme on importance-weighted "
-        "component criteria, reparam otherwise.", choices=ENCODER_GRADIENT_SETTINGS)
+        "(doubly reparameterised, DReG): --method=vae on --bound=iw (IWAE-DReG), --method=rme on "
+        "--component_bound=iw (DReG on each component's bound) or --method=mixture on --bound=iw (the stratified "
+        "bound's DReG for the components); auto: dreg for --method=rme on importance-weighted component criteria, "
+        "reparam otherwise.", choices=ENCODER_GRADIENT_SETTINGS)
     encoder_groups: int = setting(
         1, "--method=vae on --bound=iw: G > 1 trains the encoder on MIWAE(G, num_samples / G) and the decoder on "
         "IWAE(num_samples) (PIWAE); 1: both on the bound.")

@@ -11,7 +11,7 @@ closed forms. The per-component criteria of the training methods are small calla
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, NamedTuple
 
 import tensorflow as tf
 
@@ -77,6 +77,65 @@ def stratified_importance_weighted_bound(
     num_samples = tf.cast(tf.shape(log_joint)[0], log_joint.dtype)
     log_terms = log_slot_weights + log_joint - log_q  # [S, ..., M]
     return tf.reduce_logsumexp(tf.reduce_logsumexp(log_terms, axis=-1), axis=0) - tf.math.log(num_samples)
+
+
+class MixtureDensities(NamedTuple):
+    """What the doubly reparameterised gradient of a mixture proposal reads besides `log p(x, z)` (shapes as in the
+    module docstring)."""
+
+    log_h_fixed: tf.Tensor  # [S, B, M, M] log h_j(z_si), the components' parameters stopped (z not)
+    log_h_at_fixed_samples: tf.Tensor  # [S, B, M, M] log h_j(z_si), the samples stopped (the parameters not)
+    log_weights: tf.Tensor  # [B, M] (or [M]) mixture log-weights (their gradient is stopped here)
+
+
+def stratified_importance_weighted_dreg(log_joint: tf.Tensor, densities: MixtureDensities) -> tf.Tensor:
+    """The stratified importance-weighted bound of a mixture proposal (`stratified_importance_weighted_bound`, each
+    slot drawing from its own component) with a doubly reparameterised gradient for the components' parameters.
+
+    With `w_si = a_i p(x, z_si) / q(z_si)`, `W_si = w_si / sum w` (normalised over the S M samples),
+    `q = sum_k a_k h_k`, `r_k(z) = a_k h_k(z) / q(z)` (k's responsibility) and `z_si = T_i(e_si; phi_i)`
+    reparameterised, the ordinary gradient of the bound for component k's parameters `phi_k` is
+
+        sum_si W_si [ d log w_si / dz . dz_si / dphi_k  -  r_k(z_si) d log h_k(z_si) / dphi_k |_z ].
+
+    The second (score) term of each sample of k's own stratum (i = k) is replaced by its reparameterised equivalent,
+    `E_{h_k}[F(z) d log h_k / dphi_k] = E_{h_k}[dF/dz . dz/dphi_k]` with `F = W_sk r_k` (the other samples fixed):
+    `dW_sk/dz = W_sk (1 - W_sk) d log w_sk / dz`, so the estimator is
+
+        sum_s [ W_sk (1 - (1 - W_sk) r_k(z_sk)) d log w_sk / dz  -  W_sk d r_k(z_sk) / dz ] . dz_sk / dphi_k
+          -  sum_{s, i != k} W_si r_k(z_si) d log h_k(z_si) / dphi_k |_z
+
+    (all z-derivatives at fixed parameters). It is unbiased for the bound's gradient; with one component (r = 1) it is
+    DReG (`doubly_reparameterized_log_mean_exp`). The other strata's terms keep their exact partial derivative: a
+    reparameterised equivalent of theirs (Bauer & Mnih 2021) needs the decoder's z-gradient at a sample of stratum i
+    along component k's transport, weighted by the sample's own normalised weight, which one backward pass through the
+    decoder at the samples' own paths cannot give (`tf_rmvae.models.decoder_pass`). Only the decoder reads `log_joint`
+    here through the samples' own paths, so the step's one backward pass serves this gradient too. The mixture weights
+    get no gradient from it (stopped): they and the decoder train on the bound's ordinary gradient.
+
+    Args:
+      log_joint: `[S, B, M]` `log p(x, z_si)` at each component's samples (reparameterised).
+      densities: `MixtureDensities` at the same samples.
+
+    Returns:
+      `[B]` the bound (its value), with the gradient above.
+    """
+    log_w = tf.stop_gradient(densities.log_weights)
+    log_q = mixture_log_density(densities.log_h_fixed, log_w)  # [S, B, M], q's parameters stopped
+    log_ratio = log_w + log_joint - log_q  # log w_si
+    log_total = tf.reduce_logsumexp(log_ratio, axis=[0, 2], keepdims=True)
+    weights = tf.stop_gradient(tf.exp(log_ratio - log_total))  # W_si
+    # r_i(z_si): each sample's own component's responsibility, the parameters stopped (so a function of z only).
+    responsibility = tf.exp(log_w + tf.linalg.diag_part(densities.log_h_fixed) - log_q)
+    own = tf.stop_gradient(weights * (1.0 - (1.0 - weights) * responsibility)) * log_ratio - weights * responsibility
+    # Exact partials at fixed z for the other components: d log q / dphi minus the own component's share.
+    log_q_at_samples = mixture_log_density(densities.log_h_at_fixed_samples, log_w)
+    others = log_q_at_samples - tf.stop_gradient(responsibility) * tf.linalg.diag_part(
+        densities.log_h_at_fixed_samples)
+    surrogate = tf.reduce_sum(own - weights * others, axis=[0, 2])
+    num_samples = tf.cast(tf.shape(log_joint)[0], log_joint.dtype)
+    bound = tf.squeeze(log_total, axis=[0, 2]) - tf.math.log(num_samples)
+    return with_gradient_of(bound, surrogate)
 
 
 def elbo(log_joint: tf.Tensor, log_q: tf.Tensor) -> tf.Tensor:
@@ -293,7 +352,7 @@ def own_log_density(log_h: tf.Tensor, sources: tf.Tensor | None = None) -> tf.Te
 # compares each component with the fixed mixture before it; `trains_components` whether the component networks
 # train on it (or on the mixture's own bound: it is then only reported); `uses_sources` whether it reads
 # `sources [M]`, the component each slot's samples come from (the others get None: every slot is its own
-# component's).
+# component's); `reads_mixture` whether it reads `mixture` (`MixtureDensities`: the whole mixture's densities).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,6 +363,7 @@ class ComponentELBO:
     recursive: ClassVar[bool] = False
     trains_components: ClassVar[bool] = False
     uses_sources: ClassVar[bool] = False
+    reads_mixture: ClassVar[bool] = False
 
     def __call__(self, log_joint, log_h_self, log_q_previous=None, entropy=None, sources=None,
                  log_h_self_fixed=None) -> tf.Tensor:
@@ -321,6 +381,7 @@ class ProposalBound:
     recursive: ClassVar[bool] = False
     trains_components: ClassVar[bool] = True
     uses_sources: ClassVar[bool] = False
+    reads_mixture: ClassVar[bool] = False
 
     def __call__(self, log_joint, log_h_self, log_q_previous=None, entropy=None, sources=None,
                  log_h_self_fixed=None) -> tf.Tensor:
@@ -337,6 +398,7 @@ class RMECriterion:
     recursive: ClassVar[bool] = True
     trains_components: ClassVar[bool] = True
     uses_sources: ClassVar[bool] = False
+    reads_mixture: ClassVar[bool] = False
 
     def __call__(self, log_joint, log_h_self, log_q_previous, entropy=None, sources=None,
                  log_h_self_fixed=None) -> tf.Tensor:
@@ -352,6 +414,7 @@ class BoostingCriterion:
     recursive: ClassVar[bool] = True
     trains_components: ClassVar[bool] = True
     uses_sources: ClassVar[bool] = False
+    reads_mixture: ClassVar[bool] = False
 
     def __call__(self, log_joint, log_h_self, log_q_previous, entropy, sources=None,
                  log_h_self_fixed=None) -> tf.Tensor:
@@ -374,6 +437,7 @@ class RMEImportanceWeightedCriterion:
     recursive: ClassVar[bool] = True
     trains_components: ClassVar[bool] = True
     uses_sources: ClassVar[bool] = True
+    reads_mixture: ClassVar[bool] = False
 
     def __call__(self, log_joint, log_h_self, log_q_previous, entropy=None, sources=None,
                  log_h_self_fixed=None) -> tf.Tensor:
@@ -382,7 +446,27 @@ class RMEImportanceWeightedCriterion:
             log_h_self_fixed if self.dreg else None)
 
 
-Criterion = ComponentELBO | ProposalBound | RMECriterion | RMEImportanceWeightedCriterion | BoostingCriterion
+@dataclasses.dataclass(frozen=True)
+class MixtureProposalBound:
+    """A jointly trained mixture's components trained on the mixture's stratified importance-weighted bound with the
+    doubly reparameterised gradient (`stratified_importance_weighted_dreg`) while the decoder and the proportions
+    train on the bound's ordinary gradient. Each column's value is its component's own ELBO, as `ComponentELBO`
+    reports it; the bound's gradient is shared evenly among the columns (they train as a sum)."""
+
+    recursive: ClassVar[bool] = False
+    trains_components: ClassVar[bool] = True
+    uses_sources: ClassVar[bool] = False
+    reads_mixture: ClassVar[bool] = True
+
+    def __call__(self, log_joint, log_h_self, log_q_previous=None, entropy=None, sources=None,
+                 log_h_self_fixed=None, mixture: MixtureDensities | None = None) -> tf.Tensor:
+        bound = stratified_importance_weighted_dreg(log_joint, mixture)  # [B]
+        share = (bound - tf.stop_gradient(bound)) / log_joint.shape[-1]  # 0, with the bound's gradient / M
+        return tf.stop_gradient(elbo(log_joint, log_h_self)) + share[:, None]
+
+
+Criterion = (ComponentELBO | ProposalBound | RMECriterion | RMEImportanceWeightedCriterion | BoostingCriterion
+             | MixtureProposalBound)
 
 
 def component_criterion(
@@ -399,9 +483,10 @@ def component_criterion(
 
     `component_bound="iw"` (method "rme" only) puts each component's importance-weighted bound in place of
     its ELBO in the RME criterion (`RMEImportanceWeightedCriterion`). `encoder_gradient="dreg"` gives that bound
-    (or, for method "vae", the encoder's importance-weighted bound: `ProposalBound`) the doubly reparameterised
-    gradient; `encoder_groups > 1` (method "vae") trains the encoder on MIWAE (PIWAE). The caller checks that the
-    model trains on the "iw" bound where these need it (`choices.encoder_objective_problem`). Every setting is named:
+    (or, for method "vae", the encoder's importance-weighted bound: `ProposalBound`; for method "mixture", the
+    mixture's stratified importance-weighted bound: `MixtureProposalBound`) the doubly reparameterised gradient;
+    `encoder_groups > 1` (method "vae") trains the encoder on MIWAE (PIWAE). The caller checks that the model trains
+    on the "iw" bound where these need it (`choices.encoder_objective_problem`). Every setting is named:
     their defaults are the model's (`recursion.TRAINING_DEFAULTS`)."""
     if component_bound not in BOUNDS:
         raise ValueError(f"component_bound must be one of {BOUNDS}; got {component_bound!r}.")
@@ -414,6 +499,8 @@ def component_criterion(
         return RMECriterion(lambda_kl, max_log_ratio)
     if method == "boosting":
         return BoostingCriterion(boosting_entropy_weight, max_log_ratio)
+    if method == "mixture" and dreg:
+        return MixtureProposalBound()
     if method == "vae" and (dreg or encoder_groups > 1):
         return ProposalBound(int(encoder_groups), dreg)
     if method in ("vae", "mixture"):

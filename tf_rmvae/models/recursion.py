@@ -15,7 +15,7 @@ trains on what:
   importance-weighted bound, with `num_samples` reparameterised samples of every component);
 - the component networks: their criteria against the fixed mixture of the components before them
   (`objectives.component_criterion(method)`) for "rme" and "boosting", the mixture's bound for "vae" and
-  "mixture";
+  "mixture" (with `encoder_gradient="dreg"`, its doubly reparameterised gradient);
 - which components train, chosen once from the method, schedule and `train_previous`: `JointTraining` (every
   component from the start, proportions learned) or `StagewiseTraining` (components join one at a time, eps by
   line search, earlier components trained or frozen).
@@ -224,8 +224,10 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
         `(noise_seed, step)` for the whole global batch, so a run is reproducible and resumes with the same noise.
       encoder_gradient: how the encoder's importance-weighted objective is differentiated: "reparam" or "dreg",
         doubly reparameterised (`objectives.doubly_reparameterized_log_mean_exp`), for method "vae" on the "iw"
-        bound (IWAE-DReG) and for RME's components on `component_bound="iw"`; "auto" (default): "dreg" for RME on
-        importance-weighted component criteria, "reparam" otherwise (`choices.resolve_encoder_gradient`).
+        bound (IWAE-DReG), for RME's components on `component_bound="iw"`, and for method "mixture" on the "iw"
+        bound (its components on the stratified bound's DReG, `objectives.stratified_importance_weighted_dreg`);
+        "auto" (default): "dreg" for RME on importance-weighted component criteria, "reparam" otherwise
+        (`choices.resolve_encoder_gradient`).
       encoder_groups: method "vae" on the "iw" bound: G > 1 trains the encoder on MIWAE(G, S / G) while the decoder
         trains on IWAE(S) (PIWAE, Rainforth et al. 2018); 1 (default): the encoder on the model's bound.
 
@@ -389,14 +391,15 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
             bound = elbo
         return MixtureTerms(
             bound=bound, elbo=elbo, reconstruction=reconstruction, kl=reconstruction - elbo,
-            criterion=self._criteria(z, loc, scale, log_joint, log_h, entropy, offsets, sources), log_weights=log_w,
+            criterion=self._criteria(z, loc, scale, log_joint, log_h, entropy, offsets, sources, log_w),
+            log_weights=log_w,
             entropy=entropy, log_joint=log_joint, log_h=log_h, example_weight=example_weight,
             logit_offsets=offsets, decoder_route=decoder_route,
         )
 
-    def _criteria(self, z, loc, scale, log_joint, log_h, entropy, logit_offsets, sources) -> tf.Tensor:
+    def _criteria(self, z, loc, scale, log_joint, log_h, entropy, logit_offsets, sources, log_w) -> tf.Tensor:
         """`[B, M]` criterion of every component (against the fixed mixture of the components before it).
-        `sources [M]`: the component each slot's samples come from."""
+        `sources [M]`: the component each slot's samples come from; `log_w [B, M]`: the mixture's log-weights."""
         if not self.criterion.trains_components:
             return self.criterion(log_joint, tf.linalg.diag_part(log_h))
         # q_{m-1} is held fixed: its parameters get no gradient, the samples z do; so are the components' own
@@ -404,6 +407,10 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
         log_h_fixed = pairwise_log_prob(tf.stop_gradient(loc), tf.stop_gradient(scale), z)
         sources = sources if self.criterion.uses_sources else None  # None: every slot is its own component's
         log_h_self_fixed = objectives.own_log_density(log_h_fixed, sources)
+        if self.criterion.reads_mixture:  # a jointly trained mixture: every slot draws from its own component
+            mixture = objectives.MixtureDensities(
+                log_h_fixed, pairwise_log_prob(loc, scale, tf.stop_gradient(z)), log_w)
+            return self.criterion(log_joint, tf.linalg.diag_part(log_h), mixture=mixture)
         if not self.criterion.recursive:
             return self.criterion(log_joint, tf.linalg.diag_part(log_h), log_h_self_fixed=log_h_self_fixed)
         logits = tf.convert_to_tensor(self.encoder.mixing_logits)
