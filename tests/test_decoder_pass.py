@@ -116,12 +116,13 @@ def test_one_pass_gives_each_losss_own_gradient(name):
         np.testing.assert_allclose(actual.numpy(), expected.numpy(), rtol=RTOL, atol=ATOL)
 
 
-def test_one_pass_under_xla():
-    settings, proportions = CASES["rme_dreg_newest_at_eps0"]
+@pytest.mark.parametrize("name", ["rme_dreg_newest_at_eps0", "mixture_dreg"])
+def test_one_pass_under_xla(name):
+    settings, proportions = CASES[name]
     model = tiny(**settings)
     join(model, proportions)
     x = tf.constant(mnist_digits(8))
-    noise = tf.random.stateless_normal([3, 8, 3, 4], [1, 2])
+    noise = tf.random.stateless_normal([model.num_samples, 8, 3, 4], [1, 2])
     reference, routed = both_gradients(model, x, noise, jit=True)
     for expected, actual in zip(reference, routed):
         np.testing.assert_allclose(actual.numpy(), expected.numpy(), rtol=RTOL, atol=ATOL)
