@@ -503,7 +503,9 @@ def test_the_trainer_trains_a_cells_run_configuration_to_the_benchmarks_weights(
     config = _tiny_run(tmp_path, seeds=(1,))
     [cell] = run_cells.cells(config)
     harness.run_benchmark(config, log=lambda line: None)
-    benchmark = _weights(config, cell, tmp_path / "quick_cells" / cell.key / "final.weights.h5")
+    # The cell's final weights are its run directory's last state (no copy beside the row).
+    assert not os.path.exists(tmp_path / "quick_cells" / cell.key / "final.weights.h5")
+    benchmark = _weights(config, cell, tmp_path / "quick_cells" / cell.key / "backup" / "latest.weights.h5")
     # The same RunConfig, trained (and evaluated) by the trainer's own entry point, in another directory.
     run = run_cells.run_config(config, cell, str(tmp_path / "trainer_run"))
     assert (run.seed, run.resolved_noise_seed, run.validation_examples, run.data_order) == (1, 0, 0, "reshuffled")
