@@ -7,7 +7,9 @@ comparisons read cells without TensorFlow).
                                                       (`tf_rmvae.run.training.fit`; untracked)
     <cells_dir>/<label>_seed<seed>/per_example.npz    per-digit test ELBO and log-likelihood
     <cells_dir>/<label>_seed<seed>/curve/epoch_NNN.*  the same at the run's `eval_epochs` along training
-    <cells_dir>/<label>_seed<seed>/final.weights.h5   the trained model's weights (untracked: .gitignore)
+    <cells_dir>/<label>_seed<seed>/final.weights.h5   the trained model's weights, kept by the harness before cells
+                                                      stored their run configuration (untracked: .gitignore); since
+                                                      then they are the run directory's `backup/latest.weights.h5`
     <cells_dir>/<label>_seed<seed>/scored/<name>.*    the final model scored again (`benchmarks.rescore`, e.g.
                                                       `K5000_N10000`: K = 5000 on all 10000 test digits)
 """
@@ -44,7 +46,8 @@ def stored_seeds(cells_dir: str, label: str) -> list[int]:
 
 
 def final_weights_path(directory: str) -> str:
-    """The trained model's weights in a cell's `directory` (written when training ends; never committed)."""
+    """The trained model's weights in a cell's `directory`, as the harness kept them before cells stored their run
+    configuration (never committed; `benchmarks.rescore.rebuild`)."""
     return os.path.join(directory, FINAL_WEIGHTS_FILE)
 
 

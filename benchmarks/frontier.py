@@ -8,6 +8,9 @@ side in one process; the harness's per-cell times are taken on a shared machine 
 are only a fallback). Writes `frontier.md` (one table row per model: mean over seeds, paired differences to the
 reference per seed, costs, whether the model is on the frontier) and three plots: log p(x) against inference time
 at batch 1 and 100, against training seconds per epoch, and the learning curves (log p(x) against epochs).
+A model's entries in the speed JSON are found from the run configuration that trained it, as its finished cell
+stores it (`benchmarks.cell_settings`; the cells of `--cells_dir`, or of each table's own run): a label only
+names a model, it is never read for settings.
 
 `--only "vae=VAE;iwae_k8=IWAE k = 8;..."` keeps only the named models (a name after `=` replaces the label in the
 plots, which then get a legend instead of per-point labels): a figure readable at a glance, e.g. the README's.
@@ -18,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 from collections import defaultdict
 from typing import Sequence
 
@@ -28,39 +30,60 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import cell_files  # noqa: E402
+from benchmarks import cell_files, cell_settings  # noqa: E402
 from benchmarks.plots import finish, load_rows, palette  # noqa: E402
+from tf_rmvae.config import RunConfig  # noqa: E402
 
 
-def speed_name(label: str) -> str:
-    """The `benchmarks.speed` inference entry that measures the test-time inference of the model `label`."""
-    if label in ("vae",) or label.startswith("iwae"):
-        return "vae_encoder"  # IWAE's test-time inference is the plain VAE encoder's pass
-    if label.startswith("vae_equal_params_M"):
-        return f"vae_equal_params_encoder_M{label.split('_M')[1]}"
-    if label.startswith("savae"):
-        return f"savae_{label[len('savae'):] or 10}"
-    m = re.search(r"_M(\d+)", label)
-    if not m:
-        return label
-    shared = "_shared" in label  # one trunk and M heads (the harness's `--shared_trunk`)
-    return f"rme_{'shared_' if shared else ''}encoder_M{m.group(1)}"
+def speed_name(run: RunConfig) -> str:
+    """The `benchmarks.speed` inference entry that times the test-time inference of the model `run` trains."""
+    if run.method == "savae":
+        return f"savae_{run.refine_steps}"
+    if run.method == "vae":
+        if run.encoder_parameters_of:
+            return f"vae_equal_params_encoder_M{run.encoder_parameters_of}"
+        return "vae_encoder"  # IWAE's (and PIWAE's) test-time inference is the plain VAE encoder's pass
+    shared = run.shared_trunk  # one trunk and M heads (the harness's `--shared_trunk`)
+    return f"rme_{'shared_' if shared else ''}encoder_M{run.num_components}"
 
 
-def train_step_name(label: str, bound: str = "auto") -> str | None:
-    """The `benchmarks.speed` training-step entry that times the model `label` (absent where speed did not time
-    it), or None where no entry can: speed times RME's step on one bound (`bound`, its config's; "auto" is RME's
-    "iw"), so an RME row maps only if it was trained on that bound. Importance-weighted component criteria and S
-    samples per slot are named as speed's `sampled_shared` entries (`rme_shared_M4_ciw_S4`); a schedule in the
-    label (`_epc<N>`) does not change the step.
+def train_step_name(run: RunConfig, bound: str = "auto") -> str | None:
+    """The `benchmarks.speed` training-step entry that times the model `run` trains (absent where speed did not
+    time it), or None where no entry can: speed times the VAE, IWAE k (`iwae_k<k>`, reparameterised gradients),
+    and RME's stage-wise step on one bound (`bound`, its config's; "auto" is RME's "iw") with every component
+    joining and the mixing proportions shared, so an RME run maps only if it trained on that bound. Importance-
+    weighted component criteria and S samples per slot are named as speed's `sampled_shared` entries
+    (`rme_shared_M4_ciw_S4`); the schedule's stage length does not change the step.
     """
-    if label == "vae" or label.startswith("iwae_k"):
-        return label
-    m = re.fullmatch(r"rme_M(\d+)_lambda[\d.]+(_iw)?(_shared)?(_ciw)?(?:_S(\d+))?(?:_epc\d+)?", label)
-    if not m or bool(m.group(2)) != (bound in ("auto", "iw")):
+    plain_vae = run.method == "vae" and not run.encoder_parameters_of and run.encoder_groups == 1
+    if plain_vae and run.resolved_encoder_gradient == "reparam":
+        if run.resolved_bound == "iw":
+            return f"iwae_k{run.resolved_num_samples}"
+        return "vae" if run.resolved_num_samples == 1 else None
+    joins = run.resolved_epochs_per_component < run.epochs  # a stage as long as the run: the no-join control
+    if (run.method != "rme" or run.schedule != "stagewise" or run.per_example_proportions or not joins
+            or run.resolved_encoder_gradient != "reparam"
+            or (run.resolved_bound == "iw") != (bound in ("auto", "iw"))):
         return None
-    samples = f"_S{m.group(5)}" if m.group(5) else ""
-    return f"rme_{'shared_' if m.group(3) else ''}M{m.group(1)}{'_ciw' if m.group(4) else ''}{samples}"
+    criteria = "_ciw" if run.resolved_component_bound == "iw" else ""
+    samples = f"_S{run.resolved_num_samples}" if run.resolved_num_samples != 1 else ""
+    return f"rme_{'shared_' if run.shared_trunk else ''}M{run.num_components}{criteria}{samples}"
+
+
+def stored_runs(tables: Sequence[str], cells_dir: str | None = None) -> dict[tuple[str, int], RunConfig]:
+    """`{(label, seed): the run configuration that trained the row's cell}` for every row of the harness tables:
+    read from the finished cell (`cell_settings.trained_run_config`) in `cells_dir`, or where that is None in the
+    cells directory of the table's own run (`<output_dir>/<run_name>_cells`, as its config names them)."""
+    runs = {}
+    for path in tables:
+        with open(path) as f:
+            table = json.load(f)
+        directory = cells_dir or os.path.join(table["config"]["output_dir"], f"{table['config']['run_name']}_cells")
+        for row in table["rows"]:
+            key = (row["label"], row["seed"])
+            if key not in runs:
+                runs[key] = cell_settings.trained_run_config(cell_files.cell_dir(directory, *key))
+    return runs
 
 
 def unique_rows(rows: list[dict]) -> list[dict]:
@@ -101,8 +124,11 @@ def pair_with_reference(rows: list[dict], reference: str, cells_dir: str) -> lis
     return paired
 
 
-def summarize(rows: list[dict], speed: dict | None, mode: str = "function") -> list[dict]:
-    """One entry per model label: mean test log p(x) and inference gap over seeds, costs, per-seed rows."""
+def summarize(rows: list[dict], speed: dict | None, mode: str = "function",
+              runs: dict[tuple[str, int], RunConfig] | None = None) -> list[dict]:
+    """One entry per model label: mean test log p(x) and inference gap over seeds, costs, per-seed rows. With
+    `speed`, each model's entries there are found from the run configurations that trained its rows (`runs`,
+    `stored_runs`); every seed's must name the same ones."""
     measured_mode = (speed or {}).get("modes", {}).get(mode, {})
     inference = measured_mode.get("inference_ms", {})
     train_steps = measured_mode.get("train_step_ms", {})
@@ -112,7 +138,8 @@ def summarize(rows: list[dict], speed: dict | None, mode: str = "function") -> l
         groups[row["label"]].append(row)
     entries = []
     for label, members in groups.items():
-        measured = inference.get(speed_name(label), {})
+        inference_name, train_step = _speed_entries(label, members, runs, timed_bound) if speed else (None, None)
+        measured = inference.get(inference_name, {})
         entries.append(dict(
             label=label,
             rows=sorted(members, key=lambda r: r["seed"]),
@@ -121,7 +148,7 @@ def summarize(rows: list[dict], speed: dict | None, mode: str = "function") -> l
             inference_ms_1=measured.get("1", np.mean([r.get("inference_ms_batch1", np.nan) for r in members])),
             inference_ms_100=measured.get("100", np.mean([r["inference_ms_batch100"] for r in members])),
             epoch_s=float(np.mean([r["epoch_time_s"] for r in members])),
-            train_step_ms=train_steps.get(train_step_name(label, timed_bound), np.nan),
+            train_step_ms=train_steps.get(train_step, np.nan),
         ))
     entries.sort(key=lambda e: -e["log_likelihood"])
     for entry in entries:  # on the frontier: no other model is better in log p(x) and at most as costly
@@ -130,6 +157,19 @@ def summarize(rows: list[dict], speed: dict | None, mode: str = "function") -> l
             and other["inference_ms_100"] <= entry["inference_ms_100"] for other in entries
         )
     return entries
+
+
+def _speed_entries(label: str, members: list[dict], runs: dict | None, timed_bound: str) -> tuple[str, str | None]:
+    """`(speed_name, train_step_name)` of the model whose rows are `members`, from their run configurations."""
+    missing = [r["seed"] for r in members if (label, r["seed"]) not in (runs or {})]
+    if missing:
+        raise ValueError(f"No stored run configuration of {label} (seeds {missing}) to find its speed entries: "
+                         "read the finished cells (`stored_runs`, --cells_dir).")
+    names = {(speed_name(runs[label, r["seed"]]), train_step_name(runs[label, r["seed"]], timed_bound))
+             for r in members}
+    if len(names) > 1:
+        raise ValueError(f"The seeds of {label} were trained as different models ({sorted(names, key=str)}).")
+    return names.pop()
 
 
 def frontier_table(entries: list[dict], reference: str | None) -> str:
@@ -212,16 +252,17 @@ def plot_curves(rows: list[dict], path: str, names: dict[str, str] | None = None
 
 
 def write_frontier(rows: list[dict], speed: dict | None, reference: str | None, out_dir: str,
-                   names: dict[str, str] | None = None) -> list[str]:
+                   names: dict[str, str] | None = None,
+                   runs: dict[tuple[str, int], RunConfig] | None = None) -> list[str]:
     """Writes `frontier.md` and the plots into `out_dir`; returns the paths. With `names` ({label: display
-    name}), only those models, named so in the plots."""
+    name}), only those models, named so in the plots. `runs`: the rows' run configurations (`summarize`)."""
     if names:
         missing = sorted(set(names) - {r["label"] for r in rows})
         if missing:
             raise ValueError(f"--only names models that no results file has: {missing}.")
         rows = [r for r in rows if r["label"] in names]
     os.makedirs(out_dir, exist_ok=True)
-    entries = summarize(rows, speed)
+    entries = summarize(rows, speed, runs=runs)
     paths = [os.path.join(out_dir, name) for name in (
         "frontier.md", "loglik_vs_inference_batch1.png", "loglik_vs_inference_batch100.png",
         "loglik_vs_train_time.png", "loglik_vs_epochs.png")]
@@ -245,7 +286,8 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     parser.add_argument("--reference", default=None, help="label the paired differences are taken against")
     parser.add_argument("--out_dir", default="benchmarks/results/frontier")
     parser.add_argument("--cells_dir", default=None,
-                        help="the harness cells directory: pairs rows of other tables with --reference")
+                        help="the harness cells directory: the rows' stored settings (default: each table's own "
+                        "run's cells), and pairs rows of other tables with --reference")
     parser.add_argument("--only", default=None,
                         help='only these models, with display names: "label=Name;label2=Name 2" (module docstring)')
     args = parser.parse_args(argv)
@@ -256,7 +298,9 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     rows = unique_rows(load_rows(args.results))
     if args.cells_dir and args.reference:
         rows = pair_with_reference(rows, args.reference, args.cells_dir)
-    paths = write_frontier(rows, speed, args.reference, args.out_dir, parse_only(args.only) if args.only else None)
+    runs = stored_runs(args.results, args.cells_dir) if speed else None
+    paths = write_frontier(rows, speed, args.reference, args.out_dir, parse_only(args.only) if args.only else None,
+                           runs)
     print("\n".join(paths))
     return paths
 

@@ -97,10 +97,8 @@ def run_cell(
     fitted = training.fit(run, callbacks=[cell_store.CurveEvaluation(config.eval_epochs, evaluate_test, cell_dir)])
     model, history, train_time = fitted.model, fitted.history, fitted.train_time_s
     epochs_run = max(1, len(history.epoch))
-    # The final weights stay beside the row (untracked), to be scored at the standard protocol (`benchmarks.rescore`).
-    weights_path = cell_files.final_weights_path(cell_dir)
-    model.save_weights(weights_path[:-len(".weights.h5")] + ".tmp.weights.h5")
-    os.replace(weights_path[:-len(".weights.h5")] + ".tmp.weights.h5", weights_path)
+    # The final weights stay in the run directory (untracked: `backup/`, the last epoch's state), to be scored at the
+    # standard protocol (`benchmarks.rescore`).
 
     test = evaluate_test(model)
     train_elbo = evaluation.per_example_elbo(model, x_train_eval, batch_size=max(config.eval_batch_size, 100))
@@ -150,13 +148,15 @@ def run_cell(
 
 
 def clear_run(cell_dir: str) -> None:
-    """Removes the training run in `cell_dir` (its configuration, resume state, history, logs and curve), so the
-    cell trains from scratch: a cell retrained under other settings, or a run that asks not to resume."""
-    for name in (run_dir.CONFIG_FILE, run_dir.HISTORY_FILE, run_dir.METRICS_FILE):
+    """Removes the training run in `cell_dir` (its configuration, resume state, history, logs and curve, and the
+    final weights an older harness kept and the scores of the model trained before), so the cell trains from
+    scratch: a cell retrained under other settings, or a run that asks not to resume."""
+    for name in (run_dir.CONFIG_FILE, run_dir.HISTORY_FILE, run_dir.METRICS_FILE, cell_files.FINAL_WEIGHTS_FILE):
         path = os.path.join(cell_dir, name)
         if os.path.exists(path):
             os.remove(path)
-    for name in (run_dir.BACKUP_DIR, run_dir.CHECKPOINT_DIR, run_dir.LOG_DIR, cell_files.CURVE_DIR):
+    for name in (run_dir.BACKUP_DIR, run_dir.CHECKPOINT_DIR, run_dir.LOG_DIR, cell_files.CURVE_DIR,
+                 cell_files.SCORED_DIR):
         shutil.rmtree(os.path.join(cell_dir, name), ignore_errors=True)
 
 

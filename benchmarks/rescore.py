@@ -5,8 +5,10 @@ to `<cell>/scored/K<K>_N<N>.npz` (and a summary `.json`), where `benchmarks.comp
     python -m benchmarks.rescore --cells_dir benchmarks/results/budget100_cells \
         rme_M3_lambda1_iw_shared_ciw_S5_dreg iwae_dreg_k16 --seeds 0,1
 
-A cell is rebuilt from the fingerprint its `result.json` stores and loads its `final.weights.h5` (written by the
-harness when training ends; never committed, so scoring happens on the machine that trained the cell). The test
+A cell is rebuilt from the run configuration its `result.json` stores, by the library's factory from its run
+directory with the last epoch's state (`backup/latest.weights.h5`); a cell stored before it stored its run
+configuration, from its fingerprint with the `final.weights.h5` the harness kept then (`rebuild`). Neither is
+committed: scoring happens on the machine that trained the cell. The test
 digits' first `eval_examples` are the ones the cell was scored on while training: the summary repeats that score
 on them, at the new K, as a check.
 """
@@ -31,34 +33,52 @@ def scoring_name(iwae_samples: int, examples: int) -> str:
 
 
 def rebuild(directory: str):
-    """The model of the finished cell in `directory` with its final weights, and its benchmark settings."""
-    from benchmarks import harness  # TensorFlow: only when a model is scored
-    from benchmarks.cells import BenchmarkConfig, Cell
+    """The model of the finished cell in `directory` with its final weights, and the run configuration that trained
+    it (`cell_settings.trained_run_config`), built by the library's factory.
 
-    with open(os.path.join(directory, cell_files.RESULT_FILE)) as f:
-        fingerprint = json.load(f)["fingerprint"]
-    cell = Cell(**fingerprint.pop("cell"))
-    config = BenchmarkConfig(**{k: v for k, v in fingerprint.items() if k in BenchmarkConfig.__dataclass_fields__})
+    A cell that stores its run configuration was trained by the run code: its model comes from its run directory
+    (`factory.load_trained_model`) with the last epoch's state (`backup/`), once the directory's config is checked
+    to be the cell's. An older cell is built from the run configuration its fingerprint gives and loads the
+    `final.weights.h5` the harness kept then.
+    """
+    from benchmarks import cell_settings
+    from tf_rmvae import data as rm_data  # TensorFlow: only when a model is scored
+    from tf_rmvae.run import directory as run_dir
+    from tf_rmvae.run import factory
+
+    run = cell_settings.trained_run_config(directory, jit_compile="auto")
+    if "run_config" in cell_settings.stored_result(directory):
+        saved = run_dir.saved_config(directory)
+        if saved is None or saved.mismatches(run):
+            raise ValueError(f"{directory} holds no run directory of the run that trained its result (config.json "
+                             f"{'missing' if saved is None else 'of another run'}): it cannot be scored again.")
+        state = os.path.join(directory, run_dir.BACKUP_DIR, run_dir.STATE_FILE)
+        epoch = run_dir.saved_epoch(directory)
+        if epoch != run.epochs:
+            raise FileNotFoundError(f"{state} holds epoch {epoch}, not the final epoch {run.epochs} (missing or "
+                                    "damaged): score the cell on the machine that trained it.")
+        return factory.load_trained_model(directory, checkpoint=state), run
     weights = cell_files.final_weights_path(directory)
     if not os.path.exists(weights):
         raise FileNotFoundError(f"{weights} is missing: only cells trained since final weights are kept can be "
                                 "scored again (on the machine that trained them).")
-    model = harness.build_model(config, cell)
+    spec = rm_data.get_dataset_spec(run.dataset)
+    model = factory.build_compiled_model(run, spec.image_shape, spec.binary)
     model.load_weights(weights)
-    return model, config
+    return model, run
 
 
 def score_cell(directory: str, iwae_samples: int, examples: int, chunk: int, batch_size: int, x_test) -> dict:
     """Scores one cell (see the module docstring); returns its summary (also written beside the arrays)."""
     from tf_rmvae.run import evaluation
 
-    model, config = rebuild(directory)
+    model, run = rebuild(directory)
     test = evaluation.evaluate(model, x_test, iwae_samples, chunk_size=chunk, batch_size=batch_size, seed=0)
     name = scoring_name(iwae_samples, len(x_test))
     path = cell_files.scored_path(directory, name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     np.savez(path + ".npz", elbo=test["elbo"], log_likelihood=test["log_likelihood"])
-    first = min(config.eval_examples or len(x_test), len(x_test))
+    first = min(run.eval_examples or len(x_test), len(x_test))
     with np.load(os.path.join(directory, cell_files.PER_EXAMPLE_FILE)) as trained:
         at_training = float(np.mean(trained["log_likelihood"][:first]))
     summary = dict(
@@ -67,7 +87,7 @@ def score_cell(directory: str, iwae_samples: int, examples: int, chunk: int, bat
         eval_time_s=test["eval_time_s"],
         # The digits the cell was scored on while training, at its K and at this one (K = 5000 is tighter).
         first_digits=first, first_digits_log_likelihood=float(np.mean(test["log_likelihood"][:first])),
-        first_digits_log_likelihood_at_training=at_training, training_iwae_samples=config.iwae_samples,
+        first_digits_log_likelihood_at_training=at_training, training_iwae_samples=run.iwae_samples,
     )
     write_json_atomic(path + ".json", summary)
     return summary

@@ -162,6 +162,13 @@ def _row(label, seed, log_likelihood, ms100, elbo=-100.0):
                 inference_ms_batch100=ms100, inference_ms_batch1=ms100 / 10, epoch_time_s=1.0)
 
 
+def _trained_by(method, m=1, lambda_kl=None, epochs_per_component=25, **cell):
+    """The resolved run configuration of a benchmark cell of 100 epochs (as a finished cell stores it)."""
+    config = run_cells.BenchmarkConfig(epochs=100, epochs_per_component=epochs_per_component, jit_compile=False)
+    schedule = "stagewise" if method in ("rme", "boosting") else None
+    return run_cells.run_config(config, run_cells.Cell(method, m, lambda_kl, 0, schedule, **cell), "cells").resolved()
+
+
 def test_frontier_keeps_models_no_other_beats_at_equal_or_lower_cost():
     rows = [_row("vae", 0, -95.0, 1.0), _row("vae", 1, -95.2, 1.0), _row("iwae_k4", 0, -94.0, 1.0),
             _row("rme_M4_lambda0.3", 0, -94.5, 2.0), _row("savae", 0, -93.0, 20.0)]
@@ -169,33 +176,55 @@ def test_frontier_keeps_models_no_other_beats_at_equal_or_lower_cost():
     assert entries["vae"]["log_likelihood"] == pytest.approx(-95.1)
     assert entries["vae"]["gap"] == pytest.approx(4.9)
     assert {label for label, e in entries.items() if e["frontier"]} == {"iwae_k4", "savae"}
-    # Side-by-side speed measurements replace the cells' own times, matched by what the model runs at test time.
+    # Side-by-side speed measurements replace the cells' own times, matched by what the model runs at test time,
+    # as the run configurations that trained the rows say (not their labels).
+    runs = {("vae", 0): _trained_by("vae"), ("vae", 1): _trained_by("vae"), ("iwae_k4", 0): _trained_by("iwae", 4),
+            ("rme_M4_lambda0.3", 0): _trained_by("rme", 4, 0.3), ("savae", 0): _trained_by("savae", refine_steps=10)}
     speed_json = {"modes": {"function": {"inference_ms": {
         "vae_encoder": {"1": 0.1, "100": 0.5}, "rme_encoder_M4": {"1": 0.2, "100": 0.4},
         "savae_10": {"1": 3.0, "100": 9.0}}}}}
-    entries = {e["label"]: e for e in frontier.summarize(rows, speed_json)}
+    entries = {e["label"]: e for e in frontier.summarize(rows, speed_json, runs=runs)}
     assert entries["iwae_k4"]["inference_ms_100"] == 0.5 and entries["savae"]["inference_ms_1"] == 3.0
     assert entries["rme_M4_lambda0.3"]["frontier"]  # now cheaper than iwae at batch 100
-    assert frontier.speed_name("savae2") == "savae_2"
-    assert frontier.speed_name("vae_equal_params_M4") == "vae_equal_params_encoder_M4"
-    assert frontier.speed_name("mixture_M4_iw") == "rme_encoder_M4"
-    assert frontier.speed_name("rme_M8_lambda0.3_iw_shared") == "rme_shared_encoder_M8"
+    with pytest.raises(ValueError, match="No stored run configuration of vae .seeds .1.."):
+        frontier.summarize(rows, speed_json, runs={k: v for k, v in runs.items() if k != ("vae", 1)})
+    with pytest.raises(ValueError, match="The seeds of vae were trained as different models"):
+        frontier.summarize(rows, speed_json, runs=runs | {("vae", 1): runs["iwae_k4", 0]})
+    assert frontier.speed_name(_trained_by("savae", refine_steps=2)) == "savae_2"
+    assert frontier.speed_name(_trained_by("vae_equal_params", 4)) == "vae_equal_params_encoder_M4"
+    assert frontier.speed_name(_trained_by("mixture", 4, bound="iw")) == "rme_encoder_M4"
+    shared_m8 = _trained_by("rme", 8, 0.3, bound="iw", shared_trunk=True)
+    assert frontier.speed_name(shared_m8) == "rme_shared_encoder_M8"
+    assert frontier.speed_name(_trained_by("piwae", 3, num_samples=5)) == "vae_encoder"  # PIWAE serves its VAE encoder
     # Training steps timed side by side where speed times them; "-" in the table where it does not.
     speed_json["modes"]["function"]["train_step_ms"] = {"vae": 2.0, "iwae_k4": 5.0, "rme_M4": 9.0}
-    entries = {e["label"]: e for e in frontier.summarize(rows, speed_json)}  # RME's step timed on the ELBO
+    entries = {e["label"]: e for e in frontier.summarize(rows, speed_json, runs=runs)}  # RME's step timed on the ELBO
     assert entries["iwae_k4"]["train_step_ms"] == 5.0 and entries["rme_M4_lambda0.3"]["train_step_ms"] == 9.0
     assert np.isnan(entries["savae"]["train_step_ms"])
     table = frontier.frontier_table(list(entries.values()), None)
     assert "| 5.0 |" in table and "| - |" in table
-    assert frontier.train_step_name("rme_M8_lambda0.3_iw_shared", "auto") == "rme_shared_M8"
+    assert frontier.train_step_name(shared_m8, "auto") == "rme_shared_M8"
+    assert frontier.train_step_name(_trained_by("vae"), "auto") == "vae"
+    assert frontier.train_step_name(_trained_by("iwae", 16), "auto") == "iwae_k16"
+    assert frontier.train_step_name(_trained_by("iwae", 16, encoder_gradient="dreg"), "auto") is None
+    assert frontier.train_step_name(_trained_by("vae_equal_params", 4), "auto") is None
     # only RME trained on the bound (and component criterion) its step was timed on
-    assert frontier.train_step_name("rme_M4_lambda0.3_iw", "elbo") is None
-    assert frontier.train_step_name("rme_M4_lambda0.3", "auto") is None
+    assert frontier.train_step_name(_trained_by("rme", 4, 0.3, bound="iw"), "elbo") is None
+    assert frontier.train_step_name(_trained_by("rme", 4, 0.3), "auto") is None
     # other component criteria and samples per slot name their own entries (speed's `sampled_shared`)
-    assert frontier.train_step_name("rme_M4_lambda1_iw_shared_ciw_S4", "auto") == "rme_shared_M4_ciw_S4"
-    assert frontier.train_step_name("rme_M4_lambda0.3_iw_ciw", "auto") == "rme_M4_ciw"
-    assert frontier.train_step_name("mixture_M4") is None
-    assert frontier.train_step_name("rme_M4_lambda1_iw_shared_ciw_S4_epc34", "auto") == "rme_shared_M4_ciw_S4"
+    variant = dict(bound="iw", shared_trunk=True, component_bound="iw", num_samples=4)
+    assert frontier.train_step_name(_trained_by("rme", 4, 1.0, **variant), "auto") == "rme_shared_M4_ciw_S4"
+    assert frontier.train_step_name(_trained_by("rme", 4, 0.3, bound="iw", component_bound="iw"),
+                                    "auto") == "rme_M4_ciw"
+    assert frontier.train_step_name(_trained_by("mixture", 4)) is None
+    # the stage length does not change the step; a stage as long as the run (no join), DReG or per-example
+    # proportions do, and the sweep schedule is another step
+    assert frontier.train_step_name(_trained_by("rme", 4, 1.0, 34, **variant), "auto") == "rme_shared_M4_ciw_S4"
+    assert frontier.train_step_name(_trained_by("rme", 4, 1.0, 100, **variant), "auto") is None
+    assert frontier.train_step_name(_trained_by("rme", 4, 1.0, encoder_gradient="dreg", **variant), "auto") is None
+    assert frontier.train_step_name(_trained_by("rme", 8, 1.0, bound="iw", shared_trunk=True,
+                                                per_example_proportions=True), "auto") is None
+    assert frontier.train_step_name(shared_m8.replace(schedule="sweep"), "auto") is None
 
 
 @pytest.mark.slow
@@ -478,7 +507,9 @@ def test_the_trainer_trains_a_cells_run_configuration_to_the_benchmarks_weights(
     config = _tiny_run(tmp_path, seeds=(1,))
     [cell] = run_cells.cells(config)
     harness.run_benchmark(config, log=lambda line: None)
-    benchmark = _weights(config, cell, tmp_path / "quick_cells" / cell.key / "final.weights.h5")
+    # The cell's final weights are its run directory's last state (no copy beside the row).
+    assert not os.path.exists(tmp_path / "quick_cells" / cell.key / "final.weights.h5")
+    benchmark = _weights(config, cell, tmp_path / "quick_cells" / cell.key / "backup" / "latest.weights.h5")
     # The same RunConfig, trained (and evaluated) by the trainer's own entry point, in another directory.
     run = run_cells.run_config(config, cell, str(tmp_path / "trainer_run"))
     assert (run.seed, run.resolved_noise_seed, run.validation_examples, run.data_order) == (1, 0, 0, "reshuffled")

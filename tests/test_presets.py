@@ -14,7 +14,10 @@ from tests.helpers import tiny_model
 from tests.test_trainer import _config_from_flags
 from tf_rmvae import objectives
 from tf_rmvae.config import PRESETS, ConfigError, RunConfig
+from tf_rmvae.layers.component_networks import ComponentNetworks
+from tf_rmvae.layers.decoders import ImageDecoder
 from tf_rmvae.models import recursion
+from tf_rmvae.models.semi_amortized import SemiAmortizedVAE
 from tf_rmvae.run import factory as model_factory
 
 
@@ -88,11 +91,29 @@ def test_the_classes_defaults_are_the_configurations_default_preset():
             hidden_units="hidden_units", conv_filters="conv_filters", likelihood="decoder",
             shared_trunk="shared_trunk", per_example_proportions="per_example_proportions"),
         tf_rmvae.RecursiveMixtureVAE: dict(nonfinite_inputs="nonfinite_inputs"),
+        ComponentNetworks: dict(architecture="architecture", conv_filters="conv_filters"),
+        ImageDecoder: dict(architecture="architecture"),
+        SemiAmortizedVAE: dict(refine_steps="refine_steps", refine_lr="refine_lr", refine_momentum="refine_momentum",
+                               encoder_objective="refine_encoder_objective"),
     }
+    # Defaults that are the class's own, not the configuration's (a change would change what the class builds):
+    # the networks' and the decoder's widths are the paper's 500-500, ComponentNetworks' M independent networks.
+    own = {ComponentNetworks: {"hidden_units", "shared_trunk"}, ImageDecoder: {"hidden_units"},
+           SemiAmortizedVAE: {"num_samples"}}
+    mirrored = {ImageDecoder: {"conv_filters"}}  # the encoder's, reversed (below)
+    # (`seed=None` of a layer draws from Keras's global seed: a choice of the caller, not a model setting.)
+    settings = {f.name for f in dataclasses.fields(RunConfig)} - {"seed"} | {
+        "max_components", "likelihood", "encoder_objective"}
     for owner, arguments in expected.items():
         defaults = signature_defaults(owner)
         for argument, field in arguments.items():
             assert defaults[argument] == config[field], (owner.__name__, argument)
+        # Every default named as a setting is the configuration's, or one the class keeps knowingly.
+        unread = (set(defaults) & settings) - set(arguments) - own.get(owner, set()) - mirrored.get(owner, set())
+        assert not unread, (owner.__name__, unread)
+    # The decoder mirrors the encoder's filters (as `factory.build_networks` builds it); so do its subclasses.
+    for decoder in (ImageDecoder, tf_rmvae.BernoulliDecoder, tf_rmvae.GaussianDecoder):
+        assert signature_defaults(decoder)["conv_filters"] == tuple(reversed(config["conv_filters"]))
     # The model defines no training setting of its own: it forwards them to the trainer, whose defaults are tested.
     assert not set(signature_defaults(tf_rmvae.RecursiveMixtureVAE)) & set(recursion.TRAINING_ARGUMENTS)
 

@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_rmvae.choices import ARCHITECTURES
+from tf_rmvae.config import DEFAULTS
 
 
 def _uniform_init(fan_in: int, fan_out: int, seed):
@@ -54,6 +55,10 @@ class ComponentNetworks(keras.layers.Layer):
       activation: hidden activation.
       shared_trunk: if True, one trunk feeds M per-component heads (fewer parameters). Default False: M
         independent networks.
+
+    The architecture and the filters default to the configuration's (`config.DEFAULTS`); the widths (500, 500) and
+    the independent networks are this layer's own (the recommended model's are one trunk of 200-200, which
+    `RecursiveMixtureEncoder` passes).
       min_scale: floor added to the softplus scale (> 0).
       validate_inputs: check the finiteness of inputs (clear errors instead of NaN outputs); shapes are always
         checked.
@@ -64,9 +69,9 @@ class ComponentNetworks(keras.layers.Layer):
         self,
         num_components: int,
         latent_dim: int,
-        architecture: str = "dense",
+        architecture: str = DEFAULTS.architecture,
         hidden_units: Sequence[int] = (500, 500),
-        conv_filters: Sequence[int] = (32, 64),
+        conv_filters: Sequence[int] = DEFAULTS.conv_filters,
         activation: str = "relu",
         shared_trunk: bool = False,
         min_scale: float = 1e-4,

@@ -13,6 +13,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tf_rmvae.choices import ARCHITECTURES
+from tf_rmvae.config import DEFAULTS
 
 tfd = tfp.distributions
 
@@ -28,6 +29,10 @@ class ImageDecoder(keras.layers.Layer):
       hidden_units: dense layer widths ("dense") or the width of the first dense layer ("conv").
       conv_filters: filters of the two transposed convolutions ("conv").
       activation: hidden activation.
+
+    The architecture and the filters default to the configuration's (`config.DEFAULTS`; the filters mirror the
+    encoder's, as `factory.build_networks` mirrors them); the widths (500, 500) are this layer's own (the
+    recommended model's decoder is 200-200, which `build_networks` passes).
     """
 
     params_per_pixel = 1
@@ -35,9 +40,9 @@ class ImageDecoder(keras.layers.Layer):
     def __init__(
         self,
         image_shape: Sequence[int],
-        architecture: str = "dense",
+        architecture: str = DEFAULTS.architecture,
         hidden_units: Sequence[int] = (500, 500),
-        conv_filters: Sequence[int] = (64, 32),
+        conv_filters: Sequence[int] = tuple(reversed(DEFAULTS.conv_filters)),
         activation: str = "relu",
         **kwargs,
     ):

@@ -33,6 +33,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tf_rmvae.choices import REFINE_OBJECTIVES
+from tf_rmvae.config import DEFAULTS
 from tf_rmvae.layers.encoders import GaussianEncoder
 from tf_rmvae.models.latent_model import LatentVariableModel, replica_batch_layout
 from tf_rmvae.models.legacy_weights import GAUSSIAN_LAYOUT
@@ -71,11 +72,11 @@ class SemiAmortizedVAE(LatentVariableModel):
         self,
         encoder: GaussianEncoder,
         decoder: keras.layers.Layer,
-        refine_steps: int = 10,
-        refine_lr: float = 0.05,
-        refine_momentum: float = 0.5,
+        refine_steps: int = DEFAULTS.refine_steps,
+        refine_lr: float = DEFAULTS.refine_lr,
+        refine_momentum: float = DEFAULTS.refine_momentum,
         refine_clip_norm: float = 5.0,
-        encoder_objective: str = "unrolled",
+        encoder_objective: str = DEFAULTS.refine_encoder_objective,
         num_samples: int = 1,
         **kwargs,
     ):
