@@ -91,15 +91,15 @@ def test_the_classes_defaults_are_the_configurations_default_preset():
             hidden_units="hidden_units", conv_filters="conv_filters", likelihood="decoder",
             shared_trunk="shared_trunk", per_example_proportions="per_example_proportions"),
         tf_rmvae.RecursiveMixtureVAE: dict(nonfinite_inputs="nonfinite_inputs"),
-        ComponentNetworks: dict(architecture="architecture", conv_filters="conv_filters"),
-        ImageDecoder: dict(architecture="architecture"),
+        ComponentNetworks: dict(architecture="architecture", conv_filters="conv_filters",
+                                hidden_units="hidden_units", shared_trunk="shared_trunk"),
+        ImageDecoder: dict(architecture="architecture", hidden_units="hidden_units"),
         SemiAmortizedVAE: dict(refine_steps="refine_steps", refine_lr="refine_lr", refine_momentum="refine_momentum",
                                encoder_objective="refine_encoder_objective"),
     }
-    # Defaults that are the class's own, not the configuration's (a change would change what the class builds):
-    # the networks' and the decoder's widths are the paper's 500-500, ComponentNetworks' M independent networks.
-    own = {ComponentNetworks: {"hidden_units", "shared_trunk"}, ImageDecoder: {"hidden_units"},
-           SemiAmortizedVAE: {"num_samples"}}
+    # Defaults that are the class's own, not the configuration's: SA-VAE's one sample (the configuration's 0 means
+    # "the method's own", which is 1 for SA-VAE).
+    own = {SemiAmortizedVAE: {"num_samples"}}
     mirrored = {ImageDecoder: {"conv_filters"}}  # the encoder's, reversed (below)
     # (`seed=None` of a layer draws from Keras's global seed: a choice of the caller, not a model setting.)
     settings = {f.name for f in dataclasses.fields(RunConfig)} - {"seed"} | {

@@ -53,12 +53,11 @@ class ComponentNetworks(keras.layers.Layer):
       hidden_units: dense layer widths (after the convolutions for "conv").
       conv_filters: filters of each stride-2 convolution ("conv" only).
       activation: hidden activation.
-      shared_trunk: if True, one trunk feeds M per-component heads (fewer parameters). Default False: M
-        independent networks.
+      shared_trunk: if True, one trunk feeds M per-component heads (fewer parameters); False: M independent
+        networks.
 
-    The architecture and the filters default to the configuration's (`config.DEFAULTS`); the widths (500, 500) and
-    the independent networks are this layer's own (the recommended model's are one trunk of 200-200, which
-    `RecursiveMixtureEncoder` passes).
+    The architecture, widths, filters and trunk default to the configuration's (`config.DEFAULTS`: one 200-200 trunk;
+    up to version 0.2 this layer's own 500-500 independent networks).
       min_scale: floor added to the softplus scale (> 0).
       validate_inputs: check the finiteness of inputs (clear errors instead of NaN outputs); shapes are always
         checked.
@@ -70,10 +69,10 @@ class ComponentNetworks(keras.layers.Layer):
         num_components: int,
         latent_dim: int,
         architecture: str = DEFAULTS.architecture,
-        hidden_units: Sequence[int] = (500, 500),
+        hidden_units: Sequence[int] = DEFAULTS.hidden_units,
         conv_filters: Sequence[int] = DEFAULTS.conv_filters,
         activation: str = "relu",
-        shared_trunk: bool = False,
+        shared_trunk: bool = DEFAULTS.shared_trunk,
         min_scale: float = 1e-4,
         validate_inputs: bool = True,
         seed: int | None = None,

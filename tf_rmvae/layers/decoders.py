@@ -30,9 +30,8 @@ class ImageDecoder(keras.layers.Layer):
       conv_filters: filters of the two transposed convolutions ("conv").
       activation: hidden activation.
 
-    The architecture and the filters default to the configuration's (`config.DEFAULTS`; the filters mirror the
-    encoder's, as `factory.build_networks` mirrors them); the widths (500, 500) are this layer's own (the
-    recommended model's decoder is 200-200, which `build_networks` passes).
+    The architecture, widths and filters default to the configuration's (`config.DEFAULTS`; the filters mirror the
+    encoder's, as `factory.build_networks` mirrors them).
     """
 
     params_per_pixel = 1
@@ -41,7 +40,7 @@ class ImageDecoder(keras.layers.Layer):
         self,
         image_shape: Sequence[int],
         architecture: str = DEFAULTS.architecture,
-        hidden_units: Sequence[int] = (500, 500),
+        hidden_units: Sequence[int] = DEFAULTS.hidden_units,
         conv_filters: Sequence[int] = tuple(reversed(DEFAULTS.conv_filters)),
         activation: str = "relu",
         **kwargs,

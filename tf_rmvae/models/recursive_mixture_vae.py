@@ -77,7 +77,7 @@ class RecursiveMixtureVAE(LatentVariableModel):
     Example (the recommended model: three heads on one trunk, each on its importance-weighted bound with five
     samples per step, lambda = 1, DReG gradients; `tf_rmvae.build_model()` builds and compiles the same):
 
-        model = RecursiveMixtureVAE(RecursiveMixtureEncoder(), BernoulliDecoder((28, 28, 1), hidden_units=(200, 200)))
+        model = RecursiveMixtureVAE(RecursiveMixtureEncoder(), BernoulliDecoder((28, 28, 1)))
         paper = RecursiveMixtureVAE(RecursiveMixtureEncoder(max_components=4, shared_trunk=False),
                                     BernoulliDecoder((28, 28, 1)), bound="elbo", lambda_kl=0.3)
 
