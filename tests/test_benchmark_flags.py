@@ -112,3 +112,15 @@ def test_a_cell_keeps_the_conventions_it_trained_with():
     run = cells.run_config(config, cells.cells(config)[0], "/tmp/cell")
     assert (run.noise_seed, run.validation_examples, run.data_order) == (0, 0, "reshuffled")
     assert (run.export_dir, run.image_every_epochs, run.keep_checkpoints) == ("", 0, 1)
+
+
+
+def test_help_of_the_console_script_lists_the_sweep_the_run_settings_and_the_earlier_names():
+    start = "import sys; sys.argv[0] = 'rmvae-benchmark'; from trainers.benchmark import run; run()"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run([sys.executable, "-c", start, "--help"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.startswith("Benchmark program"), result.stderr[-2000:]
+    for flag in ("--methods", "--seeds", "--max_log_ratio", "--rme_max_log_ratio", "--conv_filters", "--tf_log_level"):
+        assert f"  {flag}:" in result.stdout, result.stdout[-2000:]
+    assert "(default: '500,500')" in result.stdout.split("  --hidden_units:")[1].split("  --")[0]
