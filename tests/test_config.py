@@ -30,9 +30,12 @@ def test_importing_the_config_loads_no_tensorflow():
 
 
 def _program_flags() -> dict[str, flags.Flag]:
+    """The trainer's flags: those that `trainers.config_flags` defines for it (the program defines none itself)."""
+    from trainers import config_flags
     from trainers import train as program
 
-    return {flag.name: flag for flag in flags.FLAGS.get_flags_for_module(program)}
+    assert not flags.FLAGS.get_flags_for_module(program)
+    return {flag.name: flag for flag in flags.FLAGS.get_flags_for_module(config_flags)}
 
 
 def test_every_field_has_a_flag_with_its_default_and_help_and_every_flag_is_a_field():
