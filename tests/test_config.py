@@ -19,8 +19,9 @@ from tf_rmvae.config import METHOD_DEFAULTS, ConfigError, RunConfig
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_importing_the_config_loads_no_tensorflow():
-    code = ("import sys, tf_rmvae.config, tf_rmvae.choices, tf_rmvae.files; "
+def test_importing_the_config_and_the_flags_made_from_it_loads_no_tensorflow():
+    code = ("import sys, tf_rmvae.config, tf_rmvae.choices, tf_rmvae.files, trainers.config_flags, trainers.cli, "
+            "trainers.flags_doc, benchmarks.cells; "
             "print(sorted(m for m in ('tensorflow', 'keras', 'tensorflow_probability') if m in sys.modules))")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,

@@ -6,6 +6,11 @@
 Resumable: rerun the same command after an interruption (finished cells are loaded, unfinished ones continue from
 their last epoch). See benchmarks/README.md for the CPU-budget and paper-scale configurations. TensorFlow's C++ logs
 are off unless `--tf_log_level` asks for them (`trainers.quiet`).
+
+The run settings that the cells share are the trainer's flags (`trainers.config_flags`, docs/flags.md) with the
+benchmark's defaults (`benchmarks.cells.BASE_SETTINGS`); the program adds the sweep (--methods, --lambdas,
+--num_components, --schedules, --bounds, --component_bounds, --encoder_gradients, --savae_steps, --seeds), the
+evaluation schedule and where the results go. A flag error or a bad value exits with status 2 and one line.
 """
 
 from __future__ import annotations
