@@ -31,9 +31,57 @@ BOUND_METHODS = ("rme", "mixture")  # methods whose decoder/mixture bound is swe
 LEGACY_SAVAE_STEPS = 10  # the SA-VAE cell labelled plain "savae" (earlier runs had one SA-VAE cell)
 
 
+#: Where a benchmark cell's settings differ from `RunConfig`'s defaults (the trainer's): the base configuration
+#: of every cell, written here once; `BenchmarkConfig`'s defaults and the benchmark's flags read it (`BASE`). Longer
+#: runs evaluated on the whole test split with K = 5000; wider networks; one sample per component slot and M
+#: independent networks unless a flag asks for more; one line per epoch. As the cells trained before they were run
+#: configurations: the reparameterisation noise keyed by seed 0 for every seed (`noise_seed`), no validation
+#: hold-out, one tf.data pipeline reshuffled every epoch (`data_order`); nothing drawn or exported, one checkpoint
+#: kept (the benchmark evaluates the model itself, `benchmarks.harness`).
+BASE_SETTINGS = dict(
+    epochs=20, hidden_units=(500, 500), iwae_samples=5000, eval_examples=0, num_samples=1, shared_trunk=False,
+    verbose=2, noise_seed=0, validation_examples=0, data_order="reshuffled", image_every_epochs=0, keep_checkpoints=1,
+    export_dir="",
+)
+BASE = RunConfig(**BASE_SETTINGS)
+#: Run settings that each cell sets itself (swept, or given by its method and the run's cell directory), and those
+#: with no meaning in a benchmark (it exports nothing; `jit_compile` is `BenchmarkConfig`'s own, with "auto"): no
+#: benchmark flag, no `BenchmarkConfig.settings` entry. Every other `RunConfig` field is a benchmark flag.
+CELL_SETTINGS = frozenset({
+    "method", "num_components", "lambda_kl", "schedule", "bound", "component_bound", "encoder_gradient", "seed",
+    "refine_steps", "encoder_parameters_of", "encoder_groups", "preset", "model_dir", "export_dir", "export_name",
+    "export_encoder", "export_below_chance", "jit_compile",
+})
+#: The run settings with a `BenchmarkConfig` field under another name (the names its committed fingerprints and
+#: tables hold; the benchmark's flags of these names are aliases of the `RunConfig` names).
+BENCHMARK_NAMES = {
+    "max_log_ratio": "rme_max_log_ratio", "train_previous": "rme_train_previous", "refine_lr": "savae_lr",
+    "refine_momentum": "savae_momentum", "refine_encoder_objective": "savae_encoder_objective",
+    "eval_chunk_size": "iwae_chunk",
+}
+#: The run settings with a `BenchmarkConfig` field (`BENCHMARK_NAMES` or the same name); the others that are not
+#: `CELL_SETTINGS` go in `BenchmarkConfig.settings` where they differ from `BASE`.
+FIELD_SETTINGS = (
+    "dataset", "data_dir", "train_examples", "batch_size", "architecture", "hidden_units", "latent_dim",
+    "max_log_ratio", "train_previous", "eps_search_every", "refine_lr", "refine_momentum", "refine_encoder_objective",
+    "per_example_proportions", "shared_trunk", "num_samples", "epochs", "epochs_per_component", "learning_rate",
+    "verbose", "eval_examples", "iwae_samples", "eval_chunk_size",
+)
+#: Every run setting that is a benchmark flag, in `RunConfig`'s order.
+FLAG_SETTINGS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in CELL_SETTINGS)
+OTHER_SETTINGS = tuple(name for name in FLAG_SETTINGS if name not in FIELD_SETTINGS)
+
+
 @dataclasses.dataclass
 class BenchmarkConfig:
-    """Everything a benchmark run depends on (saved beside its results).
+    """Everything a benchmark run depends on (saved beside its results): the sweep (methods, lambdas, numbers of
+    components, schedules, bounds, component bounds, encoder gradients, SA-VAE steps, seeds) over the run settings
+    that every cell shares, whose defaults are `BASE`'s (`RunConfig`'s defaults with `BASE_SETTINGS` over them).
+
+    Run settings with a field here keep the names that committed tables and fingerprints hold (`BENCHMARK_NAMES`:
+    `rme_max_log_ratio` is `max_log_ratio`, `savae_lr` is `refine_lr`, `iwae_chunk` is `eval_chunk_size`, ...);
+    `settings` holds any other run setting (`OTHER_SETTINGS`, e.g. `conv_filters`, `decoder`) where it differs from
+    `BASE` (`{}`: none, and no entry in `to_json`, so the fingerprints of committed cells stay as they are).
 
     `epochs_per_component = 0` spreads the components over the run: `max(1, epochs // M)` epochs per stage.
     `savae_steps` gives one SA-VAE cell per number of refinement steps; `bounds` ("elbo", "iw") apply to "rme"
@@ -58,48 +106,49 @@ class BenchmarkConfig:
     `lambda_kl = None`); `schedules` apply to "rme" and "boosting".
     """
 
-    dataset: str = "rmvae_mnist"
+    dataset: str = BASE.dataset
     methods: Sequence[str] = ALL_METHODS
     lambdas: Sequence[float] = (0.1, 0.3, 0.5, 1.0)
     num_components: Sequence[int] = (4,)
     schedules: Sequence[str] = ("stagewise",)
-    epochs: int = 20
-    epochs_per_component: int = 0
+    epochs: int = BASE.epochs
+    epochs_per_component: int = BASE.epochs_per_component
     seeds: Sequence[int] = (0,)
-    iwae_samples: int = 5000
-    iwae_chunk: int = 100
-    eval_examples: int = 0
-    eval_batch_size: int = 100
-    train_examples: int = 0
-    architecture: str = "dense"
-    hidden_units: Sequence[int] = (500, 500)
-    latent_dim: int = 32
-    batch_size: int = 100
-    learning_rate: float = 1e-3
-    eps_search_every: int = 50
-    rme_max_log_ratio: float = 5.0
-    rme_train_previous: bool = True
+    iwae_samples: int = BASE.iwae_samples
+    iwae_chunk: int = BASE.eval_chunk_size
+    eval_examples: int = BASE.eval_examples
+    eval_batch_size: int = 100  # test digits per IWAE batch (a benchmark setting: the trainer evaluates otherwise)
+    train_examples: int = BASE.train_examples
+    architecture: str = BASE.architecture
+    hidden_units: Sequence[int] = BASE.hidden_units
+    latent_dim: int = BASE.latent_dim
+    batch_size: int = BASE.batch_size
+    learning_rate: float = BASE.learning_rate
+    eps_search_every: int = BASE.eps_search_every
+    rme_max_log_ratio: float = BASE.max_log_ratio
+    rme_train_previous: bool = BASE.train_previous
     savae_steps: Sequence[int] = (LEGACY_SAVAE_STEPS,)
-    savae_lr: float = 0.05
-    savae_momentum: float = 0.5
-    savae_encoder_objective: str = "unrolled"
-    jit_compile: str | bool = "auto"
+    savae_lr: float = BASE.refine_lr
+    savae_momentum: float = BASE.refine_momentum
+    savae_encoder_objective: str = BASE.refine_encoder_objective
+    jit_compile: str | bool = "auto"  # "auto": XLA where a GPU is visible
     output_dir: str = "benchmarks/results"
     run_name: str = "benchmark"
     # The results JSON `<table_name>[.partial].json` ("": run_name). Commands over other cells of one run (another
     # M, a shared trunk) write their own tables instead of overwriting each other's.
     table_name: str = ""
     resume: bool = True
-    data_dir: str | None = None
-    verbose: int = 0
+    data_dir: str | None = BASE.data_dir or None
+    verbose: int = BASE.verbose
     bounds: Sequence[str] = ("elbo",)
     eval_epochs: Sequence[int] = ()
-    shared_trunk: bool = False
-    per_example_proportions: bool = False
+    shared_trunk: bool = BASE.shared_trunk
+    per_example_proportions: bool = BASE.per_example_proportions
     component_bounds: Sequence[str] = ("elbo",)
-    num_samples: int = 1
+    num_samples: int = BASE.num_samples
     schedule_in_label: bool = False
     encoder_gradients: Sequence[str] = ("reparam",)
+    settings: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         self.methods = tuple(self.methods)
@@ -131,17 +180,28 @@ class BenchmarkConfig:
             raise ValueError("Need num_components >= 1 and at least one seed and one lambda.")
         if self.epochs < 1 or self.iwae_samples < 1 or self.num_samples < 1:
             raise ValueError("epochs, iwae_samples and num_samples must be >= 1.")
+        unknown = sorted(set(self.settings) - set(OTHER_SETTINGS))
+        if unknown:
+            raise ValueError(f"settings must be run settings among {OTHER_SETTINGS}; got {unknown} (the cells set "
+                             "the others, or BenchmarkConfig has a field of that name).")
+        given = BASE.replace(**self.settings)  # lists (from JSON) become tuples, as in RunConfig
+        self.settings = {k: getattr(given, k) for k in sorted(self.settings) if getattr(given, k) != getattr(BASE, k)}
 
     def to_json(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+        values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+        values["settings"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.settings.items()}
+        if not values["settings"]:  # as tables and fingerprints were before `settings` existed
+            del values["settings"]
+        return values
 
 
 def quick_config(**overrides) -> BenchmarkConfig:
-    """Tiny everything: a few hundred digits, tiny networks, 2 epochs, K = 20 (smoke test of the whole pipeline)."""
+    """Tiny everything: a few hundred digits, tiny networks, 2 epochs, K = 20, silent (smoke test of the whole
+    pipeline)."""
     values = dict(
         lambdas=(0.3, 1.0), num_components=(2,), epochs=2, epochs_per_component=1, iwae_samples=20, iwae_chunk=10,
         eval_examples=64, eval_batch_size=32, train_examples=256, hidden_units=(32,), latent_dim=4, batch_size=64,
-        eps_search_every=2, savae_steps=(2,), run_name="quick",
+        eps_search_every=2, savae_steps=(2,), run_name="quick", verbose=0,
     )
     values.update(overrides)
     return BenchmarkConfig(**values)
@@ -264,13 +324,12 @@ def epochs_per_component(config: BenchmarkConfig, cell: Cell) -> int:
 
 
 def run_config(config: BenchmarkConfig, cell: Cell, model_dir: str) -> RunConfig:
-    """The `RunConfig` that trains `cell` of `config` in `model_dir` (validated, not resolved).
+    """The `RunConfig` that trains `cell` of `config` in `model_dir` (validated, not resolved): `BASE` with the
+    run's settings and the cell's over it.
 
-    Every setting that a method's model reads is named, whatever the library's defaults: the benchmark's cells
-    keep their numbers when a default changes. As the cells trained before they were run configurations: the
-    reparameterisation noise keyed by seed 0 for every seed (`noise_seed`), no validation hold-out, one tf.data
-    pipeline reshuffled every epoch (`data_order`); nothing is exported or drawn (the benchmark evaluates the
-    model itself, `benchmarks.harness`). `jit_compile="auto"` is XLA where a GPU is visible, as Keras reads it.
+    Every setting that a method's model reads comes from `config` or the cell (the fingerprint stored with a cell
+    records them); a method that does not read a run setting (the cap of a VAE) gets `BASE`'s. `jit_compile="auto"`
+    is XLA where a GPU is visible, as Keras reads it.
     """
     method, components, settings = cell.method, cell.num_components, {}
     if method in ("vae", "savae", "vae_equal_params"):
@@ -299,19 +358,18 @@ def run_config(config: BenchmarkConfig, cell: Cell, model_dir: str) -> RunConfig
         import tensorflow as tf  # only here: the tables and the frontier read cells without TensorFlow
 
         jit = bool(tf.config.list_physical_devices("GPU"))
-    return RunConfig(
+    return BASE.replace(
+        **config.settings,
         dataset=config.dataset, data_dir=config.data_dir or "", train_examples=config.train_examples,
-        validation_examples=0, batch_size=config.batch_size, data_order="reshuffled",
-        method=method, num_components=components, shared_trunk=cell.shared_trunk,
+        batch_size=config.batch_size, method=method, num_components=components, shared_trunk=cell.shared_trunk,
         per_example_proportions=cell.per_example_proportions, latent_dim=config.latent_dim,
         architecture=config.architecture, hidden_units=tuple(config.hidden_units),
         lambda_kl=0.3 if cell.lambda_kl is None else cell.lambda_kl,
-        max_log_ratio=config.rme_max_log_ratio if recursive else 5.0,
-        train_previous=config.rme_train_previous if recursive else True,
+        max_log_ratio=config.rme_max_log_ratio if recursive else BASE.max_log_ratio,
+        train_previous=config.rme_train_previous if recursive else BASE.train_previous,
         encoder_gradient=cell.encoder_gradient,
         epochs=config.epochs, epochs_per_component=epochs_per_component(config, cell),
-        learning_rate=config.learning_rate, seed=cell.seed, noise_seed=0, jit_compile=bool(jit),
+        learning_rate=config.learning_rate, seed=cell.seed, jit_compile=bool(jit),
         verbose=config.verbose, eval_examples=config.eval_examples, iwae_samples=config.iwae_samples,
-        eval_chunk_size=config.iwae_chunk, model_dir=model_dir, export_dir="", image_every_epochs=0,
-        keep_checkpoints=1, **settings,
+        eval_chunk_size=config.iwae_chunk, model_dir=model_dir, **settings,
     ).validate()

@@ -19,8 +19,9 @@ from tf_rmvae.config import METHOD_DEFAULTS, ConfigError, RunConfig
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_importing_the_config_loads_no_tensorflow():
-    code = ("import sys, tf_rmvae.config, tf_rmvae.choices, tf_rmvae.files; "
+def test_importing_the_config_and_the_flags_made_from_it_loads_no_tensorflow():
+    code = ("import sys, tf_rmvae.config, tf_rmvae.choices, tf_rmvae.files, trainers.config_flags, trainers.cli, "
+            "trainers.flags_doc, benchmarks.cells; "
             "print(sorted(m for m in ('tensorflow', 'keras', 'tensorflow_probability') if m in sys.modules))")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
@@ -30,9 +31,12 @@ def test_importing_the_config_loads_no_tensorflow():
 
 
 def _program_flags() -> dict[str, flags.Flag]:
+    """The trainer's flags: those that `trainers.config_flags` defines for it (the program defines none itself)."""
+    from trainers import config_flags
     from trainers import train as program
 
-    return {flag.name: flag for flag in flags.FLAGS.get_flags_for_module(program)}
+    assert not flags.FLAGS.get_flags_for_module(program)
+    return {flag.name: flag for flag in flags.FLAGS.get_flags_for_module(config_flags)}
 
 
 def test_every_field_has_a_flag_with_its_default_and_help_and_every_flag_is_a_field():

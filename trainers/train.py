@@ -21,12 +21,10 @@ for them (`trainers.quiet`); the program prints one line per stage (data, traini
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import sys
-import typing
 
-from trainers import cli, quiet
+from trainers import cli, config_flags, quiet
 
 with quiet.quiet_imports(sys.argv):  # first: TensorFlow reads its log level when it is imported
     from absl import flags
@@ -36,54 +34,17 @@ with quiet.quiet_imports(sys.argv):  # first: TensorFlow reads its log level whe
 
 flags.adopt_module_key_flags(quiet)  # --tf_log_level in --help
 
-_FIELD_TYPES = typing.get_type_hints(RunConfig)
-_INT_LIST = tuple[int, ...]
 INTERRUPTED = 130  # the shell's status for a program stopped by Ctrl-C (128 + SIGINT)
 
-
-def define_flags() -> None:
-    """One flag per `RunConfig` field, with the field's name, default and help (`tf_rmvae.config.setting`).
-
-    A field with choices is an enum flag, a tuple of ints a comma list (`DEFINE_list`), a required field's
-    flag has no default (`RunConfig.validate` refuses a run without it); bool, int, float and str fields get flags
-    of their type.
-    """
-    define = {bool: flags.DEFINE_boolean, int: flags.DEFINE_integer, float: flags.DEFINE_float,
-              str: flags.DEFINE_string}
-    for field in dataclasses.fields(RunConfig):
-        help_text, choices = field.metadata["help"], field.metadata["choices"]
-        default = None if field.metadata["required"] else field.default
-        kind = _FIELD_TYPES[field.name]
-        if choices:
-            flags.DEFINE_enum(field.name, default, list(choices), help_text)
-        elif kind == _INT_LIST:
-            flags.DEFINE_list(field.name, None if default is None else [str(v) for v in default], help_text)
-        else:
-            define[kind](field.name, default, help_text)
-
-
-define_flags()
+config_flags.define_flags()  # one flag per RunConfig field (trainers.config_flags)
+flags.adopt_module_key_flags(config_flags)
 FLAGS = flags.FLAGS
-
-
-def _int_list(values: list[str], name: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in values)
-    except ValueError:
-        raise ConfigError(f"--{name} must be a comma-separated list of integers; got {','.join(values)!r}.") from None
 
 
 def config_from_flags() -> RunConfig:
     """The validated `RunConfig` of the flags given, over the `--preset` and the method's own defaults
     (`RunConfig.from_preset`: e.g. one component for `--method=vae`) where their flags were not given."""
-    values = {}
-    for field in dataclasses.fields(RunConfig):
-        value = FLAGS[field.name].value
-        if not FLAGS[field.name].present or field.name == "preset":
-            continue
-        if _FIELD_TYPES[field.name] == _INT_LIST:
-            value = _int_list(value, field.name)
-        values[field.name] = value
+    values = config_flags.settings_from_flags(name for name in config_flags.FIELDS if name != "preset")
     return RunConfig.from_preset(FLAGS.preset, **values).validate()
 
 
