@@ -74,6 +74,22 @@ def test_line_search_scores_match_a_direct_mixture_elbo():
         assert scores[g] == pytest.approx(float(tf.reduce_mean(direct)), rel=1e-5)
 
 
+@pytest.mark.parametrize("active", [1, 2, 3])
+@pytest.mark.parametrize("per_example", [False, True])
+def test_candidate_mixture_density_is_each_candidates_mixture_density(active, per_example):
+    """The line search's `(1 - eps) q_{k-1} + eps h_k` equals the mixture density of each candidate's weights."""
+    rng = np.random.default_rng(active)
+    log_h = tf.constant(3.0 * rng.normal(size=(2, 4, 3, 3)), tf.float32)  # [S, B, M, M]
+    logits = tf.constant([0.3, -1.0, 0.7])
+    candidates = tf.constant(mixing.eps_to_logit([0.0, 0.01, 0.3, 0.9, 1.0]))
+    offsets = tf.constant(rng.normal(size=(4, 3)), tf.float32) if per_example else None
+    log_w = mixing.candidate_log_weights(logits, active, candidates, offsets)
+    expected = objectives.mixture_log_density(log_h[:, None], log_w if per_example else log_w[:, None, :])
+    actual = objectives.candidate_mixture_log_density(log_h, logits, active, candidates, offsets)
+    assert actual.shape == (2, 5, 4, 3)
+    np.testing.assert_allclose(actual.numpy(), expected.numpy(), rtol=1e-6, atol=1e-6)
+
+
 def test_capped_kl_reward_is_bounded_and_stops_pushing():
     log_joint = tf.constant([[-3.0], [-5.0]])
     log_h = tf.constant([[-1.0], [-2.0]])

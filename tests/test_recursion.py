@@ -136,6 +136,17 @@ def test_the_method_chooses_the_criterion_and_the_component_training():
     assert recursion.JointTraining().trained_components(2, 3).numpy().tolist() == [True, True, False]
 
 
+@pytest.mark.parametrize("sources", [None, [0, 1, 0]])
+def test_own_log_prob_is_the_pairwise_density_at_each_slots_own_component(sources):
+    rng = np.random.default_rng(0)
+    loc = tf.constant(rng.normal(size=(4, 3, 5)), tf.float32)
+    scale = tf.constant(rng.uniform(0.5, 2.0, size=(4, 3, 5)), tf.float32)
+    z = tf.constant(rng.normal(size=(2, 4, 3, 5)), tf.float32)
+    sources = None if sources is None else tf.constant(sources)
+    expected = objectives.own_log_density(recursion.pairwise_log_prob(loc, scale, z), sources)
+    np.testing.assert_allclose(recursion.own_log_prob(loc, scale, z, sources).numpy(), expected.numpy(), rtol=1e-6)
+
+
 def test_gradient_routes_send_the_criteria_to_the_networks_and_the_bound_to_the_rest():
     model = tiny_model("rme", components=2)
     model.ensure_built((None, 28, 28, 1))

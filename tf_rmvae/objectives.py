@@ -310,7 +310,11 @@ def boosting_criterion(
 
 
 def criterion_log_densities(
-    log_h: tf.Tensor, log_h_fixed: tf.Tensor, mixing_logits: tf.Tensor, sources: tf.Tensor | None = None
+    log_h: tf.Tensor,
+    log_h_fixed: tf.Tensor,
+    mixing_logits: tf.Tensor,
+    sources: tf.Tensor | None = None,
+    log_h_self: tf.Tensor | None = None,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """What every component's criterion compares at its own samples: `log h_m(z)` and `log q_{m-1}(z)`, the
     density of the mixture of the components before m.
@@ -322,13 +326,17 @@ def criterion_log_densities(
       mixing_logits: `[M]` logits, or `[B, M]` per-example logits (gradient stopped by the caller).
       sources: optional `[M]` component each slot's samples come from (`mixing.slot_sources`); slot i then
         gets the densities of component `sources[i]`. Default: slot i draws from component i.
+      log_h_self: optional `[S, B, M]` `own_log_density(log_h, sources)`, computed by the caller (then `log_h` is
+        not read): a training step computes it from the slots' own components, whose gradient costs a fraction of
+        the pairwise `log_h`'s (M times fewer pairs).
 
     Returns:
       `(log_h_self, log_q_previous)`, `[S, B, M]` each, per slot. Component 0 has no mixture before it: its
       slots' `log_q_previous` is its own density, so its KL term vanishes and its criterion is its own bound.
     """
     previous_log_w = mixing.prefix_log_weights(mixing_logits)  # [(B,) M, M]: row m holds q_{m-1}'s weights
-    log_h_self = own_log_density(log_h, sources)
+    if log_h_self is None:
+        log_h_self = own_log_density(log_h, sources)
     if sources is None:
         sources = tf.range(log_h.shape[-1])
     else:  # slot i compares against q_{c-1}, c = sources[i], at its own samples
@@ -553,6 +561,42 @@ def importance_weighted_log_likelihood(
     return total - tf.math.log(tf.cast(iwae_samples, total.dtype))
 
 
+def candidate_mixture_log_density(
+    log_h: tf.Tensor,
+    mixing_logits: tf.Tensor,
+    num_active: tf.Tensor,
+    candidate_logits: tf.Tensor,
+    logit_offsets: tf.Tensor | None = None,
+) -> tf.Tensor:
+    """`log q_k(z)` at every slot's samples for each candidate of the newest proportion eps_k: the
+    `mixture_log_density` of each candidate's `mixing.candidate_log_weights`, up to rounding, as
+    `q_k = (1 - eps_k) q_{k-1} + eps_k h_k`: the mixture before the newest component is summed once, not once per
+    candidate (the line search scores G = 16 candidates every step).
+
+    Args:
+      log_h: `[S, B, M, M]` (see the module docstring).
+      mixing_logits: `[M]` current logits; num_active: scalar k >= 1 (slot k - 1 is the newest component).
+      candidate_logits: `[G]` logits of the candidate eps_k.
+      logit_offsets: optional `[B, M]` per-example logit offsets (added to every candidate's logits).
+
+    Returns:
+      `[S, G, B, M]`.
+    """
+    mixing_logits = tf.convert_to_tensor(mixing_logits, tf.float32)
+    newest = tf.cast(num_active, tf.int32) - 1
+    logits = mixing_logits if logit_offsets is None else mixing_logits + logit_offsets  # [(B,) M]
+    previous = mixture_log_density(log_h, mixing.recursive_log_weights(logits, newest))  # [S, B, M]: q_{k-1}
+    candidates = tf.convert_to_tensor(candidate_logits, tf.float32)[:, None]  # [G, 1]
+    if logit_offsets is not None:
+        candidates = candidates + tf.gather(logit_offsets, newest, axis=-1)[None, :]  # [G, B]
+    candidates = tf.clip_by_value(candidates, -mixing.MAX_ABS_LOGIT, mixing.MAX_ABS_LOGIT)[..., None]
+    first = tf.equal(newest, 0)  # q_1 = h_1: no mixture before it, eps_1 = 1
+    log_eps = tf.where(first, 0.0, tf.math.log_sigmoid(candidates))  # [G, 1 or B, 1]
+    log_keep = tf.where(first, mixing.INACTIVE_LOG_WEIGHT, tf.math.log_sigmoid(-candidates))
+    own = tf.gather(log_h, newest, axis=-1)  # [S, B, M]: h_k at every slot's samples
+    return tf.reduce_logsumexp(tf.stack([previous[:, None] + log_keep, own[:, None] + log_eps]), axis=0)
+
+
 def line_search_scores(
     log_joint: tf.Tensor,
     log_h: tf.Tensor,
@@ -582,7 +626,7 @@ def line_search_scores(
     log_w = mixing.candidate_log_weights(mixing_logits, num_active, candidate_logits, logit_offsets)
     if logit_offsets is None:
         log_w = log_w[:, None, :]  # [G, 1, M]; with offsets [G, B, M]
-    log_q = mixture_log_density(log_h[:, None], log_w)  # [S, G, B, M]
+    log_q = candidate_mixture_log_density(log_h, mixing_logits, num_active, candidate_logits, logit_offsets)
     if bound == "iw":
         log_v = mixing.slot_log_weights(log_w, mixing.slot_sources(tf.shape(log_w)[-1], num_active))
         scores = stratified_importance_weighted_bound(log_joint[:, None], log_q, log_v)  # [G, B]

@@ -65,6 +65,15 @@ def pairwise_log_prob(loc: tf.Tensor, scale: tf.Tensor, z: tf.Tensor) -> tf.Tens
     return components.log_prob(z[..., None, :])
 
 
+def own_log_prob(loc: tf.Tensor, scale: tf.Tensor, z: tf.Tensor, sources: tf.Tensor | None = None) -> tf.Tensor:
+    """`log h_{sources[i]}(z_i)`, each slot's samples under their own component: loc, scale `[B, M, D]`, z
+    `[S, B, M, D]`, sources `[M]` (default: slot i's own) -> `[S, B, M]`. The values of
+    `objectives.own_log_density(pairwise_log_prob(loc, scale, z), sources)` without the other M - 1 pairs."""
+    if sources is not None:
+        loc, scale = tf.gather(loc, sources, axis=1), tf.gather(scale, sources, axis=1)
+    return tfd.Independent(tfd.Normal(loc, scale), reinterpreted_batch_ndims=1).log_prob(z)
+
+
 # Arguments that a config saved before they existed lacks, or that it may lack, with the behaviour of then: before
 # `bound` was an argument (its default is now "auto", the method's default), every method trained on the ELBO; before
 # the classes read the configuration's defaults (`config.DEFAULTS`), they trained on ELBO criteria with one sample per
@@ -416,8 +425,10 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
         logits = tf.convert_to_tensor(self.encoder.mixing_logits)
         if self.encoder.per_example_proportions:
             logits = logits + logit_offsets  # [B, M]: each example's own earlier mixtures
+        # Each slot's own density, the criteria's only route into the components' parameters besides z: computed
+        # alone, its gradient skips the pairwise log_h's M - 1 other pairs per sample.
         log_h_self, log_q_previous = objectives.criterion_log_densities(
-            log_h, log_h_fixed, tf.stop_gradient(logits), sources)
+            log_h, log_h_fixed, tf.stop_gradient(logits), sources, log_h_self=own_log_prob(loc, scale, z, sources))
         return self.criterion(log_joint, log_h_self, log_q_previous, entropy, sources=sources,
                               log_h_self_fixed=log_h_self_fixed)
 
