@@ -233,6 +233,8 @@ def test_configure_mixing_sets_the_active_count_and_trainability_before_or_after
 def test_two_layer_networks_and_gradients_match_a_batched_matmul_reference(shared_trunk, components, architecture):
     networks = ComponentNetworks(components, 4, architecture=architecture, conv_filters=(3, 5), hidden_units=(8, 6),
                                  shared_trunk=shared_trunk, seed=2)
+    shared = networks.shared_trunk  # one component is one network either way
+    assert shared == (shared_trunk and components > 1)
     x = tf.random.stateless_uniform([5, 7] if architecture == "dense" else [5, 6, 6, 2], seed=[3, 4])
     networks(x)
     weights = tf.random.stateless_normal([5, components, 4], seed=[5, 6])
@@ -240,7 +242,7 @@ def test_two_layer_networks_and_gradients_match_a_batched_matmul_reference(share
     def convolutions(component):  # one component's convolution stack, [B, H, W, C] -> [B, F]
         h = x
         for kernel, bias in zip(networks.conv_kernels, networks.conv_biases):
-            if not shared_trunk:
+            if not shared:
                 kernel, bias = kernel[component], bias[component]
             h = tf.nn.relu(tf.nn.conv2d(h, kernel, strides=2, padding="SAME") + bias)
         return tf.reshape(h, [5, -1])
@@ -249,9 +251,9 @@ def test_two_layer_networks_and_gradients_match_a_batched_matmul_reference(share
         if architecture == "dense":
             h = x[None]
         else:
-            h = convolutions(0)[None] if shared_trunk else tf.stack([convolutions(m) for m in range(components)])
+            h = convolutions(0)[None] if shared else tf.stack([convolutions(m) for m in range(components)])
         for kernel, bias in zip(networks.dense_kernels, networks.dense_biases):
-            h = tf.nn.relu(tf.matmul(h, kernel) + (bias if shared_trunk else bias[:, None, :]))
+            h = tf.nn.relu(tf.matmul(h, kernel) + (bias if shared else bias[:, None, :]))
         loc = tf.transpose(tf.matmul(h, networks.loc_kernel) + networks.loc_bias[:, None, :], [1, 0, 2])
         raw = tf.transpose(tf.matmul(h, networks.scale_kernel) + networks.scale_bias[:, None, :], [1, 0, 2])
         return loc, tf.nn.softplus(raw) + networks.min_scale

@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_rmvae.choices import ARCHITECTURES
+from tf_rmvae.choices import ARCHITECTURES, uses_shared_trunk
 from tf_rmvae.config import DEFAULTS
 
 
@@ -53,8 +53,8 @@ class ComponentNetworks(keras.layers.Layer):
       hidden_units: dense layer widths (after the convolutions for "conv").
       conv_filters: filters of each stride-2 convolution ("conv" only).
       activation: hidden activation.
-      shared_trunk: if True, one trunk feeds M per-component heads (fewer parameters); False: M independent
-        networks.
+      shared_trunk: if True and M > 1, one trunk feeds M per-component heads (fewer parameters); False: M
+        independent networks (one component is one network either way).
 
     The architecture, widths, filters and trunk default to the configuration's (`config.DEFAULTS`: one 200-200 trunk;
     up to version 0.2 this layer's own 500-500 independent networks).
@@ -99,7 +99,8 @@ class ComponentNetworks(keras.layers.Layer):
         self.activation = keras.activations.get(activation)
         self._activation_name = (
             activation if isinstance(activation, str) else keras.activations.serialize(activation))
-        self.shared_trunk = bool(shared_trunk)
+        # One component is one network either way (a VAE's weights keep their layout whatever the setting).
+        self.shared_trunk = uses_shared_trunk(shared_trunk, self.num_components)
         self.min_scale = float(min_scale)
         self.validate_inputs = bool(validate_inputs)
         self.seed = seed
