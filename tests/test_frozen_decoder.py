@@ -22,7 +22,7 @@ TINY = dict(method="vae", num_components=1, hidden_units=(16,), latent_dim=4, ba
 def _weights_file(tmp_path, name: str, **changes) -> str:
     """A `.weights.h5` file of a whole (untrained, seeded) model, as `Model.save_weights` writes it."""
     spec = get_dataset_spec("rmvae_mnist")
-    config = RunConfig(model_dir="(in memory)", **dict(TINY, seed=7, **changes)).validate().resolved()
+    config = RunConfig(model_dir="(in memory)", **dict(TINY, **{"seed": 7, **changes})).validate().resolved()
     model = model_factory.build_compiled_model(config, spec.image_shape, spec.binary)
     path = str(tmp_path / f"{name}.weights.h5")
     model.save_weights(path)

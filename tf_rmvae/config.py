@@ -204,10 +204,10 @@ class RunConfig:
     per_example_proportions: bool = setting(
         False, "Per-example mixing proportions eps_m(x): the searched logit plus a small head's bounded offset.")
     decoder_from: str = setting(
-        "", "Train only an encoder, for the frozen decoder of a trained model: a .weights.h5 file a model with a "
-        "decoder saved (Model.save_weights, a run's checkpoint) or a run directory (its best checkpoint, else its "
-        "last state); the decoder settings (--hidden_units, --latent_dim, --architecture, --decoder) must match "
-        "it. '' = train the decoder too.")
+        "", "Train only an encoder, against the frozen decoder of a trained model: the .weights.h5 file of a model "
+        "with a decoder (as Model.save_weights writes it; a run's checkpoint) or a run directory (its best "
+        "checkpoint, else its last state); its decoder must fit --hidden_units, --latent_dim, --architecture and "
+        "--decoder. '' = train the decoder too.")
     decoder_sha256: str = setting(
         "", "SHA-256 of the --decoder_from weights file ('' = computed when the run starts; the run saves it, so a "
         "resumed run is refused if the file now holds another decoder; given: the file must match it).")
