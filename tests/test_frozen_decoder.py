@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+import keras
 import numpy as np
 import pytest
 
@@ -92,6 +93,8 @@ def test_a_run_directory_names_its_trained_weights(tmp_path):
     ("not_weights", "not a .weights.h5 file"),
     ("other_widths", "does not fit this run's"),
     ("other_latent_dim", "does not fit this run's"),
+    ("other_depth", "entries differ"),
+    ("no_decoder", "entries differ"),
     ("other_digest", "holds other weights"),
 ])
 def test_a_decoder_source_that_is_missing_or_does_not_fit_is_refused_before_anything_is_written(
@@ -101,11 +104,16 @@ def test_a_decoder_source_that_is_missing_or_does_not_fit_is_refused_before_anyt
         "empty_directory": str(tmp_path),
         "other_widths": lambda: _weights_file(tmp_path, "wide", hidden_units=(32,)),
         "other_latent_dim": lambda: _weights_file(tmp_path, "latent", latent_dim=3),
+        "other_depth": lambda: _weights_file(tmp_path, "deep", hidden_units=(16, 16)),
         "other_digest": lambda: _weights_file(tmp_path, "decoder"),
     }
     if case == "not_weights":
         source = str(tmp_path / "decoder.npz")
         np.savez(source, x=np.zeros(1))
+    elif case == "no_decoder":  # a weights file of a model without a decoder
+        source = str(tmp_path / "dense.weights.h5")
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        model.save_weights(source)
     else:
         source = sources[case]() if callable(sources[case]) else sources[case]
     changes = dict(decoder_sha256="0" * 64) if case == "other_digest" else {}

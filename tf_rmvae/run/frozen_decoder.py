@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 
+import h5py
 import keras
 
 from tf_rmvae.config import ConfigError, RunConfig
@@ -72,15 +74,43 @@ class _Holder(keras.Model):
         self.built = True  # nothing of its own to build; `decoder` is built
 
 
+def _one_line(text: str) -> str:
+    """Keras's loading error on one line (it names the object on one line and the mismatch on the next)."""
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())[:600]
+
+
 def load_frozen(decoder: keras.layers.Layer, config: RunConfig) -> None:
     """Loads the weights `config.decoder_from` names into the built `decoder` and makes it non-trainable;
     `ConfigError` if they do not fit it."""
     path = weights_file(config.decoder_from)
+    holder = _Holder(decoder)
+    with tempfile.TemporaryDirectory() as directory:  # what this decoder saves: the entries it must find, exactly
+        own = os.path.join(directory, "decoder.weights.h5")
+        holder.save_weights(own)
+        expected = _decoder_entries(own)
     try:
-        _Holder(decoder).load_weights(path)
+        found = _decoder_entries(path)
+        if found != expected:  # Keras would skip entries the decoder lacks (a deeper decoder's) without a word
+            differ = sorted(set(found.items()) ^ set(expected.items()))[:4]
+            raise ValueError(f"its decoder/ entries differ from this decoder's, e.g. {differ}")
+        holder.load_weights(path)
     except Exception as error:  # noqa: BLE001 - h5py, Keras and shape errors all mean "not this decoder's weights"
         raise ConfigError(
             f"--decoder_from={config.decoder_from}: its decoder does not fit this run's (--hidden_units="
             f"{','.join(map(str, config.hidden_units))} --latent_dim={config.latent_dim} --architecture="
-            f"{config.architecture} --decoder={config.decoder}): {str(error).splitlines()[0]}") from None
+            f"{config.architecture} --decoder={config.decoder}): {_one_line(str(error))}") from None
     decoder.trainable = False
+
+
+def _decoder_entries(path: str) -> dict[str, tuple[int, ...]]:
+    """`{name: shape}` of the variables under `decoder/` in a weights file."""
+    entries = {}
+
+    def add(name, item):
+        if isinstance(item, h5py.Dataset):
+            entries[name] = tuple(item.shape)
+
+    with h5py.File(path, "r") as f:
+        if "decoder" in f:
+            f["decoder"].visititems(add)
+    return entries
