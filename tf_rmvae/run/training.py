@@ -45,7 +45,8 @@ stopping derived from it, survives an interruption.
 
 What can go wrong (each fault refused with a clear error, nothing half-written): see "Failure modes" in README.md.
 
-The pieces, one module each: the model (`tf_rmvae.run.factory`), the callbacks (`tf_rmvae.run.callbacks`),
+The pieces, one module each: the model (`tf_rmvae.run.factory`; with `decoder_from`, a trained model's decoder
+frozen, `tf_rmvae.run.frozen_decoder`), the callbacks (`tf_rmvae.run.callbacks`),
 the run directory's files, lock and resume state (`tf_rmvae.run.directory`), test metrics, figures and export
 (`tf_rmvae.run.final_evaluation`), strategies (`tf_rmvae.run.strategies`); this module runs them in order.
 """
