@@ -18,10 +18,15 @@
        approximation gap = log p(x) - ELBO(optimised Gaussian)
        amortization gap  = ELBO(optimised Gaussian) - ELBO(method)   (< 0: better than any single Gaussian)
 
-Every piece is stored under `<output_dir>/<run_name>_cells/` and skipped on rerun (decoder weights, one
-`per_example.npz` per method), each beside a `settings.json` of what it depends on (`cell_settings`): a rerun
-whose settings differ (e.g. other `--num_samples` under the same `--run_name`) is refused instead of loading a
-result of another configuration. `<output_dir>/<run_name>.json` gets the table.
+Every model is a run configuration (the method's benchmark cell, `cells.run_config`) trained by the library's run
+code (`tf_rmvae.run.training.fit`): the decoder's VAE in `<run_name>_cells/decoder/`, each encoder in
+`<run_name>_cells/<method>/` with `decoder_from` naming the decoder's weights (`RunConfig.decoder_from`: the
+decoder frozen, the optimizer on the encoder only), so an interrupted piece resumes from its run directory's
+checked state. Every finished piece is stored under `<output_dir>/<run_name>_cells/` and skipped on rerun (the
+decoder's weights `decoder_vae.weights.h5`, one `per_example.npz` per method), each beside a `settings.json` of what
+it depends on (`cell_settings`): a rerun whose settings differ (e.g. other `--num_samples` under the same
+`--run_name`) is refused instead of loading a result of another configuration. `<output_dir>/<run_name>.json` gets
+the table.
 
     python -m benchmarks.amortization --decoder_epochs=20 --encoder_epochs=20 --run_name=amortization
 """
@@ -32,20 +37,18 @@ import argparse
 import dataclasses
 import json
 import os
-import time
 from typing import Sequence
 
 import keras
 import numpy as np
 
-import tf_rmvae
-from benchmarks import harness
-from benchmarks.cells import BenchmarkConfig, Cell, adds_components, epochs_per_component
+from benchmarks.cells import BenchmarkConfig, Cell, adds_components, epochs_per_component, run_config
 from tf_rmvae import data as rm_data
+from tf_rmvae.config import RunConfig
 from tf_rmvae.files import write_json_atomic
 from tf_rmvae.layers.encoders import GaussianEncoder
 from tf_rmvae.models.semi_amortized import SemiAmortizedVAE
-from tf_rmvae.run import evaluation
+from tf_rmvae.run import evaluation, training
 
 METHODS = ("vae", "vae_equal_params", "iwae", "rme", "savae")
 # Not in the default list (the committed study ran without it): RME with one shared trunk and M heads (variant b).
@@ -54,9 +57,8 @@ OPTIONAL_METHODS = ("rme_shared",)
 
 @dataclasses.dataclass
 class AmortizationConfig:
-    """Everything the study depends on; the models are the benchmark cells' (`harness.build_model`: each cell's
-    run configuration through `tf_rmvae.run.factory`). Their training stays here (`_fit`): the encoders train
-    against a frozen decoder, which a run configuration does not express."""
+    """Everything the study depends on; the models are the benchmark cells' (`cells.run_config`), the encoders'
+    with the decoder frozen (`RunConfig.decoder_from`), trained by `tf_rmvae.run.training.fit`."""
 
     methods: Sequence[str] = METHODS
     decoder_epochs: int = 20
@@ -102,15 +104,11 @@ def _cell(config: AmortizationConfig, method: str) -> Cell:
                 num_samples=config.num_samples if rme else 1)
 
 
-def _fit(model, config: AmortizationConfig, bench: BenchmarkConfig, cell: Cell, epochs: int):
-    train = rm_data.load_dataset(bench.dataset, "train", bench.batch_size, seed=config.seed,
-                                 take=config.train_examples or None, drop_remainder=True)
-    callbacks = []
-    if adds_components(cell):
-        callbacks.append(tf_rmvae.ComponentSchedule(epochs_per_component=epochs_per_component(bench, cell)))
-    start = time.perf_counter()
-    model.fit(train, epochs=epochs, callbacks=callbacks, verbose=config.verbose)
-    return time.perf_counter() - start
+def run_config_of(config: AmortizationConfig, method: str, epochs: int, model_dir: str, **changes) -> RunConfig:
+    """The run configuration that trains `method`'s model of the study for `epochs` in `model_dir` (its benchmark
+    cell's, `cells.run_config`, with `changes` over it: `decoder_from` for the encoders)."""
+    bench = config.benchmark_config(epochs)
+    return run_config(bench, _cell(config, method), model_dir).replace(verbose=config.verbose, **changes).validate()
 
 
 def decoder_settings(config: AmortizationConfig) -> dict:
@@ -151,37 +149,28 @@ def save_settings(directory: str, settings: dict) -> None:
     write_json_atomic(os.path.join(directory, "settings.json"), settings)
 
 
-def train_decoder(config: AmortizationConfig, cells_dir: str, log=print) -> keras.layers.Layer:
-    """The shared decoder: trained with a plain VAE once, then loaded from `cells_dir/decoder_vae.weights.h5`."""
-    bench = config.benchmark_config(config.decoder_epochs)
-    keras.utils.set_random_seed(config.seed)
-    model = harness.build_model(bench, _cell(config, "vae"))
-    path = os.path.join(cells_dir, "decoder_vae.weights.h5")  # the whole VAE (layers have no save_weights)
-    settings_dir = os.path.join(cells_dir, "decoder")  # the decoder's settings.json
+def train_decoder(config: AmortizationConfig, cells_dir: str, log=print) -> str:
+    """The shared decoder's weights file `cells_dir/decoder_vae.weights.h5` (the whole VAE's: layers have no
+    `save_weights`), trained once as a plain VAE in the run directory `cells_dir/decoder/`."""
+    path = os.path.join(cells_dir, "decoder_vae.weights.h5")
+    settings_dir = os.path.join(cells_dir, "decoder")  # the decoder's settings.json, beside its run's files
     if os.path.exists(path):
         check_settings(settings_dir, decoder_settings(config), log)
-        model.load_weights(path)
-    else:
-        _fit(model, config, bench, _cell(config, "vae"), config.decoder_epochs)
-        os.makedirs(cells_dir, exist_ok=True)
-        model.save_weights(path[:-len(".weights.h5")] + ".tmp.weights.h5")
-        os.replace(path[:-len(".weights.h5")] + ".tmp.weights.h5", path)
-        save_settings(settings_dir, decoder_settings(config))
-    return model.decoder
+        return path
+    log(f"[decoder] training a VAE for {config.decoder_epochs} epochs")
+    model = training.fit(run_config_of(config, "vae", config.decoder_epochs, settings_dir)).model
+    model.save_weights(path[:-len(".weights.h5")] + ".tmp.weights.h5")
+    os.replace(path[:-len(".weights.h5")] + ".tmp.weights.h5", path)
+    save_settings(settings_dir, decoder_settings(config))
+    return path
 
 
-def train_encoder(config: AmortizationConfig, method: str, decoder: keras.layers.Layer) -> keras.Model:
-    """A fresh model of `method` whose decoder is a frozen copy of `decoder`, its encoder trained against it."""
-    bench = config.benchmark_config(config.encoder_epochs)
-    cell = _cell(config, method)
-    keras.utils.set_random_seed(config.seed)
-    model = harness.build_model(bench, cell)
-    model.decoder.set_weights(decoder.get_weights())
-    model.decoder.trainable = False
-    model.compile(optimizer=keras.optimizers.Adam(bench.learning_rate))  # a fresh optimizer for the encoder only
-    model.optimizer.build(model.trainable_variables)
-    _fit(model, config, bench, cell, config.encoder_epochs)
-    return model
+def train_encoder(config: AmortizationConfig, method: str, decoder_file: str, cells_dir: str) -> keras.Model:
+    """The model of `method` whose encoder trained against the frozen decoder of `decoder_file`, in the run
+    directory `cells_dir/<method>/` (a finished run there is loaded, not trained again)."""
+    run = run_config_of(config, method, config.encoder_epochs, os.path.join(cells_dir, method),
+                        decoder_from=decoder_file)
+    return training.fit(run).model
 
 
 def per_example_bounds(model, x: np.ndarray, config: AmortizationConfig) -> dict:
@@ -199,7 +188,9 @@ def optimised_gaussians(vae: keras.Model, x: np.ndarray, config: AmortizationCon
         conv_filters=networks.conv_filters, min_scale=networks.min_scale)
     floor = SemiAmortizedVAE(gaussian, vae.decoder, refine_steps=config.floor_steps)
     floor.ensure_built((None, *x.shape[1:]))
-    gaussian.networks.set_weights(networks.get_weights())
+    # The Gaussian's trunk is one unbatched network, the one component's is batched [1, ...]: the same values.
+    gaussian.networks.set_weights([np.reshape(w, v.shape) for w, v in zip(networks.get_weights(),
+                                                                          gaussian.networks.weights)])
     return per_example_bounds(floor, x, config)
 
 
@@ -223,7 +214,7 @@ def gaps(results: dict[str, dict]) -> list[dict]:
 def run(config: AmortizationConfig, log=print) -> list[dict]:
     cells_dir = os.path.join(config.output_dir, f"{config.run_name}_cells")
     x_test = rm_data.load_numpy("rmvae_mnist", "test", take=config.eval_examples or None, seed=0)
-    decoder = train_decoder(config, cells_dir, log)
+    decoder_file = train_decoder(config, cells_dir, log)
     methods = ["vae"] + [m for m in config.methods if m != "vae"]  # the floor starts from the VAE encoder
     results, vae_model = {}, None
     for method in methods + ["optimised_gaussian"]:
@@ -236,11 +227,11 @@ def run(config: AmortizationConfig, log=print) -> list[dict]:
             log(f"[{method}] finished earlier: loaded")
             continue
         if method == "optimised_gaussian":
-            vae_model = vae_model or train_encoder(config, "vae", decoder)  # deterministic: same seeds
+            vae_model = vae_model or train_encoder(config, "vae", decoder_file, cells_dir)  # its run, or again
             results[method] = optimised_gaussians(vae_model, x_test, config)
         else:
             log(f"[{method}] training its encoder for {config.encoder_epochs} epochs against the frozen decoder")
-            model = train_encoder(config, method, decoder)
+            model = train_encoder(config, method, decoder_file, cells_dir)
             results[method] = per_example_bounds(model, x_test, config)
             if method == "vae":
                 vae_model = model

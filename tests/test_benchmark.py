@@ -311,13 +311,20 @@ def test_fixed_decoder_study_trains_encoders_only_and_reports_gaps(tmp_path):
         amortization.run(dataclasses.replace(config, num_samples=2, component_bound="iw"), log=lambda _: None)
     with pytest.raises(ValueError, match="decoder_epochs: stored 1, now 2"):
         amortization.run(dataclasses.replace(config, decoder_epochs=2), log=lambda _: None)
-    # Encoders train against a frozen copy of the stored decoder; the mixture's components join on schedule.
-    decoder = amortization.train_decoder(config, str(tmp_path / "amortization_cells"))  # loaded, not retrained
-    model = amortization.train_encoder(config, "rme", decoder)
-    assert all(np.array_equal(a, b) for a, b in zip(decoder.get_weights(), model.decoder.get_weights()))
+    # Encoders train against the stored decoder, frozen (`decoder_from`), each in its run directory, where a finished
+    # run is loaded, not trained again; the mixture's components join on schedule.
+    cells_dir = str(tmp_path / "amortization_cells")
+    decoder = amortization.train_decoder(config, cells_dir)  # loaded, not retrained
+    assert decoder == os.path.join(cells_dir, "decoder_vae.weights.h5")
+    vae = harness.build_model(config.benchmark_config(1), amortization._cell(config, "vae"))
+    vae.load_weights(decoder)
+    model = amortization.train_encoder(config, "rme", decoder, cells_dir)
+    assert all(np.array_equal(a, b) for a, b in zip(vae.decoder.get_weights(), model.decoder.get_weights()))
+    assert not model.decoder.trainable  # and Adam's two moments per encoder variable only, besides its counters
+    assert len(model.optimizer.variables) == 2 + 2 * len(model.encoder.trainable_variables)
     assert int(model.encoder.num_active_components.numpy()) == 2 and not model.encoder.shared_trunk
     # The optional shared-trunk RME: one trunk, M heads.
-    shared = amortization.train_encoder(config, "rme_shared", decoder)
+    shared = amortization.train_encoder(config, "rme_shared", decoder, cells_dir)
     assert shared.encoder.shared_trunk and int(shared.encoder.num_active_components.numpy()) == 2
     with pytest.raises(ValueError, match="unknown method"):
         amortization._cell(config, "rme_typo")
@@ -326,9 +333,54 @@ def test_fixed_decoder_study_trains_encoders_only_and_reports_gaps(tmp_path):
     assert amortization._cell(sampled, "rme_shared").label == "rme_M2_lambda0.3_shared_ciw_S4"
     assert amortization._cell(sampled, "vae").label == "vae"
     assert amortization._cell(sampled, "iwae").label == "iwae_k2"
-    variant_e = amortization.train_encoder(sampled, "rme_shared", decoder)
+    variant_e = amortization.train_encoder(sampled, "rme_shared", decoder, str(tmp_path / "variant_e_cells"))
     assert (variant_e.num_samples, variant_e.component_bound) == (4, "iw")
     assert int(variant_e.encoder.num_active_components.numpy()) == 2
+
+
+@pytest.mark.slow
+def test_the_fixed_decoder_study_trains_bit_for_bit_as_its_own_loop_did(tmp_path):
+    """The study's models train by `training.fit` (the decoder's VAE, then each encoder with `decoder_from`) exactly
+    as by the loop it kept before (version 0.x to 02d39fe, copied here): same seeds, same batches, same weights."""
+    config = amortization.AmortizationConfig(
+        methods=("vae", "iwae", "savae", "rme_shared"), decoder_epochs=1, encoder_epochs=2, num_components=2,
+        savae_steps=2, hidden_units=(8,), latent_dim=2, train_examples=200, output_dir=str(tmp_path), verbose=0)
+    cells_dir = str(tmp_path / "cells")
+
+    from tf_rmvae.data import load_dataset
+
+    def old_fit(model, method, epochs):
+        bench, cell = config.benchmark_config(epochs), amortization._cell(config, method)
+        train = load_dataset(bench.dataset, "train", bench.batch_size, seed=config.seed,
+                                           take=config.train_examples, drop_remainder=True)
+        callbacks = []
+        if run_cells.adds_components(cell):
+            callbacks.append(tf_rmvae.ComponentSchedule(
+                epochs_per_component=run_cells.epochs_per_component(bench, cell)))
+        model.fit(train, epochs=epochs, callbacks=callbacks, verbose=0)
+
+    def old_model(method, epochs):
+        keras.utils.set_random_seed(config.seed)
+        return harness.build_model(config.benchmark_config(epochs), amortization._cell(config, method))
+
+    decoder_file = amortization.train_decoder(config, cells_dir)
+    vae = old_model("vae", config.decoder_epochs)
+    old_fit(vae, "vae", config.decoder_epochs)
+    fitted = harness.build_model(config.benchmark_config(1), amortization._cell(config, "vae"))
+    fitted.load_weights(decoder_file)
+    for a, b in zip(vae.weights, fitted.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    for method in config.methods:
+        new = amortization.train_encoder(config, method, decoder_file, cells_dir)
+        old = old_model(method, config.encoder_epochs)
+        old.decoder.set_weights(vae.decoder.get_weights())
+        old.decoder.trainable = False
+        old.compile(optimizer=keras.optimizers.Adam(config.benchmark_config(1).learning_rate))
+        old.optimizer.build(old.trainable_variables)
+        old_fit(old, method, config.encoder_epochs)
+        assert len(old.weights) == len(new.weights)
+        for a, b in zip(old.weights, new.weights):
+            np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=f"{method}: {a.path}")
 
 
 def test_shared_trunk_cells_have_many_heads_for_few_parameters():

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from typing import Any
 
 from tf_rmvae.choices import (
@@ -58,6 +59,8 @@ RESUMABLE_FIELDS = frozenset({
     "early_stopping_patience", "image_every_epochs",
     # A preset only names the other settings, which are compared themselves.
     "preset",
+    # A path, which may change (a copied or moved file); the decoder it names is `decoder_sha256`, compared.
+    "decoder_from",
 })
 
 # Values of fields that a saved `config.json` may lack because it was written before the field existed: the behaviour
@@ -200,6 +203,14 @@ class RunConfig:
         "(amortized) ELBO.", choices=REFINE_OBJECTIVES)
     per_example_proportions: bool = setting(
         False, "Per-example mixing proportions eps_m(x): the searched logit plus a small head's bounded offset.")
+    decoder_from: str = setting(
+        "", "Train only an encoder, against the frozen decoder of a trained model: the .weights.h5 file of a model "
+        "with a decoder (as Model.save_weights writes it; a run's checkpoint) or a run directory (its best "
+        "checkpoint, else its last state); its decoder must fit --hidden_units, --latent_dim, --architecture and "
+        "--decoder. '' = train the decoder too.")
+    decoder_sha256: str = setting(
+        "", "SHA-256 of the --decoder_from weights file ('' = computed when the run starts; the run saves it, so a "
+        "resumed run is refused if the file now holds another decoder; given: the file must match it).")
     # Training
     epochs: int = setting(10, "Training epochs (a larger value extends a finished or resumed run).")
     epochs_per_component: int = setting(
@@ -280,6 +291,10 @@ class RunConfig:
         check(self.refine_steps >= 0 and self.refine_lr >= 0 and 0 <= self.refine_momentum < 1,
               f"--refine_steps and --refine_lr must be >= 0 and --refine_momentum in [0, 1); got {self.refine_steps}, "
               f"{self.refine_lr}, {self.refine_momentum}.")
+        check(not self.decoder_sha256 or bool(self.decoder_from),
+              "--decoder_sha256 pins the weights of --decoder_from, which is not given.")
+        check(not self.decoder_sha256 or re.fullmatch(r"[0-9a-f]{64}", self.decoder_sha256) is not None,
+              f"--decoder_sha256 must be 64 lowercase hex digits; got {self.decoder_sha256!r}.")
         check(self.noise_seed >= -1, f"--noise_seed must be >= 0, or -1 for --seed; got {self.noise_seed}.")
         check(self.latent_dim >= 1, f"--latent_dim must be >= 1; got {self.latent_dim}.")
         check(len(self.hidden_units) >= 1 and min(self.hidden_units) >= 1,
@@ -430,6 +445,8 @@ class RunConfig:
         `RESUMABLE_FIELDS`. Two configs without `mismatches` have the same identity, whatever their directories,
         evaluation or spelling ("auto" or what it means)."""
         values = {f.name: self.effective(f.name) for f in dataclasses.fields(self) if f.name not in RESUMABLE_FIELDS}
+        if not self.decoder_sha256:  # a run that trains its decoder: the identity it had before the setting existed
+            del values["decoder_sha256"]
         text = json.dumps(values, sort_keys=True, default=list)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 

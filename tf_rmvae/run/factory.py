@@ -22,6 +22,7 @@ from tf_rmvae.layers.encoders import GaussianEncoder, RecursiveMixtureEncoder
 from tf_rmvae.models.recursive_mixture_vae import RecursiveMixtureVAE
 from tf_rmvae.models.semi_amortized import SemiAmortizedVAE
 from tf_rmvae.run import directory as run_dir
+from tf_rmvae.run import frozen_decoder
 
 
 def build_networks(
@@ -125,16 +126,34 @@ def build_model(
     )
 
 
-def build_compiled_model(config: RunConfig, image_shape, binary: bool) -> RecursiveMixtureVAE | SemiAmortizedVAE:
+def build_compiled_model(config: RunConfig, image_shape, binary: bool, *,
+                         load_decoder: bool = True) -> RecursiveMixtureVAE | SemiAmortizedVAE:
     """`build_model`, built for `[None, *image_shape]` and compiled with Adam(`learning_rate`) and `jit_compile`,
-    its optimizer built."""
+    its optimizer built. With `decoder_from`, the decoder is frozen, its weights loaded from there (unless
+    `load_decoder` is False: a trained run's own weights follow) and the optimizer trains the encoder only."""
     model = build_model(config, tuple(image_shape), binary)
     model.ensure_built((None, *image_shape))
+    if config.decoder_from:
+        if load_decoder:
+            frozen_decoder.load_frozen(model.decoder, config)
+        model.decoder.trainable = False
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), jit_compile=config.jit_compile)
     # Built here, on the model's variables in their order, not by the first step on the order that step applies its
     # gradients in (SA-VAE's differs): a saved state then loads into a fresh model, which builds it so as well.
     model.optimizer.build(model.trainable_variables)
     return model
+
+
+def check_frozen_decoder(config: RunConfig, image_shape: tuple[int, int, int], binary: bool) -> None:
+    """`ConfigError` if `config.decoder_from` names no weights file, or weights that this run's decoder cannot take
+    (checked on a decoder of its own, before the run writes anything)."""
+    if not config.decoder_from:
+        return
+    _, decoder = build_networks(
+        tuple(image_shape), binary, latent_dim=config.latent_dim, architecture=config.architecture,
+        hidden_units=config.hidden_units, conv_filters=config.conv_filters, likelihood=config.decoder)
+    decoder.build((None, config.latent_dim))
+    frozen_decoder.load_frozen(decoder, config)
 
 
 def build_preset_model(
@@ -153,7 +172,7 @@ def load_trained_model(model_dir: str, checkpoint: str | None = None) -> Recursi
     else the newest per-epoch checkpoint)."""
     config = RunConfig.load(os.path.join(model_dir, run_dir.CONFIG_FILE))
     spec = get_dataset_spec(config.dataset)
-    model = build_compiled_model(config, spec.image_shape, spec.binary)
+    model = build_compiled_model(config, spec.image_shape, spec.binary, load_decoder=False)
     if checkpoint is not None:
         model.load_weights(checkpoint)
         return model

@@ -45,7 +45,8 @@ stopping derived from it, survives an interruption.
 
 What can go wrong (each fault refused with a clear error, nothing half-written): see "Failure modes" in README.md.
 
-The pieces, one module each: the model (`tf_rmvae.run.factory`), the callbacks (`tf_rmvae.run.callbacks`),
+The pieces, one module each: the model (`tf_rmvae.run.factory`; with `decoder_from`, a trained model's decoder
+frozen, `tf_rmvae.run.frozen_decoder`), the callbacks (`tf_rmvae.run.callbacks`),
 the run directory's files, lock and resume state (`tf_rmvae.run.directory`), test metrics, figures and export
 (`tf_rmvae.run.final_evaluation`), strategies (`tf_rmvae.run.strategies`); this module runs them in order.
 """
@@ -77,7 +78,7 @@ from tf_rmvae.data.pipeline import load_epochs, split_size
 from tf_rmvae.files import json_ready, write_json_atomic
 from tf_rmvae.run import directory as run_dir
 from tf_rmvae.run import final_evaluation as run_evaluation
-from tf_rmvae.run import report
+from tf_rmvae.run import frozen_decoder, report
 from tf_rmvae.run import strategies as distribute
 from tf_rmvae.run.best_checkpoint import load_best
 from tf_rmvae.run.callbacks import make_callbacks
@@ -85,6 +86,7 @@ from tf_rmvae.run.factory import (
     build_compiled_model,
     build_model,
     build_networks,
+    check_frozen_decoder,
     equal_parameter_hidden_units,
     load_trained_model,
 )
@@ -155,6 +157,8 @@ def _run(config: RunConfig, evaluate: bool, callbacks: tuple) -> dict[str, Any] 
     # The run's files (config.json, metrics.json) name the bound, samples and schedule it trains with, never "auto":
     # a later default cannot change what a resumed run trains.
     config = config.validate().resolved(saved=run_dir.saved_config(config.model_dir))
+    # Which decoder a frozen-decoder run trains against: its weights file's digest, saved and compared on resume.
+    config = frozen_decoder.pinned(config)
     strategy = _make_strategy(config)
     chief = distribute.is_chief(strategy)
     check_before_writing(config, chief)
@@ -182,14 +186,15 @@ def _make_strategy(config: RunConfig) -> tf.distribute.Strategy:
 
 def check_before_writing(config: RunConfig, chief: bool = True) -> None:
     """User errors that must stop a run before it writes anything (`ConfigError`): a dataset that is unknown or
-    unavailable, a split of it that leaves no training step (`_RunData.of`), a `model_dir` or export directory
-    that cannot be written."""
+    unavailable, a split of it that leaves no training step (`_RunData.of`), a `decoder_from` whose weights this
+    run's decoder cannot take, a `model_dir` or export directory that cannot be written."""
     try:
         spec = get_dataset_spec(config.dataset)
         load_numpy(config.dataset, spec.test_split, take=1, data_dir=config.data_dir or None)  # prepares if needed
     except (ValueError, DatasetUnavailableError) as error:
         raise ConfigError(f"--dataset={config.dataset}: {error}") from None
     _RunData.of(config)
+    check_frozen_decoder(config, spec.image_shape, spec.binary)
     if chief:
         run_dir.check_writable(config.model_dir, "model_dir")
         if config.resolved_export_dir:
