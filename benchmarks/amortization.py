@@ -188,9 +188,7 @@ def optimised_gaussians(vae: keras.Model, x: np.ndarray, config: AmortizationCon
         conv_filters=networks.conv_filters, min_scale=networks.min_scale)
     floor = SemiAmortizedVAE(gaussian, vae.decoder, refine_steps=config.floor_steps)
     floor.ensure_built((None, *x.shape[1:]))
-    # The Gaussian's trunk is one unbatched network, the one component's is batched [1, ...]: the same values.
-    gaussian.networks.set_weights([np.reshape(w, v.shape) for w, v in zip(networks.get_weights(),
-                                                                          gaussian.networks.weights)])
+    gaussian.networks.set_weights(networks.get_weights())
     return per_example_bounds(floor, x, config)
 
 
