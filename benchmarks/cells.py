@@ -46,12 +46,15 @@ BASE_SETTINGS = dict(
 BASE = RunConfig(**BASE_SETTINGS)
 #: Run settings that each cell sets itself (swept, or given by its method and the run's cell directory), and those
 #: with no meaning in a benchmark (it exports nothing; `jit_compile` is `BenchmarkConfig`'s own, with "auto"; the
-#: sweep trains every cell's decoder, and only `benchmarks.amortization` freezes one, per encoder it trains): no
-#: benchmark flag, no `BenchmarkConfig.settings` entry. Every other `RunConfig` field is a benchmark flag.
+#: sweep trains every cell's decoder, and only `benchmarks.amortization` freezes one, per encoder it trains), and those
+#: that would make a cell's reported model another than its last epoch's, the one `benchmarks.rescore` scores (a
+#: validation hold-out restores the best epoch; early stopping ends a cell before its epochs): no benchmark flag, no
+#: `BenchmarkConfig.settings` entry. Every other `RunConfig` field is a benchmark flag.
 CELL_SETTINGS = frozenset({
     "method", "num_components", "lambda_kl", "schedule", "bound", "component_bound", "encoder_gradient", "seed",
     "refine_steps", "encoder_parameters_of", "encoder_groups", "preset", "model_dir", "export_dir", "export_name",
     "export_encoder", "export_below_chance", "jit_compile", "decoder_from", "decoder_sha256",
+    "validation_examples", "early_stopping_patience",
 })
 #: The run settings with a `BenchmarkConfig` field under another name (the names its committed fingerprints and
 #: tables hold; the benchmark's flags of these names are aliases of the `RunConfig` names).

@@ -26,7 +26,7 @@ PARSES = {
     "new": ["--methods=rme,savae", *NEW_NAMES],
     "quick_old": ["--quick", *OLD_NAMES],
     "quick_new": ["--quick", *NEW_NAMES],
-    "other_settings": ["--conv_filters=16,32", "--decoder=auto", "--validation_examples=0"],
+    "other_settings": ["--conv_filters=16,32", "--decoder=auto", "--data_order=reshuffled"],
 }
 # Parses `PARSES` with the program's flags (in a new process: the program's flags and the trainer's share names).
 PROGRAM = """

@@ -55,13 +55,13 @@ class ComponentNetworks(keras.layers.Layer):
       activation: hidden activation.
       shared_trunk: if True and M > 1, one trunk feeds M per-component heads (fewer parameters); False: M
         independent networks (one component is one network either way).
-
-    The architecture, widths, filters and trunk default to the configuration's (`config.DEFAULTS`: one 200-200 trunk;
-    up to version 0.2 this layer's own 500-500 independent networks).
       min_scale: floor added to the softplus scale (> 0).
       validate_inputs: check the finiteness of inputs (clear errors instead of NaN outputs); shapes are always
         checked.
       seed: seed of the initialisers (variable i gets `seed + i`); None draws from Keras's global seed.
+
+    The architecture, widths, filters and trunk default to the configuration's (`config.DEFAULTS`: one 200-200 trunk;
+    up to version 0.2 this layer's own 500-500 independent networks).
     """
 
     def __init__(
