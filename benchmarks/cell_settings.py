@@ -45,11 +45,12 @@ def from_fingerprint(fingerprint: dict, **overrides) -> tuple[BenchmarkConfig, C
     return BenchmarkConfig(**{**settings, **overrides}), Cell(**cell)
 
 
-def trained_run_config(directory: str, jit_compile: bool | str = False) -> RunConfig:
+def trained_run_config(directory: str, jit_compile: bool | str = False, stored: dict | None = None) -> RunConfig:
     """The resolved run configuration that trained the finished cell in `directory`: the one it stores, or the one
     the benchmark's code gives its fingerprint (`from_fingerprint`; `jit_compile` as `BenchmarkConfig.jit_compile`,
-    which a fingerprint does not record; "auto" imports TensorFlow), with `directory` as its run directory."""
-    stored = stored_result(directory)
+    which a fingerprint does not record; "auto" imports TensorFlow), with `directory` as its run directory.
+    `stored`: the cell's `stored_result`, when the caller has read it already."""
+    stored = stored_result(directory) if stored is None else stored
     if "run_config" in stored:
         return RunConfig.from_dict(stored["run_config"]).replace(model_dir=directory)
     config, cell = from_fingerprint(stored["fingerprint"], jit_compile=jit_compile)

@@ -46,8 +46,9 @@ def rebuild(directory: str):
     from tf_rmvae.run import directory as run_dir
     from tf_rmvae.run import factory
 
-    run = cell_settings.trained_run_config(directory, jit_compile="auto")
-    if "run_config" in cell_settings.stored_result(directory):
+    stored = cell_settings.stored_result(directory)
+    run = cell_settings.trained_run_config(directory, jit_compile="auto", stored=stored)
+    if "run_config" in stored:
         saved = run_dir.saved_config(directory)
         if saved is None or saved.mismatches(run):
             raise ValueError(f"{directory} holds no run directory of the run that trained its result (config.json "

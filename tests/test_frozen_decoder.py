@@ -134,3 +134,17 @@ def test_the_digest_needs_a_source_and_a_run_without_one_keeps_its_identity():
     assert pinned.identity() != plain.identity()
     assert pinned.identity() == pinned.replace(decoder_from="elsewhere/d.weights.h5").identity()
     assert set(pinned.mismatches(plain)) == {"decoder_sha256"}
+
+
+def test_the_decoder_loaded_is_the_one_the_run_was_pinned_to(tmp_path):
+    # load_frozen loads from the bytes it checked against decoder_sha256: a file replaced after the run was pinned
+    # is refused, never loaded in its place.
+    source = _weights_file(tmp_path, "decoder")
+    config = frozen_decoder.pinned(
+        RunConfig(model_dir=str(tmp_path / "encoder"), decoder_from=source, **TINY).validate().resolved())
+    spec = get_dataset_spec("rmvae_mnist")
+    model = model_factory.build_compiled_model(config, spec.image_shape, spec.binary)
+    np.testing.assert_array_equal(model.decoder.get_weights()[0], _decoder_weights(source)[0])
+    os.replace(_weights_file(tmp_path, "other", seed=8), source)  # same shapes, other weights
+    with pytest.raises(ConfigError, match="changed since the run was pinned"):
+        model_factory.build_compiled_model(config, spec.image_shape, spec.binary)

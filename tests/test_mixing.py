@@ -79,3 +79,29 @@ def test_candidate_weights_with_offsets_shift_every_candidate_by_the_examples_of
                 with_offsets[g, b], mixing.recursive_log_weights(shifted, 2).numpy(), rtol=1e-6)
     # eps = 0 (logit -30) stays off whatever the example's offset (bounded by MAX_OFFSET in the layer).
     assert np.all(np.exp(with_offsets[0, :, 1]) < 1e-8)
+
+
+@pytest.mark.parametrize("active", [1, 2, 3])
+@pytest.mark.parametrize("with_offsets", [False, True])
+def test_candidate_join_proportions_recompose_the_candidate_weights(active, with_offsets):
+    # q_k's weights are q_{k-1}'s times (1 - eps_k), and eps_k for the newest: the line search's faster density
+    # (objectives.candidate_mixture_log_density) reads the join from here, the bound's weights from
+    # candidate_log_weights; both must be the same candidates.
+    logits = mixing.eps_to_logit([0.5, 0.3, 0.2, 0.6])
+    candidates = np.array([-40.0, -2.0, 0.0, 1.5, 40.0], np.float32)  # +-40: beyond the clip
+    offsets = np.array([[0.0, 1.0, -2.0, 0.5], [0.0, -0.5, 3.0, -1.0]], np.float32) if with_offsets else None
+    log_keep, log_eps = (t.numpy() for t in mixing.candidate_join_log_proportions(candidates, active, offsets))
+    assert log_keep.shape == log_eps.shape == ((5, 2) if with_offsets else (5, 1))
+    weights = mixing.candidate_log_weights(logits, active, candidates, offsets).numpy()  # [G, (B,) M]
+    if not with_offsets:
+        weights = weights[:, None, :]
+    shifted = logits if offsets is None else logits + offsets  # [(B,) M]
+    previous = mixing.recursive_log_weights(shifted, active - 1).numpy()  # q_{k-1}
+    np.testing.assert_allclose(log_eps, weights[..., active - 1], atol=1e-6)
+    if active == 1:  # q_1 = h_1: eps_1 = 1 and nothing kept
+        np.testing.assert_array_equal(log_eps, 0.0)
+        assert np.all(log_keep <= mixing.INACTIVE_LOG_WEIGHT)
+    else:
+        np.testing.assert_allclose(
+            previous[..., : active - 1] + log_keep[..., None], weights[..., : active - 1], rtol=1e-6, atol=1e-6)
+        assert np.all(np.isfinite(log_keep)) and np.all(log_keep >= -mixing.MAX_ABS_LOGIT - 1)

@@ -39,6 +39,25 @@ def uniform_mixing_logits(max_components: int) -> np.ndarray:
     return eps_to_logit(eps)
 
 
+def join_log_proportions(logits: tf.Tensor, is_first) -> tuple[tf.Tensor, tf.Tensor]:
+    """`(log(1 - eps), log eps)` of the join `q_m = (1 - eps) q_{m-1} + eps h_m` with `eps = sigmoid(logit)`.
+
+    The one rule for a join's proportions: the logit is clipped at `MAX_ABS_LOGIT`, and the first component has
+    `eps_1 = 1` (there is no mixture before it: `log(1 - eps_1)` is `INACTIVE_LOG_WEIGHT`).
+
+    Args:
+      logits: `[...]` logits of eps.
+      is_first: bool, broadcastable to `logits`: where the join is the first component's.
+
+    Returns:
+      `(log_keep, log_eps)`, each shaped like `logits` broadcast with `is_first`.
+    """
+    logits = tf.clip_by_value(tf.convert_to_tensor(logits, tf.float32), -MAX_ABS_LOGIT, MAX_ABS_LOGIT)
+    log_eps = tf.where(is_first, 0.0, tf.math.log_sigmoid(logits))
+    log_keep = tf.where(is_first, INACTIVE_LOG_WEIGHT, tf.math.log_sigmoid(-logits))
+    return log_keep, log_eps
+
+
 def recursive_log_weights(mixing_logits: tf.Tensor, num_active: tf.Tensor) -> tf.Tensor:
     """Log-weights of the recursive mixture.
 
@@ -51,15 +70,14 @@ def recursive_log_weights(mixing_logits: tf.Tensor, num_active: tf.Tensor) -> tf
       `INACTIVE_LOG_WEIGHT`. With `k = 0` every slot is inactive.
     """
     mixing_logits = tf.convert_to_tensor(mixing_logits, tf.float32)
-    mixing_logits = tf.clip_by_value(mixing_logits, -MAX_ABS_LOGIT, MAX_ABS_LOGIT)
     num_slots = tf.shape(mixing_logits)[-1]
     slot = tf.range(num_slots)
     num_active = tf.cast(num_active, tf.int32)[..., None]
     active = slot < num_active
     is_first = tf.equal(slot, 0)
-    log_eps = tf.where(is_first, 0.0, tf.math.log_sigmoid(mixing_logits))
+    log_keep, log_eps = join_log_proportions(mixing_logits, is_first)
     # log(1 - eps_j) contributes to every earlier component's weight, but only while slot j is active.
-    log_keep = tf.where(active & ~is_first, tf.math.log_sigmoid(-mixing_logits), 0.0)
+    log_keep = tf.where(active & ~is_first, log_keep, 0.0)
     later_keep = tf.cumsum(log_keep, axis=-1, exclusive=True, reverse=True)
     return tf.where(active, log_eps + later_keep, INACTIVE_LOG_WEIGHT)
 
@@ -103,6 +121,27 @@ def candidate_log_weights(
     if logit_offsets is not None:
         logits = logits[:, None, :] + tf.convert_to_tensor(logit_offsets, tf.float32)[None]
     return recursive_log_weights(logits, num_active)
+
+
+def candidate_join_log_proportions(
+    candidate_logits: tf.Tensor, num_active: tf.Tensor, logit_offsets=None
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """`(log(1 - eps_k), log eps_k)` of the newest join for each candidate, as `candidate_log_weights` sets them.
+
+    Args:
+      candidate_logits: `[G]` logits of the candidate eps values.
+      num_active: scalar k >= 1; slot `k - 1` is the newest component.
+      logit_offsets: optional `[B, M]` per-example offsets (the newest slot's is added to every candidate).
+
+    Returns:
+      `(log_keep, log_eps)`, each `[G, 1]`; `[G, B]` with offsets.
+    """
+    newest = tf.cast(num_active, tf.int32) - 1
+    candidates = tf.convert_to_tensor(candidate_logits, tf.float32)[:, None]  # [G, 1]
+    if logit_offsets is not None:
+        offsets = tf.convert_to_tensor(logit_offsets, tf.float32)
+        candidates = candidates + tf.gather(offsets, newest, axis=-1)[None, :]  # [G, B]
+    return join_log_proportions(candidates, tf.equal(newest, 0))
 
 
 def slot_sources(num_slots, num_active) -> tf.Tensor:

@@ -586,13 +586,8 @@ def candidate_mixture_log_density(
     newest = tf.cast(num_active, tf.int32) - 1
     logits = mixing_logits if logit_offsets is None else mixing_logits + logit_offsets  # [(B,) M]
     previous = mixture_log_density(log_h, mixing.recursive_log_weights(logits, newest))  # [S, B, M]: q_{k-1}
-    candidates = tf.convert_to_tensor(candidate_logits, tf.float32)[:, None]  # [G, 1]
-    if logit_offsets is not None:
-        candidates = candidates + tf.gather(logit_offsets, newest, axis=-1)[None, :]  # [G, B]
-    candidates = tf.clip_by_value(candidates, -mixing.MAX_ABS_LOGIT, mixing.MAX_ABS_LOGIT)[..., None]
-    first = tf.equal(newest, 0)  # q_1 = h_1: no mixture before it, eps_1 = 1
-    log_eps = tf.where(first, 0.0, tf.math.log_sigmoid(candidates))  # [G, 1 or B, 1]
-    log_keep = tf.where(first, mixing.INACTIVE_LOG_WEIGHT, tf.math.log_sigmoid(-candidates))
+    log_keep, log_eps = mixing.candidate_join_log_proportions(candidate_logits, num_active, logit_offsets)
+    log_keep, log_eps = log_keep[..., None], log_eps[..., None]  # [G, 1 or B, 1]
     own = tf.gather(log_h, newest, axis=-1)  # [S, B, M]: h_k at every slot's samples
     return tf.reduce_logsumexp(tf.stack([previous[:, None] + log_keep, own[:, None] + log_eps]), axis=0)
 

@@ -52,6 +52,19 @@ def sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def _pinned_bytes(config: RunConfig) -> bytes:
+    """The bytes of the decoder's weights file, read once; `ConfigError` if they are not the ones
+    `config.decoder_sha256` names (the file changed after the run was pinned)."""
+    path = weights_file(config.decoder_from)
+    with open(path, "rb") as f:
+        content = f.read()
+    digest = hashlib.sha256(content).hexdigest()
+    if config.decoder_sha256 and config.decoder_sha256 != digest:
+        raise ConfigError(f"--decoder_from={config.decoder_from} ({path}) changed since the run was pinned to it: "
+                          f"SHA-256 {digest}, not {config.decoder_sha256}.")
+    return content
+
+
 def pinned(config: RunConfig) -> RunConfig:
     """`config` with `decoder_sha256` the digest of its decoder's weights file (unchanged without `decoder_from`);
     `ConfigError` if the file is missing or differs from a digest given."""
@@ -81,24 +94,27 @@ def _one_line(text: str) -> str:
 
 def load_frozen(decoder: keras.layers.Layer, config: RunConfig) -> None:
     """Loads the weights `config.decoder_from` names into the built `decoder` and makes it non-trainable;
-    `ConfigError` if they do not fit it."""
-    path = weights_file(config.decoder_from)
+    `ConfigError` if they do not fit it, or are no longer the ones `config.decoder_sha256` names."""
+    content = _pinned_bytes(config)  # loaded from the bytes that were checked, not from the file read again
     holder = _Holder(decoder)
-    with tempfile.TemporaryDirectory() as directory:  # what this decoder saves: the entries it must find, exactly
-        own = os.path.join(directory, "decoder.weights.h5")
+    with tempfile.TemporaryDirectory() as directory:
+        own = os.path.join(directory, "decoder.weights.h5")  # what this decoder saves: the entries it must find
         holder.save_weights(own)
         expected = _decoder_entries(own)
-    try:
-        found = _decoder_entries(path)
-        if found != expected:  # Keras would skip entries the decoder lacks (a deeper decoder's) without a word
-            differ = sorted(set(found.items()) ^ set(expected.items()))[:4]
-            raise ValueError(f"its decoder/ entries differ from this decoder's, e.g. {differ}")
-        holder.load_weights(path)
-    except Exception as error:  # noqa: BLE001 - h5py, Keras and shape errors all mean "not this decoder's weights"
-        raise ConfigError(
-            f"--decoder_from={config.decoder_from}: its decoder does not fit this run's (--hidden_units="
-            f"{','.join(map(str, config.hidden_units))} --latent_dim={config.latent_dim} --architecture="
-            f"{config.architecture} --decoder={config.decoder}): {_one_line(str(error))}") from None
+        source = os.path.join(directory, "source.weights.h5")
+        with open(source, "wb") as f:
+            f.write(content)
+        try:
+            found = _decoder_entries(source)
+            if found != expected:  # Keras would skip entries the decoder lacks (a deeper decoder's) without a word
+                differ = sorted(set(found.items()) ^ set(expected.items()))[:4]
+                raise ValueError(f"its decoder/ entries differ from this decoder's, e.g. {differ}")
+            holder.load_weights(source)
+        except Exception as error:  # noqa: BLE001 - h5py, Keras and shape errors: "not this decoder's weights"
+            raise ConfigError(
+                f"--decoder_from={config.decoder_from}: its decoder does not fit this run's (--hidden_units="
+                f"{','.join(map(str, config.hidden_units))} --latent_dim={config.latent_dim} --architecture="
+                f"{config.architecture} --decoder={config.decoder}): {_one_line(str(error))}") from None
     decoder.trainable = False
 
 
