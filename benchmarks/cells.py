@@ -103,7 +103,8 @@ class BenchmarkConfig:
     committed cells stay as they are). A stage as long as the run (`epochs_per_component >= epochs`) is the no-join
     control: components never join (label suffix `_nojoin`). `encoder_gradients` ("reparam", "dreg") apply to
     iwae, piwae, rme on importance-weighted component criteria and mixture on the "iw" bound
-    (`RecursiveMixtureVAE(encoder_gradient=...)`; labels `iwae_dreg_k<k>`, `piwae_dreg_M<M>_K<K>`, suffix `_dreg`).
+    (`RecursiveMixtureVAE(encoder_gradient=...)`; labels `iwae_dreg_k<k>`, `piwae_dreg_M<M>_K<K>`, suffix `_dreg`);
+    "gdreg" (the generalized DReG) to mixture on the "iw" bound only (suffix `_gdreg`).
     `eval_examples = 0` / `train_examples = 0` use the full split. `rme_max_log_ratio < 0` runs RME (and boosting)
     with the uncapped criterion; `rme_train_previous = False` freezes earlier components (ablations).
     `lambdas` apply to "rme" only (boosting and the other baselines have no lambda; their rows hold
@@ -175,8 +176,8 @@ class BenchmarkConfig:
             raise ValueError(f"component_bounds must be a non-empty subset of ('elbo', 'iw'); got "
                              f"{self.component_bounds}.")
         self.encoder_gradients = tuple(self.encoder_gradients)
-        if set(self.encoder_gradients) - {"reparam", "dreg"} or not self.encoder_gradients:
-            raise ValueError(f"encoder_gradients must be a non-empty subset of ('reparam', 'dreg'); got "
+        if set(self.encoder_gradients) - {"reparam", "dreg", "gdreg"} or not self.encoder_gradients:
+            raise ValueError(f"encoder_gradients must be a non-empty subset of ('reparam', 'dreg', 'gdreg'); got "
                              f"{self.encoder_gradients}.")
         if min(self.savae_steps, default=0) < 1:
             raise ValueError(f"savae_steps must be >= 1; got {self.savae_steps}.")
@@ -235,7 +236,7 @@ class Cell:
     @property
     def label(self) -> str:
         """Names the model within one seed (the keys of `paired_se_vs`)."""
-        dreg = "_dreg" if self.encoder_gradient == "dreg" else ""
+        dreg = "" if self.encoder_gradient == "reparam" else f"_{self.encoder_gradient}"  # _dreg, _gdreg
         if self.method == "savae":
             return "savae" if self.refine_steps == LEGACY_SAVAE_STEPS else f"savae{self.refine_steps}"
         if self.method == "iwae":
@@ -286,6 +287,8 @@ def cells(config: BenchmarkConfig) -> list[Cell]:
                                per_example_proportions=config.per_example_proportions and mixture,
                                num_samples=config.num_samples if mixture or method == "piwae" else 1)
                 gradients = config.encoder_gradients if method in ENCODER_GRADIENT_METHODS else ("reparam",)
+                if method != "mixture":  # the generalized DReG is a mixture proposal's (on the "iw" bound)
+                    gradients = tuple(g for g in gradients if g != "gdreg")
                 if method in ("iwae", "piwae"):
                     result.extend(Cell(method, m, None, seed, None, encoder_gradient=g, **options) for g in gradients)
                     continue

@@ -519,13 +519,15 @@ def test_a_finished_cell_matches_runs_that_differ_only_in_settings_it_does_not_r
 def test_estimator_and_no_join_cells_are_labelled_and_build_their_models():
     config = run_cells.quick_config(methods=("iwae", "piwae", "rme", "mixture"), num_components=(3,), lambdas=(1.0,),
                                     bounds=("iw",), component_bounds=("elbo", "iw"), num_samples=5,
-                                    encoder_gradients=("reparam", "dreg"), epochs=4, epochs_per_component=4)
+                                    encoder_gradients=("reparam", "dreg", "gdreg"), epochs=4, epochs_per_component=4)
     cells = {c.label: c for c in run_cells.cells(config)}
-    # DReG applies to rme only on importance-weighted criteria, to mixture on the "iw" bound; a stage as long as the
-    # run never joins.
+    # DReG applies to rme only on importance-weighted criteria, to mixture on the "iw" bound, the generalized DReG to
+    # the mixture only; a stage as long as the run never joins.
     assert set(cells) == {"iwae_k3", "iwae_dreg_k3", "piwae_M3_K5", "piwae_dreg_M3_K5", "rme_M3_lambda1_iw_S5_nojoin",
                           "rme_M3_lambda1_iw_ciw_S5_nojoin", "rme_M3_lambda1_iw_ciw_S5_nojoin_dreg",
-                          "mixture_M3_iw_S5", "mixture_M3_iw_S5_dreg"}
+                          "mixture_M3_iw_S5", "mixture_M3_iw_S5_dreg", "mixture_M3_iw_S5_gdreg"}
+    generalized = harness.build_model(config, cells["mixture_M3_iw_S5_gdreg"]).rme
+    assert (generalized.encoder_gradient, generalized.criterion.reads_transports) == ("gdreg", True)
     piwae = harness.build_model(config, cells["piwae_dreg_M3_K5"]).rme
     assert (piwae.num_samples, piwae.encoder_groups, piwae.encoder_gradient) == (15, 3, "dreg")
     assert harness.build_model(config, cells["iwae_dreg_k3"]).rme.encoder_gradient == "dreg"

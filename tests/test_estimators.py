@@ -197,6 +197,96 @@ def test_mixture_dreg_matches_hand_computed_gradient():
     assert not np.allclose(grad_mu.numpy(), ordinary_mu.numpy(), rtol=1e-3)  # not the reparameterised gradient
 
 
+def mixture_gdreg(mu, rho, logits, theta, noise):
+    """`[B]` the same bound with the generalized DReG (`objectives.stratified_importance_weighted_gdreg`), the
+    likelihood differentiated along every component's transport by autodiff (here it is a closed form)."""
+    sigma = tf.exp(rho)
+    z = mu + sigma * noise  # [S, B, M]
+    one = tf.constant(1.0, tf.float64)
+
+    def log_joint_at(samples):
+        return tfd.Normal(tf.zeros_like(samples), one).log_prob(samples) + tfd.Normal(theta * samples, one).log_prob(X)
+
+    def pairwise(m, s, samples):  # [..., M_j]: log h_j at each sample
+        return tfd.Normal(m[..., None, :], s[..., None, :]).log_prob(samples[..., None])
+
+    fixed_mu, fixed_sigma = tf.stop_gradient(mu), tf.stop_gradient(sigma)
+    log_w = tf.broadcast_to(tf.nn.log_softmax(logits), tf.shape(z)[1:])
+    densities = objectives.MixtureDensities(pairwise(fixed_mu, fixed_sigma, z),
+                                            pairwise(mu, sigma, tf.stop_gradient(z)), log_w)
+    # Z_sik: z_si moved along k's transport (value z_si).
+    transported = mu[..., None, :] + sigma[..., None, :] * tf.stop_gradient(
+        (z[..., None] - mu[..., None, :]) / sigma[..., None, :])  # [S, B, i, k]
+    routes = objectives.TransportedDensities(
+        log_joint_at(transported), pairwise(fixed_mu[..., None, :], fixed_sigma[..., None, :], transported))
+    return objectives.stratified_importance_weighted_gdreg(log_joint_at(z), densities, routes)
+
+
+def hand_mixture_gdreg(mu, rho, logits, theta, noise):
+    """The generalized DReG's gradient for `(mu, rho)` by hand (noise `[S, 2]`, one example): the own strata as in
+    `hand_mixture_dreg`, each other stratum's score term replaced by
+    `-[r_k W (1 - W) dlog w/dz + W dr_k/dz + W r_k (dlog h_i/dz - dlog h_k/dz)] v_k`, `v_k = (1, z - mu_k)` for
+    `(mu_k, rho_k)`."""
+    sigma = np.exp(rho)
+    alpha = np.exp(logits - np.logaddexp.reduce(logits))
+    z = mu + sigma * noise  # [S, M]
+    log_h = -0.5 * np.log(2 * np.pi) - np.log(sigma) - (z[..., None] - mu) ** 2 / (2 * sigma**2)  # [S, i, j]
+    log_q = np.logaddexp.reduce(np.log(alpha) + log_h, axis=-1)
+    r = np.exp(np.log(alpha) + log_h - log_q[..., None])  # [S, i, j]
+    log_joint = -z**2 / 2 - (X.numpy() - theta * z) ** 2 / 2 - np.log(2 * np.pi)
+    log_ratio = np.log(alpha) + log_joint - log_q
+    w = np.exp(log_ratio - np.logaddexp.reduce(log_ratio.ravel()))  # [S, i]
+    dlog_h = -(z[..., None] - mu) / sigma**2  # [S, i, j]
+    dlog_q = np.sum(r * dlog_h, axis=-1)
+    dlog_ratio = -z + theta * (X.numpy() - theta * z) - dlog_q
+    own_r = np.einsum("sii->si", r)
+    dr_own = own_r * (np.einsum("sii->si", dlog_h) - dlog_q)
+    along_own_path = w * (1 - (1 - w) * own_r) * dlog_ratio - w * dr_own
+    grad_mu, grad_rho = along_own_path.sum(0), (along_own_path * (z - mu)).sum(0)
+    for k in range(2):
+        for i in range(2):
+            if i != k:
+                dr_k = r[:, i, k] * (dlog_h[:, i, k] - dlog_q[:, i])
+                coefficient = (r[:, i, k] * w[:, i] * (1 - w[:, i]) * dlog_ratio[:, i] + w[:, i] * dr_k
+                               + w[:, i] * r[:, i, k] * (dlog_h[:, i, i] - dlog_h[:, i, k]))
+                grad_mu[k] -= np.sum(coefficient)
+                grad_rho[k] -= np.sum(coefficient * (z[:, i] - mu[k]))
+    return grad_mu, grad_rho
+
+
+@pytest.mark.parametrize("seed", [7, 11])
+def test_mixture_gdreg_matches_hand_computed_gradient(seed):
+    noise = np.random.default_rng(seed).normal(size=(3, 1, 2))  # S = 3, one example, M = 2
+    variables = [tf.Variable(MIXTURE[name]) for name in ("mu", "rho", "logits")]
+    with tf.GradientTape(persistent=True) as tape:
+        ordinary, dreg = mixture_bounds(*variables, MIXTURE["theta"], noise)
+        gdreg = mixture_gdreg(*variables, MIXTURE["theta"], noise)
+    np.testing.assert_allclose(gdreg.numpy(), ordinary.numpy(), rtol=1e-12)  # the value is the bound
+    grad_mu, grad_rho, grad_logits = tape.gradient(gdreg, variables)
+    expected_mu, expected_rho = hand_mixture_gdreg(*(MIXTURE[n] for n in ("mu", "rho", "logits", "theta")),
+                                                   noise[:, 0])
+    np.testing.assert_allclose(grad_mu.numpy(), expected_mu, rtol=1e-6, atol=1e-10)
+    np.testing.assert_allclose(grad_rho.numpy(), expected_rho, rtol=1e-6, atol=1e-10)
+    assert grad_logits is None  # the proportions train on the bound's own gradient
+    partial_mu, _ = tape.gradient(dreg, variables[:2])
+    assert not np.allclose(grad_mu.numpy(), partial_mu.numpy(), rtol=1e-3)  # the other strata's terms moved
+
+
+def test_mixture_gdreg_vanishes_where_the_proposal_is_exact():
+    """Where every component is the posterior (a conjugate model: p(z | x) = N(x / 2, 1 / 2) for theta = 1), every
+    importance weight is equal and the generalized DReG is exactly zero on every draw, as DReG is for an exact
+    proposal; the partial estimator's exact partials of the other strata are not."""
+    posterior = dict(mu=np.array([0.35, 0.35]), rho=np.log([np.sqrt(0.5)] * 2))
+    noise = np.random.default_rng(3).normal(size=(4, 5, 2))
+    variables = [tf.Variable(posterior["mu"]), tf.Variable(posterior["rho"])]
+    logits = tf.constant(MIXTURE["logits"])
+    with tf.GradientTape(persistent=True) as tape:
+        gdreg = tf.reduce_sum(mixture_gdreg(*variables, logits, 1.0, noise))
+        dreg = tf.reduce_sum(mixture_bounds(*variables, logits, 1.0, noise)[1])
+    for gradient in tape.gradient(gdreg, variables):
+        np.testing.assert_allclose(gradient.numpy(), 0.0, atol=1e-12)
+    assert max(np.abs(g.numpy()).max() for g in tape.gradient(dreg, variables)) > 1e-3
+
 def test_mixture_dreg_at_one_component_is_dreg():
     """With all the weight on one component (the other's proportion 0) the estimator is DReG of IWAE for it."""
     noise = np.random.default_rng(2).normal(size=(4, 1, 2))
@@ -212,20 +302,26 @@ def test_mixture_dreg_at_one_component_is_dreg():
     (2, (0.1, 0.8), (0.6, 0.9)),  # components on either side of the posterior N(0.35, 0.5)
     (5, (0.3, 0.35), (0.5, 0.9)),  # overlapping components, more samples
 ])
-def test_mixture_dreg_is_unbiased_with_lower_variance(samples, mu, scales):
-    """20000 seeded draws: the mean DReG gradient of every component parameter is the mean reparameterised gradient
-    of the same bound (the mean difference within 4 standard errors), and its variance is at most 0.8 of it."""
+@pytest.mark.parametrize("estimator", ["dreg", "gdreg"])
+def test_mixture_dreg_is_unbiased_with_lower_variance(samples, mu, scales, estimator):
+    """20000 seeded draws: the mean DReG (partial or generalized) gradient of every component parameter is the mean
+    reparameterised gradient of the same bound (the mean difference within 4 standard errors), and its variance is
+    at most 0.8 of it."""
     draws = 20000
     noise = tf.constant(np.random.default_rng(0).normal(size=(samples, draws, 2)))
 
     def per_draw(which):
         # One copy of (mu, rho) per draw: the gradient of the summed bounds is every draw's own gradient.
         mu_, rho_ = tf.Variable(np.tile(mu, (draws, 1))), tf.Variable(np.tile(np.log(scales), (draws, 1)))
+        logits = tf.constant(MIXTURE["logits"])
         with tf.GradientTape() as tape:
-            bound = tf.reduce_sum(mixture_bounds(mu_, rho_, tf.constant(MIXTURE["logits"]), 1.0, noise)[which])
+            if which == "gdreg":
+                bound = tf.reduce_sum(mixture_gdreg(mu_, rho_, logits, 1.0, noise))
+            else:
+                bound = tf.reduce_sum(mixture_bounds(mu_, rho_, logits, 1.0, noise)[which == "dreg"])
         return np.concatenate([g.numpy() for g in tape.gradient(bound, [mu_, rho_])], axis=-1)  # [N, 4]
 
-    reparam, dreg = per_draw(0), per_draw(1)
+    reparam, dreg = per_draw("reparam"), per_draw(estimator)
     diff = dreg - reparam
     se = diff.std(axis=0) / np.sqrt(draws)
     assert np.all(np.abs(diff.mean(axis=0)) < 4 * se), (diff.mean(axis=0), se)
@@ -316,6 +412,47 @@ def test_mixture_dreg_keeps_the_proportions_ordinary_gradient():
                for mine, theirs in zip(dreg.trainable_variables, plain.trainable_variables) if id(mine) in networks)
 
 
+def test_mixture_gdreg_in_the_model_is_the_gradient_along_every_transport(monkeypatch):
+    """The generalized DReG in the model, from the step's one backward pass through the decoder
+    (`decoder_pass.gradients` pushing the decoder's z-gradient along every component's transport), equals the
+    gradient that autodiff gives when the decoder is evaluated at the transported samples themselves (M times the
+    decoder calls), for every variable; and differs from the partial DReG's for the component networks."""
+    from tests.helpers import mnist_digits
+    from tf_rmvae.models import decoder_pass
+
+    settings = dict(method="mixture", components=3, bound="iw", num_samples=3)
+    model = twin_models(**settings, encoder_gradient="gdreg")[1]
+    partial_model = twin_models(**settings, encoder_gradient="dreg")[1]
+    partial_model.set_weights(model.get_weights())
+    x = tf.constant(mnist_digits(8))
+    noise = tf.random.stateless_normal([3, 8, 3, 4], [5, 6])
+
+    def routed(which):
+        with tf.GradientTape(persistent=True) as tape:
+            losses = which.rme.losses(which.terms(x, noise=noise))
+        return {id(v): g for g, v in which.rme.gradients(tape, losses, which.trainable_variables)}
+
+    one_pass, partial_one_pass = routed(model), routed(partial_model)
+    route = decoder_pass.route
+
+    def decoder_at_every_transport(x_, z, log_likelihood_fn, transported=None):
+        plain = route(x_, z, log_likelihood_fn)
+        shape = tf.shape(transported)
+        flat = tf.reshape(transported, tf.concat([shape[:2], [-1], shape[-1:]], 0))  # [S, B, M K, D]
+        return plain._replace(transported_latents=transported, transported_log_likelihood=tf.reshape(
+            log_likelihood_fn(x_, flat), shape[:-1]))
+
+    monkeypatch.setattr(decoder_pass, "route", decoder_at_every_transport)
+    reference = step_gradients(model, x, noise)
+    networks = {id(v) for v in model.encoder.networks.trainable_variables}
+    moved = []
+    for variable, twin, (expected, _) in zip(model.trainable_variables, partial_model.trainable_variables,
+                                             reference):
+        np.testing.assert_allclose(one_pass[id(variable)], expected, rtol=2e-4, atol=1e-6)
+        if id(variable) in networks:
+            moved.append(not np.allclose(one_pass[id(variable)], partial_one_pass[id(twin)], rtol=1e-3, atol=1e-6))
+    assert any(moved)
+
 @pytest.mark.parametrize("settings, message", [
     (dict(method="vae", encoder_gradient="dreg"), "dreg"),  # a VAE on the ELBO has no importance weights
     (dict(method="rme", component_bound="elbo", encoder_gradient="dreg"), "dreg"),
@@ -324,6 +461,9 @@ def test_mixture_dreg_keeps_the_proportions_ordinary_gradient():
     (dict(method="vae", bound="iw", num_samples=5, encoder_groups=2), "divide"),
     (dict(method="rme", encoder_groups=2), "PIWAE"),
     (dict(method="vae", encoder_gradient="score"), "encoder_gradient"),
+    (dict(method="vae", bound="iw", encoder_gradient="gdreg"), "gdreg"),  # a mixture proposal's estimator only
+    (dict(method="rme", component_bound="iw", encoder_gradient="gdreg"), "gdreg"),
+    (dict(method="mixture", encoder_gradient="gdreg"), "gdreg"),
 ])
 def test_estimator_settings_that_do_not_apply_are_refused(settings, message):
     from tests.helpers import tiny_model
@@ -345,6 +485,9 @@ def test_estimator_settings_survive_serialization():
     assert (config["encoder_gradient"], config["encoder_groups"]) == ("dreg", 2)
     clone = type(model).from_config(config)
     assert clone.rme.criterion == objectives.ProposalBound(groups=2, dreg=True)
+    mixture = tiny_model(method="mixture", components=2, bound="iw", num_samples=2, encoder_gradient="gdreg")
+    clone = type(mixture).from_config(mixture.get_config())
+    assert clone.rme.criterion == objectives.MixtureProposalBound(generalized=True)
 
 
 def test_auto_encoder_gradient_is_resolved_by_the_library_as_by_the_configuration():

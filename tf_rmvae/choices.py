@@ -27,8 +27,9 @@ BOUNDS = ("elbo", "iw")
 #: The values of the `bound` setting: a bound, or "auto", the method's default (`resolve_bound`).
 BOUND_SETTINGS = ("auto", *BOUNDS)
 #: How the encoder's importance-weighted objectives are differentiated: the ordinary reparameterisation gradient,
-#: or doubly reparameterised (DReG, Tucker et al. 2019: the score term replaced by squared normalised weights).
-ENCODER_GRADIENTS = ("reparam", "dreg")
+#: doubly reparameterised (DReG, Tucker et al. 2019: the score term replaced by squared normalised weights), or, for
+#: a jointly trained mixture, the generalized DReG (every component's score terms reparameterised, Bauer & Mnih 2021).
+ENCODER_GRADIENTS = ("reparam", "dreg", "gdreg")
 #: The values of the `encoder_gradient` setting: an estimator, or "auto" (`resolve_encoder_gradient`).
 ENCODER_GRADIENT_SETTINGS = ("auto", *ENCODER_GRADIENTS)
 #: What a batch with NaN/Inf pixels does: stop naming the batch, or skip those examples.
@@ -61,9 +62,9 @@ def encoder_objective_problem(method: str, bound: str, component_bound: str, num
 
     DReG applies to an importance-weighted objective: IWAE (`method="vae"` on the "iw" bound), RME's components on their
     importance-weighted criteria, or a jointly trained mixture on the "iw" bound (`method="mixture"`, the stratified
-    bound's DReG). `encoder_groups = G > 1` is PIWAE: a VAE on the "iw" bound
-    whose encoder trains on MIWAE(G, S / G) (`num_samples` S divisible by G) while its decoder trains on IWAE(S).
-    `num_samples` 0 ("auto") is read as `resolve_num_samples` gives it, `encoder_gradient` "auto" as
+    bound's DReG; "gdreg", its generalized DReG, to that mixture only). `encoder_groups = G > 1` is PIWAE: a VAE on
+    the "iw" bound whose encoder trains on MIWAE(G, S / G) (`num_samples` S divisible by G) while its decoder trains
+    on IWAE(S). `num_samples` 0 ("auto") is read as `resolve_num_samples` gives it, `encoder_gradient` "auto" as
     `resolve_encoder_gradient` gives it."""
     if encoder_gradient not in ENCODER_GRADIENT_SETTINGS:
         return f"encoder_gradient must be one of {ENCODER_GRADIENT_SETTINGS}; got {encoder_gradient!r}."
@@ -78,9 +79,12 @@ def encoder_objective_problem(method: str, bound: str, component_bound: str, num
             return f"encoder_groups > 1 (PIWAE) needs method 'vae' on bound 'iw'; got {method!r} on {bound!r}."
         if samples % encoder_groups:
             return f"encoder_groups ({encoder_groups}) must divide num_samples ({samples})."
+    mixture_iw = method == "mixture" and bound == "iw"
+    if encoder_gradient == "gdreg" and not mixture_iw:
+        return ("encoder_gradient='gdreg' (the generalized DReG of a mixture proposal) applies to method 'mixture' on "
+                f"bound 'iw'; got method {method!r}, bound {bound!r} (use 'dreg' for IWAE and RME).")
     if encoder_gradient == "dreg":
         rme_iw = method == "rme" and resolve_component_bound(method, bound, component_bound) == "iw"
-        mixture_iw = method == "mixture" and bound == "iw"
         if not (iwae or rme_iw or mixture_iw):
             return ("encoder_gradient='dreg' applies to method 'vae' on bound 'iw' (IWAE), to method 'rme' with "
                     f"component_bound 'iw' and to method 'mixture' on bound 'iw'; got method {method!r}, bound "

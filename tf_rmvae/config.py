@@ -189,8 +189,10 @@ class RunConfig:
         "auto", "How the encoder's importance-weighted objective is differentiated: reparam (ordinary) or dreg "
         "(doubly reparameterised, DReG): --method=vae on --bound=iw (IWAE-DReG), --method=rme on "
         "--component_bound=iw (DReG on each component's bound) or --method=mixture on --bound=iw (the stratified "
-        "bound's DReG for the components); auto: dreg for --method=rme on importance-weighted component criteria, "
-        "reparam otherwise.", choices=ENCODER_GRADIENT_SETTINGS)
+        "bound's DReG for the components: each sample's score term for its own component reparameterised); gdreg: "
+        "--method=mixture on --bound=iw, the generalized DReG (every component's score terms reparameterised); "
+        "auto: dreg for --method=rme on importance-weighted component criteria, reparam otherwise.",
+        choices=ENCODER_GRADIENT_SETTINGS)
     encoder_groups: int = setting(
         1, "--method=vae on --bound=iw: G > 1 trains the encoder on MIWAE(G, num_samples / G) and the decoder on "
         "IWAE(num_samples) (PIWAE); 1: both on the bound.")

@@ -138,6 +138,71 @@ def stratified_importance_weighted_dreg(log_joint: tf.Tensor, densities: Mixture
     return with_gradient_of(bound, surrogate)
 
 
+
+class TransportedDensities(NamedTuple):
+    """What the generalized DReG (`stratified_importance_weighted_gdreg`) reads at each sample moved along every
+    component's transport: `Z_sik = T_k(T_k^-1(z_si); phi_k)`, the value `z_si`, the derivative k's (for a Gaussian
+    `h_k = N(mu_k, sigma_k^2)`: `mu_k + sigma_k * stop((z_si - mu_k) / sigma_k)`)."""
+
+    log_joint: tf.Tensor  # [S, B, M, M] log p(x, Z_sik): value log p(x, z_si), gradient along k's transport
+    log_h_fixed: tf.Tensor  # [S, B, M, M, M] log h_j(Z_sik), the components' parameters stopped
+
+
+def stratified_importance_weighted_gdreg(
+    log_joint: tf.Tensor, densities: MixtureDensities, transported: TransportedDensities
+) -> tf.Tensor:
+    """The stratified importance-weighted bound of a mixture proposal with the generalized doubly reparameterised
+    gradient for the components' parameters: every score term reparameterised, the other strata's too.
+
+    `stratified_importance_weighted_dreg` (its notation) reparameterises the score terms of each component's own
+    stratum. A sample `z_si` of another stratum (i != k) contributes `-W_si r_k(z_si) d log h_k(z_si) / dphi_k |_z`.
+    With `F = W_si r_k` (the other samples fixed), a change of measure to `h_k` and the reparameterisation identity
+    under `h_k` (the generalized DReG of Bauer & Mnih, ICML 2021) give the same expectation as
+
+        -[ dF/dz + F (d log h_i / dz - d log h_k / dz) ] . v_k(z_si),    dF/dz = r_k W_si (1 - W_si) d log w_si / dz
+                                                                                + W_si d r_k / dz,
+
+    with `v_k(z) = dT_k / dphi_k` at `T_k^-1(z)`: the velocity of k's transport at `z_si` (all z-derivatives at fixed
+    parameters). The estimator is unbiased for the bound's gradient; every term is a path derivative, so it vanishes
+    where the proposal is exact, as DReG's does. `transported.log_joint` carries the decoder's z-gradient at `z_si`
+    along `v_k`: `tf_rmvae.models.decoder_pass` routes it from the step's one backward pass through the decoder
+    (differentiating `log p(x, Z_sik)` by autodiff gives the same gradient, at M decoder calls per sample). The
+    mixture weights get no gradient from it (stopped).
+
+    Args:
+      log_joint: `[S, B, M]` `log p(x, z_si)` at each component's samples (reparameterised).
+      densities: `MixtureDensities` at the same samples.
+      transported: `TransportedDensities` of the same samples.
+
+    Returns:
+      `[B]` the bound (its value), with the gradient above.
+    """
+    log_w = tf.stop_gradient(densities.log_weights)
+    log_q = mixture_log_density(densities.log_h_fixed, log_w)  # [S, B, M]
+    log_ratio = log_w + log_joint - log_q
+    log_total = tf.reduce_logsumexp(log_ratio, axis=[0, 2], keepdims=True)
+    weights = tf.stop_gradient(tf.exp(log_ratio - log_total))  # W_si
+    responsibility = tf.exp(log_w + tf.linalg.diag_part(densities.log_h_fixed) - log_q)  # r_i(z_si)
+    own = tf.stop_gradient(weights * (1.0 - (1.0 - weights) * responsibility)) * log_ratio - weights * responsibility
+    # Along k's transport (last axis k): log w_si, r_k and log h_i - log h_k at Z_sik, the parameters stopped.
+    log_h_route = transported.log_h_fixed  # [S, B, i, k, j]
+    log_w_route = log_w[..., None, :]  # [(B,) 1, k]
+    log_q_route = tf.reduce_logsumexp(log_h_route + log_w[..., None, None, :], axis=-1)  # [S, B, i, k]
+    log_ratio_route = transported.log_joint - log_q_route  # log w_si up to the constant log a_i
+    routes = tf.shape(log_q_route)[-1]
+    log_h_k = tf.linalg.diag_part(log_h_route)  # [S, B, i, k]: h_k at Z_sik
+    log_h_i = tf.linalg.diag_part(tf.transpose(log_h_route, [0, 1, 3, 2, 4]))  # [S, B, k, i]: h_i at Z_sik
+    log_h_i = tf.transpose(log_h_i, [0, 1, 3, 2])
+    r_route = tf.exp(log_w_route + log_h_k - log_q_route)  # r_k(Z_sik)
+    w, r = weights[..., None], tf.stop_gradient(r_route)
+    route = (tf.stop_gradient(r * w * (1.0 - w)) * log_ratio_route + w * r_route
+             + tf.stop_gradient(w * r) * (log_h_i - log_h_k))
+    other = 1.0 - tf.eye(routes, dtype=route.dtype)  # i != k: the own stratum's terms are in `own`
+    surrogate = tf.reduce_sum(own, axis=[0, 2]) - tf.reduce_sum(route * other, axis=[0, 2, 3])
+    num_samples = tf.cast(tf.shape(log_joint)[0], log_joint.dtype)
+    bound = tf.squeeze(log_total, axis=[0, 2]) - tf.math.log(num_samples)
+    return with_gradient_of(bound, surrogate)
+
 def elbo(log_joint: tf.Tensor, log_q: tf.Tensor) -> tf.Tensor:
     """Monte Carlo ELBO `E_q[log p(x, z) - log q(z)]` over the leading sample axis: `[S, ...] -> [...]`."""
     return tf.reduce_mean(log_joint - log_q, axis=0)
@@ -372,6 +437,7 @@ class ComponentELBO:
     trains_components: ClassVar[bool] = False
     uses_sources: ClassVar[bool] = False
     reads_mixture: ClassVar[bool] = False
+    reads_transports: ClassVar[bool] = False
 
     def __call__(self, log_joint, log_h_self, log_q_previous=None, entropy=None, sources=None,
                  log_h_self_fixed=None) -> tf.Tensor:
@@ -390,6 +456,7 @@ class ProposalBound:
     trains_components: ClassVar[bool] = True
     uses_sources: ClassVar[bool] = False
     reads_mixture: ClassVar[bool] = False
+    reads_transports: ClassVar[bool] = False
 
     def __call__(self, log_joint, log_h_self, log_q_previous=None, entropy=None, sources=None,
                  log_h_self_fixed=None) -> tf.Tensor:
@@ -407,6 +474,7 @@ class RMECriterion:
     trains_components: ClassVar[bool] = True
     uses_sources: ClassVar[bool] = False
     reads_mixture: ClassVar[bool] = False
+    reads_transports: ClassVar[bool] = False
 
     def __call__(self, log_joint, log_h_self, log_q_previous, entropy=None, sources=None,
                  log_h_self_fixed=None) -> tf.Tensor:
@@ -423,6 +491,7 @@ class BoostingCriterion:
     trains_components: ClassVar[bool] = True
     uses_sources: ClassVar[bool] = False
     reads_mixture: ClassVar[bool] = False
+    reads_transports: ClassVar[bool] = False
 
     def __call__(self, log_joint, log_h_self, log_q_previous, entropy, sources=None,
                  log_h_self_fixed=None) -> tf.Tensor:
@@ -446,6 +515,7 @@ class RMEImportanceWeightedCriterion:
     trains_components: ClassVar[bool] = True
     uses_sources: ClassVar[bool] = True
     reads_mixture: ClassVar[bool] = False
+    reads_transports: ClassVar[bool] = False
 
     def __call__(self, log_joint, log_h_self, log_q_previous, entropy=None, sources=None,
                  log_h_self_fixed=None) -> tf.Tensor:
@@ -457,18 +527,29 @@ class RMEImportanceWeightedCriterion:
 @dataclasses.dataclass(frozen=True)
 class MixtureProposalBound:
     """A jointly trained mixture's components trained on the mixture's stratified importance-weighted bound with the
-    doubly reparameterised gradient (`stratified_importance_weighted_dreg`) while the decoder and the proportions
-    train on the bound's ordinary gradient. Each column's value is its component's own ELBO, as `ComponentELBO`
-    reports it; the bound's gradient is shared evenly among the columns (they train as a sum)."""
+    doubly reparameterised gradient (`stratified_importance_weighted_dreg`; `generalized`: every stratum's score terms
+    reparameterised, `stratified_importance_weighted_gdreg`) while the decoder and the proportions train on the
+    bound's ordinary gradient. Each column's value is its component's own ELBO, as `ComponentELBO` reports it; the
+    bound's gradient is shared evenly among the columns (they train as a sum)."""
 
+    generalized: bool = False
     recursive: ClassVar[bool] = False
     trains_components: ClassVar[bool] = True
     uses_sources: ClassVar[bool] = False
     reads_mixture: ClassVar[bool] = True
 
+    @property
+    def reads_transports(self) -> bool:
+        """Whether it reads `TransportedDensities` (the samples moved along every component's transport)."""
+        return self.generalized
+
     def __call__(self, log_joint, log_h_self, log_q_previous=None, entropy=None, sources=None,
-                 log_h_self_fixed=None, mixture: MixtureDensities | None = None) -> tf.Tensor:
-        bound = stratified_importance_weighted_dreg(log_joint, mixture)  # [B]
+                 log_h_self_fixed=None, mixture: MixtureDensities | None = None,
+                 transported: TransportedDensities | None = None) -> tf.Tensor:
+        if self.generalized:
+            bound = stratified_importance_weighted_gdreg(log_joint, mixture, transported)  # [B]
+        else:
+            bound = stratified_importance_weighted_dreg(log_joint, mixture)  # [B]
         share = (bound - tf.stop_gradient(bound)) / log_joint.shape[-1]  # 0, with the bound's gradient / M
         return tf.stop_gradient(elbo(log_joint, log_h_self)) + share[:, None]
 
@@ -492,7 +573,8 @@ def component_criterion(
     `component_bound="iw"` (method "rme" only) puts each component's importance-weighted bound in place of
     its ELBO in the RME criterion (`RMEImportanceWeightedCriterion`). `encoder_gradient="dreg"` gives that bound
     (or, for method "vae", the encoder's importance-weighted bound: `ProposalBound`; for method "mixture", the
-    mixture's stratified importance-weighted bound: `MixtureProposalBound`) the doubly reparameterised gradient;
+    mixture's stratified importance-weighted bound: `MixtureProposalBound`) the doubly reparameterised gradient,
+    "gdreg" a mixture's bound its generalized DReG;
     `encoder_groups > 1` (method "vae") trains the encoder on MIWAE (PIWAE). The caller checks that the model trains
     on the "iw" bound where these need it (`choices.encoder_objective_problem`). Every setting is named:
     their defaults are the model's (`recursion.TRAINING_DEFAULTS`)."""
@@ -500,7 +582,7 @@ def component_criterion(
         raise ValueError(f"component_bound must be one of {BOUNDS}; got {component_bound!r}.")
     if component_bound == "iw" and method != "rme":
         raise ValueError(f"component_bound='iw' applies to method 'rme' only; got method {method!r}.")
-    dreg = encoder_gradient == "dreg"
+    dreg = encoder_gradient in ("dreg", "gdreg")  # "gdreg": a mixture's only (choices.encoder_objective_problem)
     if method == "rme":
         if component_bound == "iw":
             return RMEImportanceWeightedCriterion(lambda_kl, max_log_ratio, dreg)
@@ -508,7 +590,7 @@ def component_criterion(
     if method == "boosting":
         return BoostingCriterion(boosting_entropy_weight, max_log_ratio)
     if method == "mixture" and dreg:
-        return MixtureProposalBound()
+        return MixtureProposalBound(generalized=encoder_gradient == "gdreg")
     if method == "vae" and (dreg or encoder_groups > 1):
         return ProposalBound(int(encoder_groups), dreg)
     if method in ("vae", "mixture"):

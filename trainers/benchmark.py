@@ -48,8 +48,9 @@ flags.DEFINE_list("bounds", list(_DEFAULT.bounds),
 flags.DEFINE_list("component_bounds", list(_DEFAULT.component_bounds),
                   "Bounds in rme's component criteria: elbo and/or iw (importance-weighted, label suffix _ciw).")
 flags.DEFINE_list("encoder_gradients", list(_DEFAULT.encoder_gradients),
-                  "iwae, piwae, rme (importance-weighted criteria): reparam and/or dreg (doubly reparameterised; "
-                  "label iwae_dreg_k<k>, piwae_dreg_M<M>_K<K>, suffix _dreg).")
+                  "iwae, piwae, rme (importance-weighted criteria), mixture (on --bounds=iw): reparam and/or dreg "
+                  "(doubly reparameterised; label iwae_dreg_k<k>, piwae_dreg_M<M>_K<K>, suffix _dreg); gdreg, the "
+                  "generalized DReG, for mixture on iw only (suffix _gdreg).")
 flags.DEFINE_bool("schedule_in_label", _DEFAULT.schedule_in_label,
                   "Name cells whose components join one at a time by their schedule too (label suffix _epc<N>).")
 flags.DEFINE_list("eval_epochs", [str(e) for e in _DEFAULT.eval_epochs],

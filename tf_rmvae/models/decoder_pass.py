@@ -9,6 +9,11 @@ decoder. The backward pass is linear in its cotangent and sample i's z-gradient 
 pass with cotangent `c` gives the decoder's gradient and `c_i df_i/dz_i` at every sample; times `a_i / c_i`, that
 is the encoder's (`shared_cotangent`, `gradients`).
 
+The generalized DReG of a mixture (`objectives.stratified_importance_weighted_gdreg`) also reads each sample's
+`f_i` along other components' transports: `route(..., transported=Z)` adds `[S, B, M, K]` copies of `f` whose
+cotangents `b_ik` push `b_ik / c_i` times the same z-gradient along `Z[..., k, :]` (value `z_i`, another path to the
+encoder's parameters). Those copies have no gradient of their own (stopped): only `gradients` routes them.
+
 The losses' other routes (`log p(z)`, `log q`, the proportions) are cheap and keep their own backward passes: in
 `separate_routes()` the decoder's input and output are cut from the losses (`switch`), so `L_d` and `L_e` reach
 it only through the cotangents set here. Outside that context `switch` is the identity, gradients included, so
@@ -65,6 +70,17 @@ def switch(value: tf.Tensor):
     return tf.identity(value), gradient
 
 
+@tf.custom_gradient
+def _cut(value: tf.Tensor):
+    """The identity without a gradient; unlike `tf.stop_gradient` its output stays on the tape (a tape records no
+    op whose inputs it does not watch), so `gradients` can take a loss's gradient for it."""
+
+    def gradient(upstream):
+        return None
+
+    return tf.identity(value), gradient
+
+
 class DecoderRoute(NamedTuple):
     """The tensors around one decoder call: `z [S, B, M, D]` -> `log p(x | z) [S, B, M]`."""
 
@@ -72,13 +88,20 @@ class DecoderRoute(NamedTuple):
     decoder_input: tf.Tensor  # switch(z): what the decoder reads
     log_likelihood: tf.Tensor  # the decoder's output, f
     log_likelihood_used: tf.Tensor  # switch(f): what the losses read
+    transported_latents: tf.Tensor | None = None  # [S, B, M, K, D]: z moved along K transports (value z)
+    transported_log_likelihood: tf.Tensor | None = None  # [S, B, M, K]: f there (value f; gradient by `gradients`)
 
 
-def route(x: tf.Tensor, z: tf.Tensor, log_likelihood_fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor]) -> DecoderRoute:
-    """Calls `log_likelihood_fn(x, z)` (`[S, B, M]`) between two `switch`es."""
+def route(x: tf.Tensor, z: tf.Tensor, log_likelihood_fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
+          transported: tf.Tensor | None = None) -> DecoderRoute:
+    """Calls `log_likelihood_fn(x, z)` (`[S, B, M]`) between two `switch`es. `transported`: optional
+    `[S, B, M, K, D]` samples moved along other transports (module docstring); the decoder is not called on them."""
     decoder_input = switch(z)
     log_likelihood = log_likelihood_fn(x, decoder_input)
-    return DecoderRoute(z, decoder_input, log_likelihood, switch(log_likelihood))
+    if transported is None:
+        return DecoderRoute(z, decoder_input, log_likelihood, switch(log_likelihood))
+    copies = tf.broadcast_to(_cut(log_likelihood)[..., None], tf.shape(transported)[:-1])
+    return DecoderRoute(z, decoder_input, log_likelihood, switch(log_likelihood), transported, copies)
 
 
 def shared_cotangent(
@@ -100,12 +123,16 @@ def shared_cotangent(
     largest = tf.reduce_max(magnitude, axis=[0, 2], keepdims=True)  # [1, B, 1]
     raised = tf.maximum(magnitude, floor * largest)
     sign = tf.where(decoder_cotangent > 0, 1.0, -1.0)
-    cotangent = sign * raised
+    return sign * raised, _ratio(encoder_cotangent, raised, sign)
+
+
+def _ratio(encoder_cotangent: tf.Tensor, raised: tf.Tensor, sign: tf.Tensor) -> tf.Tensor:
+    """`a / (sign * raised)` in log space, capped (`shared_cotangent`); 0 where `a` or `raised` is 0."""
     defined = (encoder_cotangent != 0) & (raised > 0)
     log_ratio = tf.math.log(tf.where(defined, tf.abs(encoder_cotangent), 1.0)) - tf.math.log(
         tf.where(defined, raised, 1.0))
     ratio = tf.sign(encoder_cotangent) * sign * tf.exp(tf.minimum(log_ratio, MAX_LOG_RATIO))
-    return cotangent, tf.where(defined, ratio, 0.0)
+    return tf.where(defined, ratio, 0.0)
 
 
 def gradients(
@@ -131,8 +158,17 @@ def gradients(
             output_gradients=[cotangent, tf.ones_like(decoder_loss)])
         if latent_gradient is None:  # the decoder does not read z
             latent_gradient = tf.zeros_like(decoder_route.latents)
-        encoder_gradients = tape.gradient(
-            [encoder_loss, decoder_route.latents], list(encoder_variables),
-            output_gradients=[tf.ones_like(encoder_loss), tf.cast(ratio[..., None], latent_gradient.dtype)
-                              * latent_gradient])
+        targets = [encoder_loss, decoder_route.latents]
+        cotangents = [tf.ones_like(encoder_loss), tf.cast(ratio[..., None], latent_gradient.dtype) * latent_gradient]
+        if decoder_route.transported_latents is not None:  # the same z-gradient along the other transports
+            copies = decoder_route.transported_log_likelihood
+            transport_cotangent = tape.gradient(encoder_loss, copies)
+            if transport_cotangent is None:
+                transport_cotangent = tf.zeros_like(copies)
+            raised = tf.abs(cotangent)[..., None]
+            transport_ratio = _ratio(transport_cotangent, raised, tf.where(cotangent > 0, 1.0, -1.0)[..., None])
+            targets.append(decoder_route.transported_latents)
+            cotangents.append(tf.cast(transport_ratio[..., None], latent_gradient.dtype)
+                              * latent_gradient[..., None, :])
+        encoder_gradients = tape.gradient(targets, list(encoder_variables), output_gradients=cotangents)
     return decoder_gradients, encoder_gradients

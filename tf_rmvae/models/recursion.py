@@ -15,7 +15,7 @@ trains on what:
   importance-weighted bound, with `num_samples` reparameterised samples of every component);
 - the component networks: their criteria against the fixed mixture of the components before them
   (`objectives.component_criterion(method)`) for "rme" and "boosting", the mixture's bound for "vae" and
-  "mixture" (with `encoder_gradient="dreg"`, its doubly reparameterised gradient);
+  "mixture" (with `encoder_gradient="dreg"`, its doubly reparameterised gradient; "gdreg", the generalized one);
 - which components train, chosen once from the method, schedule and `train_previous`: `JointTraining` (every
   component from the start, proportions learned) or `StagewiseTraining` (components join one at a time, eps by
   line search, earlier components trained or frozen).
@@ -63,6 +63,22 @@ def pairwise_log_prob(loc: tf.Tensor, scale: tf.Tensor, z: tf.Tensor) -> tf.Tens
     """`log h_j(z_i)` for every pair: loc, scale `[B, M, D]`, z `[S, B, M, D]` -> `[S, B, M_i, M_j]`."""
     components = tfd.Independent(tfd.Normal(loc[:, None], scale[:, None]), reinterpreted_batch_ndims=1)
     return components.log_prob(z[..., None, :])
+
+
+def transported_samples(loc: tf.Tensor, scale: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
+    """Every sample moved along every component's transport: `Z[s, b, i, k] = loc_k + scale_k * e` with
+    `e = stop((z_sbi - loc_k) / scale_k)`: the value `z_sbi`, the parameters' derivative that of component k's
+    reparameterisation at the noise that gives `z_sbi` (`objectives.TransportedDensities`). loc, scale `[B, M, D]`,
+    z `[S, B, M, D]` -> `[S, B, M, M, D]`."""
+    loc_k, scale_k = loc[:, None], scale[:, None]  # [B, 1, M, D]
+    return loc_k + scale_k * tf.stop_gradient((z[..., None, :] - loc_k) / scale_k)
+
+
+def transported_log_prob(loc: tf.Tensor, scale: tf.Tensor, moved: tf.Tensor) -> tf.Tensor:
+    """`log h_j` at every transported sample: loc, scale `[B, M, D]`, moved `[S, B, M, K, D]` ->
+    `[S, B, M, K, M_j]`."""
+    components = tfd.Independent(tfd.Normal(loc[:, None, None], scale[:, None, None]), reinterpreted_batch_ndims=1)
+    return components.log_prob(moved[..., None, :])
 
 
 def own_log_prob(loc: tf.Tensor, scale: tf.Tensor, z: tf.Tensor, sources: tf.Tensor | None = None) -> tf.Tensor:
@@ -235,8 +251,10 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
         doubly reparameterised (`objectives.doubly_reparameterized_log_mean_exp`), for method "vae" on the "iw"
         bound (IWAE-DReG), for RME's components on `component_bound="iw"`, and for method "mixture" on the "iw"
         bound (its components on the stratified bound's DReG, `objectives.stratified_importance_weighted_dreg`);
-        "auto" (default): "dreg" for RME on importance-weighted component criteria, "reparam" otherwise
-        (`choices.resolve_encoder_gradient`).
+        "gdreg" for method "mixture" on the "iw" bound: the generalized DReG
+        (`objectives.stratified_importance_weighted_gdreg`, through the step's one backward pass through the
+        decoder: `gradients`); "auto" (default): "dreg" for RME on importance-weighted component criteria,
+        "reparam" otherwise (`choices.resolve_encoder_gradient`).
       encoder_groups: method "vae" on the "iw" bound: G > 1 trains the encoder on MIWAE(G, S / G) while the decoder
         trains on IWAE(S) (PIWAE, Rainforth et al. 2018); 1 (default): the encoder on the model's bound.
 
@@ -387,7 +405,8 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
         log_h = pairwise_log_prob(loc, scale, z)  # [S, B, M, M]: density of h_j at samples of h_i
         # The decoder's input and output pass `decoder_pass.switch`: `gradients` takes both losses' gradients with
         # one backward pass through the decoder; elsewhere the terms differentiate as usual.
-        decoder_route = decoder_pass.route(x, z, log_likelihood_fn)
+        transported = transported_samples(loc, scale, z) if self.criterion.reads_transports else None
+        decoder_route = decoder_pass.route(x, z, log_likelihood_fn, transported)
         log_px_z = decoder_route.log_likelihood_used  # [S, B, M]
         log_joint = log_px_z + standard_normal_log_prob(z)
         log_q = objectives.mixture_log_density(log_h, log_w)
@@ -400,15 +419,18 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
             bound = elbo
         return MixtureTerms(
             bound=bound, elbo=elbo, reconstruction=reconstruction, kl=reconstruction - elbo,
-            criterion=self._criteria(z, loc, scale, log_joint, log_h, entropy, offsets, sources, log_w),
+            criterion=self._criteria(z, loc, scale, log_joint, log_h, entropy, offsets, sources, log_w,
+                                     decoder_route),
             log_weights=log_w,
             entropy=entropy, log_joint=log_joint, log_h=log_h, example_weight=example_weight,
             logit_offsets=offsets, decoder_route=decoder_route,
         )
 
-    def _criteria(self, z, loc, scale, log_joint, log_h, entropy, logit_offsets, sources, log_w) -> tf.Tensor:
+    def _criteria(self, z, loc, scale, log_joint, log_h, entropy, logit_offsets, sources, log_w,
+                  decoder_route) -> tf.Tensor:
         """`[B, M]` criterion of every component (against the fixed mixture of the components before it).
-        `sources [M]`: the component each slot's samples come from; `log_w [B, M]`: the mixture's log-weights."""
+        `sources [M]`: the component each slot's samples come from; `log_w [B, M]`: the mixture's log-weights;
+        `decoder_route`: the step's decoder call (`decoder_pass.route`)."""
         if not self.criterion.trains_components:
             return self.criterion(log_joint, tf.linalg.diag_part(log_h))
         # q_{m-1} is held fixed: its parameters get no gradient, the samples z do; so are the components' own
@@ -419,7 +441,13 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
         if self.criterion.reads_mixture:  # a jointly trained mixture: every slot draws from its own component
             mixture = objectives.MixtureDensities(
                 log_h_fixed, pairwise_log_prob(loc, scale, tf.stop_gradient(z)), log_w)
-            return self.criterion(log_joint, tf.linalg.diag_part(log_h), mixture=mixture)
+            if not self.criterion.reads_transports:
+                return self.criterion(log_joint, tf.linalg.diag_part(log_h), mixture=mixture)
+            moved = decoder_route.transported_latents  # [S, B, M, M, D]
+            transported = objectives.TransportedDensities(
+                decoder_route.transported_log_likelihood + standard_normal_log_prob(moved),
+                transported_log_prob(tf.stop_gradient(loc), tf.stop_gradient(scale), moved))
+            return self.criterion(log_joint, tf.linalg.diag_part(log_h), mixture=mixture, transported=transported)
         if not self.criterion.recursive:
             return self.criterion(log_joint, tf.linalg.diag_part(log_h), log_h_self_fixed=log_h_self_fixed)
         logits = tf.convert_to_tensor(self.encoder.mixing_logits)
