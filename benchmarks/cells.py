@@ -289,6 +289,9 @@ def cells(config: BenchmarkConfig) -> list[Cell]:
                 gradients = config.encoder_gradients if method in ENCODER_GRADIENT_METHODS else ("reparam",)
                 if method != "mixture":  # the generalized DReG is a mixture proposal's (on the "iw" bound)
                     gradients = tuple(g for g in gradients if g != "gdreg")
+                    if not gradients:
+                        raise ValueError(f"--encoder_gradients={','.join(config.encoder_gradients)} gives method "
+                                         f"{method} no cell: gdreg applies to mixture only.")
                 if method in ("iwae", "piwae"):
                     result.extend(Cell(method, m, None, seed, None, encoder_gradient=g, **options) for g in gradients)
                     continue

@@ -186,6 +186,10 @@ def two_pass_train_step(model: tf_rmvae.RecursiveMixtureVAE):
     (`gradient_routes`), as it was before `RecursiveMixtureTrainer.gradients` took one pass for both: the same
     gradients (tested in `tests/test_decoder_pass.py`), timed beside it. Changes `model` (a model built to be timed)."""
 
+    if model.rme.criterion.reads_transports:
+        raise ValueError("encoder_gradient='gdreg' has no two-pass step: its gradient along the other components' "
+                         "transports comes from RecursiveMixtureTrainer.gradients only.")
+
     def routed_gradients(tape, losses, variables):
         return [pair for loss, route in model.rme.gradient_routes(losses, variables)
                 for pair in zip(tape.gradient(loss, route), route)]

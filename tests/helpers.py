@@ -28,10 +28,11 @@ TEST_SETTINGS = dict(lambda_kl=0.3, num_samples=1, component_bound="elbo")
 
 
 def tiny_model(method: str = "rme", components: int = 3, latent_dim: int = 8, hidden: int = 64,
-               shared_trunk: bool = False, **kwargs):
+               shared_trunk: bool = False, per_example_proportions: bool = False, **kwargs):
     """A small dense RecursiveMixtureVAE for 28x28x1 images, on `TEST_SETTINGS` where `kwargs` do not say."""
     encoder = tf_rmvae.RecursiveMixtureEncoder(
         latent_dim, 1 if method == "vae" else components, hidden_units=(hidden,), seed=3, shared_trunk=shared_trunk,
+        per_example_proportions=per_example_proportions,
     )
     decoder = tf_rmvae.BernoulliDecoder((28, 28, 1), hidden_units=(hidden,))
     return tf_rmvae.RecursiveMixtureVAE(encoder, decoder, method=method, **{**TEST_SETTINGS, **kwargs})

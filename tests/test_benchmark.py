@@ -528,6 +528,8 @@ def test_estimator_and_no_join_cells_are_labelled_and_build_their_models():
                           "mixture_M3_iw_S5", "mixture_M3_iw_S5_dreg", "mixture_M3_iw_S5_gdreg"}
     generalized = harness.build_model(config, cells["mixture_M3_iw_S5_gdreg"]).rme
     assert (generalized.encoder_gradient, generalized.criterion.reads_transports) == ("gdreg", True)
+    with pytest.raises(ValueError, match="gdreg applies to mixture only"):  # not silently no cell
+        run_cells.cells(dataclasses.replace(config, encoder_gradients=("gdreg",)))
     piwae = harness.build_model(config, cells["piwae_dreg_M3_K5"]).rme
     assert (piwae.num_samples, piwae.encoder_groups, piwae.encoder_gradient) == (15, 3, "dreg")
     assert harness.build_model(config, cells["iwae_dreg_k3"]).rme.encoder_gradient == "dreg"

@@ -272,10 +272,11 @@ def test_mixture_gdreg_matches_hand_computed_gradient(seed):
     assert not np.allclose(grad_mu.numpy(), partial_mu.numpy(), rtol=1e-3)  # the other strata's terms moved
 
 
-def test_mixture_gdreg_vanishes_where_the_proposal_is_exact():
+def test_mixture_gdreg_vanishes_where_every_component_is_the_posterior():
     """Where every component is the posterior (a conjugate model: p(z | x) = N(x / 2, 1 / 2) for theta = 1), every
     importance weight is equal and the generalized DReG is exactly zero on every draw, as DReG is for an exact
-    proposal; the partial estimator's exact partials of the other strata are not."""
+    proposal; the partial estimator's exact partials of the other strata are not. (Where only the mixture is the
+    posterior, the other strata's terms stay, zero in expectation only.)"""
     posterior = dict(mu=np.array([0.35, 0.35]), rho=np.log([np.sqrt(0.5)] * 2))
     noise = np.random.default_rng(3).normal(size=(4, 5, 2))
     variables = [tf.Variable(posterior["mu"]), tf.Variable(posterior["rho"])]
@@ -286,6 +287,84 @@ def test_mixture_gdreg_vanishes_where_the_proposal_is_exact():
     for gradient in tape.gradient(gdreg, variables):
         np.testing.assert_allclose(gradient.numpy(), 0.0, atol=1e-12)
     assert max(np.abs(g.numpy()).max() for g in tape.gradient(dreg, variables)) > 1e-3
+
+def hand_gdreg_one_example(mu, sigma, alpha, noise, x, a_matrix):
+    """The generalized DReG's gradient for `(mu, log sigma)` `[M, D]` by hand, one example of the model
+    `p(z) = N(0, I)`, `p(x | z) = N(x; A z, I)`, proportions `alpha [M]`, noise `[S, M, D]`."""
+    m = len(alpha)
+    z = mu + sigma * noise  # [S, M, D]
+
+    def log_h(j, v):
+        return np.sum(-0.5 * np.log(2 * np.pi) - np.log(sigma[j]) - (v - mu[j]) ** 2 / (2 * sigma[j] ** 2), -1)
+
+    def dlog_h(j, v):
+        return -(v - mu[j]) / sigma[j] ** 2
+
+    def log_q(v):
+        return np.logaddexp.reduce([np.log(alpha[j]) + log_h(j, v) for j in range(m)], axis=0)
+
+    def resp(j, v):
+        return np.exp(np.log(alpha[j]) + log_h(j, v) - log_q(v))[..., None]
+
+    def dlog_q(v):
+        return sum(resp(j, v) * dlog_h(j, v) for j in range(m))
+
+    def log_p(v):
+        return -0.5 * np.sum(v**2 + (x - v @ a_matrix.T) ** 2, -1)
+
+    log_ratio = np.stack([np.log(alpha[i]) + log_p(z[:, i]) - log_q(z[:, i]) for i in range(m)], 1)  # [S, M]
+    weights = np.exp(log_ratio - np.logaddexp.reduce(log_ratio.ravel()))[..., None]
+    grad_mu, grad_rho = np.zeros_like(mu), np.zeros_like(mu)
+    for k in range(m):
+        for i in range(m):
+            v, w = z[:, i], weights[:, i]
+            dlog_w = -v + (x - v @ a_matrix.T) @ a_matrix - dlog_q(v)
+            dr_k = resp(k, v) * (dlog_h(k, v) - dlog_q(v))
+            score = resp(k, v) * w * (1 - w) * dlog_w + w * dr_k  # d(W r_k)/dz
+            if i == k:  # the path term and the own stratum's score term, along k's own samples
+                coefficient = w * dlog_w - score
+            else:
+                coefficient = -(score + w * resp(k, v) * (dlog_h(i, v) - dlog_h(k, v)))
+            grad_mu[k] += coefficient.sum(0)
+            grad_rho[k] += (coefficient * (v - mu[k])).sum(0)
+    return grad_mu, grad_rho
+
+
+def test_mixture_gdreg_on_the_models_transports_matches_a_hand_computed_gradient():
+    """Three two-dimensional components with per-example proportions, `p(x | z) = N(x; A z, I)`, the samples moved by
+    the model's own `transported_samples` and `transported_log_prob`: the gradient for every (mu, log sigma) is the
+    hand-computed one (own strata as `hand_mixture_dreg`, the others as `hand_mixture_gdreg`)."""
+    from tf_rmvae.models.recursion import pairwise_log_prob, transported_log_prob, transported_samples
+
+    rng = np.random.default_rng(0)
+    samples, batch, m, d = 3, 2, 3, 2
+    a_matrix, x = np.array([[1.0, 0.4], [-0.3, 0.8]]), np.array([[0.7, -0.2], [0.1, 0.5]])  # [D, D], [B, D]
+    mu0, rho0 = rng.normal(size=(batch, m, d)) * 0.6, rng.normal(size=(batch, m, d)) * 0.3 - 0.3
+    log_w = np.log(rng.dirichlet(np.ones(m), size=batch))  # [B, M]: each example its own proportions
+    noise = rng.normal(size=(samples, batch, m, d))
+
+    def log_joint(z):  # z [S, B, M, (K,) D]
+        x_b = tf.reshape(tf.constant(x), [1, batch] + [1] * (len(z.shape) - 3) + [d])
+        mean = tf.einsum("ed,...d->...e", tf.constant(a_matrix), z)
+        return -0.5 * tf.reduce_sum(z**2 + (x_b - mean) ** 2, -1) - d * np.log(2 * np.pi)
+
+    mu, rho = tf.Variable(mu0), tf.Variable(rho0)
+    with tf.GradientTape() as tape:
+        scale = tf.exp(rho)
+        z = mu + scale * noise
+        fixed_mu, fixed_scale = tf.stop_gradient(mu), tf.stop_gradient(scale)
+        densities = objectives.MixtureDensities(pairwise_log_prob(fixed_mu, fixed_scale, z),
+                                                pairwise_log_prob(mu, scale, tf.stop_gradient(z)), tf.constant(log_w))
+        moved = transported_samples(mu, scale, z)
+        routes = objectives.TransportedDensities(log_joint(moved), transported_log_prob(fixed_mu, fixed_scale, moved))
+        bound = tf.reduce_sum(objectives.stratified_importance_weighted_gdreg(log_joint(z), densities, routes))
+    grad_mu, grad_rho = (g.numpy() for g in tape.gradient(bound, [mu, rho]))
+
+    expected = [hand_gdreg_one_example(mu0[b], np.exp(rho0[b]), np.exp(log_w[b]), noise[:, b], x[b], a_matrix)
+                for b in range(batch)]
+    expected_mu, expected_rho = (np.stack([e[n] for e in expected]) for n in (0, 1))
+    np.testing.assert_allclose(grad_mu, expected_mu, rtol=1e-7, atol=1e-12)
+    np.testing.assert_allclose(grad_rho, expected_rho, rtol=1e-7, atol=1e-12)
 
 def test_mixture_dreg_at_one_component_is_dreg():
     """With all the weight on one component (the other's proportion 0) the estimator is DReG of IWAE for it."""
@@ -412,7 +491,8 @@ def test_mixture_dreg_keeps_the_proportions_ordinary_gradient():
                for mine, theirs in zip(dreg.trainable_variables, plain.trainable_variables) if id(mine) in networks)
 
 
-def test_mixture_gdreg_in_the_model_is_the_gradient_along_every_transport(monkeypatch):
+@pytest.mark.parametrize("per_example_proportions", [False, True])
+def test_mixture_gdreg_in_the_model_is_the_gradient_along_every_transport(monkeypatch, per_example_proportions):
     """The generalized DReG in the model, from the step's one backward pass through the decoder
     (`decoder_pass.gradients` pushing the decoder's z-gradient along every component's transport), equals the
     gradient that autodiff gives when the decoder is evaluated at the transported samples themselves (M times the
@@ -420,7 +500,8 @@ def test_mixture_gdreg_in_the_model_is_the_gradient_along_every_transport(monkey
     from tests.helpers import mnist_digits
     from tf_rmvae.models import decoder_pass
 
-    settings = dict(method="mixture", components=3, bound="iw", num_samples=3)
+    settings = dict(method="mixture", components=3, bound="iw", num_samples=3,
+                    per_example_proportions=per_example_proportions)
     model = twin_models(**settings, encoder_gradient="gdreg")[1]
     partial_model = twin_models(**settings, encoder_gradient="dreg")[1]
     partial_model.set_weights(model.get_weights())

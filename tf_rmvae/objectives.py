@@ -106,10 +106,9 @@ def stratified_importance_weighted_dreg(log_joint: tf.Tensor, densities: Mixture
           -  sum_{s, i != k} W_si r_k(z_si) d log h_k(z_si) / dphi_k |_z
 
     (all z-derivatives at fixed parameters). It is unbiased for the bound's gradient; with one component (r = 1) it is
-    DReG (`doubly_reparameterized_log_mean_exp`). The other strata's terms keep their exact partial derivative: a
-    reparameterised equivalent of theirs (Bauer & Mnih 2021) needs the decoder's z-gradient at a sample of stratum i
-    along component k's transport, weighted by the sample's own normalised weight, which one backward pass through the
-    decoder at the samples' own paths cannot give (`tf_rmvae.models.decoder_pass`). Only the decoder reads `log_joint`
+    DReG (`doubly_reparameterized_log_mean_exp`). The other strata's terms keep their exact partial derivative; their
+    reparameterised equivalent (Bauer & Mnih 2021) needs the decoder's z-gradient at a sample of stratum i along
+    component k's transport: `stratified_importance_weighted_gdreg`. Only the decoder reads `log_joint`
     here through the samples' own paths, so the step's one backward pass serves this gradient too. The mixture weights
     get no gradient from it (stopped): they and the decoder train on the bound's ordinary gradient.
 
@@ -164,10 +163,11 @@ def stratified_importance_weighted_gdreg(
 
     with `v_k(z) = dT_k / dphi_k` at `T_k^-1(z)`: the velocity of k's transport at `z_si` (all z-derivatives at fixed
     parameters). The estimator is unbiased for the bound's gradient; every term is a path derivative, so it vanishes
-    where the proposal is exact, as DReG's does. `transported.log_joint` carries the decoder's z-gradient at `z_si`
-    along `v_k`: `tf_rmvae.models.decoder_pass` routes it from the step's one backward pass through the decoder
-    (differentiating `log p(x, Z_sik)` by autodiff gives the same gradient, at M decoder calls per sample). The
-    mixture weights get no gradient from it (stopped).
+    on every draw where every component is the posterior, as DReG's does for an exact proposal (where only the
+    mixture is, the other strata's terms stay: zero in expectation). `transported.log_joint` carries the decoder's
+    z-gradient at `z_si` along `v_k`: `tf_rmvae.models.decoder_pass` routes it from the step's one backward pass
+    through the decoder (differentiating `log p(x, Z_sik)` by autodiff gives the same gradient, at M decoder calls
+    per sample). The mixture weights get no gradient from it (stopped).
 
     Args:
       log_joint: `[S, B, M]` `log p(x, z_si)` at each component's samples (reparameterised).
@@ -589,6 +589,8 @@ def component_criterion(
         return RMECriterion(lambda_kl, max_log_ratio)
     if method == "boosting":
         return BoostingCriterion(boosting_entropy_weight, max_log_ratio)
+    if encoder_gradient == "gdreg" and method != "mixture":
+        raise ValueError(f"encoder_gradient='gdreg' applies to method 'mixture' only; got method {method!r}.")
     if method == "mixture" and dreg:
         return MixtureProposalBound(generalized=encoder_gradient == "gdreg")
     if method == "vae" and (dreg or encoder_groups > 1):

@@ -149,9 +149,14 @@ def gradients(
     and the floor. `tape`: a persistent tape that recorded both losses, their decoder call made by `route`."""
     used = decoder_route.log_likelihood_used
     with separate_routes():
-        decoder_cotangent, encoder_cotangent = (
-            tf.zeros_like(used) if g is None else g for g in (tape.gradient(decoder_loss, used),
-                                                               tape.gradient(encoder_loss, used)))
+        copies = decoder_route.transported_log_likelihood
+        if copies is None:
+            encoder_cotangents = [tape.gradient(encoder_loss, used)]
+        else:  # one backward pass through the criteria for both
+            encoder_cotangents = tape.gradient(encoder_loss, [used, copies])
+        decoder_cotangent, encoder_cotangent, *transport_cotangent = (
+            tf.zeros_like(like) if g is None else g
+            for g, like in zip([tape.gradient(decoder_loss, used), *encoder_cotangents], [used, used, copies]))
         cotangent, ratio = shared_cotangent(decoder_cotangent, encoder_cotangent, floor)
         *decoder_gradients, latent_gradient = tape.gradient(
             [decoder_route.log_likelihood, decoder_loss], list(decoder_variables) + [decoder_route.decoder_input],
@@ -160,13 +165,9 @@ def gradients(
             latent_gradient = tf.zeros_like(decoder_route.latents)
         targets = [encoder_loss, decoder_route.latents]
         cotangents = [tf.ones_like(encoder_loss), tf.cast(ratio[..., None], latent_gradient.dtype) * latent_gradient]
-        if decoder_route.transported_latents is not None:  # the same z-gradient along the other transports
-            copies = decoder_route.transported_log_likelihood
-            transport_cotangent = tape.gradient(encoder_loss, copies)
-            if transport_cotangent is None:
-                transport_cotangent = tf.zeros_like(copies)
+        if transport_cotangent:  # the same z-gradient along the other transports
             raised = tf.abs(cotangent)[..., None]
-            transport_ratio = _ratio(transport_cotangent, raised, tf.where(cotangent > 0, 1.0, -1.0)[..., None])
+            transport_ratio = _ratio(transport_cotangent[0], raised, tf.where(cotangent > 0, 1.0, -1.0)[..., None])
             targets.append(decoder_route.transported_latents)
             cotangents.append(tf.cast(transport_ratio[..., None], latent_gradient.dtype)
                               * latent_gradient[..., None, :])

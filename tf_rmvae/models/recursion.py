@@ -486,7 +486,8 @@ class RecursiveMixtureTrainer(keras.layers.Layer):
         """`[(loss, variables)]`: which loss trains which of the model's trainable `variables`. The mixture's
         bound trains the decoder (every variable outside the encoder) and learned proportions; the component
         networks train on their criteria, or on the bound too when the method has none. (`gradients` takes them
-        with one backward pass through the decoder; each loss's own gradient for its variables is the same.)"""
+        with one backward pass through the decoder; each loss's own gradient for its variables is the same, except
+        for the generalized DReG: its decoder terms along the other transports come from `gradients` only.)"""
         if losses.components is None:
             return [(losses.mixture, list(variables))]
         networks = self.encoder.networks.trainable_variables

@@ -56,8 +56,11 @@ def _pinned_bytes(config: RunConfig) -> bytes:
     """The bytes of the decoder's weights file, read once; `ConfigError` if they are not the ones
     `config.decoder_sha256` names (the file changed after the run was pinned)."""
     path = weights_file(config.decoder_from)
-    with open(path, "rb") as f:
-        content = f.read()
+    try:
+        with open(path, "rb") as f:
+            content = f.read()
+    except OSError as error:  # removed or unreadable since it was found
+        raise ConfigError(f"--decoder_from={config.decoder_from}: {path} cannot be read ({error}).") from None
     digest = hashlib.sha256(content).hexdigest()
     if config.decoder_sha256 and config.decoder_sha256 != digest:
         raise ConfigError(f"--decoder_from={config.decoder_from} ({path}) changed since the run was pinned to it: "
