@@ -181,22 +181,6 @@ def hand_mixture_dreg(mu, rho, logits, theta, noise):
     return grad_mu, grad_rho
 
 
-def test_mixture_dreg_matches_hand_computed_gradient():
-    noise = np.random.default_rng(7).normal(size=(2, 1, 2))  # S = 2, one example, M = 2
-    variables = [tf.Variable(MIXTURE[name]) for name in ("mu", "rho", "logits")]
-    with tf.GradientTape(persistent=True) as tape:
-        ordinary, dreg = mixture_bounds(*variables, MIXTURE["theta"], noise)
-    np.testing.assert_allclose(dreg.numpy(), ordinary.numpy(), rtol=1e-12)  # the value is the bound
-    grad_mu, grad_rho, grad_logits = tape.gradient(dreg, variables)
-    expected_mu, expected_rho = hand_mixture_dreg(*(MIXTURE[n] for n in ("mu", "rho", "logits", "theta")),
-                                                  noise[:, 0])
-    np.testing.assert_allclose(grad_mu.numpy(), expected_mu, rtol=1e-5, atol=1e-9)
-    np.testing.assert_allclose(grad_rho.numpy(), expected_rho, rtol=1e-5, atol=1e-9)
-    assert grad_logits is None  # the proportions train on the bound's own gradient
-    ordinary_mu, ordinary_rho = tape.gradient(ordinary, variables[:2])
-    assert not np.allclose(grad_mu.numpy(), ordinary_mu.numpy(), rtol=1e-3)  # not the reparameterised gradient
-
-
 def mixture_gdreg(mu, rho, logits, theta, noise):
     """`[B]` the same bound with the generalized DReG (`objectives.stratified_importance_weighted_gdreg`), the
     likelihood differentiated along every component's transport by autodiff (here it is a closed form)."""
@@ -254,22 +238,24 @@ def hand_mixture_gdreg(mu, rho, logits, theta, noise):
     return grad_mu, grad_rho
 
 
-@pytest.mark.parametrize("seed", [7, 11])
-def test_mixture_gdreg_matches_hand_computed_gradient(seed):
-    noise = np.random.default_rng(seed).normal(size=(3, 1, 2))  # S = 3, one example, M = 2
+@pytest.mark.parametrize("estimator, seed, samples", [("dreg", 7, 2), ("gdreg", 7, 3), ("gdreg", 11, 3)])
+def test_mixture_dreg_matches_hand_computed_gradient(estimator, seed, samples):
+    """The partial and the generalized DReG of the stratified bound against their hand-computed gradients (one
+    example, M = 2); the value is the bound; each differs from the estimator it refines."""
+    noise = np.random.default_rng(seed).normal(size=(samples, 1, 2))
     variables = [tf.Variable(MIXTURE[name]) for name in ("mu", "rho", "logits")]
     with tf.GradientTape(persistent=True) as tape:
-        ordinary, dreg = mixture_bounds(*variables, MIXTURE["theta"], noise)
-        gdreg = mixture_gdreg(*variables, MIXTURE["theta"], noise)
-    np.testing.assert_allclose(gdreg.numpy(), ordinary.numpy(), rtol=1e-12)  # the value is the bound
-    grad_mu, grad_rho, grad_logits = tape.gradient(gdreg, variables)
-    expected_mu, expected_rho = hand_mixture_gdreg(*(MIXTURE[n] for n in ("mu", "rho", "logits", "theta")),
-                                                   noise[:, 0])
-    np.testing.assert_allclose(grad_mu.numpy(), expected_mu, rtol=1e-6, atol=1e-10)
-    np.testing.assert_allclose(grad_rho.numpy(), expected_rho, rtol=1e-6, atol=1e-10)
+        ordinary, partial = mixture_bounds(*variables, MIXTURE["theta"], noise)
+        estimate = partial if estimator == "dreg" else mixture_gdreg(*variables, MIXTURE["theta"], noise)
+    np.testing.assert_allclose(estimate.numpy(), ordinary.numpy(), rtol=1e-12)  # the value is the bound
+    grad_mu, grad_rho, grad_logits = tape.gradient(estimate, variables)
+    hand = hand_mixture_dreg if estimator == "dreg" else hand_mixture_gdreg
+    expected_mu, expected_rho = hand(*(MIXTURE[n] for n in ("mu", "rho", "logits", "theta")), noise[:, 0])
+    np.testing.assert_allclose(grad_mu.numpy(), expected_mu, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(grad_rho.numpy(), expected_rho, rtol=1e-5, atol=1e-9)
     assert grad_logits is None  # the proportions train on the bound's own gradient
-    partial_mu, _ = tape.gradient(dreg, variables[:2])
-    assert not np.allclose(grad_mu.numpy(), partial_mu.numpy(), rtol=1e-3)  # the other strata's terms moved
+    refined = tape.gradient(ordinary if estimator == "dreg" else partial, variables[0])
+    assert not np.allclose(grad_mu.numpy(), refined.numpy(), rtol=1e-3)  # not the estimator it refines
 
 
 def test_mixture_gdreg_vanishes_where_every_component_is_the_posterior():
