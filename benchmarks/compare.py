@@ -107,9 +107,16 @@ def difference_curve(row: dict) -> tuple[list[int], list[float]]:
     return epochs, [points[e] for e in epochs]
 
 
+def finished_curves(per_seed: list[dict]) -> list[tuple[list[int], list[float]]]:
+    """`difference_curve` of every seed that finished on both sides (`compare`'s rows; a cell still training has no
+    final score)."""
+    return [difference_curve(row) for row in per_seed if row["log_likelihood"] is not None]
+
+
 def plot_differences(reference: str, comparisons: dict[str, list[dict]], path: str) -> None:
     """Paired difference of test log p(x) against `reference` along training: a thin line per seed, a thick one
-    for the mean over seeds at the epochs every seed reached (`comparisons`: model name -> `compare`'s rows)."""
+    for the mean over seeds at the epochs every seed reached (`comparisons`: model name -> `compare`'s rows). Only
+    finished seeds (a final score on both sides) are drawn: a cell still training would cut the mean short."""
     import matplotlib.pyplot as plt
 
     from benchmarks.plots import finish, palette  # imports matplotlib (Agg): only where a plot is asked for
@@ -117,7 +124,9 @@ def plot_differences(reference: str, comparisons: dict[str, list[dict]], path: s
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.axhline(0.0, color="black", linewidth=0.8)
     for (name, per_seed), color in zip(comparisons.items(), palette(len(comparisons))):
-        curves = [difference_curve(row) for row in per_seed]
+        curves = finished_curves(per_seed)
+        if not curves:
+            continue
         for epochs, diffs in curves:
             ax.plot(epochs, diffs, color=color, linewidth=0.8, alpha=0.5, marker=".")
         shared = sorted(set.intersection(*(set(epochs) for epochs, _ in curves)))

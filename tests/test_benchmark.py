@@ -516,6 +516,12 @@ def test_a_finished_cell_matches_runs_that_differ_only_in_settings_it_does_not_r
     assert cell_store.load_finished(run, rme, str(cell_dir)) is None  # RME's schedule differs: retrained
 
 
+def test_the_difference_plot_draws_finished_seeds_only():
+    finished = dict(seed=0, log_likelihood=(0.1, 0.01), elbo=(1.0, 0.2), curve={10: (0.2, 0.01)}, epochs=100)
+    training = dict(seed=1, log_likelihood=None, elbo=None, curve={10: (0.3, 0.01)}, epochs=None)
+    assert compare.finished_curves([finished, training]) == [([10, 100], [0.2, 0.1])]
+    assert compare.finished_curves([training]) == []
+
 def test_estimator_and_no_join_cells_are_labelled_and_build_their_models():
     config = run_cells.quick_config(methods=("iwae", "piwae", "rme", "mixture"), num_components=(3,), lambdas=(1.0,),
                                     bounds=("iw",), component_bounds=("elbo", "iw"), num_samples=5,
