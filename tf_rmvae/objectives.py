@@ -119,6 +119,19 @@ def stratified_importance_weighted_dreg(log_joint: tf.Tensor, densities: Mixture
     Returns:
       `[B]` the bound (its value), with the gradient above.
     """
+    own, weights, responsibility, bound = _own_strata(log_joint, densities)
+    # Exact partials at fixed z for the other components: d log q / dphi minus the own component's share.
+    log_q_at_samples = mixture_log_density(densities.log_h_at_fixed_samples, tf.stop_gradient(densities.log_weights))
+    others = log_q_at_samples - tf.stop_gradient(responsibility) * tf.linalg.diag_part(
+        densities.log_h_at_fixed_samples)
+    surrogate = tf.reduce_sum(own - weights * others, axis=[0, 2])
+    return with_gradient_of(bound, surrogate)
+
+
+def _own_strata(log_joint: tf.Tensor, densities: MixtureDensities) -> tuple[tf.Tensor, ...]:
+    """What both mixture DReG estimators share: `(own, W, r, bound)`, the surrogate terms of each sample along its
+    own component's path (`[S, B, M]`, `stratified_importance_weighted_dreg`'s first sum), the normalised weights
+    `W_si` (stopped), each sample's own responsibility `r_i(z_si)` (parameters stopped) and the bound's value `[B]`."""
     log_w = tf.stop_gradient(densities.log_weights)
     log_q = mixture_log_density(densities.log_h_fixed, log_w)  # [S, B, M], q's parameters stopped
     log_ratio = log_w + log_joint - log_q  # log w_si
@@ -127,14 +140,9 @@ def stratified_importance_weighted_dreg(log_joint: tf.Tensor, densities: Mixture
     # r_i(z_si): each sample's own component's responsibility, the parameters stopped (so a function of z only).
     responsibility = tf.exp(log_w + tf.linalg.diag_part(densities.log_h_fixed) - log_q)
     own = tf.stop_gradient(weights * (1.0 - (1.0 - weights) * responsibility)) * log_ratio - weights * responsibility
-    # Exact partials at fixed z for the other components: d log q / dphi minus the own component's share.
-    log_q_at_samples = mixture_log_density(densities.log_h_at_fixed_samples, log_w)
-    others = log_q_at_samples - tf.stop_gradient(responsibility) * tf.linalg.diag_part(
-        densities.log_h_at_fixed_samples)
-    surrogate = tf.reduce_sum(own - weights * others, axis=[0, 2])
     num_samples = tf.cast(tf.shape(log_joint)[0], log_joint.dtype)
     bound = tf.squeeze(log_total, axis=[0, 2]) - tf.math.log(num_samples)
-    return with_gradient_of(bound, surrogate)
+    return own, weights, responsibility, bound
 
 
 
@@ -177,17 +185,11 @@ def stratified_importance_weighted_gdreg(
     Returns:
       `[B]` the bound (its value), with the gradient above.
     """
-    log_w = tf.stop_gradient(densities.log_weights)
-    log_q = mixture_log_density(densities.log_h_fixed, log_w)  # [S, B, M]
-    log_ratio = log_w + log_joint - log_q
-    log_total = tf.reduce_logsumexp(log_ratio, axis=[0, 2], keepdims=True)
-    weights = tf.stop_gradient(tf.exp(log_ratio - log_total))  # W_si
-    responsibility = tf.exp(log_w + tf.linalg.diag_part(densities.log_h_fixed) - log_q)  # r_i(z_si)
-    own = tf.stop_gradient(weights * (1.0 - (1.0 - weights) * responsibility)) * log_ratio - weights * responsibility
+    own, weights, _, bound = _own_strata(log_joint, densities)
     # Along k's transport (last axis k): log w_si, r_k and log h_i - log h_k at Z_sik, the parameters stopped.
     log_h_route = transported.log_h_fixed  # [S, B, i, k, j]
-    log_w_route = log_w[..., None, :]  # [(B,) 1, k]
-    log_q_route = tf.reduce_logsumexp(log_h_route + log_w[..., None, None, :], axis=-1)  # [S, B, i, k]
+    log_w_route = tf.stop_gradient(densities.log_weights)[..., None, :]  # [(B,) 1, k]
+    log_q_route = mixture_log_density(log_h_route, log_w_route)  # [S, B, i, k]
     log_ratio_route = transported.log_joint - log_q_route  # log w_si up to the constant log a_i
     routes = tf.shape(log_q_route)[-1]
     log_h_k = tf.linalg.diag_part(log_h_route)  # [S, B, i, k]: h_k at Z_sik
@@ -199,8 +201,6 @@ def stratified_importance_weighted_gdreg(
              + tf.stop_gradient(w * r) * (log_h_i - log_h_k))
     other = 1.0 - tf.eye(routes, dtype=route.dtype)  # i != k: the own stratum's terms are in `own`
     surrogate = tf.reduce_sum(own, axis=[0, 2]) - tf.reduce_sum(route * other, axis=[0, 2, 3])
-    num_samples = tf.cast(tf.shape(log_joint)[0], log_joint.dtype)
-    bound = tf.squeeze(log_total, axis=[0, 2]) - tf.math.log(num_samples)
     return with_gradient_of(bound, surrogate)
 
 def elbo(log_joint: tf.Tensor, log_q: tf.Tensor) -> tf.Tensor:
