@@ -119,11 +119,15 @@ def shared_cotangent(
       `(cotangent, ratio)`, `[S, B, M]` each: `c` floored, and `a / cotangent` computed in log space and capped at
       `exp(MAX_LOG_RATIO)`; 0 where `a` is 0 or the whole example's `c` is (a skipped example).
     """
+    sign, raised = _floored(decoder_cotangent, floor)
+    return sign * raised, _ratio(encoder_cotangent, raised, sign)
+
+
+def _floored(decoder_cotangent: tf.Tensor, floor: float) -> tuple[tf.Tensor, tf.Tensor]:
+    """`(sign, raised)`, `[S, B, M]` each: the floored cotangent's sign and magnitude (`shared_cotangent`)."""
     magnitude = tf.abs(decoder_cotangent)
     largest = tf.reduce_max(magnitude, axis=[0, 2], keepdims=True)  # [1, B, 1]
-    raised = tf.maximum(magnitude, floor * largest)
-    sign = tf.where(decoder_cotangent > 0, 1.0, -1.0)
-    return sign * raised, _ratio(encoder_cotangent, raised, sign)
+    return tf.where(decoder_cotangent > 0, 1.0, -1.0), tf.maximum(magnitude, floor * largest)
 
 
 def _ratio(encoder_cotangent: tf.Tensor, raised: tf.Tensor, sign: tf.Tensor) -> tf.Tensor:
@@ -157,7 +161,8 @@ def gradients(
         decoder_cotangent, encoder_cotangent, *transport_cotangent = (
             tf.zeros_like(like) if g is None else g
             for g, like in zip([tape.gradient(decoder_loss, used), *encoder_cotangents], [used, used, copies]))
-        cotangent, ratio = shared_cotangent(decoder_cotangent, encoder_cotangent, floor)
+        sign, raised = _floored(decoder_cotangent, floor)  # shared_cotangent, keeping both for the transports
+        cotangent, ratio = sign * raised, _ratio(encoder_cotangent, raised, sign)
         *decoder_gradients, latent_gradient = tape.gradient(
             [decoder_route.log_likelihood, decoder_loss], list(decoder_variables) + [decoder_route.decoder_input],
             output_gradients=[cotangent, tf.ones_like(decoder_loss)])
@@ -166,8 +171,7 @@ def gradients(
         targets = [encoder_loss, decoder_route.latents]
         cotangents = [tf.ones_like(encoder_loss), tf.cast(ratio[..., None], latent_gradient.dtype) * latent_gradient]
         if transport_cotangent:  # the same z-gradient along the other transports
-            raised = tf.abs(cotangent)[..., None]
-            transport_ratio = _ratio(transport_cotangent[0], raised, tf.where(cotangent > 0, 1.0, -1.0)[..., None])
+            transport_ratio = _ratio(transport_cotangent[0], raised[..., None], sign[..., None])
             targets.append(decoder_route.transported_latents)
             cotangents.append(tf.cast(transport_ratio[..., None], latent_gradient.dtype)
                               * latent_gradient[..., None, :])

@@ -44,24 +44,22 @@ def weights_file(decoder_from: str) -> str:
     return decoder_from
 
 
-def sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _pinned_bytes(config: RunConfig) -> bytes:
-    """The bytes of the decoder's weights file, read once; `ConfigError` if they are not the ones
-    `config.decoder_sha256` names (the file changed after the run was pinned)."""
+def _read(config: RunConfig) -> tuple[str, bytes, str]:
+    """`(path, content, digest)` of the decoder's weights file, read once: its path, bytes and SHA-256 hex digest;
+    `ConfigError` if it cannot be read."""
     path = weights_file(config.decoder_from)
     try:
         with open(path, "rb") as f:
             content = f.read()
     except OSError as error:  # removed or unreadable since it was found
         raise ConfigError(f"--decoder_from={config.decoder_from}: {path} cannot be read ({error}).") from None
-    digest = hashlib.sha256(content).hexdigest()
+    return path, content, hashlib.sha256(content).hexdigest()
+
+
+def _pinned_bytes(config: RunConfig) -> bytes:
+    """The bytes of the decoder's weights file, read once; `ConfigError` if they are not the ones
+    `config.decoder_sha256` names (the file changed after the run was pinned)."""
+    path, content, digest = _read(config)
     if config.decoder_sha256 and config.decoder_sha256 != digest:
         raise ConfigError(f"--decoder_from={config.decoder_from} ({path}) changed since the run was pinned to it: "
                           f"SHA-256 {digest}, not {config.decoder_sha256}.")
@@ -73,7 +71,7 @@ def pinned(config: RunConfig) -> RunConfig:
     `ConfigError` if the file is missing or differs from a digest given."""
     if not config.decoder_from:
         return config
-    digest = sha256(weights_file(config.decoder_from))
+    _, _, digest = _read(config)
     if config.decoder_sha256 and config.decoder_sha256 != digest:
         raise ConfigError(f"--decoder_from={config.decoder_from} holds other weights (SHA-256 {digest}) than "
                           f"--decoder_sha256={config.decoder_sha256}.")
