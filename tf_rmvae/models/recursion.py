@@ -76,9 +76,11 @@ def transported_samples(loc: tf.Tensor, scale: tf.Tensor, z: tf.Tensor) -> tf.Te
 
 def transported_log_prob(loc: tf.Tensor, scale: tf.Tensor, moved: tf.Tensor) -> tf.Tensor:
     """`log h_j` at every transported sample: loc, scale `[B, M, D]`, moved `[S, B, M, K, D]` ->
-    `[S, B, M, K, M_j]`."""
-    components = tfd.Independent(tfd.Normal(loc[:, None, None], scale[:, None, None]), reinterpreted_batch_ndims=1)
-    return components.log_prob(moved[..., None, :])
+    `[S, B, M, K, M_j]`. One component at a time (M is static), so the largest intermediate is `moved`'s size, not
+    M times it."""
+    return tf.stack([tfd.Independent(tfd.Normal(loc[:, None, None, j], scale[:, None, None, j]),
+                                     reinterpreted_batch_ndims=1).log_prob(moved)
+                     for j in range(loc.shape[1])], axis=-1)
 
 
 def own_log_prob(loc: tf.Tensor, scale: tf.Tensor, z: tf.Tensor, sources: tf.Tensor | None = None) -> tf.Tensor:
