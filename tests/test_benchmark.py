@@ -522,6 +522,7 @@ def test_the_difference_plot_draws_finished_seeds_only():
     assert compare.finished_curves([finished, training]) == [([10, 100], [0.2, 0.1])]
     assert compare.finished_curves([training]) == []
 
+
 def test_estimator_and_no_join_cells_are_labelled_and_build_their_models():
     config = run_cells.quick_config(methods=("iwae", "piwae", "rme", "mixture"), num_components=(3,), lambdas=(1.0,),
                                     bounds=("iw",), component_bounds=("elbo", "iw"), num_samples=5,

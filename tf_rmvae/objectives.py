@@ -145,7 +145,6 @@ def _own_strata(log_joint: tf.Tensor, densities: MixtureDensities) -> tuple[tf.T
     return own, weights, responsibility, bound
 
 
-
 class TransportedDensities(NamedTuple):
     """What the generalized DReG (`stratified_importance_weighted_gdreg`) reads at each sample moved along every
     component's transport: `Z_sik = T_k(T_k^-1(z_si); phi_k)`, the value `z_si`, the derivative k's (for a Gaussian
@@ -202,6 +201,7 @@ def stratified_importance_weighted_gdreg(
     other = 1.0 - tf.eye(routes, dtype=route.dtype)  # i != k: the own stratum's terms are in `own`
     surrogate = tf.reduce_sum(own, axis=[0, 2]) - tf.reduce_sum(route * other, axis=[0, 2, 3])
     return with_gradient_of(bound, surrogate)
+
 
 def elbo(log_joint: tf.Tensor, log_q: tf.Tensor) -> tf.Tensor:
     """Monte Carlo ELBO `E_q[log p(x, z) - log q(z)]` over the leading sample axis: `[S, ...] -> [...]`."""
